@@ -1,2 +1,34 @@
-"""ptpeft_fast: fast two-stage prefix-tuned PEFT (PT-PEFT) for Hugging Face transformers."""
+"""ptpeft_fast: fast two-stage prefix-tuned PEFT (PT-PEFT) for Hugging Face transformers.
+
+    import ptpeft_fast as pf
+    pf.patch(model, pf.PTPeftConfig())     # prefix + LoRA in the language component
+    pf.set_stage(model, "prefix")          # stage 1: only the prefix trains
+    ...
+    pf.set_stage(model, "peft")            # stage 2: LoRA/Adapter (+ prefix) train
+    pf.save(model, "ckpt/")
+"""
 __version__ = "0.1.0"
+
+from .architectures import supported_model_types
+from .checkpoint import load, save
+from .config import AdapterConfig, LoraConfig, PrefixConfig, PTPeftConfig
+from .merging import merge, unmerge
+from .patching import patch
+from .stages import mark_trainable, parameter_groups, set_stage, trainable_parameters
+
+__all__ = [
+    "AdapterConfig",
+    "LoraConfig",
+    "PTPeftConfig",
+    "PrefixConfig",
+    "load",
+    "mark_trainable",
+    "merge",
+    "parameter_groups",
+    "patch",
+    "save",
+    "set_stage",
+    "supported_model_types",
+    "trainable_parameters",
+    "unmerge",
+]

@@ -1,0 +1,322 @@
+"""The architecture table: the one place that knows where things live in each model family.
+
+For every ``model_type`` it maps each component (``"language"``, ``"vision"``, ...) to
+the module path of that component, the regex of its transformer blocks, and, inside a
+block, the attention modules that get prefixes, the default LoRA targets and the hook
+points of bottleneck adapters.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where things are inside one stack of transformer blocks.
+
+    Paths inside a block are relative to the block (``"self_attn"``, ``"mlp.fc2"``).
+    ``lora`` names are matched as path suffixes of linear layers inside ``scope``.
+    ``ffn_in``/``ffn_out``: the module whose input is the feed-forward block's input, and
+    the one whose output is the feed-forward block's output (before the residual add).
+    """
+
+    layers: str
+    attention: tuple[str, ...]
+    lora: tuple[str, ...]
+    attn_out: str | None
+    ffn_in: str | None
+    ffn_out: str | None
+    scope: tuple[str, ...] | None = None  # sub-paths of a block this component owns (None: all)
+    # (module regex under the component root, argument) that receives position ids;
+    # positions="shift" adds P there. None: the family has no absolute/rotary positions to shift.
+    positions: tuple[str, str | int] | None = None
+
+
+@dataclass(frozen=True)
+class Component:
+    """One component of a model: candidate root paths and its family."""
+
+    roots: tuple[str, ...]
+    family: Family | None = None
+    delegate: str | None = None  # config attribute holding a sub-config whose table entry applies
+    direct: tuple[str, ...] = ()  # linear layers targeted directly (projector): LoRA/Adapter only
+
+
+_LLAMA = Family(
+    layers=r"layers\.\d+",
+    attention=("self_attn",),
+    lora=("q_proj", "k_proj", "v_proj", "o_proj"),
+    attn_out="self_attn.o_proj",
+    ffn_in="mlp",
+    ffn_out="mlp",
+    positions=(r"rotary_emb", "position_ids"),
+)
+_OPT = Family(
+    layers=r"layers\.\d+",
+    attention=("self_attn",),
+    lora=("q_proj", "k_proj", "v_proj", "out_proj"),
+    attn_out="self_attn.out_proj",
+    ffn_in="fc1",
+    ffn_out="fc2",
+    positions=(r"embed_positions", "position_ids"),
+)
+_GPT2 = Family(
+    layers=r"h\.\d+",
+    attention=("attn",),
+    lora=("c_attn", "attn.c_proj"),
+    attn_out="attn.c_proj",
+    ffn_in="mlp",
+    ffn_out="mlp",
+    positions=(r"wpe", 0),
+)
+_BERT = Family(
+    layers=r"layer\.\d+",
+    attention=("attention.self",),
+    lora=("query", "key", "value", "attention.output.dense"),
+    attn_out="attention.output.dense",
+    ffn_in="intermediate.dense",
+    ffn_out="output.dense",
+    positions=(r"embeddings\.position_embeddings", 0),
+)
+_VIT = Family(
+    layers=r"layer\.\d+",
+    attention=("attention.attention",),
+    lora=("query", "key", "value", "attention.output.dense"),
+    attn_out="attention.output.dense",
+    ffn_in="intermediate.dense",
+    ffn_out="output.dense",
+)
+_CLIP = Family(
+    layers=r"layers\.\d+",
+    attention=("self_attn",),
+    lora=("q_proj", "k_proj", "v_proj", "out_proj"),
+    attn_out="self_attn.out_proj",
+    ffn_in="mlp",
+    ffn_out="mlp",
+)
+_T5_LORA = ("q", "k", "v", "o")
+_T5_ENCODER = Family(
+    layers=r"block\.\d+",
+    attention=("layer.0.SelfAttention",),
+    lora=_T5_LORA,
+    attn_out="layer.0.SelfAttention.o",
+    ffn_in="layer.1.DenseReluDense",
+    ffn_out="layer.1.DenseReluDense",
+)
+_T5_DECODER = Family(
+    layers=r"block\.\d+",
+    attention=("layer.0.SelfAttention",),
+    lora=_T5_LORA,
+    attn_out="layer.0.SelfAttention.o",
+    ffn_in="layer.2.DenseReluDense",
+    ffn_out="layer.2.DenseReluDense",
+    scope=("layer.0", "layer.2"),
+)
+_T5_CROSS = Family(
+    layers=r"block\.\d+",
+    attention=("layer.1.EncDecAttention",),
+    lora=_T5_LORA,
+    attn_out="layer.1.EncDecAttention.o",
+    ffn_in=None,
+    ffn_out=None,
+    scope=("layer.1",),
+)
+_BLIP2_VISION = Family(
+    layers=r"layers\.\d+",
+    attention=("self_attn",),
+    lora=("qkv", "self_attn.projection"),
+    attn_out="self_attn.projection",
+    ffn_in="mlp",
+    ffn_out="mlp",
+)
+_QFORMER = Family(
+    layers=r"layer\.\d+",
+    attention=("attention.attention",),
+    lora=("query", "key", "value", "attention.output.dense"),
+    attn_out="attention.output.dense",
+    ffn_in="intermediate_query.dense",
+    ffn_out="output_query.dense",
+    scope=("attention", "intermediate_query", "output_query"),
+)
+
+_CLIP_LIKE = {
+    "language": Component(roots=("text_model",), family=_CLIP),
+    "vision": Component(roots=("vision_model",), family=_CLIP),
+}
+
+ARCHITECTURES: dict[str, dict[str, Component]] = {
+    "llama": {"language": Component(roots=("",), family=_LLAMA)},
+    "mistral": {"language": Component(roots=("",), family=_LLAMA)},
+    "qwen2": {"language": Component(roots=("",), family=_LLAMA)},
+    "opt": {"language": Component(roots=("",), family=_OPT)},
+    "gpt2": {"language": Component(roots=("",), family=_GPT2)},
+    "bert": {"language": Component(roots=("",), family=_BERT)},
+    "vit": {"vision": Component(roots=("",), family=_VIT)},
+    "clip": _CLIP_LIKE,
+    "clip_text_model": {"language": Component(roots=("",), family=_CLIP)},
+    "clip_vision_model": {"vision": Component(roots=("",), family=_CLIP)},
+    "siglip": _CLIP_LIKE,
+    "siglip_text_model": {"language": Component(roots=("",), family=_CLIP)},
+    "siglip_vision_model": {"vision": Component(roots=("",), family=_CLIP)},
+    "t5": {
+        "encoder": Component(roots=("encoder",), family=_T5_ENCODER),
+        "decoder": Component(roots=("decoder",), family=_T5_DECODER),
+        "cross": Component(roots=("decoder",), family=_T5_CROSS),
+    },
+    "blip-2": {},  # filled below (alias of blip_2)
+    "blip_2": {
+        "vision": Component(roots=("vision_model",), family=_BLIP2_VISION),
+        "qformer": Component(roots=("qformer",), family=_QFORMER),
+        "projector": Component(roots=("",), direct=("language_projection",)),
+        "language": Component(roots=("language_model",), delegate="text_config"),
+    },
+}
+ARCHITECTURES["blip-2"] = ARCHITECTURES["blip_2"]
+
+# Components a name stands for when the model has no component of that exact name:
+# an encoder-decoder language model's "language" is its encoder, decoder and cross-attention.
+ALIASES = {"language": ("encoder", "decoder", "cross")}
+
+
+@dataclass
+class ResolvedComponent:
+    """A component found in a concrete model: its root path and family."""
+
+    name: str
+    root: str
+    family: Family | None
+    direct: tuple[str, ...] = ()
+    blocks: list[tuple[str, nn.Module]] = field(default_factory=list)
+
+
+def supported_model_types() -> list[str]:
+    """Model types the table knows, for error messages and docs."""
+    return sorted(k for k in ARCHITECTURES if k != "blip-2")
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _table_for(config: Any, custom: dict[str, Any] | None) -> dict[str, Component]:
+    if custom:
+        return {"language": Component(roots=("",), family=family_from_targets(custom))}
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"model_type {model_type!r} is not in ptpeft_fast's architecture table; supported: "
+            f"{', '.join(supported_model_types())}. For another model whose attention goes through "
+            "transformers' AttentionInterface, pass the targets by hand, e.g. PTPeftConfig(targets="
+            "{'layers': r'layers\\.\\d+', 'attention': ['self_attn'], 'lora': ['q_proj', 'v_proj'], "
+            "'attn_out': 'self_attn.o_proj', 'ffn_in': 'mlp', 'ffn_out': 'mlp'})"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def family_from_targets(t: dict[str, Any]) -> Family:
+    """A :class:`Family` from hand-given target names (for models the table lacks)."""
+    allowed = {"layers", "attention", "lora", "attn_out", "ffn_in", "ffn_out"}
+    unknown = set(t) - allowed
+    if unknown:
+        raise ValueError(f"targets: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+    if "layers" not in t or "attention" not in t:
+        raise ValueError("targets needs at least 'layers' (regex of the blocks) and 'attention' (paths inside a block)")
+    as_tuple = lambda v: (v,) if isinstance(v, str) else tuple(v)  # noqa: E731
+    return Family(
+        layers=t["layers"],
+        attention=as_tuple(t["attention"]),
+        lora=as_tuple(t.get("lora", ())),
+        attn_out=t.get("attn_out"),
+        ffn_in=t.get("ffn_in"),
+        ffn_out=t.get("ffn_out"),
+    )
+
+
+def resolve_components(model: nn.Module, names: tuple[str, ...], custom: dict[str, Any] | None = None) -> list[ResolvedComponent]:
+    """Find the components ``names`` in ``model``; raise ``ValueError`` naming what is missing."""
+    config = getattr(model, "config", None)
+    table = _table_for(config, custom)
+    modules = dict(model.named_modules())
+    out: list[ResolvedComponent] = []
+    for name in names:
+        out.extend(_resolve_one(model, config, table, name, "", modules))
+    return out
+
+
+def _resolve_one(model, config, table, name, base, modules) -> list[ResolvedComponent]:
+    if name not in table:
+        if name in ALIASES and all(a in table for a in ALIASES[name]):
+            return [c for a in ALIASES[name] for c in _resolve_one(model, config, table, a, base, modules)]
+        raise ValueError(
+            f"component {name!r} does not exist in model_type {getattr(config, 'model_type', None)!r}; "
+            f"it has: {sorted(table)}"
+        )
+    comp = table[name]
+    root = next((_join(base, r) for r in comp.roots if _join(base, r) in modules), None)
+    if root is None:
+        raise ValueError(f"component {name!r}: none of the module paths {comp.roots} exists in the model")
+    if comp.delegate is not None:
+        sub_config = getattr(config, comp.delegate)
+        sub_table = _table_for(sub_config, None)
+        return [c for c in _resolve_sub(model, sub_config, sub_table, name, root, modules)]
+    resolved = ResolvedComponent(name=name, root=root, family=comp.family, direct=tuple(_join(root, d) for d in comp.direct))
+    if comp.family is not None:
+        pattern = re.compile(r"(^|\.)" + comp.family.layers + "$")
+        prefix = root + "." if root else ""
+        resolved.blocks = [
+            (n, m) for n, m in modules.items() if n.startswith(prefix) and pattern.search(n[len(prefix):])
+        ]
+        if not resolved.blocks:
+            raise ValueError(f"component {name!r}: no transformer blocks matching {comp.family.layers!r} under {root!r}")
+    return [resolved]
+
+
+def _resolve_sub(model, sub_config, sub_table, name, root, modules):
+    if name in sub_table:
+        return _resolve_one(model, sub_config, sub_table, name, root, modules)
+    if name in ALIASES and all(a in sub_table for a in ALIASES[name]):
+        return [c for a in ALIASES[name] for c in _resolve_one(model, sub_config, sub_table, a, root, modules)]
+    # a text model registered under another component name (e.g. its only component)
+    if len(sub_table) == 1:
+        only = next(iter(sub_table))
+        return [replace(c, name=name) for c in _resolve_one(model, sub_config, sub_table, only, root, modules)]
+    raise ValueError(f"component {name!r}: sub-model {getattr(sub_config, 'model_type', None)!r} has components {sorted(sub_table)}")
+
+
+def iter_in_scope(block: nn.Module, family: Family) -> Iterator[tuple[str, nn.Module]]:
+    """Named modules of ``block`` (relative paths) inside the family's scope."""
+    for rel, mod in block.named_modules():
+        if not rel:
+            continue
+        if family.scope is None or any(rel == s or rel.startswith(s + ".") for s in family.scope):
+            yield rel, mod
+
+
+def attention_geometry(module: nn.Module) -> tuple[int, int, int]:
+    """(query heads H, key/value heads Hkv, head dim D) of an attention module.
+
+    Attribute names differ per family; GQA/MQA models expose ``num_key_value_groups``.
+    """
+    head_dim = _first_attr(module, ("head_dim", "attention_head_size", "key_value_proj_dim"))
+    heads = _first_attr(module, ("num_heads", "num_attention_heads", "n_heads"))
+    config = getattr(module, "config", None)
+    if heads is None and config is not None:
+        heads = getattr(config, "num_attention_heads", None)
+    if head_dim is None and heads is not None and config is not None and getattr(config, "hidden_size", None):
+        head_dim = config.hidden_size // heads
+    if heads is None or head_dim is None:
+        raise ValueError(f"cannot read the head count / head dim of {type(module).__name__}; pass targets by hand")
+    groups = getattr(module, "num_key_value_groups", 1) or 1
+    return int(heads), int(heads) // int(groups), int(head_dim)
+
+
+def _first_attr(module: nn.Module, names: tuple[str, ...]) -> int | None:
+    for n in names:
+        v = getattr(module, n, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None

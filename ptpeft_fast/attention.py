@@ -1,0 +1,79 @@
+"""The attention function registered with transformers' ``AttentionInterface``.
+
+transformers hands it the attention module; the module's prefix (if any) lives in a
+child named by ``module._ptpeft_prefix``. Layers without a prefix run transformers' own
+SDPA path unchanged. The mask function registered beside it is transformers' ``sdpa_mask``
+(without one, transformers 5 passes ``attention_mask=None`` and padding would be lost):
+with padding the mask arrives as bool ``[B,1,L,S]`` (True = attend), without padding as
+``None`` and ``module.is_causal`` says whether causality still applies.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops
+
+ATTN_IMPLEMENTATION = "ptpeft"
+_registered = False
+
+
+def register() -> str:
+    """Register the attention and mask functions with transformers (idempotent)."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(ATTN_IMPLEMENTATION, ptpeft_attention_forward)
+        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+        _registered = True
+    return ATTN_IMPLEMENTATION
+
+
+def _bottom_right_causal(L: int, S: int, device: torch.device) -> torch.Tensor:
+    i = torch.arange(L, device=device).unsqueeze(1)
+    j = torch.arange(S, device=device).unsqueeze(0)
+    return j <= i + (S - L)
+
+
+def ptpeft_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Prefix-augmented attention; q ``[B,H,L,D]``, k/v ``[B,Hkv,S,D]`` → ``[B,L,H,D]``."""
+    name = getattr(module, "_ptpeft_prefix", None)
+    if name is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    prefix_k, prefix_v = getattr(module, name).kv(query.dtype)
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = bool(getattr(module, "is_causal", False))
+    L, S = query.shape[2], key.shape[2]
+    mask = attention_mask
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:
+        # T5: a float bias over the real keys; fold the mask (or causality) into it.
+        bias = position_bias[..., -S:] if position_bias.shape[-1] != S else position_bias
+        if mask is None and is_causal and L > 1:
+            mask = _bottom_right_causal(L, S, query.device)
+        if mask is not None:
+            bias = bias.masked_fill(~mask, torch.finfo(bias.dtype).min) if mask.dtype == torch.bool else bias + mask
+        mask = bias.to(query.dtype)
+    out = ops.prefix_attention(
+        query, key, value, prefix_k, prefix_v,
+        causal=bool(is_causal and mask is None and L > 1),
+        attn_mask=mask,
+        scale=scaling,
+        dropout_p=dropout if module.training else 0.0,
+        backend=getattr(module, "_ptpeft_backend", "auto"),
+    )
+    return out.transpose(1, 2), None

@@ -1,0 +1,152 @@
+"""Save and load only the PT-PEFT parameters (safetensors + JSON), atomically."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .config import PTPeftConfig
+from .patching import get_state, patch
+from .stages import parameter_groups
+
+WEIGHTS_NAME = "ptpeft.safetensors"
+CONFIG_NAME = "ptpeft_config.json"
+FORMAT = 1
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder and a rename,
+    so a crash leaves either the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def ptpeft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The PT-PEFT parameters (prefix, LoRA, adapter, and marked extras) by name."""
+    groups = parameter_groups(model)
+    return {n: p.detach() for n, p in model.named_parameters() if groups[n] != "base"}
+
+
+def save(model: nn.Module, path: str | os.PathLike, extra_meta: dict[str, Any] | None = None) -> Path:
+    """Write the PT-PEFT parameters and config to directory ``path`` and return it.
+
+    Files: ``ptpeft.safetensors`` and ``ptpeft_config.json`` (which records the model type,
+    the tensor shapes and the SHA-256 of the weights file, so a mismatched pair is refused).
+    """
+    from safetensors.torch import save as st_save
+
+    state = get_state(model)
+    path = Path(path)
+    tensors = {n: t.contiguous().cpu() for n, t in ptpeft_state_dict(model).items()}
+    blob = st_save(tensors, metadata={"format": "pt"})
+    meta = {
+        "format": FORMAT,
+        "ptpeft_fast_version": __version__,
+        "model_type": getattr(getattr(model, "config", None), "model_type", None),
+        "config": state.config.to_dict(),
+        "extra_trainable": list(state.extra_trainable),
+        "lora_merged": any(getattr(l, l._ptpeft_lora).merged for l in state.lora_layers.values()),
+        "shapes": {n: list(t.shape) for n, t in tensors.items()},
+        "weights_sha256": hashlib.sha256(blob).hexdigest(),
+        **(extra_meta or {}),
+    }
+    atomic_write_bytes(path / WEIGHTS_NAME, blob)
+    atomic_write_bytes(path / CONFIG_NAME, json.dumps(meta, indent=2).encode())
+    return path
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON metadata of a checkpoint directory, with clear errors for bad input."""
+    path = Path(path)
+    cfg = path / CONFIG_NAME
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{cfg} does not exist: is {path} a directory written by ptpeft_fast.save?")
+    try:
+        meta = json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg} is not valid JSON ({e}); the checkpoint is damaged") from None
+    if not isinstance(meta, dict) or "config" not in meta:
+        raise ValueError(f"{cfg} is not a ptpeft_fast checkpoint config")
+    if int(meta.get("format", 0)) > FORMAT:
+        raise ValueError(f"{cfg} has format {meta['format']}, newer than this ptpeft_fast reads ({FORMAT}); upgrade ptpeft_fast")
+    return meta
+
+
+def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a checkpoint written by :func:`save` into ``model`` and return it.
+
+    An unpatched model is patched with the saved config first. The model type, every
+    tensor name and every shape are checked; a mismatch raises ``ValueError`` naming the
+    tensor and both shapes.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    path = Path(path)
+    meta = read_meta(path)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} does not exist; the checkpoint is incomplete")
+    blob = weights.read_bytes()
+    if meta.get("weights_sha256") and hashlib.sha256(blob).hexdigest() != meta["weights_sha256"]:
+        raise ValueError(f"{weights} does not match the checksum in {CONFIG_NAME}: the file is truncated or from another save")
+    try:
+        tensors = st_load(blob)
+    except (SafetensorError, Exception) as e:  # safetensors raises its own error type for bad headers
+        raise ValueError(f"{weights} is not a readable safetensors file ({e})") from None
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if meta.get("model_type") != model_type:
+        raise ValueError(f"checkpoint {path} was saved from model_type {meta.get('model_type')!r}, "
+                         f"but this model is {model_type!r}")
+    saved_config = PTPeftConfig.from_dict(meta["config"])
+    if getattr(model, "_ptpeft", None) is None:
+        patch(model, saved_config)
+        from .stages import mark_trainable
+
+        if meta.get("extra_trainable"):
+            mark_trainable(model, *meta["extra_trainable"])
+    elif saved_config.prefix is not None and saved_config.prefix.reparam == "none" and get_state(model).config.prefix is not None \
+            and get_state(model).config.prefix.reparam != "none":
+        from .merging import merge_prefixes
+
+        merge_prefixes(model)  # the checkpoint holds merged (static) prefixes
+    own = ptpeft_state_dict(model)
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not fit this model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} (was it saved with another config?)")
+    for name, t in tensors.items():
+        if tuple(t.shape) != tuple(own[name].shape):
+            raise ValueError(f"tensor {name}: checkpoint shape {tuple(t.shape)} != model shape {tuple(own[name].shape)}")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, t in tensors.items():
+            params[name].copy_(t.to(params[name].dtype))
+    state = get_state(model)
+    want_merged = bool(meta.get("lora_merged"))
+    from .tuners.lora import lora_of
+
+    for layer in state.lora_layers.values():
+        lora = lora_of(layer)
+        if lora.merged != want_merged:
+            raise ValueError(f"checkpoint {path} has lora_merged={want_merged} but the model's LoRA merged={lora.merged}; "
+                             "load into an unmerged model and merge afterwards")
+    return model

@@ -1,0 +1,246 @@
+"""``patch(model, config)``: add prefixes, LoRA and adapters to a Hugging Face model in place."""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import attention
+from .architectures import ResolvedComponent, attention_geometry, iter_in_scope, resolve_components
+from .config import PTPeftConfig
+from .tuners.adapter import BottleneckAdapter, hook_parallel, hook_sequential
+from .tuners.lora import LoraWeights, attach_lora, features, is_conv1d
+from .tuners.prefix import GlobalPrefixMLP, LayerPrefix
+
+GROUPS = ("prefix", "lora", "adapter", "extra", "base")
+
+
+@dataclass
+class PatchState:
+    """What ``patch`` did to a model (kept as ``model._ptpeft``)."""
+
+    config: PTPeftConfig
+    prefix_layers: dict[str, LayerPrefix] = field(default_factory=dict)  # attention path -> prefix
+    lora_layers: dict[str, nn.Module] = field(default_factory=dict)  # linear path -> patched layer
+    adapters: dict[str, BottleneckAdapter] = field(default_factory=dict)
+    hooks: list = field(default_factory=list)
+    extra_trainable: list[str] = field(default_factory=list)  # e.g. a task head that trains in every stage
+    previous_attn_implementation: Any = None
+    stage: str | None = None
+
+
+def get_state(model: nn.Module) -> PatchState:
+    """The model's :class:`PatchState`; ``ValueError`` if ``patch`` was not called."""
+    state = getattr(model, "_ptpeft", None)
+    if state is None:
+        raise ValueError("this model is not patched: call ptpeft_fast.patch(model, config) first")
+    return state
+
+
+def _param_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype, p.device
+    return torch.float32, torch.device("cpu")
+
+
+def _check_not_wrapped(model: nn.Module) -> None:
+    if hasattr(model, "_ptpeft"):
+        raise ValueError("this model is already patched by ptpeft_fast; patch a fresh model, or use ptpeft_fast.load to restore weights")
+    if type(model).__name__.startswith("Peft") or hasattr(model, "peft_config"):
+        raise ValueError(
+            "this model is wrapped by PEFT; patch the base model instead (model.get_base_model() after "
+            "merge_and_unload()), or load a PEFT checkpoint with ptpeft_fast.from_peft"
+        )
+
+
+def patch(model: nn.Module, config: PTPeftConfig | dict | None = None) -> nn.Module:
+    """Add PT-PEFT modules to ``model`` in place and return it.
+
+    Prefixes go in the attention layers of ``config.prefix.components`` (sized by the
+    layer's key/value heads), LoRA on the target linear layers, adapters on the
+    feed-forward (and, for Houlsby, attention) outputs. Attention runs through
+    transformers' ``AttentionInterface`` (registered as ``"ptpeft"``). The model is left
+    in stage ``"prefix"`` when it has a prefix, else ``"peft"`` (see :func:`set_stage`).
+    """
+    if config is None:
+        config = PTPeftConfig()
+    elif isinstance(config, dict):
+        config = PTPeftConfig.from_dict(config)
+    _check_not_wrapped(model)
+    config = copy.deepcopy(config)
+    state = PatchState(config=config)
+    modules = dict(model.named_modules())
+    try:
+        if config.prefix is not None:
+            _add_prefixes(model, config, state, modules)
+        if config.lora is not None:
+            _add_lora(model, config, state, modules)
+        if config.adapter is not None:
+            _add_adapters(model, config, state, modules)
+    except Exception:
+        _undo(model, state)
+        raise
+    if state.prefix_layers:
+        name = attention.register()
+        state.previous_attn_implementation = getattr(model.config, "_attn_implementation", None)
+        _set_attn_implementation(model, name)
+    model._ptpeft = state
+    from .stages import set_stage
+
+    set_stage(model, "prefix" if state.prefix_layers else "peft")
+    return model
+
+
+def _set_attn_implementation(model: nn.Module, name: str) -> None:
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is None:
+        raise ValueError(f"{type(model).__name__} has no set_attn_implementation: is it a transformers 5 model?")
+    setter(name)
+
+
+def _undo(model: nn.Module, state: PatchState) -> None:
+    """Best-effort removal of what a failed ``patch`` added, so the model is left as it was."""
+    for h in state.hooks:
+        h.remove()
+    for path, layer in state.lora_layers.items():
+        name = layer._ptpeft_lora
+        delattr(layer, name)
+        layer.__class__ = layer._ptpeft_base_class
+        del layer._ptpeft_lora, layer._ptpeft_backend
+    for mod in model.modules():
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, (LayerPrefix, GlobalPrefixMLP, BottleneckAdapter)):
+                delattr(mod, child_name)
+        for attr in ("_ptpeft_prefix", "_ptpeft_backend"):
+            if attr in mod.__dict__:
+                delattr(mod, attr)
+
+
+def _components_of(model, names, config) -> list[ResolvedComponent]:
+    return resolve_components(model, tuple(names), config.targets)
+
+
+def _add_prefixes(model, config: PTPeftConfig, state: PatchState, modules) -> None:
+    pc = config.prefix
+    for comp in _components_of(model, pc.components, config):
+        if comp.family is None:
+            raise ValueError(f"component {comp.name!r} has no attention layers; prefixes go in attention components")
+        layers = [(f"{bname}.{rel}", block.get_submodule(rel)) for bname, block in comp.blocks for rel in comp.family.attention]
+        child = f"prefix_{comp.name}"
+        geometry = [attention_geometry(m) for _, m in layers]
+        dtype, device = _param_dtype_device(layers[0][1])
+        shared = None
+        if pc.reparam == "mlp-global":
+            if len(set(geometry)) != 1:
+                raise ValueError(f"prefix.reparam='mlp-global' needs equal head geometry in every layer of {comp.name!r}")
+            h, hkv, d = geometry[0]
+            shared = GlobalPrefixMLP(len(layers), pc.num_tokens, hkv, d, h * d, pc.hidden_size, pc.dropout,
+                                     pc.init_std, dtype, device)
+            root = model.get_submodule(comp.root) if comp.root else model
+            root.add_module(child, shared)
+        for index, ((path, module), (h, hkv, d)) in enumerate(zip(layers, geometry)):
+            if hasattr(module, "_ptpeft_prefix"):
+                raise ValueError(f"{path} already has a prefix ({module._ptpeft_prefix}); components overlap")
+            prefix = LayerPrefix(pc.reparam, pc.num_tokens, hkv, d, h * d, pc.hidden_size, pc.dropout, pc.init_std,
+                                 dtype, device, shared=shared, index=index)
+            module.add_module(child, prefix)
+            module._ptpeft_prefix = child
+            module._ptpeft_backend = config.backend
+            state.prefix_layers[path] = prefix
+        if pc.positions == "shift" and comp.family.positions is not None:
+            state.hooks.append(_shift_positions(model, comp, pc.num_tokens))
+
+
+def _shift_positions(model, comp: ResolvedComponent, num_tokens: int):
+    """Give real tokens positions P..P+L-1 (PEFT's convention) by offsetting the position ids."""
+    pattern, arg = comp.family.positions
+    prefix = comp.root + "." if comp.root else ""
+    regex = re.compile(r"(^|\.)" + pattern + "$")
+    found = [m for n, m in model.named_modules() if n.startswith(prefix) and regex.search(n[len(prefix):])]
+    if len(found) != 1:
+        raise ValueError(f"positions='shift': expected one position module {pattern!r} in {comp.name!r}, found {len(found)}")
+
+    def hook(_module, args, kwargs):
+        if isinstance(arg, str) and kwargs.get(arg) is not None:
+            kwargs = {**kwargs, arg: kwargs[arg] + num_tokens}
+        elif isinstance(arg, int) and len(args) > arg:
+            args = args[:arg] + (args[arg] + num_tokens,) + args[arg + 1:]
+        elif isinstance(arg, str):
+            raise RuntimeError("positions='shift': the model called its position module without position ids")
+        return args, kwargs
+
+    return found[0].register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _matches(rel: str, targets) -> bool:
+    return any(rel == t or rel.endswith("." + t) for t in targets)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _add_lora(model, config: PTPeftConfig, state: PatchState, modules) -> None:
+    lc = config.lora
+    for comp in _components_of(model, lc.components, config):
+        targets = lc.targets
+        found: list[tuple[str, nn.Module]] = []
+        if comp.direct:
+            found += [(p, modules[p]) for p in comp.direct]
+        if comp.family is not None:
+            targets = targets or comp.family.lora
+            for bname, block in comp.blocks:
+                found += [(f"{bname}.{rel}", m) for rel, m in iter_in_scope(block, comp.family)
+                          if _is_linear(m) and _matches(rel, targets)]
+        if not found:
+            names = sorted({rel.split(".")[-1] for _, b in comp.blocks for rel, m in b.named_modules() if _is_linear(m)})
+            raise ValueError(f"lora.targets {list(targets or ())} match no linear layer in component {comp.name!r}; "
+                             f"its linear layers are named: {names}")
+        for path, layer in found:
+            if not _is_linear(layer):
+                raise ValueError(f"LoRA target {path} is a {type(layer).__name__}, not a linear layer")
+            if path in state.lora_layers:
+                continue
+            dtype, device = _param_dtype_device(layer)
+            fin, fout = features(layer)
+            attach_lora(layer, f"lora_{comp.name}", LoraWeights(fin, fout, lc.r, lc.alpha, lc.dropout, dtype, device),
+                        config.backend)
+            state.lora_layers[path] = layer
+
+
+def _out_features(module: nn.Module) -> int:
+    if _is_linear(module):
+        return features(module)[1]
+    linears = [m for m in module.modules() if _is_linear(m)]
+    if not linears:
+        raise ValueError(f"cannot tell the width of {type(module).__name__} for an adapter")
+    return features(linears[-1])[1]
+
+
+def _add_adapters(model, config: PTPeftConfig, state: PatchState, modules) -> None:
+    ac = config.adapter
+    for comp in _components_of(model, ac.components, config):
+        fam = comp.family
+        if fam is None or fam.ffn_out is None:
+            raise ValueError(f"component {comp.name!r} has no feed-forward block for an adapter")
+        for bname, block in comp.blocks:
+            ffn_out = block.get_submodule(fam.ffn_out)
+            dtype, device = _param_dtype_device(ffn_out)
+            points = [("ffn", fam.ffn_in, ffn_out)]
+            if ac.style == "houlsby" and fam.attn_out is not None:
+                points.append(("attn", None, block.get_submodule(fam.attn_out)))
+            for kind, ffn_in_path, target in points:
+                adapter = BottleneckAdapter(_out_features(target), ac.bottleneck, ac.activation, dtype, device)
+                adapter.backend = config.backend
+                child = f"adapter_{comp.name}_{kind}"
+                block.add_module(child, adapter)
+                state.adapters[f"{bname}.{child}"] = adapter
+                if ac.style == "parallel":
+                    state.hooks += hook_parallel(block.get_submodule(ffn_in_path), target, adapter)
+                else:
+                    state.hooks += hook_sequential(target, adapter)

@@ -1,0 +1,80 @@
+"""Two-stage control: which parameters train in which stage (DESIGN §1)."""
+from __future__ import annotations
+
+from torch import nn
+
+from .patching import GROUPS, get_state
+from .tuners.adapter import BottleneckAdapter
+from .tuners.lora import LoraWeights
+from .tuners.prefix import GlobalPrefixMLP, LayerPrefix
+
+STAGES = ("prefix", "peft", "full", "eval")
+_KIND = ((LayerPrefix, "prefix"), (GlobalPrefixMLP, "prefix"), (LoraWeights, "lora"), (BottleneckAdapter, "adapter"))
+
+
+def parameter_groups(model: nn.Module) -> dict[str, str]:
+    """Map every parameter name to its group: prefix, lora, adapter, extra or base."""
+    state = get_state(model)
+    groups: dict[str, str] = {}
+    for mod_name, mod in model.named_modules():
+        group = next((g for cls, g in _KIND if isinstance(mod, cls)), None)
+        if group is None:
+            continue
+        for p_name, _ in mod.named_parameters():
+            groups[f"{mod_name}.{p_name}" if mod_name else p_name] = group
+    for name, _ in model.named_parameters():
+        if name not in groups:
+            extra = any(name == e or name.startswith(e + ".") for e in state.extra_trainable)
+            groups[name] = "extra" if extra else "base"
+    return groups
+
+
+def set_stage(model: nn.Module, stage: str) -> nn.Module:
+    """Set ``requires_grad`` for ``stage`` and return the model.
+
+    - ``"prefix"``: only the prefix trains (stage 1).
+    - ``"peft"``: LoRA and adapters train; the prefix too unless ``config.freeze_prefix``.
+    - ``"full"``: every base weight, LoRA and adapter trains; the prefix unless frozen.
+    - ``"eval"``: nothing trains and the model is put in eval mode.
+    Parameters marked with :func:`mark_trainable` (e.g. a task head) train in every
+    training stage.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r} is not one of {STAGES}")
+    state = get_state(model)
+    freeze_prefix = state.config.freeze_prefix
+    train = {
+        "prefix": {"prefix", "extra"},
+        "peft": {"lora", "adapter", "extra"} | (set() if freeze_prefix else {"prefix"}),
+        "full": {"base", "lora", "adapter", "extra"} | (set() if freeze_prefix else {"prefix"}),
+        "eval": set(),
+    }[stage]
+    groups = parameter_groups(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(groups[name] in train)
+    model.train(stage != "eval")
+    state.stage = stage
+    return model
+
+
+def mark_trainable(model: nn.Module, *module_names: str) -> None:
+    """Let the parameters under ``module_names`` (e.g. ``"classifier"``) train in every stage."""
+    state = get_state(model)
+    known = dict(model.named_modules())
+    for n in module_names:
+        if n not in known:
+            raise ValueError(f"mark_trainable: no module named {n!r} in the model")
+        state.extra_trainable.append(n)
+    if state.stage is not None:
+        set_stage(model, state.stage)
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, int]:
+    """Number of trainable parameters per group (prefix, lora, adapter, extra, base) and ``total``."""
+    counts = {g: 0 for g in GROUPS}
+    groups = parameter_groups(model)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            counts[groups[name]] += p.numel()
+    counts["total"] = sum(counts[g] for g in GROUPS)
+    return counts

@@ -1,0 +1,109 @@
+"""LoRA on existing linear layers, without renaming their parameters.
+
+The target layer's class is swapped for a subclass whose forward runs the fused
+``ops.lora_linear``; the LoRA factors live in a child module named ``lora_<component>``,
+so the base weights keep their names (plain Hugging Face checkpoints still load) and
+the LoRA parameter names carry their group and component.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import ops
+
+
+class LoraWeights(nn.Module):
+    """A ``[r, in]``, B ``[out, r]`` (B starts at zero: identity at init), plus scaling."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
+                 dtype: torch.dtype, device=None) -> None:
+        super().__init__()
+        dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        self.r, self.scaling, self.dropout_p = r, alpha / r, dropout
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as PEFT does
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}, dropout={self.dropout_p}, merged={self.merged}"
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling · B A, shaped like an ``nn.Linear`` weight ``[out, in]``."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+
+def linear_weight(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as ``[out, in]`` (transformers' ``Conv1D`` stores ``[in, out]``)."""
+    return layer.weight.t() if is_conv1d(layer) else layer.weight
+
+
+def is_conv1d(layer: nn.Module) -> bool:
+    return type(layer).__name__ == "Conv1D" or any(c.__name__ == "Conv1D" for c in type(layer).__mro__)
+
+
+def features(layer: nn.Module) -> tuple[int, int]:
+    w = linear_weight(layer)
+    return w.shape[1], w.shape[0]
+
+
+class _LoraForward:
+    """Mixin whose forward adds the LoRA term through the fused op."""
+
+    _ptpeft_lora: str
+    _ptpeft_backend: str
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        lora: LoraWeights = getattr(self, self._ptpeft_lora)
+        weight = linear_weight(self)
+        if lora.merged:
+            return nn.functional.linear(x, weight, self.bias)
+        a, b = lora.lora_A.to(x.dtype), lora.lora_B.to(x.dtype)
+        return ops.lora_linear(x, weight, self.bias, a, b, lora.scaling,
+                               dropout_p=lora.dropout_p if self.training else 0.0, backend=self._ptpeft_backend)
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def attach_lora(layer: nn.Module, name: str, lora: LoraWeights, backend: str) -> None:
+    """Give ``layer`` the LoRA factors ``lora`` as child ``name`` and route its forward through them."""
+    if hasattr(layer, "_ptpeft_lora"):
+        raise ValueError(f"{type(layer).__name__} already has LoRA ({layer._ptpeft_lora}); a layer takes one LoRA")
+    base = type(layer)
+    if base not in _CLASSES:
+        _CLASSES[base] = type(f"Lora{base.__name__}", (_LoraForward, base), {"_ptpeft_base_class": base})
+    layer.add_module(name, lora)
+    layer._ptpeft_lora = name
+    layer._ptpeft_backend = backend
+    layer.__class__ = _CLASSES[base]
+
+
+def lora_of(layer: nn.Module) -> LoraWeights | None:
+    name = getattr(layer, "_ptpeft_lora", None)
+    return getattr(layer, name) if name else None
+
+
+@torch.no_grad()
+def merge_lora(layer: nn.Module) -> None:
+    """Fold scaling·B·A into the base weight (idempotent)."""
+    lora = lora_of(layer)
+    if lora is None or lora.merged:
+        return
+    delta = lora.delta_weight().to(layer.weight.dtype)
+    layer.weight.add_(delta.t() if is_conv1d(layer) else delta)
+    lora.merged = True
+
+
+@torch.no_grad()
+def unmerge_lora(layer: nn.Module) -> None:
+    """Undo :func:`merge_lora` (idempotent)."""
+    lora = lora_of(layer)
+    if lora is None or not lora.merged:
+        return
+    delta = lora.delta_weight().to(layer.weight.dtype)
+    layer.weight.sub_(delta.t() if is_conv1d(layer) else delta)
+    lora.merged = False

@@ -82,13 +82,13 @@ _BERT = Family(
     ffn_out="output.dense",
     positions=(r"embeddings\.position_embeddings", 0),
 )
-_VIT = Family(
-    layers=r"layer\.\d+",
-    attention=("attention.attention",),
-    lora=("query", "key", "value", "attention.output.dense"),
-    attn_out="attention.output.dense",
-    ffn_in="intermediate.dense",
-    ffn_out="output.dense",
+_VIT = Family(  # transformers 5.x ViT: layers.N.attention.{q,k,v,o}_proj, layers.N.mlp.fc1/fc2
+    layers=r"layers\.\d+",
+    attention=("attention",),
+    lora=("q_proj", "k_proj", "v_proj", "o_proj"),
+    attn_out="attention.o_proj",
+    ffn_in="mlp",
+    ffn_out="mlp",
 )
 _CLIP = Family(
     layers=r"layers\.\d+",
@@ -191,6 +191,7 @@ class ResolvedComponent:
     family: Family | None
     direct: tuple[str, ...] = ()
     blocks: list[tuple[str, nn.Module]] = field(default_factory=list)
+    alias_of: str | None = None  # set when reached through an alias ("language" → "cross")
 
 
 def supported_model_types() -> list[str]:
@@ -250,7 +251,7 @@ def resolve_components(model: nn.Module, names: tuple[str, ...], custom: dict[st
 def _resolve_one(model, config, table, name, base, modules) -> list[ResolvedComponent]:
     if name not in table:
         if name in ALIASES and all(a in table for a in ALIASES[name]):
-            return [c for a in ALIASES[name] for c in _resolve_one(model, config, table, a, base, modules)]
+            return [replace(c, alias_of=name) for a in ALIASES[name] for c in _resolve_one(model, config, table, a, base, modules)]
         raise ValueError(
             f"component {name!r} does not exist in model_type {getattr(config, 'model_type', None)!r}; "
             f"it has: {sorted(table)}"
@@ -279,7 +280,7 @@ def _resolve_sub(model, sub_config, sub_table, name, root, modules):
     if name in sub_table:
         return _resolve_one(model, sub_config, sub_table, name, root, modules)
     if name in ALIASES and all(a in sub_table for a in ALIASES[name]):
-        return [c for a in ALIASES[name] for c in _resolve_one(model, sub_config, sub_table, a, root, modules)]
+        return [replace(c, alias_of=name) for a in ALIASES[name] for c in _resolve_one(model, sub_config, sub_table, a, root, modules)]
     # a text model registered under another component name (e.g. its only component)
     if len(sub_table) == 1:
         only = next(iter(sub_table))

@@ -226,15 +226,20 @@ def _add_adapters(model, config: PTPeftConfig, state: PatchState, modules) -> No
     ac = config.adapter
     for comp in _components_of(model, ac.components, config):
         fam = comp.family
-        if fam is None or fam.ffn_out is None:
-            raise ValueError(f"component {comp.name!r} has no feed-forward block for an adapter")
+        has_ffn = fam is not None and fam.ffn_out is not None
+        has_attn = fam is not None and fam.attn_out is not None and ac.style == "houlsby"
+        if not (has_ffn or has_attn):
+            if comp.alias_of is not None:
+                continue  # e.g. T5 cross-attention under "language": no feed-forward block of its own
+            raise ValueError(f"component {comp.name!r} has no feed-forward block for a {ac.style} adapter")
         for bname, block in comp.blocks:
-            ffn_out = block.get_submodule(fam.ffn_out)
-            dtype, device = _param_dtype_device(ffn_out)
-            points = [("ffn", fam.ffn_in, ffn_out)]
-            if ac.style == "houlsby" and fam.attn_out is not None:
+            points = []
+            if has_ffn:
+                points.append(("ffn", fam.ffn_in, block.get_submodule(fam.ffn_out)))
+            if has_attn:
                 points.append(("attn", None, block.get_submodule(fam.attn_out)))
             for kind, ffn_in_path, target in points:
+                dtype, device = _param_dtype_device(target)
                 adapter = BottleneckAdapter(_out_features(target), ac.bottleneck, ac.activation, dtype, device)
                 adapter.backend = config.backend
                 child = f"adapter_{comp.name}_{kind}"

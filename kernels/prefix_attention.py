@@ -1,0 +1,464 @@
+"""Prefix flash-attention in Triton (FlashAttention-2 style), forward and backward.
+
+Keys are the P prefix keys followed by the S real keys, read from their own pointers (no
+concatenation). Visibility is computed, never loaded:
+
+- prefix columns: always visible (DESIGN §2);
+- real column j for query i: ``klo[b] <= j < khi[b]`` (key padding, left or right) and,
+  when causal, ``j <= i + S - L`` (bottom-right aligned).
+
+Softmax runs online in the log2 domain (``qk_scale = scale * log2(e)``); the forward saves
+``lse2 = m + log2(l)`` per row, so the backward recomputes probabilities as
+``exp2(s * qk_scale - lse2)``. A row with no visible key (only possible with P = 0) gets
+output 0 and ``lse2 = +inf`` so its gradients are 0.
+
+Backward: dK/dV for real keys and for prefix keys come from one kernel (``IS_PREFIX``)
+with one program per key block that loops over the GQA query heads of its KV head and, for
+a batch-shared prefix, over the batch too, so every gradient element is written by exactly
+one program (no atomics). dQ has its own kernel over query blocks.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, block_dim, compute_in_f32, configs, dot_precision, smem_pruner
+
+LOG2E = 1.4426950408889634
+
+
+def _fwd_smem(args: dict, cfg: triton.Config) -> int:
+    elt = args["Q"].element_size()
+    bd, bm, bn = args["BLOCK_D"], cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    return elt * (bm * bd + cfg.num_stages * 2 * bn * bd)
+
+
+def _bwd_smem(args: dict, cfg: triton.Config) -> int:
+    elt = args["Q"].element_size()
+    bd, bm, bn = args["BLOCK_D"], cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    return elt * (2 * bn * bd + cfg.num_stages * 2 * bm * bd) + 4 * bm * bn
+
+
+_FWD_CONFIGS = configs(
+    [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [
+            (128, 128, 8, 3),  # sm_90, D <= 128
+            (128, 64, 8, 4),
+            (128, 64, 4, 3),  # sm_80 sweet spot
+            (64, 64, 4, 3),
+            (64, 32, 4, 2),  # small L (decode, Q-Former's 32 queries)
+        ]
+    ],
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1),
+)
+
+_BWD_CONFIGS = configs(
+    [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [
+            (64, 128, 8, 3),  # sm_90
+            (32, 128, 8, 3),
+            (64, 64, 4, 3),  # sm_80
+            (32, 64, 4, 2),
+            (16, 32, 4, 2),
+        ]
+    ],
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1),
+)
+
+
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, q, k_base, v_base,
+    stride_kn, stride_kd, stride_vn, stride_vd,
+    offs_m, offs_d, n_lo, n_hi, n_valid_hi, shift, qk_scale, D,
+    CAUSAL: tl.constexpr, COMPUTE_F32: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Online-softmax update over key blocks [n_lo, n_hi); columns >= n_valid_hi masked."""
+    offs_nb = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < D
+    # Pointer tiles built once and advanced per block (cheap address math on GPU).
+    k_ptrs = k_base + (n_lo + offs_nb)[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = v_base + (n_lo + offs_nb)[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        offs_n = start_n + offs_nb
+        col_ok = offs_n < n_valid_hi
+        ld_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptrs, mask=ld_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=ld_mask, other=0.0)
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+        if COMPUTE_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        visible = col_ok[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= (offs_m + shift)[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # An all-masked row keeps m = -inf; subtracting 0 instead avoids inf - inf = nan.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=["L", "S", "P", "BLOCK_D", "CAUSAL"], prune_configs_by=smem_pruner(_fwd_smem))
+@triton.jit
+def _attn_fwd(
+    Q, K, V, PK, PV, O, LSE2, KLO, KHI,
+    qk_scale,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_pkb, stride_pkh, stride_pkn, stride_pkd,
+    stride_pvb, stride_pvh, stride_pvn, stride_pvd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    H, L, S, P, D, GROUP,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, COMPUTE_F32: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hkv = h // GROUP  # GQA/MQA: query head h reads KV head h // (H / Hkv)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < L
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+    )
+    if COMPUTE_F32:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Prefix keys: always visible, only the tail of the last block is masked.
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, PK + b * stride_pkb + hkv * stride_pkh, PV + b * stride_pvb + hkv * stride_pvh,
+        stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+        offs_m, offs_d, 0, P, P, 0, qk_scale, D,
+        False, COMPUTE_F32, PREC, BLOCK_N,
+    )
+    k_lo = 0
+    k_hi = S
+    if HAS_PAD:
+        k_lo = tl.load(KLO + b)
+        k_hi = tl.load(KHI + b)
+    shift = S - L
+    n_hi = k_hi
+    if CAUSAL:
+        # The last row of this block sees keys up to start_m + BLOCK_M - 1 + shift.
+        n_hi = tl.minimum(k_hi, start_m + BLOCK_M + shift)
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, K + b * stride_kb + hkv * stride_kh, V + b * stride_vb + hkv * stride_vh,
+        stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_m, offs_d, k_lo, n_hi, k_hi, shift, qk_scale, D,
+        CAUSAL, COMPUTE_F32, PREC, BLOCK_N,
+    )
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse2 = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(
+        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D),
+    )
+    tl.store(LSE2 + pid_bh.to(tl.int64) * L + offs_m, lse2, mask=row_ok)
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=["L", "S", "NKEYS", "BLOCK_D", "CAUSAL", "IS_PREFIX", "BATCH_SHARED"], prune_configs_by=smem_pruner(_bwd_smem))
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, LSE2, DELTA, DK, DV, KLO, KHI,
+    qk_scale, scale,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    B, H, HKV, L, S, NKEYS, D, GROUP,
+    IS_PREFIX: tl.constexpr, BATCH_SHARED: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, COMPUTE_F32: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK, dV for one block of NKEYS keys (real keys, or prefix keys when IS_PREFIX)."""
+    pid_n = tl.program_id(0)
+    pid = tl.program_id(1)
+    if BATCH_SHARED:
+        # One program owns a prefix block of one KV head and sums over the whole batch.
+        hkv = pid.to(tl.int64)
+        b_lo = 0
+        b_hi = B
+    else:
+        hkv = (pid % HKV).to(tl.int64)
+        b_lo = pid // HKV
+        b_hi = b_lo + 1
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    col_in = offs_n < NKEYS
+    kb = b_lo.to(tl.int64)  # stride_kb is 0 for a batch-shared prefix
+    k = tl.load(K + kb * stride_kb + hkv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=col_in[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(V + kb * stride_vb + hkv * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=col_in[:, None] & d_ok[None, :], other=0.0)
+    if COMPUTE_F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    shift = S - L
+    offs_n_shift = offs_n - shift  # key j is visible to query i iff j - shift <= i
+    offs_mb = tl.arange(0, BLOCK_M)
+    for bi in range(b_lo, b_hi):
+        bb = tl.cast(bi, tl.int64)
+        col_ok = col_in
+        m_lo = 0
+        m_hi = L
+        if not IS_PREFIX:
+            if HAS_PAD:
+                k_lo = tl.load(KLO + bb)
+                k_hi = tl.load(KHI + bb)
+                col_ok = col_ok & (offs_n >= k_lo) & (offs_n < k_hi)
+                # A key block wholly outside this sequence's keys gets no queries (dk = dv = 0).
+                outside = (start_n + BLOCK_N <= k_lo) | (start_n >= k_hi)
+                m_hi = L * (1 - outside.to(tl.int32))
+            if CAUSAL:
+                # Key j is first seen by query j - shift; start at that query's block.
+                m_lo = (tl.maximum(start_n - shift, 0) // BLOCK_M) * BLOCK_M
+        for hg in range(0, GROUP):
+            h = hkv * GROUP + hg
+            row_base = (bb * H + h) * L
+            q_ptrs = Q + bb * stride_qb + h * stride_qh + (m_lo + offs_mb)[:, None] * stride_qm + offs_d[None, :] * stride_qd
+            do_ptrs = DO + bb * stride_dob + h * stride_doh + (m_lo + offs_mb)[:, None] * stride_dom + offs_d[None, :] * stride_dod
+            for start_m in range(m_lo, m_hi, BLOCK_M):
+                offs_m = start_m + offs_mb
+                row_ok = offs_m < L
+                ld = row_ok[:, None] & d_ok[None, :]
+                q = tl.load(q_ptrs, mask=ld, other=0.0)
+                do = tl.load(do_ptrs, mask=ld, other=0.0)
+                q_ptrs += BLOCK_M * stride_qm
+                do_ptrs += BLOCK_M * stride_dom
+                if COMPUTE_F32:
+                    q = q.to(tl.float32)
+                    do = do.to(tl.float32)
+                lse2 = tl.load(LSE2 + row_base + offs_m, mask=row_ok, other=float("inf"))
+                delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+                # Transposed tiles [BLOCK_N, BLOCK_M]: keys on rows, queries on columns.
+                s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+                p_t = tl.math.exp2(s_t - lse2[None, :])
+                visible = col_ok[:, None] & row_ok[None, :]
+                if not IS_PREFIX:
+                    if CAUSAL:
+                        visible = visible & (offs_n_shift[:, None] <= offs_m[None, :])
+                p_t = tl.where(visible, p_t, 0.0)
+                dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
+                dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+                ds_t = p_t * (dp_t - delta[None, :])
+                dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PREC)
+    st = col_in[:, None] & d_ok[None, :]
+    tl.store(DK + kb * stride_dkb + hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             (dk * scale).to(DK.dtype.element_ty), mask=st)
+    tl.store(DV + kb * stride_dvb + hkv * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=st)
+
+
+@triton.jit
+def _dq_inner(
+    dq, q, do, lse2, delta, k_base, v_base,
+    stride_kn, stride_kd, stride_vn, stride_vd,
+    offs_m, offs_d, n_lo, n_hi, n_valid_hi, shift, qk_scale, D,
+    CAUSAL: tl.constexpr, COMPUTE_F32: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    offs_nb = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < D
+    k_ptrs = k_base + (n_lo + offs_nb)[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = v_base + (n_lo + offs_nb)[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        offs_n = start_n + offs_nb
+        col_ok = offs_n < n_valid_hi
+        ld_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptrs, mask=ld_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=ld_mask, other=0.0)
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+        if COMPUTE_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        p = tl.math.exp2(s - lse2[:, None])
+        visible = col_ok[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= (offs_m + shift)[:, None])
+        p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    return dq
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=["L", "S", "P", "BLOCK_D", "CAUSAL"], prune_configs_by=smem_pruner(_bwd_smem))
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, PK, PV, DO, LSE2, DELTA, DQ, KLO, KHI,
+    qk_scale, scale,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_pkb, stride_pkh, stride_pkn, stride_pkd,
+    stride_pvb, stride_pvh, stride_pvn, stride_pvd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    H, L, S, P, D, GROUP,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, COMPUTE_F32: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hkv = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < L
+    ld = row_ok[:, None] & (offs_d[None, :] < D)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=ld, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=ld, other=0.0)
+    if COMPUTE_F32:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse2 = tl.load(LSE2 + pid_bh.to(tl.int64) * L + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq = _dq_inner(
+        dq, q, do, lse2, delta, PK + b * stride_pkb + hkv * stride_pkh, PV + b * stride_pvb + hkv * stride_pvh,
+        stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+        offs_m, offs_d, 0, P, P, 0, qk_scale, D,
+        False, COMPUTE_F32, PREC, BLOCK_N,
+    )
+    k_lo = 0
+    k_hi = S
+    if HAS_PAD:
+        k_lo = tl.load(KLO + b)
+        k_hi = tl.load(KHI + b)
+    shift = S - L
+    n_hi = k_hi
+    if CAUSAL:
+        n_hi = tl.minimum(k_hi, start_m + BLOCK_M + shift)
+    dq = _dq_inner(
+        dq, q, do, lse2, delta, K + b * stride_kb + hkv * stride_kh, V + b * stride_vb + hkv * stride_vh,
+        stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_m, offs_d, k_lo, n_hi, k_hi, shift, qk_scale, D,
+        CAUSAL, COMPUTE_F32, PREC, BLOCK_N,
+    )
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             (dq * scale).to(DQ.dtype.element_ty), mask=ld)
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _s4(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """Strides of a 4-D view; a 3-D batch-shared prefix gets batch stride 0."""
+    if t.dim() == 3:
+        return (0,) + tuple(t.stride())
+    return tuple(t.stride())
+
+
+def attn_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor,
+    out: torch.Tensor, lse2: torch.Tensor, klo: torch.Tensor | None, khi: torch.Tensor | None,
+    *, causal: bool, scale: float,
+) -> None:
+    """Launch the forward: writes ``out`` [B,H,L,D] and ``lse2`` [B,H,L] (fp32, log2 domain).
+
+    ``klo``/``khi`` (int32 [B]) give each sequence's visible real-key range, or None for all.
+    """
+    B, H, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    P = pk.shape[-2]
+    has_pad = klo is not None
+    if not has_pad:
+        klo = khi = lse2  # never read: HAS_PAD is a constexpr
+    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _attn_fwd[grid](
+        q, k, v, pk, pv, out, lse2, klo, khi,
+        scale * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *_s4(pk), *_s4(pv), *out.stride(),
+        H, L, S, P, D, H // Hkv,
+        CAUSAL=causal, HAS_PAD=has_pad, COMPUTE_F32=compute_in_f32(q.dtype), PREC=dot_precision(q.dtype),
+        BLOCK_D=block_dim(D),
+    )
+
+
+def attn_backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor,
+    out: torch.Tensor, dout: torch.Tensor, lse2: torch.Tensor,
+    klo: torch.Tensor | None, khi: torch.Tensor | None,
+    dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, dpk: torch.Tensor, dpv: torch.Tensor,
+    *, causal: bool, scale: float,
+) -> None:
+    """Launch the backward kernels, writing dq, dk, dv, dpk, dpv (shaped like their inputs)."""
+    B, H, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    P = pk.shape[-2]
+    group = H // Hkv
+    has_pad = klo is not None
+    # delta_i = rowsum(dO_i * O_i): one cheap elementwise pass (FA2's preprocess).
+    delta = (dout.float() * out.float()).sum(-1).contiguous()
+    if not has_pad:
+        klo = khi = delta
+    f32 = compute_in_f32(q.dtype)
+    prec = dot_precision(q.dtype)
+    bd = block_dim(D)
+    common = dict(CAUSAL=causal, HAS_PAD=has_pad, COMPUTE_F32=f32, PREC=prec, BLOCK_D=bd)
+    if S > 0:
+        grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
+        _attn_bwd_dkdv[grid](
+            q, k, v, dout, lse2, delta, dk, dv, klo, khi,
+            scale * LOG2E, scale,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+            B, H, Hkv, L, S, S, D, group,
+            IS_PREFIX=False, BATCH_SHARED=False, **common,
+        )
+    if P > 0:
+        shared = pk.dim() == 3
+        grid = lambda meta: (triton.cdiv(P, meta["BLOCK_N"]), (1 if shared else B) * Hkv)  # noqa: E731
+        _attn_bwd_dkdv[grid](
+            q, pk, pv, dout, lse2, delta, dpk, dpv, klo, khi,
+            scale * LOG2E, scale,
+            *q.stride(), *_s4(pk), *_s4(pv), *dout.stride(), *_s4(dpk), *_s4(dpv),
+            B, H, Hkv, L, S, P, D, group,
+            IS_PREFIX=True, BATCH_SHARED=shared, **common,
+        )
+    if L > 0:
+        grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
+        _attn_bwd_dq[grid](
+            q, k, v, pk, pv, dout, lse2, delta, dq, klo, khi,
+            scale * LOG2E, scale,
+            *q.stride(), *k.stride(), *v.stride(), *_s4(pk), *_s4(pv), *dout.stride(), *dq.stride(),
+            H, L, S, P, D, group,
+            **common,
+        )
+
+
+def default_scale(head_dim: int) -> float:
+    """1/sqrt(d_head), the softmax scale when the layer gives none."""
+    return 1.0 / math.sqrt(head_dim)
+
+
+__all__ = ["attn_forward", "attn_backward", "default_scale", "INTERPRET"]

@@ -1,0 +1,93 @@
+"""``python -m ptpeft_fast.train``: two-stage PT-PEFT training and evaluation.
+
+Without arguments it runs the embedded demo (see :mod:`ptpeft_fast.train.demo`); with
+``--config FILE`` it runs that config; ``--resume DIR`` continues an interrupted run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from .config import ConfigError, apply_override, dump_config, load_config, validate
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    p = argparse.ArgumentParser(
+        prog="python -m ptpeft_fast.train",
+        description="Two-stage PT-PEFT (prefix, then LoRA/Adapter/full) training and evaluation. "
+                    "With no --config/--resume: the built-in demo on tiny-blip2 + synthetic-shapes.")
+    p.add_argument("--config", help="YAML config (sections model, data, stage1, stage2, eval, output, train)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set stage1.lr=1e-3 (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.add_argument("--output", metavar="DIR", help="output directory (same as --set output.dir=DIR)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="drop records whose image is missing or unreadable and report the count")
+    p.add_argument("--quick", action="store_true", help="demo only: a ~2 minute version")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    overrides = list(args.overrides)
+    if args.output:
+        overrides.append(f"output.dir={args.output}")
+    if args.skip_bad_images:
+        overrides.append("data.skip_bad_images=true")
+    try:
+        if args.config is None and args.resume is None:
+            from .demo import demo_config, run_demo
+            if args.print_config:
+                print(dump_config(demo_config(args.quick, overrides)), end="")
+                return 0
+            run_demo(quick=args.quick, out_dir=args.output, user_overrides=overrides)
+            return 0
+        if args.resume:
+            saved = os.path.join(args.resume, "config.yaml")
+            if not os.path.exists(saved):
+                raise ConfigError(f"--resume {args.resume}: no config.yaml there (not a ptpeft_fast run folder)")
+            cfg = load_config(saved)
+            cfg["train"]["interrupt_after_steps"] = None  # a test hook, not part of the run
+            for o in overrides:
+                apply_override(cfg, o)
+            validate(cfg)
+            out = args.resume
+        else:
+            cfg = load_config(args.config, overrides)
+            out = cfg["output"]["dir"] or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+            cfg["output"]["dir"] = out
+        if args.print_config:
+            print(dump_config(cfg), end="")
+            return 0
+        from .runner import Interrupted, Run
+        if not args.resume and os.path.exists(os.path.join(out, "progress.json")) and not cfg["output"]["overwrite"]:
+            raise ConfigError(f"output.dir {out!r} already holds a run; use --resume {out} or "
+                              "--set output.overwrite=true")
+        if not args.resume and cfg["output"]["overwrite"]:
+            import shutil
+            if int(os.environ.get("RANK", "0")) == 0:
+                for f in ("progress.json", "metrics.jsonl", "state", "checkpoints"):
+                    p = os.path.join(out, f)
+                    shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (os.path.exists(p) and os.remove(p))
+        try:
+            Run(cfg, out, resume=bool(args.resume)).execute()
+        except Interrupted as e:
+            print(str(e), file=sys.stderr)
+            return 130
+        return 0
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from ..data import DataError
+        if isinstance(e, DataError):
+            print(f"data error: {e}", file=sys.stderr)
+            return 2
+        raise

@@ -1,0 +1,270 @@
+"""The training config: defaults, YAML loading, ``--set`` overrides and validation.
+
+Validation runs before any work and names the offending key.  Sections: ``model``,
+``data``, ``stage1``, ``stage2``, ``eval``, ``output`` and ``train`` (run-wide settings:
+seed, device, precision, distributed strategy).
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import yaml
+
+# Keys whose value is a free-form mapping (checked by their consumer, not here).
+FREE_FORM = {"data.train", "data.val", "data.test", "model.tiny", "stage1.prefix", "stage2.lora",
+             "stage2.adapter"}
+# Keys that may be null besides their typed default.
+NULLABLE = {"model.pretrained_path", "data.prompt", "data.max_train_samples", "data.max_eval_samples",
+            "stage1.max_steps", "stage2.max_steps", "eval.max_samples", "eval.use_java",
+            "train.interrupt_after_steps", "output.dir", "stage2.adapter", "stage2.lora",
+            "train.max_grad_norm"}
+
+DEFAULTS: dict[str, Any] = {
+    "model": {
+        "name": "tiny-blip2",          # "tiny-blip2" or a local HF model folder
+        "pretrained": True,            # tiny-blip2: use the cached caption-pretrained weights
+        "pretrained_path": None,       # tiny-blip2: explicit folder with pre-trained weights
+        "dtype": "float32",            # weights dtype: float32 | bfloat16 | float16
+        "gradient_checkpointing": False,
+        "tiny": {},                    # tiny-blip2 size overrides (hidden, layers, ...)
+    },
+    "data": {
+        "format": "synthetic-shapes",  # synthetic-shapes | coco | vqav2 | jsonl | hf
+        "task": "vqa",                 # vqa | caption
+        "prompt": None,                # template; null = "question: {question} answer:" / ""
+        "train": {}, "val": {}, "test": {},
+        "synthetic": {"seed": 0, "image_size": 32},
+        "skip_bad_images": False,
+        "max_train_samples": None,
+        "max_eval_samples": None,
+    },
+    "stage1": {
+        "enabled": True,
+        "prefix": {"num_tokens": 10, "reparam": "mlp", "hidden_size": 64, "components": ["language"]},
+        "epochs": 1, "max_steps": None, "lr": 1e-2, "weight_decay": 0.0, "warmup_ratio": 0.1,
+        "min_lr_ratio": 0.0, "batch_size": 32, "grad_accum": 1,
+    },
+    "stage2": {
+        "enabled": True,
+        "method": "lora",              # lora | adapter | full
+        "freeze_prefix": False,
+        "lora": {"r": 8, "alpha": 16, "components": ["language"]},
+        "adapter": {"bottleneck": 16, "components": ["language"]},
+        "epochs": 1, "max_steps": None, "lr": 2e-3, "weight_decay": 0.0, "warmup_ratio": 0.1,
+        "min_lr_ratio": 0.0, "batch_size": 32, "grad_accum": 1,
+    },
+    "eval": {
+        "split": "val",
+        "zero_shot": True,
+        "after_each_stage": True,      # false: only after the last enabled stage
+        "batch_size": 64,
+        "max_new_tokens": 8,
+        "num_beams": 1,
+        "max_samples": None,
+        "spectrum": True,
+        "spectrum_samples": 128,
+        "tau": 0.9,
+        "use_java": None,              # null: use Java when it is on PATH
+    },
+    "output": {
+        "dir": None,                   # null: runs/<timestamp>
+        "save_every_steps": 0,         # 0: checkpoint only at stage end and on Ctrl-C
+        "overwrite": False,
+    },
+    "train": {
+        "seed": 0,
+        "device": "auto",              # auto | cpu | cuda | cuda:N
+        "precision": "auto",           # auto | fp32 | bf16 | fp16 (autocast)
+        "strategy": "ddp",             # ddp | fsdp (used under torchrun)
+        "max_grad_norm": 1.0,
+        "log_every": 10,
+        "progress": True,
+        "num_threads": 0,              # 0: torch default
+        "interrupt_after_steps": None, # testing: act as if Ctrl-C came after N optimizer steps
+    },
+}
+
+CHOICES = {
+    "data.format": ("synthetic-shapes", "coco", "vqav2", "jsonl", "hf"),
+    "data.task": ("vqa", "caption"),
+    "stage2.method": ("lora", "adapter", "full"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.strategy": ("ddp", "fsdp"),
+    "eval.split": ("train", "val", "test"),
+}
+POSITIVE = {"stage1.epochs", "stage2.epochs", "stage1.batch_size", "stage2.batch_size",
+            "stage1.grad_accum", "stage2.grad_accum", "eval.batch_size", "eval.max_new_tokens",
+            "eval.num_beams", "eval.spectrum_samples", "train.log_every"}
+
+
+class ConfigError(ValueError):
+    """A bad config value or key; the message names the key."""
+
+
+def default_config() -> dict:
+    """A deep copy of the defaults."""
+    return copy.deepcopy(DEFAULTS)
+
+
+def _merge(base: dict, over: dict, prefix: str = "") -> dict:
+    for k, v in over.items():
+        key = f"{prefix}{k}"
+        if k not in base:
+            raise ConfigError(f"unknown config key {key!r}" +
+                              (f"; allowed under {prefix[:-1]!r}: {sorted(base)}" if prefix else
+                               f"; sections are {sorted(base)}"))
+        if key in FREE_FORM:
+            # merged key by key (so --set stage2.lora.r=4 keeps alpha); checked by the consumer
+            if isinstance(v, dict) and isinstance(base[k], dict):
+                base[k] = {**base[k], **copy.deepcopy(v)}
+            else:
+                base[k] = copy.deepcopy(v)
+        elif isinstance(base[k], dict) and isinstance(v, dict):
+            _merge(base[k], v, key + ".")
+        else:
+            base[k] = v
+    return base
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> dict:
+    """Defaults, then the YAML file at ``path``, then ``--set a.b=value`` overrides
+    (values parsed as YAML: ``3``, ``1e-3``, ``true``, ``[language, vision]``)."""
+    cfg = default_config()
+    if path:
+        if not os.path.exists(path):
+            raise ConfigError(f"--config: file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            try:
+                user = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(user, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        _merge(cfg, user)
+    for ov in overrides or []:
+        apply_override(cfg, ov)
+    validate(cfg)
+    return cfg
+
+
+def apply_override(cfg: dict, override: str) -> None:
+    """Apply one ``a.b.c=value`` override in place."""
+    if "=" not in override:
+        raise ConfigError(f"--set {override!r}: expected key=value, e.g. stage1.lr=1e-3")
+    key, raw = override.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    parts = key.split(".")
+    nested: Any = value
+    for p in reversed(parts):
+        nested = {p: nested}
+    _merge(cfg, nested)
+
+
+def _type_ok(default: Any, value: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, list):
+        return isinstance(value, list)
+    return True
+
+
+def validate(cfg: dict) -> None:
+    """Check types, choices and cross-field rules; raise :class:`ConfigError` naming the key."""
+    def walk(dflt: dict, val: dict, prefix: str) -> None:
+        for k, d in dflt.items():
+            key = f"{prefix}{k}"
+            v = val.get(k)
+            if key in FREE_FORM:
+                if v is not None and not isinstance(v, dict):
+                    raise ConfigError(f"{key} must be a mapping, got {v!r}")
+                continue
+            if v is None:
+                if d is None or key in NULLABLE:
+                    continue
+                raise ConfigError(f"{key} must not be null")
+            if isinstance(d, float) and isinstance(v, str):
+                try:  # PyYAML reads "1e-3" (no dot) as a string
+                    v = val[k] = float(v)
+                except ValueError:
+                    pass
+            if isinstance(d, dict):
+                if not isinstance(v, dict):
+                    raise ConfigError(f"{key} must be a mapping, got {v!r}")
+                walk(d, v, key + ".")
+            elif d is not None and not _type_ok(d, v):
+                raise ConfigError(f"{key} must be {type(d).__name__}, got {v!r}")
+            if key in CHOICES and v not in CHOICES[key]:
+                raise ConfigError(f"{key}={v!r} is not allowed; choose one of {CHOICES[key]}")
+            if key in POSITIVE and (not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{key} must be a positive integer, got {v!r}")
+    walk(DEFAULTS, cfg, "")
+    for s in ("stage1", "stage2"):
+        sc = cfg[s]
+        if sc["lr"] <= 0:
+            raise ConfigError(f"{s}.lr must be > 0, got {sc['lr']!r}")
+        if not 0 <= sc["warmup_ratio"] < 1:
+            raise ConfigError(f"{s}.warmup_ratio must be in [0, 1), got {sc['warmup_ratio']!r}")
+        if not 0 <= sc["min_lr_ratio"] <= 1:
+            raise ConfigError(f"{s}.min_lr_ratio must be in [0, 1], got {sc['min_lr_ratio']!r}")
+        if sc["max_steps"] is not None and (not isinstance(sc["max_steps"], int) or sc["max_steps"] < 1):
+            raise ConfigError(f"{s}.max_steps must be a positive integer or null, got {sc['max_steps']!r}")
+        if sc["batch_size"] % sc["grad_accum"]:
+            raise ConfigError(f"{s}.batch_size ({sc['batch_size']}) must be divisible by {s}.grad_accum "
+                              f"({sc['grad_accum']})")
+    if not 0 < cfg["eval"]["tau"] <= 1:
+        raise ConfigError(f"eval.tau must be in (0, 1], got {cfg['eval']['tau']!r}")
+    if cfg["data"]["format"] != "synthetic-shapes" and cfg["model"]["name"] == "tiny-blip2":
+        pass  # allowed: tiny-blip2's word-level vocabulary just maps unknown words to <unk>
+    peft_config_dict(cfg)  # the PT-PEFT sections are validated by the core's own config
+
+
+def peft_config_dict(cfg: dict) -> dict | None:
+    """The ``PTPeftConfig.from_dict`` input for this run, or None when nothing is patched
+    (a plain full fine-tune, or no stage at all).  Errors name the config key."""
+    s1, s2 = cfg["stage1"], cfg["stage2"]
+    method = s2["method"] if s2["enabled"] else None
+    d = {
+        "prefix": dict(s1["prefix"] or {}) if s1["enabled"] else None,
+        "lora": dict(s2["lora"] or {}) if method == "lora" else None,
+        "adapter": dict(s2["adapter"] or {}) if method == "adapter" else None,
+        "freeze_prefix": bool(s2["freeze_prefix"]),
+    }
+    if method == "lora" and s2["lora"] is None:
+        raise ConfigError("stage2.lora must be a mapping when stage2.method=lora")
+    if method == "adapter" and s2["adapter"] is None:
+        raise ConfigError("stage2.adapter must be a mapping when stage2.method=adapter")
+    if d["prefix"] is None and d["lora"] is None and d["adapter"] is None:
+        return None
+    try:
+        from ..config import PTPeftConfig
+    except ImportError:  # core not importable: nothing more to check here
+        return d
+    try:
+        PTPeftConfig.from_dict(d)
+    except (ValueError, TypeError) as e:
+        where = {"prefix": "stage1.prefix", "lora": "stage2.lora", "adapter": "stage2.adapter"}
+        msg = str(e)
+        for k, v in where.items():
+            msg = msg.replace(f"'{k}.", f"'{v}.").replace(f" {k}.", f" {v}.")
+            if msg.startswith(f"{k}."):
+                msg = v + msg[len(k):]
+        raise ConfigError(msg) from None
+    return d
+
+
+def dump_config(cfg: dict) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)

@@ -1,0 +1,112 @@
+"""Representation report (singular-value spectrum of last-layer language features),
+``results.md`` and ``spectrum.png``.
+
+The spectrum functions come from ``ptpeft_fast.analysis`` when it is importable; until
+then thin stand-ins with the same names and signatures (below) are used.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+
+
+@dataclass
+class _SpectrumStats:
+    """Stand-in for ``ptpeft_fast.analysis.SpectrumStats``."""
+
+    curve: list
+    remaining_rank_ratio: float
+    effective_rank: float
+    n_samples: int
+
+
+def _spectrum_stats(features: torch.Tensor, lengths: Sequence[int] | torch.Tensor | None = None,
+                    tau: float = 0.9) -> _SpectrumStats:
+    """Per-sample singular values of F (L×d), normalised p = s/Σs, averaged over samples
+    (zero-padded to a common length); remaining-rank ratio = smallest k/K with cumulative
+    mass ≥ tau; effective rank = exp(−Σ p log p) of the mean curve."""
+    feats = features if isinstance(features, (list, tuple)) else list(features)
+    if lengths is not None:
+        feats = [f[: int(n)] for f, n in zip(feats, lengths)]
+    curves = []
+    for f in feats:
+        s = torch.linalg.svdvals(f.double())
+        curves.append(s / s.sum().clamp_min(1e-30))
+    K = max(c.numel() for c in curves)
+    mean = torch.stack([torch.nn.functional.pad(c, (0, K - c.numel())) for c in curves]).mean(0)
+    cum = mean.cumsum(0)
+    k = int((cum >= tau - 1e-12).nonzero()[0].item()) + 1
+    p = mean[mean > 0]
+    eff = float(torch.exp(-(p * p.log()).sum()))
+    return _SpectrumStats(mean.tolist(), k / K, eff, len(curves))
+
+
+def spectrum_stats(features, lengths=None, tau: float = 0.9):
+    """``ptpeft_fast.analysis.spectrum_stats`` when available, else the local stand-in."""
+    try:
+        from ..analysis import spectrum_stats as real
+    except ImportError:
+        return _spectrum_stats(features, lengths, tau)
+    try:
+        return real(features, lengths, tau=tau)
+    except TypeError:  # signature without tau
+        return real(features, lengths)
+
+
+def plot_spectra(curves: Mapping[str, Sequence[float]], path: str, tau: float = 0.9) -> str:
+    """Plot cumulative normalised spectra, one line per method; returns ``path``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, c in curves.items():
+        c = list(c)
+        K = len(c)
+        x = [(i + 1) / K for i in range(K)]
+        cum, acc = [], 0.0
+        for v in c:
+            acc += v
+            cum.append(acc)
+        axes[0].plot(range(1, K + 1), c, label=name)
+        axes[1].plot(x, cum, label=name)
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("singular value index")
+    axes[0].set_ylabel("normalised singular value p_k")
+    axes[1].axhline(tau, color="grey", lw=0.8, ls="--")
+    axes[1].set_xlabel("k / K")
+    axes[1].set_ylabel("cumulative mass")
+    axes[1].legend(fontsize=8)
+    fig.suptitle("Last-layer language features: singular-value spectrum")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return "n/a" if math.isnan(v) else f"{v:.2f}"
+    return str(v)
+
+
+def results_table(rows: Iterable[Mapping[str, Any]], metric_names: Sequence[str]) -> str:
+    """Markdown table: method × metrics × remaining-rank ratio × effective rank."""
+    cols = ["method", *metric_names, "remaining-rank ratio", "effective rank", "trainable params"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        sp = r.get("spectrum") or {}
+        vals = [r["method"], *[r.get("metrics", {}).get(m) for m in metric_names],
+                sp.get("remaining_rank_ratio"), sp.get("effective_rank"), r.get("trainable")]
+        lines.append("| " + " | ".join(_fmt(v) for v in vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def metric_names(task: str) -> list[str]:
+    """The metric columns of the results table for ``task``."""
+    return ["VQA-acc"] if task == "vqa" else ["CIDEr-D", "BLEU-4", "METEOR", "ROUGE-L"]

@@ -1,0 +1,690 @@
+"""One training run: zero-shot evaluation, stage 1 (prefix), stage 2 (LoRA / Adapter /
+full), an evaluation after each stage, checkpoints, resume and the report.
+
+Determinism: the data order of every epoch is a permutation drawn from a generator
+seeded with (seed, stage, epoch), and the checkpoint stores the stage's step, optimizer,
+scheduler and RNG states, so a resumed run takes exactly the steps an uninterrupted one
+would.  The loss is the sum of token losses over the whole global batch divided by its
+token count (all-reduced), so one process and N DDP processes with the same global batch
+compute the same gradient.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..data import RecordDataset, load_split
+from ..metrics import compute_metrics
+from . import report
+from .config import ConfigError, dump_config, peft_config_dict
+
+STATE = "state"               # mid-stage checkpoint folder inside the output dir
+PROGRESS = "progress.json"    # completed phases
+
+
+class Interrupted(Exception):
+    """Training stopped on request (Ctrl-C); a resumable checkpoint was written."""
+
+
+# ----------------------------------------------------------------------------- utilities
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_dir(final: str, write: Callable[[str], None]) -> None:
+    """Write a folder via ``write(tmp)`` and swap it in: the old copy stays valid until the
+    new one is complete, so a kill at any moment leaves one complete checkpoint."""
+    tmp = f"{final}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    _atomic_write_text(os.path.join(tmp, "COMPLETE"), "ok\n")
+    old = f"{final}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _complete_dir(final: str) -> str | None:
+    """The complete copy of an atomically written folder (the new one, else the old one)."""
+    for d in (final, f"{final}.old"):
+        if os.path.isfile(os.path.join(d, "COMPLETE")):
+            return d
+    return None
+
+
+@dataclass
+class DistInfo:
+    """Process-group facts; ``world == 1`` means a plain single-process run."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_kind: str) -> DistInfo:
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _all_reduce(t: torch.Tensor, di: DistInfo, op: str = "sum") -> torch.Tensor:
+    if di.world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t
+
+
+def _barrier(di: DistInfo) -> None:
+    if di.world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def cache_dir() -> str:
+    """Where built-in assets (the pre-trained tiny-blip2) are cached."""
+    d = os.environ.get("PTPEFT_FAST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ptpeft_fast")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+class TrainView:
+    """Training items ``(record, image, target)``; captioning uses every reference caption
+    as its own sample (the usual COCO practice), VQA the most common answer."""
+
+    def __init__(self, ds: RecordDataset):
+        self.ds = ds
+        self.index = ([(i, k) for i, r in enumerate(ds.records) for k in range(len(r.targets))]
+                      if ds.task == "caption" else [(i, 0) for i in range(len(ds))])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, j: int) -> tuple:
+        i, k = self.index[j]
+        rec, img = self.ds[i]
+        return rec, img, rec.train_target(k)
+
+
+# ----------------------------------------------------------------------------- the run
+class Run:
+    """A configured run writing to ``out_dir``.  ``execute()`` does every phase not yet
+    recorded in ``progress.json`` and returns the result rows."""
+
+    def __init__(self, cfg: dict, out_dir: str, resume: bool = False, log: Callable[[str], None] | None = None):
+        self.cfg = cfg
+        self.out = out_dir
+        self.resume = resume
+        tc = cfg["train"]
+        dev = tc["device"]
+        if dev == "auto":
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        self.di = init_distributed(torch.device(dev).type)
+        if torch.device(dev).type == "cuda" and self.di.world > 1:
+            dev = f"cuda:{self.di.local_rank}"
+        self.device = torch.device(dev)
+        self._log = log or print
+        self.interrupt_requested = False
+        self.steps_this_process = 0
+        nt = tc["num_threads"] or (max(1, (os.cpu_count() or 1) // self.di.world) if self.di.world > 1 else 0)
+        if nt:
+            torch.set_num_threads(nt)
+        if tc["strategy"] == "fsdp" and self.device.type != "cuda":
+            raise ConfigError("train.strategy=fsdp: FSDP2 (fully_shard) sharding of the frozen base is only "
+                              "supported on CUDA devices by this trainer (torch's CPU/gloo path lacks the "
+                              "collectives it needs for mixed frozen/trainable groups); use train.strategy=ddp on CPU")
+        self.autocast_dtype = self._autocast_dtype(tc["precision"])
+        self.patched = False
+        self.trainable_counts: dict[str, int] = {}
+
+    # -- logging ---------------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        if self.di.main:
+            self._log(msg)
+
+    def _event(self, rec: dict) -> None:
+        if self.di.main:
+            with open(os.path.join(self.out, "metrics.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def _autocast_dtype(self, precision: str) -> torch.dtype | None:
+        if precision == "fp32":
+            return None
+        if precision == "auto":
+            if self.device.type == "cuda":
+                return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return None  # CPU: fp32 (bf16 autocast on CPU is slower than fp32 without AMX)
+        if precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        return torch.bfloat16 if precision == "bf16" else torch.float16
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # -- setup -----------------------------------------------------------------------------
+    def _seed(self, offset: int = 0) -> None:
+        s = int(self.cfg["train"]["seed"]) + offset
+        random.seed(s)
+        torch.manual_seed(s)
+        try:
+            import numpy as np
+            np.random.seed(s % 2**32)
+        except ImportError:
+            pass
+
+    def _load_model(self) -> None:
+        from ..models import build_tiny_blip2, load_local_model
+        mc = self.cfg["model"]
+        dtype = getattr(torch, mc["dtype"])
+        if mc["name"] == "tiny-blip2":
+            path = mc["pretrained_path"]
+            if path is None and mc["pretrained"]:
+                from .pretrain import ensure_tiny_pretrained
+                path = ensure_tiny_pretrained("full", log=self.log) if self.di.main else None
+                if self.di.world > 1:
+                    import torch.distributed as dist
+                    box = [path]
+                    dist.broadcast_object_list(box, src=0)
+                    path = box[0]
+            if path:
+                model, proc = load_local_model(path, dtype)
+            else:
+                model, proc = build_tiny_blip2(seed=int(self.cfg["train"]["seed"]), **(mc["tiny"] or {}))
+                model = model.to(dtype)
+        else:
+            model, proc = load_local_model(mc["name"], dtype)
+        if mc["gradient_checkpointing"]:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = model.to(self.device)
+        self.processor = proc
+
+    def _load_data(self) -> None:
+        from ..models import MMCollator
+        dc = self.cfg["data"]
+        task = dc["task"]
+        prompt = dc["prompt"]
+        if prompt is None:
+            prompt = "question: {question} answer:" if task == "vqa" else ""
+        need_train = self.cfg["stage1"]["enabled"] or self.cfg["stage2"]["enabled"]
+        self.train_ds = None
+        if need_train:
+            ds = load_split(dc, "train", dc["max_train_samples"])
+            if ds.skipped_images:
+                self.log(f"skipped {ds.skipped_images} unreadable image(s) in data.train")
+            self.train_ds = TrainView(ds)
+        ev = self.cfg["eval"]
+        self.eval_ds = load_split(dc, ev["split"], ev["max_samples"] or dc["max_eval_samples"])
+        if self.eval_ds.skipped_images:
+            self.log(f"skipped {self.eval_ds.skipped_images} unreadable image(s) in data.{ev['split']}")
+        self.train_collate = MMCollator(self.processor, prompt, train=True)
+        self.gen_collate = MMCollator(self.processor, prompt, train=False)
+        self.task = task
+
+    def _patch(self) -> None:
+        d = peft_config_dict(self.cfg)
+        if d is None:
+            return
+        import ptpeft_fast as pf
+        self._seed(1)  # the PT-PEFT initialisation does not depend on what ran before
+        pf.patch(self.model, pf.PTPeftConfig.from_dict(d))
+        self.patched = True
+
+    # -- progress ----------------------------------------------------------------------------
+    def _progress(self) -> list[str]:
+        p = os.path.join(self.out, PROGRESS)
+        if not os.path.exists(p):
+            return []
+        with open(p, encoding="utf-8") as f:
+            return json.load(f)["done"]
+
+    def _mark_done(self, phase: str) -> None:
+        if self.di.main:
+            done = self._progress() + [phase]
+            _atomic_write_text(os.path.join(self.out, PROGRESS), json.dumps({"done": done}))
+        _barrier(self.di)
+
+    def phases(self) -> list[str]:
+        """The phases of this run, in order."""
+        c = self.cfg
+        stages = [s for s in ("stage1", "stage2") if c[s]["enabled"]]
+        ph = ["zero_shot"] if c["eval"]["zero_shot"] else []
+        for s in stages:
+            ph.append(s)
+            if c["eval"]["after_each_stage"] or s == stages[-1]:
+                ph.append(f"eval_{s}")
+        if not ph:
+            raise ConfigError("nothing to do: eval.zero_shot is false and both stage1.enabled and "
+                              "stage2.enabled are false")
+        return ph
+
+    def method_label(self, phase: str) -> str:
+        """Row label in the results table."""
+        names = {"lora": "LoRA", "adapter": "Adapter", "full": "Full FT"}
+        if phase == "zero_shot":
+            return "zero-shot"
+        if phase == "eval_stage1":
+            return "Prefix"
+        m = names[self.cfg["stage2"]["method"]]
+        return f"PT-{m}" if self.cfg["stage1"]["enabled"] else m
+
+    # -- main entry -------------------------------------------------------------------------
+    def execute(self) -> list[dict]:
+        """Run (or continue) every phase; returns the evaluation rows."""
+        os.makedirs(self.out, exist_ok=True) if self.di.main else None
+        _barrier(self.di)
+        if self.di.main:
+            _atomic_write_text(os.path.join(self.out, "config.yaml"), dump_config(self.cfg))
+        self._seed(0)
+        self._load_model()
+        self._load_data()
+        done = self._progress() if self.resume else []
+        phases = self.phases()
+        t0 = time.time()
+        patched_yet = False
+        for ph in phases:
+            if ph != "zero_shot" and not patched_yet:
+                self._patch()
+                patched_yet = True
+            if ph in done:
+                if ph in ("stage1", "stage2"):
+                    self._load_stage_checkpoint(ph)
+                continue
+            if ph == "zero_shot":
+                self._eval_phase(ph)
+            elif ph.startswith("eval_"):
+                self._eval_phase(ph)
+            else:
+                self._train_stage(ph)
+            self._mark_done(ph)
+        rows = self.rows()
+        if self.di.main:
+            self.write_report(rows)
+            self.log(f"done in {time.time() - t0:.0f}s; results: {os.path.join(self.out, 'results.md')}")
+        _barrier(self.di)
+        return rows
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def _save_stage_checkpoint(self, stage: str) -> None:
+        if not self.di.main:
+            return
+        path = os.path.join(self.out, "checkpoints", stage)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+
+        def write(tmp: str) -> None:
+            if self.patched:
+                import ptpeft_fast as pf
+                pf.save(self.model, tmp)
+            if self._stage_mode(stage) == "full":
+                # full fine-tuning changes base weights, which ptpeft_fast.save leaves out
+                from safetensors.torch import save_file
+                save_file({n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters()},
+                          os.path.join(tmp, "full_model.safetensors"))
+        _atomic_dir(path, write)
+
+    def _load_stage_checkpoint(self, stage: str) -> None:
+        path = _complete_dir(os.path.join(self.out, "checkpoints", stage))
+        if path is None:
+            raise RuntimeError(f"{self.out}: stage {stage} is marked done but its checkpoint is missing")
+        if self.patched and os.path.exists(os.path.join(path, "ptpeft_config.json")):
+            import ptpeft_fast as pf
+            pf.load(self.model, path)
+        full = os.path.join(path, "full_model.safetensors")
+        if os.path.exists(full):
+            from safetensors.torch import load_file
+            sd = load_file(full)
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for n, t in sd.items():
+                    params[n].copy_(t)
+        self.log(f"resumed: {stage} loaded from {path}")
+
+    def _save_state(self, stage: str, step: int, opt, sched, scaler) -> None:
+        """Mid-stage checkpoint: trainable tensors, optimizer, scheduler, RNG, position."""
+        if not self.di.main:
+            _barrier(self.di)
+            return
+        from safetensors.torch import save_file
+
+        def write(tmp: str) -> None:
+            save_file({n: p.detach().contiguous().cpu() for n, p in self._trainable()},
+                      os.path.join(tmp, "trainable.safetensors"))
+            torch.save({"stage": stage, "step": step, "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                        "rng_torch": torch.get_rng_state(), "rng_python": random.getstate()},
+                       os.path.join(tmp, "trainer.pt"))
+        _atomic_dir(os.path.join(self.out, STATE), write)
+        _barrier(self.di)
+
+    def _load_state(self, stage: str):
+        path = _complete_dir(os.path.join(self.out, STATE))
+        if path is None:
+            return None
+        st = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
+        if st["stage"] != stage:
+            return None
+        from safetensors.torch import load_file
+        sd = load_file(os.path.join(path, "trainable.safetensors"))
+        params = dict(self._trainable())
+        if set(sd) != set(params):
+            raise RuntimeError(f"{path}: the saved trainable parameters do not match this run's stage {stage}")
+        with torch.no_grad():
+            for n, t in sd.items():
+                params[n].copy_(t)
+        self.log(f"resumed: {stage} from step {st['step']} ({path})")
+        return st
+
+    # -- training ---------------------------------------------------------------------------
+    def _stage_mode(self, stage: str) -> str:
+        if stage == "stage1":
+            return "prefix"
+        return "full" if self.cfg["stage2"]["method"] == "full" else "peft"
+
+    def _perm(self, stage: str, epoch: int, n: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(int(self.cfg["train"]["seed"]) * 1_000_003 + (7919 if stage == "stage2" else 0) + epoch)
+        return torch.randperm(n, generator=g)
+
+    def _model_inputs(self, batch: dict) -> dict:
+        out = {}
+        for k, v in batch.items():
+            if k in ("labels", "record_ids"):
+                continue
+            if torch.is_tensor(v):
+                v = v.to(self.device)
+                if v.is_floating_point():
+                    v = v.to(self.model.dtype)
+            out[k] = v
+        return out
+
+    def _train_stage(self, stage: str) -> None:
+        sc = self.cfg[stage]
+        mode = self._stage_mode(stage)
+        if self.patched:
+            import ptpeft_fast as pf
+            pf.set_stage(self.model, mode)
+            self.trainable_counts[stage] = pf.trainable_parameters(self.model)["total"]
+        else:  # plain full fine-tune (no PT-PEFT modules)
+            for p in self.model.parameters():
+                p.requires_grad_(True)
+            self.model.train()
+            self.trainable_counts[stage] = sum(p.numel() for p in self.model.parameters())
+        named = self._trainable()
+        if not named:
+            raise ConfigError(f"{stage}: no trainable parameters (is stage1.prefix / stage2.{self.cfg['stage2']['method']} set?)")
+        opt = torch.optim.AdamW([p for _, p in named], lr=sc["lr"], weight_decay=sc["weight_decay"])
+        G, accum, world = sc["batch_size"], sc["grad_accum"], self.di.world
+        if G % (accum * world):
+            raise ConfigError(f"{stage}.batch_size={G} must be divisible by grad_accum×processes={accum}×{world}")
+        micro = G // (accum * world)
+        n = len(self.train_ds)
+        spe = n // G
+        if spe == 0:
+            raise ConfigError(f"{stage}.batch_size={G} is larger than the training set ({n} samples)")
+        total = sc["max_steps"] or sc["epochs"] * spe
+        warm = int(round(sc["warmup_ratio"] * total))
+        mlr = sc["min_lr_ratio"]
+
+        def lr_at(step: int) -> float:
+            if step < warm:
+                return (step + 1) / (warm + 1)
+            prog = (step - warm) / max(1, total - warm)
+            return mlr + (1 - mlr) * 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+        scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        start = 0
+        st = self._load_state(stage) if self.resume else None
+        if st is not None:
+            opt.load_state_dict(st["optimizer"])
+            sched.load_state_dict(st["scheduler"])
+            if scaler and st["scaler"]:
+                scaler.load_state_dict(st["scaler"])
+            torch.set_rng_state(st["rng_torch"])
+            random.setstate(st["rng_python"])
+            start = st["step"]
+        fwd = self.model
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            fwd = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.log(f"{stage} ({mode}): {self.trainable_counts[stage]:,} trainable parameters, {total} steps "
+                 f"× {G} samples ({n} train samples, {world} process(es))")
+        bar = None
+        if self.di.main and self.cfg["train"]["progress"]:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=total, initial=start, desc=stage, dynamic_ncols=True, leave=False)
+        prev = signal.getsignal(signal.SIGINT)
+        if prev is not None and threading_main():
+            signal.signal(signal.SIGINT, self._on_sigint)
+        self.interrupt_requested = False
+        stop_after = self.cfg["train"]["interrupt_after_steps"]
+        save_every = self.cfg["output"]["save_every_steps"]
+        t_last, samples_since = time.time(), 0
+        try:
+            for step in range(start, total):
+                epoch, pos = divmod(step, spe)
+                gidx = self._perm(stage, epoch, n)[pos * G:(pos + 1) * G].tolist()
+                batches = []
+                for a in range(accum):
+                    lo = a * micro * world + self.di.rank * micro
+                    batches.append(self.train_collate([self.train_ds[i] for i in gidx[lo:lo + micro]]))
+                ntok = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)))
+                ntok = _all_reduce(ntok, self.di).clamp_min(1.0)
+                loss_total = torch.zeros(())
+                for a, b in enumerate(batches):
+                    sync = contextlib.nullcontext() if (world == 1 or a == accum - 1) else fwd.no_sync()
+                    with sync:
+                        with self._autocast():
+                            logits = fwd(**self._model_inputs(b)).logits
+                        labels = b["labels"].to(self.device)
+                        # logits cover the label positions (BLIP-2 slices them to labels' length)
+                        lg = logits[:, -labels.shape[1]:][:, :-1].float()
+                        loss = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), labels[:, 1:].reshape(-1),
+                                               ignore_index=-100, reduction="sum") / ntok.to(self.device) * world
+                        (scaler.scale(loss) if scaler else loss).backward()
+                    loss_total += loss.detach().cpu()
+                if scaler:
+                    scaler.unscale_(opt)
+                if self.cfg["train"]["max_grad_norm"]:
+                    torch.nn.utils.clip_grad_norm_([p for _, p in named], self.cfg["train"]["max_grad_norm"])
+                if scaler:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+                lr = opt.param_groups[0]["lr"]
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                self.steps_this_process += 1
+                loss_val = float(_all_reduce(loss_total, self.di)) / world
+                samples_since += G
+                if bar is not None:
+                    dt = max(1e-9, time.time() - t_last)
+                    bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", sps=f"{samples_since / dt:.0f}")
+                    bar.update(1)
+                if (step + 1) % self.cfg["train"]["log_every"] == 0 or step == start or step + 1 == total:
+                    self._event({"event": "train", "stage": stage, "step": step + 1, "loss": loss_val, "lr": lr})
+                    t_last, samples_since = time.time(), 0
+                stop = self.interrupt_requested or (stop_after is not None and self.steps_this_process >= stop_after)
+                stop = bool(_all_reduce(torch.tensor(float(stop)), self.di, "max"))
+                if stop and step + 1 < total:
+                    self._save_state(stage, step + 1, opt, sched, scaler)
+                    raise Interrupted(f"interrupted in {stage} at step {step + 1}/{total}; "
+                                      f"resume with: python -m ptpeft_fast.train --resume {self.out}")
+                if save_every and (step + 1) % save_every == 0 and step + 1 < total:
+                    self._save_state(stage, step + 1, opt, sched, scaler)
+        finally:
+            if bar is not None:
+                bar.close()
+            if prev is not None and threading_main():
+                signal.signal(signal.SIGINT, prev)
+        self._save_stage_checkpoint(stage)
+        if self.di.main:
+            shutil.rmtree(os.path.join(self.out, STATE), ignore_errors=True)
+            shutil.rmtree(os.path.join(self.out, STATE + ".old"), ignore_errors=True)
+        self.log(f"{stage}: done, final loss {loss_val:.4f}; checkpoint {os.path.join(self.out, 'checkpoints', stage)}")
+        _barrier(self.di)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.interrupt_requested:  # second Ctrl-C: stop now (the last checkpoint stays valid)
+            raise KeyboardInterrupt
+        self.interrupt_requested = True
+        if self.di.main:
+            print("\nCtrl-C: writing a resumable checkpoint after this step (press again to abort)", flush=True)
+
+    # -- evaluation -------------------------------------------------------------------------
+    def _set_eval(self) -> None:
+        if self.patched:
+            import ptpeft_fast as pf
+            pf.set_stage(self.model, "eval")
+        else:
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            self.model.eval()
+
+    @torch.no_grad()
+    def generate(self, records_idx: list[int]) -> dict[str, str]:
+        """Greedy/beam generation for eval records; returns ``{record id: text}``."""
+        ev = self.cfg["eval"]
+        tok = self.gen_collate.tok
+        preds: dict[str, str] = {}
+        for s in range(0, len(records_idx), ev["batch_size"]):
+            items = [self.eval_ds[i] for i in records_idx[s:s + ev["batch_size"]]]
+            batch = self.gen_collate(items)
+            inp = self._model_inputs(batch)
+            with self._autocast():
+                out = self.model.generate(**inp, max_new_tokens=ev["max_new_tokens"], num_beams=ev["num_beams"],
+                                          do_sample=False, pad_token_id=tok.pad_token_id)
+            ids = inp["input_ids"]
+            if out.shape[1] >= ids.shape[1] and torch.equal(out[:, :ids.shape[1]].cpu(), ids.cpu()):
+                out = out[:, ids.shape[1]:]  # decoder-only generate returns prompt + continuation
+            for rid, text in zip(batch["record_ids"], tok.batch_decode(out, skip_special_tokens=True)):
+                preds[rid] = text.strip()
+        return preds
+
+    @torch.no_grad()
+    def features(self, n: int) -> tuple[list[torch.Tensor], list[int]]:
+        """Last-layer language-model hidden states of the first ``n`` eval inputs (image +
+        prompt, padding removed)."""
+        feats, lens = [], []
+        bs = self.cfg["eval"]["batch_size"]
+        idx = list(range(min(n, len(self.eval_ds))))
+        for s in range(0, len(idx), bs):
+            batch = self.gen_collate([self.eval_ds[i] for i in idx[s:s + bs]])
+            inp = self._model_inputs(batch)
+            with self._autocast():
+                out = self.model(**inp, output_hidden_states=True)
+            lm = getattr(out, "language_model_outputs", None)
+            hs = (lm.hidden_states if lm is not None and getattr(lm, "hidden_states", None) is not None
+                  else out.hidden_states)[-1].float().cpu()
+            mask = inp["attention_mask"].bool().cpu()
+            for h, m in zip(hs, mask):
+                f = h[m[-h.shape[0]:]]
+                feats.append(f)
+                lens.append(f.shape[0])
+        return feats, lens
+
+    def _eval_phase(self, phase: str) -> None:
+        self._set_eval()
+        ev = self.cfg["eval"]
+        t = time.time()
+        mine = list(range(self.di.rank, len(self.eval_ds), self.di.world))
+        preds = self.generate(mine)
+        if self.di.world > 1:
+            import torch.distributed as dist
+            allp: list = [None] * self.di.world
+            dist.all_gather_object(allp, preds)
+            preds = {k: v for p in allp for k, v in p.items()}
+        row = None
+        if self.di.main:
+            refs = {r.id: r.targets for r in self.eval_ds.records}
+            metrics = compute_metrics(self.task, preds, refs, use_java=ev["use_java"])
+            spec = None
+            if ev["spectrum"]:
+                feats, lens = self.features(ev["spectrum_samples"])
+                stats = report.spectrum_stats(feats, lens, tau=ev["tau"])
+                spec = {"remaining_rank_ratio": float(stats.remaining_rank_ratio),
+                        "effective_rank": float(stats.effective_rank), "n_samples": int(stats.n_samples),
+                        "curve": [float(x) for x in stats.curve]}
+            stage = phase.replace("eval_", "")
+            row = {"event": "eval", "phase": phase, "method": self.method_label(phase),
+                   "metrics": {k: v for k, v in metrics.items() if k != "n"}, "n": metrics.get("n"),
+                   "spectrum": spec, "trainable": self.trainable_counts.get(stage, 0),
+                   "seconds": round(time.time() - t, 2)}
+            os.makedirs(os.path.join(self.out, "predictions"), exist_ok=True)
+            _atomic_write_text(os.path.join(self.out, "predictions", f"{phase}.json"), json.dumps(preds, indent=1))
+            self._event(row)
+            shown = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                              for k, v in row["metrics"].items() if k in report.metric_names(self.task))
+            if spec:
+                shown += f", rank ratio {spec['remaining_rank_ratio']:.3f}, eff. rank {spec['effective_rank']:.2f}"
+            self.log(f"eval {row['method']}: {shown} ({row['seconds']}s)")
+        _barrier(self.di)
+
+    # -- report -----------------------------------------------------------------------------
+    def rows(self) -> list[dict]:
+        """Evaluation rows from ``metrics.jsonl`` (latest per phase, in phase order)."""
+        p = os.path.join(self.out, "metrics.jsonl")
+        by_phase: dict[str, dict] = {}
+        if os.path.exists(p):
+            with open(p, encoding="utf-8") as f:
+                for line in f:
+                    rec = json.loads(line)
+                    if rec.get("event") == "eval":
+                        by_phase[rec["phase"]] = rec
+        return [by_phase[ph] for ph in self.phases() if ph in by_phase]
+
+    def write_report(self, rows: list[dict]) -> None:
+        """``results.md`` and ``spectrum.png`` from the evaluation rows."""
+        write_report(self.out, rows, self.task, self.cfg["eval"]["tau"],
+                     title=f"{self.cfg['model']['name']} on {self.cfg['data']['format']} ({self.task})")
+
+
+def write_report(out: str, rows: list[dict], task: str, tau: float, title: str) -> tuple[str, str | None]:
+    """Write ``results.md`` (and ``spectrum.png`` when rows carry spectra); returns paths."""
+    md = f"# {title}\n\n" + report.results_table(rows, report.metric_names(task))
+    curves = {r["method"]: r["spectrum"]["curve"] for r in rows if r.get("spectrum")}
+    png = None
+    if curves:
+        png = report.plot_spectra(curves, os.path.join(out, "spectrum.png"), tau)
+        md += f"\nRemaining-rank ratio: smallest k/K whose cumulative normalised singular-value mass ≥ {tau}; " \
+              "effective rank: exp(entropy) of the mean normalised spectrum (last-layer language features " \
+              "of the evaluation inputs).\n\n![spectrum](spectrum.png)\n"
+    _atomic_write_text(os.path.join(out, "results.md"), md)
+    return os.path.join(out, "results.md"), png
+
+
+def threading_main() -> bool:
+    """Signal handlers can only be installed from the main thread."""
+    import threading
+    return threading.current_thread() is threading.main_thread()

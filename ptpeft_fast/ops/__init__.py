@@ -1,0 +1,12 @@
+"""Autograd ops of ptpeft_fast; the only place that chooses a backend (see ``_backend``).
+
+- :func:`prefix_attention`: attention over never-masked prefix keys plus the layer's keys.
+- :func:`lora_linear`: ``x Wᵀ + b + scaling · (drop(x) Aᵀ) Bᵀ``.
+- :func:`adapter`: ``x + up(act(down(x)))``.
+"""
+from ._backend import BACKENDS, resolve_backend, use_backend
+from .adapter import adapter
+from .lora_linear import lora_linear
+from .prefix_attention import prefix_attention
+
+__all__ = ["prefix_attention", "lora_linear", "adapter", "use_backend", "resolve_backend", "BACKENDS"]

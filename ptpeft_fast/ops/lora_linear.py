@@ -1,0 +1,189 @@
+r"""LoRA linear: ``y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`` with ``A [r, in]``, ``B [out, r]``.
+
+One autograd Function, shaped for the usual PT-PEFT case (``W`` frozen, ``x`` needing
+grad, ``N = tokens >> r``). Write ``X`` for ``x`` flattened to ``[N, in]``, ``dY`` for the
+output gradient ``[N, out]``, ``X̃ = drop(X) = X ∘ keep / (1 - p)`` and ``T = X̃ Aᵀ [N, r]``.
+
+Forward::
+
+    p == 0 (and N > r):   W' = W + s B A           (out·in·r flops, tiny)
+                          Y  = X W'ᵀ + b           (one addmm: the LoRA branch is free)
+    p  > 0:               Y  = X Wᵀ + b;  Y += s T Bᵀ      (addmm, then addmm_ in place)
+
+Backward::
+
+    U   = dY B                         [N, r]
+    dX  = dY W'                        (p == 0: one GEMM with the merged weight)
+        = dY W + s/(1-p) · keep ∘ (U A)  (p > 0)
+    dA  = s Uᵀ X̃                       [r, in]
+    dB  = s dYᵀ T                      [out, r]
+    dW  = dYᵀ X     only when W requires grad (never computed for a frozen W)
+    db  = Σ_rows dY only when b requires grad
+
+Nothing ``[N, in]``-sized is saved: the dropout keep-mask is regenerated in backward from a
+seed drawn (from torch's default generator, so ``torch.manual_seed`` makes it
+reproducible) in forward, and ``T`` is recomputed when needed (p == 0) or saved (p > 0,
+``[N, r]``). ``W'`` is recomputed in backward rather than kept (it is ``W``-sized).
+Half precision runs in the input dtype; CPU GEMMs accumulate in fp32.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import resolve_backend
+
+__all__ = ["lora_linear"]
+
+
+def _draw_seed(device: torch.device) -> int:
+    """A seed for the dropout keep-mask, drawn from torch's default generator."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+
+
+def _dropout_keep(shape: torch.Size, p: float, seed: int, device: torch.device) -> torch.Tensor:
+    """The bool keep-mask (True = kept) for dropout probability ``p`` from ``seed``."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p, generator=gen)
+
+
+class _LoraLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float, seed: int):  # type: ignore[override]
+        in_f = x.shape[-1]
+        out_f, r = weight.shape[0], lora_a.shape[0]
+        x2 = x.reshape(-1, in_f)
+        n = x2.shape[0]
+        merged = dropout_p == 0.0 and n > r
+        t = None
+        if merged:
+            y = F.linear(x2, torch.addmm(weight, lora_b, lora_a, alpha=scaling), bias)
+        else:
+            xd = x2
+            if dropout_p > 0.0:
+                keep = _dropout_keep(x2.shape, dropout_p, seed, x.device)
+                xd = x2 * keep * (1.0 / (1.0 - dropout_p))
+            t = xd @ lora_a.t()
+            y = F.linear(x2, weight, bias)
+            y.addmm_(t, lora_b.t(), alpha=scaling)
+            if dropout_p == 0.0:
+                t = None  # cheaper to recompute than to special-case
+        ctx.save_for_backward(x, weight, lora_a, lora_b, t)
+        ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
+        ctx.has_bias = bias is not None
+        return y.view(*x.shape[:-1], out_f)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):  # type: ignore[override]
+        x, weight, lora_a, lora_b, t = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.dropout_p
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        in_f, out_f = x.shape[-1], weight.shape[0]
+        x2 = x.reshape(-1, in_f)
+        dy = grad_y.reshape(-1, out_f)
+        n, r = x2.shape[0], lora_a.shape[0]
+
+        keep = _dropout_keep(x2.shape, p, ctx.seed, x.device) if p > 0.0 and (need_x or need_a) else None
+        u = dy @ lora_b if (need_a or (need_x and (p > 0.0 or n <= r))) else None  # [N, r]
+
+        dx = dw = db = da = dbb = None
+        if need_x:
+            if p == 0.0 and n > r:
+                dx = dy @ torch.addmm(weight, lora_b, lora_a, alpha=s)
+            elif p == 0.0:
+                dx = torch.addmm(dy @ weight, u, lora_a, alpha=s)
+            else:
+                dx = (u @ lora_a).mul_(keep)
+                dx = torch.addmm(dx, dy, weight, alpha=1.0, beta=s / (1.0 - p))
+            dx = dx.view(x.shape)
+        if need_w:
+            dw = dy.t() @ x2
+        if need_b and ctx.has_bias:
+            db = dy.sum(0)
+        if need_a:
+            xd = x2 if keep is None else x2 * keep * (1.0 / (1.0 - p))
+            da = (u.t() @ xd).mul_(s)
+        if need_bb:
+            if t is None:
+                t = x2 @ lora_a.t()
+            dbb = (dy.t() @ t).mul_(s)
+        return dx, dw, db, da, dbb, None, None, None
+
+
+def _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p) -> None:
+    for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"lora_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise ValueError(f"lora_linear: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"lora_linear: x must be floating point, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("lora_linear: x must have at least one dimension (features last)")
+    if weight.dim() != 2:
+        raise ValueError(f"lora_linear: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    out_f, in_f = weight.shape
+    if x.shape[-1] != in_f:
+        raise ValueError(f"lora_linear: x has {x.shape[-1]} features but weight is [out, in] = {list(weight.shape)}")
+    if lora_a.dim() != 2 or lora_a.shape[1] != in_f or lora_a.shape[0] < 1:
+        raise ValueError(f"lora_linear: lora_a must be [r, in] = [r, {in_f}] with r >= 1, got {tuple(lora_a.shape)}")
+    r = lora_a.shape[0]
+    if lora_b.dim() != 2 or tuple(lora_b.shape) != (out_f, r):
+        raise ValueError(f"lora_linear: lora_b must be [out, r] = [{out_f}, {r}], got {tuple(lora_b.shape)}")
+    if bias is not None and tuple(bias.shape) != (out_f,):
+        raise ValueError(f"lora_linear: bias must be [out] = [{out_f}], got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise ValueError(f"lora_linear: {name} has dtype {t.dtype} but x has {x.dtype}; cast them to one dtype")
+        if t.device != x.device:
+            raise ValueError(f"lora_linear: {name} is on {t.device} but x is on {x.device}; move them to one device")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise ValueError(f"lora_linear: scaling must be a finite float (alpha / r), got {scaling!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p!r}")
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ`` with autograd.
+
+    Args:
+        x: ``[..., in]`` input.
+        weight: ``[out, in]`` base weight (usually frozen: then no ``dW`` is computed).
+        bias: ``[out]`` or None.
+        lora_a: ``[r, in]``; lora_b: ``[out, r]``.
+        scaling: LoRA scale (``alpha / r``), a finite Python number.
+        dropout_p: dropout on the LoRA branch input only (as PEFT's ``lora_dropout``);
+            pass 0 in eval mode.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+
+    Returns:
+        ``[..., out]`` in ``x``'s dtype.
+
+    Raises:
+        ValueError: on mismatched shapes, dtypes or devices, a non-finite ``scaling`` or a
+            ``dropout_p`` outside ``[0, 1)``.
+    """
+    _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p)
+    chosen = resolve_backend("lora_linear", backend, x, weight, bias, lora_a, lora_b)
+    if chosen == "triton":
+        from . import triton_ops
+
+        return triton_ops.lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p)
+    seed = _draw_seed(x.device) if dropout_p > 0.0 else 0
+    return _LoraLinearFn.apply(x, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p), seed)

@@ -1,0 +1,392 @@
+r"""Attention over ``P`` prefix keys/values plus the layer's own keys (DESIGN §2).
+
+Layout: ``q [B, H, L, D]``, ``k, v [B, Hkv, S, D]`` (``H % Hkv == 0``: MHA, GQA, MQA),
+``prefix_k, prefix_v [Hkv, P, D]`` (shared by the batch) or ``[B, Hkv, P, D]``. The output
+is ``[B, H, L, D]`` — heads before tokens, like SDPA; transformers' attention functions
+return ``[B, L, H, D]``, so the caller transposes.
+
+Semantics: every query attends to every prefix key (never masked, not by causality, not by
+padding). Among the real keys the layer's own mask applies: ``attn_mask`` (bool, True =
+attend, or additive float; broadcastable to ``[B, H, L, S]``) if given, else the
+bottom-right-aligned causal mask when ``causal`` (query ``i`` sees real key ``j`` iff
+``j <= i + S - L``), else nothing. With both ``causal`` and a mask, the mask is assumed to
+encode causality already (that is how transformers passes it) and is applied as is.
+
+Torch path (CPU and anything else without Triton)
+-------------------------------------------------
+Write ``s = scale``, ``S1 = s q Kᵀ + M`` (real keys, mask ``M``), ``S2 = s q Kpᵀ`` (prefix).
+The joint softmax over ``[S2, S1]`` splits exactly into two pieces merged by log-sum-exp::
+
+    lse1 = logsumexp(S1)   O1 = softmax(S1) V          # fused flash kernel
+    lse2 = logsumexp(S2)   (L x P per head, small)
+    lse  = logaddexp(lse1, lse2)
+    out  = exp(lse1 - lse) O1 + P2 Vp,      P2 = exp(S2 - lse)
+
+Forward runs the real-key part through ATen's CPU flash attention
+(``_scaled_dot_product_flash_attention_for_cpu``, which returns ``O1`` and ``lse1`` and
+handles GQA by itself) and the prefix part with two small batched matmuls. The prefix is
+never expanded over the batch: for a batch-shared prefix the batch is folded into the
+rows of the matmul (``[Hkv, B·G·L, D] @ [Hkv, D, P]``), so ``dKp``/``dVp`` come out already
+summed over batch and query-head groups. No mask over ``P + S`` keys is ever built.
+
+Backward. With ``P1 = exp(S1 - lse)`` and ``P2 = exp(S2 - lse)`` the joint probabilities,
+``dO`` the output gradient and ``Δ = rowsum(dO ∘ out)``::
+
+    dP1 = dO Vᵀ            dS1 = P1 ∘ (dP1 - Δ)
+    dP2 = dO Vpᵀ           dS2 = P2 ∘ (dP2 - Δ)
+    dq  = s (dS1 K + dS2 Kp)
+    dK  = s dS1ᵀ q         dV  = P1ᵀ dO
+    dKp = s dS2ᵀ q         dVp = P2ᵀ dO        (summed over batch/groups when shared)
+
+The flash backward kernel computes exactly the ``S1`` terms when it is handed the FINAL
+merged ``out`` and ``lse`` (it rebuilds ``P1 = exp(S1 - lse)`` and ``Δ`` from them), so it
+is called with those and the ``S2`` terms are added by hand; ``P2`` is saved from forward
+(``B·H·L·P`` floats, small next to ``q``).
+
+A fully masked query row (all real keys masked) still sees the prefix: masks are made
+finite (``finfo.min`` instead of ``-inf``) so the kernel returns ``lse1 ≈ finfo.min`` and
+the merge gives the real part weight 0 — no NaN when ``P >= 1``.
+
+Fallback math path (autograd through plain ops) when ``dropout_p > 0`` or when a float
+``attn_mask`` requires grad (T5's trained position bias): the scores are computed in two
+pieces, softmaxed jointly, dropped out and multiplied, still without expanding the prefix.
+Dropout keep-masks are drawn prefix part first (``[B,H,L,P]``) then real part
+(``[B,H,L,S]``), each with ``torch.empty(..., dtype=torch.bool).bernoulli_(1 - p)``.
+
+Half precision (fp16/bf16) inputs: the flash kernel accumulates in fp32 and returns an fp32
+``lse``; the prefix part and the merge run in fp32 and the result is cast back.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ._backend import resolve_backend
+
+__all__ = ["prefix_attention"]
+
+_flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grp(x: torch.Tensor, Hkv: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, H, L, X]`` → ``[B, Hkv, G·L, X]`` (query heads grouped by their key/value head).
+
+    A view for a contiguous ``x`` of ``dtype``; a copy otherwise.
+    """
+    B, H, L, X = x.shape
+    out = x.reshape(B, Hkv, (H // Hkv) * L, X)
+    return out if out.dtype == dtype else out.to(dtype)
+
+
+def _pref(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return p if p.dtype == dtype else p.to(dtype)
+
+
+def _mm_prefix(a: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``a [B, Hkv, M, X] @ p`` with ``p [Hkv, X, Y]`` (batch-shared) or ``[B, Hkv, X, Y]``.
+
+    The shared prefix is never broadcast by ``matmul`` (which would copy it ``B`` times):
+    one ``bmm`` per batch element writes straight into the result.
+    """
+    if p.dim() == 4:
+        return torch.matmul(a, p)
+    res = torch.empty(a.shape[:-1] + (p.shape[-1],), dtype=a.dtype, device=a.device)
+    for b in range(a.shape[0]):
+        torch.bmm(a[b], p, out=res[b])
+    return res
+
+
+def _mm_prefix_acc(target: torch.Tensor, a: torch.Tensor, p: torch.Tensor, alpha: float) -> None:
+    """``target += alpha · a @ p`` in place (GEMM accumulation, no temporary); see ``_mm_prefix``."""
+    if p.dim() == 4:
+        B, Hkv = a.shape[:2]
+        target.view(B * Hkv, *target.shape[2:]).baddbmm_(a.reshape(B * Hkv, *a.shape[2:]), p.reshape(B * Hkv, *p.shape[2:]), alpha=alpha)
+        return
+    for b in range(a.shape[0]):
+        target[b].baddbmm_(a[b], p, alpha=alpha)
+
+
+def _mm_reduce(a_t: torch.Tensor, c: torch.Tensor, shared: bool) -> torch.Tensor:
+    """``a_t [B, Hkv, Y, M] @ c [B, Hkv, M, Z]``, summed over the batch when ``shared``."""
+    if not shared:
+        return torch.matmul(a_t, c)
+    res = torch.bmm(a_t[0], c[0])
+    for b in range(1, a_t.shape[0]):
+        res.baddbmm_(a_t[b], c[b])
+    return res
+
+
+class _PrefixAttentionFn(torch.autograd.Function):
+    """Flash attention over real keys + explicit prefix part, merged by log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_k, prefix_v, mask, flash_causal: bool, scale: float):  # type: ignore[override]
+        B, H, L, D = q.shape
+        Hkv = k.shape[1]
+        acc = _acc_dtype(q.dtype)
+
+        out1, lse1 = _flash_fwd(q, k, v, 0.0, flash_causal, attn_mask=mask, scale=scale)
+
+        pk_t = _pref(prefix_k, acc).transpose(-1, -2)
+        pv = _pref(prefix_v, acc)
+        s2 = _mm_prefix(_grp(q, Hkv, acc), pk_t).mul_(scale)  # [B, Hkv, G·L, P]
+        lse1g = lse1.reshape(B, Hkv, -1).to(acc)  # [B, Hkv, G·L]
+        lse = torch.logaddexp(lse1g, torch.logsumexp(s2, dim=-1))
+        p2 = s2.sub_(lse.unsqueeze(-1)).exp_()  # joint-softmax probabilities of the prefix
+        w1 = torch.sub(lse1g, lse).exp_().unsqueeze(-1)  # weight of the real-key part
+
+        if out1.dtype == acc and out1.is_contiguous():
+            # merge in place: out = w1 · O1 + P2 Vp, the second term as GEMM accumulation
+            out_g = out1.view(B, Hkv, -1, D).mul_(w1)
+            _mm_prefix_acc(out_g, p2, pv, 1.0)
+            out = out1
+        else:  # strided kernel output or half precision: merge in acc dtype, round once
+            out_g = _mm_prefix(p2, pv).addcmul_(_grp(out1, Hkv, acc), w1)
+            out = out_g.view(B, H, L, D).to(q.dtype)
+        lse_full = lse.view(B, H, L)
+
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse_full, p2, mask)
+        ctx.flash_causal = flash_causal
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        q, k, v, prefix_k, prefix_v, out, lse, p2, mask = ctx.saved_tensors
+        scale = ctx.scale
+        B, H, L, D = q.shape
+        Hkv = k.shape[1]
+        shared = prefix_k.dim() == 3
+        acc = _acc_dtype(q.dtype)
+        grad_out = grad_out.to(q.dtype)
+
+        # real-key terms: the flash kernel rebuilds P1 from the merged lse and Δ from out
+        dq, dk, dv = _flash_bwd(grad_out, q, k, v, out, lse, 0.0, ctx.flash_causal, attn_mask=mask, scale=scale)
+
+        # prefix terms by hand
+        pk = _pref(prefix_k, acc)
+        pv_t = _pref(prefix_v, acc).transpose(-1, -2)
+        dog = _grp(grad_out, Hkv, acc)  # [B, Hkv, G·L, D]
+        delta = torch.linalg.vecdot(dog, _grp(out, Hkv, acc)).unsqueeze(-1)  # rowsum(dO ∘ out)
+        ds2 = _mm_prefix(dog, pv_t).sub_(delta).mul_(p2)  # [B, Hkv, G·L, P]
+
+        dpk = dpv = None
+        if ctx.needs_input_grad[4]:
+            dpv = _mm_reduce(p2.transpose(-1, -2), dog, shared).to(prefix_v.dtype)
+        if ctx.needs_input_grad[3]:
+            dpk = _mm_reduce(ds2.transpose(-1, -2), _grp(q, Hkv, acc), shared).mul_(scale).to(prefix_k.dtype)
+        if ctx.needs_input_grad[0]:
+            if dq.dtype == acc and dq.is_contiguous():
+                _mm_prefix_acc(dq.view(B, Hkv, -1, D), ds2, pk, scale)
+            else:  # the kernel returns dq in [B, L, H, D] memory order: one strided add
+                G = H // Hkv
+                dq.view(B, Hkv, G, L, D).add_(_mm_prefix(ds2, pk).view(B, Hkv, G, L, D), alpha=scale)
+        else:
+            dq = None
+        return dq, dk, dv, dpk, dpv, None, None, None
+
+
+def _math_path(q, k, v, prefix_k, prefix_v, mask, causal_mask, scale: float, dropout_p: float) -> torch.Tensor:
+    """Plain-ops prefix attention (autograd by torch); used for dropout and trainable masks.
+
+    ``mask`` is None, bool (True = attend) or additive float; ``causal_mask`` is None or a
+    bool ``[L, S]``. Scores are computed as two pieces and softmaxed jointly.
+    """
+    B, H, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = H // Hkv
+    P = prefix_k.shape[-2]
+    acc = _acc_dtype(q.dtype)
+
+    def prefix_mm(a: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        # autograd-friendly: per-batch matmuls against the shared prefix (no broadcast copy)
+        if p.dim() == 4:
+            return torch.matmul(a, p)
+        return torch.stack([a[b] @ p for b in range(a.shape[0])])
+
+    qg = _grp(q, Hkv, acc)  # [B, Hkv, G·L, D]
+    s1 = torch.matmul(qg, k.to(acc).transpose(-1, -2)).mul(scale).view(B, H, L, S)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            s1 = s1.masked_fill(~mask, float("-inf"))
+        else:
+            s1 = s1 + mask.to(acc)
+    if causal_mask is not None:
+        s1 = s1.masked_fill(~causal_mask, float("-inf"))
+    s1 = s1.view(B, Hkv, G * L, S)
+    s2 = prefix_mm(qg, _pref(prefix_k, acc).transpose(-1, -2)).mul(scale)  # [B, Hkv, G·L, P]
+
+    m = torch.maximum(s1.amax(dim=-1, keepdim=True), s2.amax(dim=-1, keepdim=True)).detach()
+    e1 = torch.exp(s1 - m)
+    e2 = torch.exp(s2 - m)
+    denom = e1.sum(dim=-1, keepdim=True) + e2.sum(dim=-1, keepdim=True)
+    p1 = e1 / denom
+    p2 = e2 / denom
+    if dropout_p > 0.0:
+        keep_p = torch.empty(B, H, L, P, dtype=torch.bool, device=q.device).bernoulli_(1.0 - dropout_p)
+        keep_r = torch.empty(B, H, L, S, dtype=torch.bool, device=q.device).bernoulli_(1.0 - dropout_p)
+        p2 = p2 * keep_p.view(B, Hkv, G * L, P) / (1.0 - dropout_p)
+        p1 = p1 * keep_r.view(B, Hkv, G * L, S) / (1.0 - dropout_p)
+    out = torch.matmul(p1, v.to(acc)) + prefix_mm(p2, _pref(prefix_v, acc))
+    return out.view(B, H, L, D).to(q.dtype)
+
+
+def _validate(q, k, v, prefix_k, prefix_v, attn_mask, scale, dropout_p) -> None:
+    names = {"q": q, "k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v}
+    for name, t in names.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"prefix_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name in ("q", "k", "v"):
+        if names[name].dim() != 4:
+            raise ValueError(
+                f"prefix_attention: {name} must be 4-D [B, heads, tokens, head_dim]; got shape {tuple(names[name].shape)} "
+                "(transformers' [B, tokens, heads, head_dim] tensors need .transpose(1, 2))"
+            )
+    if not q.is_floating_point():
+        raise ValueError(f"prefix_attention: q must be floating point, got {q.dtype}")
+    for name, t in names.items():
+        if t.dtype != q.dtype:
+            raise ValueError(f"prefix_attention: {name} has dtype {t.dtype} but q has {q.dtype}; cast them to one dtype")
+        if t.device != q.device:
+            raise ValueError(f"prefix_attention: {name} is on {t.device} but q is on {q.device}; move them to one device")
+    B, H, L, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"prefix_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if k.shape[0] != B:
+        raise ValueError(f"prefix_attention: k has batch {k.shape[0]} but q has batch {B}")
+    Hkv = k.shape[1]
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(
+            f"prefix_attention: q has {H} heads, not a multiple of the {Hkv} key/value heads of k/v "
+            "(GQA/MQA need num_heads % num_key_value_heads == 0)"
+        )
+    if k.shape[3] != D:
+        raise ValueError(f"prefix_attention: head_dim of k/v is {k.shape[3]} but q's is {D}; they must match")
+    if prefix_k.shape != prefix_v.shape:
+        raise ValueError(
+            f"prefix_attention: prefix_k {tuple(prefix_k.shape)} and prefix_v {tuple(prefix_v.shape)} must have the same shape"
+        )
+    if prefix_k.dim() == 3:
+        lead, want = prefix_k.shape[:1], (Hkv,)
+    elif prefix_k.dim() == 4:
+        lead, want = prefix_k.shape[:2], (B, Hkv)
+    else:
+        lead, want = None, None
+    if lead is None or tuple(lead) != want or prefix_k.shape[-1] != D:
+        raise ValueError(
+            f"prefix_attention: prefix_k/prefix_v must be [Hkv, P, D] = [{Hkv}, P, {D}] (shared by the batch) or "
+            f"[B, Hkv, P, D] = [{B}, {Hkv}, P, {D}]; got {tuple(prefix_k.shape)} (prefixes are sized by the key/value heads)"
+        )
+    if prefix_k.shape[-2] < 1:
+        raise ValueError("prefix_attention: the prefix has P = 0 tokens; use torch's scaled_dot_product_attention without a prefix")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise ValueError(f"prefix_attention: attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise ValueError(
+                f"prefix_attention: attn_mask must be bool (True = attend) or an additive float mask, got {attn_mask.dtype}"
+            )
+        if attn_mask.device != q.device:
+            raise ValueError(f"prefix_attention: attn_mask is on {attn_mask.device} but q is on {q.device}")
+        full = (B, H, L, k.shape[2])
+        ok = 2 <= attn_mask.dim() <= 4 and all(
+            m in (1, f) for m, f in zip(attn_mask.shape[::-1], full[::-1])
+        )
+        if not ok:
+            raise ValueError(
+                f"prefix_attention: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [B, H, L, S] = "
+                f"{list(full)}; it covers the real keys only (no prefix columns), e.g. [B, 1, L, S]"
+            )
+    if scale is not None:
+        if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0:
+            raise ValueError(f"prefix_attention: scale must be a finite non-zero float or None, got {scale!r}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"prefix_attention: dropout_p must be in [0, 1), got {dropout_p!r}")
+
+
+def _finite_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Float mask of ``dtype`` with ``-inf`` replaced by ``finfo.min`` (keeps lse finite)."""
+    lowest = torch.finfo(dtype).min
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, lowest)
+    mask = mask.to(dtype)
+    if torch.isneginf(mask).any():
+        mask = mask.clamp(min=lowest)
+    return mask
+
+
+def prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    *,
+    causal: bool,
+    attn_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention of ``q`` over ``P`` never-masked prefix keys plus the real keys.
+
+    Args:
+        q: ``[B, H, L, D]`` queries.
+        k, v: ``[B, Hkv, S, D]`` real keys/values, ``H % Hkv == 0`` (GQA/MQA).
+        prefix_k, prefix_v: ``[Hkv, P, D]`` (shared by the batch, never expanded) or
+            ``[B, Hkv, P, D]``, ``P >= 1``; in projected space (no RoPE).
+        causal: bottom-right-aligned causal mask over the real keys when no ``attn_mask``.
+        attn_mask: bool (True = attend) or additive float, broadcastable to
+            ``[B, H, L, S]``; applies to real keys only. A trainable float mask (e.g. T5's
+            position bias) receives its gradient.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        dropout_p: attention-probability dropout (prefix and real keys alike).
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"xformers"`` (see ``ops._backend``).
+
+    Returns:
+        ``[B, H, L, D]`` in ``q``'s dtype (transpose to ``[B, L, H, D]`` for transformers).
+
+    Raises:
+        ValueError: on malformed shapes, dtypes, devices, masks, scale or dropout.
+    """
+    _validate(q, k, v, prefix_k, prefix_v, attn_mask, scale, dropout_p)
+    chosen = resolve_backend(
+        "prefix_attention", backend, q, k, v, prefix_k, prefix_v, attn_mask, supported=("torch", "triton", "xformers")
+    )
+    if chosen == "triton":
+        from . import triton_ops
+
+        return triton_ops.prefix_attention(
+            q, k, v, prefix_k, prefix_v, causal=causal, attn_mask=attn_mask, scale=scale, dropout_p=dropout_p
+        )
+    if chosen == "xformers":
+        from . import xformers_ops
+
+        return xformers_ops.prefix_attention(
+            q, k, v, prefix_k, prefix_v, causal=causal, attn_mask=attn_mask, scale=scale, dropout_p=dropout_p
+        )
+
+    L, S, D = q.shape[2], k.shape[2], q.shape[3]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    # causal without a mask: top-left == bottom-right when S == L; a single query sees all.
+    flash_causal = bool(causal and attn_mask is None and S == L and L > 1)
+    causal_mask = None
+    if causal and attn_mask is None and S != L and L > 1:
+        causal_mask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril(diagonal=S - L)
+
+    if dropout_p > 0.0 or (attn_mask is not None and attn_mask.requires_grad):
+        if flash_causal:
+            causal_mask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+        return _math_path(q, k, v, prefix_k, prefix_v, attn_mask, causal_mask, scale, float(dropout_p))
+
+    mask = causal_mask if attn_mask is None else attn_mask
+    mask = None if mask is None else _finite_additive(mask, q.dtype)
+    return _PrefixAttentionFn.apply(q, k, v, prefix_k, prefix_v, mask, flash_causal, scale)

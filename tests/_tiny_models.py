@@ -1,0 +1,68 @@
+"""Tiny Hugging Face models built from configs, saved and loaded back (no hub access).
+
+Shared by the interop / trainer / hardening tests. Each model directory is written once
+per test session (``functools.lru_cache``) and every call returns a fresh model loaded
+through ``from_pretrained``, the real loading path.
+"""
+from __future__ import annotations
+
+import functools
+import tempfile
+
+import torch
+
+VOCAB = 100
+
+
+@functools.lru_cache(maxsize=None)
+def model_dir(kind: str) -> str:
+    """Directory of a saved tiny model: ``"llama"`` (GQA 4/2 heads, RoPE) or ``"gpt2"`` (Conv1D, wpe)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    gen = torch.random.get_rng_state()
+    torch.manual_seed(1234)
+    if kind == "llama":
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128)
+        model = LlamaForCausalLM(cfg)
+    elif kind == "gpt2":
+        cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=1, eos_token_id=2,
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout: train-mode gradients compare
+        model = GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(kind)
+    torch.random.set_rng_state(gen)
+    path = tempfile.mkdtemp(prefix=f"ptpeft_tiny_{kind}_")
+    model.save_pretrained(path)
+    return path
+
+
+def load(kind: str = "llama"):
+    """A fresh tiny model of ``kind`` in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir(kind)).eval()
+
+
+def batch(seed: int = 0, b: int = 2, l: int = 6):
+    """``(input_ids, attention_mask)`` with left padding in the second row."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (b, l), generator=g)
+    mask = torch.ones(b, l, dtype=torch.long)
+    if b > 1:
+        mask[1, :2] = 0
+    return ids, mask
+
+
+def logits(model, ids, mask) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def randomize(model, *substrings: str, std: float = 0.5, seed: int = 0) -> None:
+    """Give parameters whose names contain any of ``substrings`` random values (e.g. LoRA B, zero at init)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if any(s in n for s in substrings):
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)

@@ -1,0 +1,94 @@
+"""save_merged: a plain HF checkpoint (LoRA folded in) + static prefix file + loader note."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import ptpeft_fast as pf
+from ptpeft_fast.interop import load_static_prefix, save_merged
+from ptpeft_fast.interop.merged import PREFIX_FILE, README_FILE
+
+from _tiny_models import batch, load, logits, randomize
+
+
+def assert_close(out, ref, tol=1e-5):
+    assert torch.isfinite(out).all()
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel <= tol, rel
+
+
+def _plain(path):
+    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_lora_only_merged_checkpoint_loads_plain_with_same_logits(kind, tmp_path):
+    model = pf.patch(load(kind), pf.PTPeftConfig(prefix=None, lora=pf.LoraConfig(r=4)))
+    randomize(model, "lora_B")
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = save_merged(model, tmp_path)
+    # the user's model is untouched, bit for bit, and still unmerged
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(layer.lora_language.merged for layer in model._ptpeft.lora_layers.values())
+    assert not (out / PREFIX_FILE).exists()
+    plain = _plain(out)
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    ids, mask = batch()
+    assert_close(logits(plain, ids, mask), logits(model, ids, mask))
+
+
+def test_prefix_and_lora_merged_checkpoint_round_trip(tmp_path):
+    cfg = pf.PTPeftConfig(prefix=pf.PrefixConfig(num_tokens=3, reparam="mlp-global", hidden_size=16, init_std=0.5),
+                          lora=pf.LoraConfig(r=4))
+    model = pf.patch(load(), cfg)
+    randomize(model, "lora_B")
+    model.eval()
+    out = save_merged(model, tmp_path)
+    config_json = (out / "config.json").read_text()
+    assert "ptpeft" not in config_json  # no custom attention asked of a plain install
+    assert model.config._attn_implementation == "ptpeft"  # restored on the user's model
+    readme = (out / README_FILE).read_text()
+    assert "load_static_prefix" in readme and "from_pretrained" in readme
+    from safetensors import safe_open
+
+    with safe_open(str(out / PREFIX_FILE), "pt") as f:
+        assert set(f.keys()) == {f"model.layers.{i}.self_attn.{kv}" for i in range(2) for kv in ("key", "value")}
+        assert f.get_tensor("model.layers.0.self_attn.key").shape == (2, 3, 16)  # [Hkv, P, D]
+        assert json.loads(f.metadata()["prefix_config"])["reparam"] == "none"
+
+    plain = _plain(out)
+    with_prefix = load_static_prefix(plain, out)
+    ids, mask = batch(2)
+    assert_close(logits(with_prefix, ids, mask), logits(model, ids, mask))
+
+
+def test_already_merged_lora_is_not_merged_twice(tmp_path):
+    model = pf.patch(load(), pf.PTPeftConfig(prefix=None, lora=pf.LoraConfig(r=2)))
+    randomize(model, "lora_B")
+    model.eval()
+    ids, mask = batch(3)
+    ref = logits(model, ids, mask)
+    pf.merge(model)
+    assert_close(logits(_plain(save_merged(model, tmp_path)), ids, mask), ref)
+
+
+def test_adapters_cannot_be_merged(tmp_path):
+    model = pf.patch(load(), pf.PTPeftConfig(prefix=None, lora=None, adapter=pf.AdapterConfig(bottleneck=4)))
+    with pytest.raises(ValueError, match="adapters.*nonlinear"):
+        save_merged(model, tmp_path)
+
+
+def test_load_static_prefix_refuses_other_model_type(tmp_path):
+    model = pf.patch(load(), pf.PTPeftConfig(prefix=pf.PrefixConfig(num_tokens=2, reparam="none"), lora=None))
+    save_merged(model, tmp_path)
+    with pytest.raises(ValueError, match="model_type"):
+        load_static_prefix(load("gpt2"), tmp_path)
+    with pytest.raises(FileNotFoundError):
+        load_static_prefix(load(), tmp_path / "nope")

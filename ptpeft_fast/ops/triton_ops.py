@@ -282,12 +282,16 @@ def lora_linear(
     lora_b: torch.Tensor,
     scaling: float,
     dropout_p: float = 0.0,
+    *,
+    seed: Optional[int] = None,
 ) -> torch.Tensor:
     """``x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ`` with the fused Triton kernel.
 
     x ``[..., in]``, weight ``[out, in]``, lora_a ``[r, in]``, lora_b ``[out, r]``. Dropout
-    (``dropout_p > 0``) uses an in-kernel RNG seeded from torch's generator; its mask is
-    regenerated in the backward, never stored.
+    (``dropout_p > 0``) uses an in-kernel RNG seeded by ``seed`` (default: drawn from torch's
+    generator, so ``torch.manual_seed`` makes it reproducible); the keep mask for x viewed as
+    ``[M, in]`` is :func:`lora_dropout_mask` ``((M, in), dropout_p, seed)``, regenerated in
+    the backward, never stored.
     """
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p} must be in [0, 1)")
@@ -303,7 +307,8 @@ def lora_linear(
         raise TritonUnsupported(f"LoRA rank {lora_a.shape[0]} > 256 is not supported by the fused kernel")
     weight, lora_a, lora_b = (t.to(dt) for t in (weight, lora_a, lora_b))
     bias = bias.to(dt) if bias is not None else None
-    seed = _rng_seed(x.device) if dropout_p > 0 else 0
+    if seed is None:
+        seed = _rng_seed(x.device) if dropout_p > 0 else 0
     return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p), seed)
 
 

@@ -1,0 +1,366 @@
+"""prefix_attention (torch path) against the float64 concatenation reference (DESIGN §2, §5)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ptpeft_fast.ops import prefix_attention, use_backend
+from ptpeft_fast.ops._reference import prefix_attention_reference
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    assert torch.isfinite(out).all(), "NaN/inf in output"
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def _inputs(B, H, Hkv, L, S, P, D, *, shared=True, dtype=torch.float32, seed=0, transposed=False):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    q, k, v = rnd(B, H, L, D), rnd(B, Hkv, S, D), rnd(B, Hkv, S, D)
+    if transposed:  # transformers' layout: [B, L, H, D] memory viewed as [B, H, L, D]
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    pshape = (Hkv, P, D) if shared else (B, Hkv, P, D)
+    return q, k, v, rnd(*pshape), rnd(*pshape), g
+
+
+def _padding_mask(B, L, S, lengths, side, causal):
+    """bool [B,1,L,S] as transformers passes it: padding (and causality) over real keys."""
+    key_ok = torch.zeros(B, S, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        if side == "left":
+            key_ok[b, S - n:] = True
+        else:
+            key_ok[b, :n] = True
+    mask = key_ok[:, None, None, :].expand(B, 1, L, S).clone()
+    if causal:
+        mask &= torch.ones(L, S, dtype=torch.bool).tril(diagonal=S - L)
+    return mask
+
+
+def _compare(q, k, v, pk, pv, g, *, causal, attn_mask=None, scale=None, tol=None, check_mask_grad=False):
+    """Forward and every gradient of the op vs the float64 reference on the same inputs."""
+    dtype = q.dtype
+    tol = TOL[dtype] if tol is None else tol
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, pk, pv)]
+    mask = attn_mask
+    if check_mask_grad:
+        mask = attn_mask.detach().clone().requires_grad_()
+        leaves.append(mask)
+    out = prefix_attention(*leaves[:5], causal=causal, attn_mask=mask, scale=scale, backend="torch")
+    assert out.dtype == dtype and out.shape == q.shape
+    go = torch.randn(out.shape, generator=g, dtype=torch.float64).to(dtype)
+    grads = torch.autograd.grad(out, leaves, go)
+
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref_mask = None
+    if attn_mask is not None:
+        ref_mask = ref_leaves[5] if check_mask_grad else (attn_mask if attn_mask.dtype == torch.bool else attn_mask.double())
+    ref = prefix_attention_reference(*ref_leaves[:5], causal=causal, attn_mask=ref_mask, scale=scale)
+    assert torch.isfinite(ref).all()
+    ref_grads = torch.autograd.grad(ref, ref_leaves, go.double())
+
+    assert _rel(out, ref) <= tol
+    names = ["q", "k", "v", "prefix_k", "prefix_v", "attn_mask"]
+    for name, gr, rg in zip(names, grads, ref_grads):
+        assert gr.shape == rg.shape, name
+        assert _rel(gr, rg) <= tol, f"grad of {name}: rel err {_rel(gr, rg):.2e} > {tol}"
+    return out
+
+
+# (B, H, Hkv, L, S, P, D, causal)
+SHAPES = {
+    "mha-causal": (2, 4, 4, 7, 7, 3, 16, True),
+    "mha-noncausal": (2, 4, 4, 7, 7, 3, 16, False),
+    "P1": (2, 4, 4, 6, 6, 1, 8, True),
+    "L1-decode": (3, 4, 2, 1, 9, 4, 16, True),
+    "L1-S1": (2, 2, 2, 1, 1, 2, 8, True),
+    "gqa-8:2": (2, 8, 2, 6, 6, 3, 16, True),
+    "mqa-8:1": (2, 8, 1, 6, 6, 3, 16, True),
+    "cross-S>L": (2, 4, 2, 5, 9, 2, 16, False),
+    "causal-S>L-bottom-right": (2, 4, 2, 5, 9, 2, 16, True),
+    "causal-S<L-rows-see-only-prefix": (2, 4, 2, 9, 5, 2, 16, True),
+    "B1": (1, 4, 4, 8, 8, 5, 32, True),
+}
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-prefix", "per-batch-prefix"])
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_matches_reference_fp32(shape, shared):
+    B, H, Hkv, L, S, P, D, causal = shape
+    q, k, v, pk, pv, g = _inputs(B, H, Hkv, L, S, P, D, shared=shared, seed=hash(shape) % 1000)
+    _compare(q, k, v, pk, pv, g, causal=causal)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_padding_masks(side, causal):
+    B, H, Hkv, L, P, D = 3, 4, 2, 6, 3, 16
+    q, k, v, pk, pv, g = _inputs(B, H, Hkv, L, L, P, D, seed=3)
+    mask = _padding_mask(B, L, L, [6, 4, 1], side, causal)
+    _compare(q, k, v, pk, pv, g, causal=causal, attn_mask=mask)
+
+
+def test_padding_mask_with_kv_cache_and_gqa():
+    B, H, Hkv, L, S, P, D = 2, 8, 2, 3, 8, 2, 16
+    q, k, v, pk, pv, g = _inputs(B, H, Hkv, L, S, P, D, shared=False, seed=4)
+    _compare(q, k, v, pk, pv, g, causal=True, attn_mask=_padding_mask(B, L, S, [8, 5], "left", True))
+
+
+def test_fully_padded_query_row_attends_to_prefix_only():
+    B, H, Hkv, L, P, D = 2, 4, 4, 5, 2, 8
+    q, k, v, pk, pv, g = _inputs(B, H, Hkv, L, L, P, D, seed=5)
+    mask = _padding_mask(B, L, L, [5, 3], "left", True)
+    mask[0, :, 2, :] = False  # row with no real key at all
+    out = _compare(q, k, v, pk, pv, g, causal=True, attn_mask=mask)
+    # that row is exactly attention over the prefix alone
+    scores = q[0, :, 2].unsqueeze(1).double() @ pk.double().transpose(-1, -2) / math.sqrt(D)  # [H, 1, P]
+    only_prefix = (torch.softmax(scores, -1) @ pv.double()).squeeze(1)
+    assert _rel(out[0, :, 2], only_prefix) <= 1e-5
+
+
+def test_float_mask_with_neg_inf_rows():
+    B, H, L, P, D = 2, 4, 5, 2, 8
+    q, k, v, pk, pv, g = _inputs(B, H, H, L, L, P, D, seed=6)
+    mask = torch.randn(B, 1, L, L, generator=g)
+    mask[1, 0, 3, :] = float("-inf")  # fully masked row
+    mask[0, 0, :, 1] = float("-inf")
+    _compare(q, k, v, pk, pv, g, causal=False, attn_mask=mask)
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 4, 5, 7), (2, 1, 5, 7), (5, 7), (1, 4, 5, 7), (2, 1, 1, 7)])
+def test_additive_float_mask_broadcast_shapes(mask_shape):
+    """T5 passes a float position bias [B,H,L,S]; other shapes broadcast."""
+    B, H, Hkv, L, S, P, D = 2, 4, 2, 5, 7, 3, 8
+    q, k, v, pk, pv, g = _inputs(B, H, Hkv, L, S, P, D, seed=7)
+    mask = torch.randn(mask_shape, generator=g)
+    _compare(q, k, v, pk, pv, g, causal=False, attn_mask=mask)
+
+
+def test_trainable_position_bias_gets_gradient():
+    """A float mask that requires grad (T5 relative bias in full fine-tuning) gets its gradient."""
+    B, H, L, P, D = 2, 4, 5, 2, 8
+    q, k, v, pk, pv, g = _inputs(B, H, H, L, L, P, D, seed=8)
+    bias = torch.randn(1, H, L, L, generator=g)
+    _compare(q, k, v, pk, pv, g, causal=False, attn_mask=bias, check_mask_grad=True)
+
+
+def test_causal_with_mask_applies_mask_only():
+    """causal=True plus a mask: the mask already encodes causality and is applied as is."""
+    B, H, L, P, D = 2, 2, 5, 2, 8
+    q, k, v, pk, pv, g = _inputs(B, H, H, L, L, P, D, seed=9)
+    full = torch.ones(B, 1, L, L, dtype=torch.bool)
+    with_causal_flag = prefix_attention(q, k, v, pk, pv, causal=True, attn_mask=full)
+    without = prefix_attention(q, k, v, pk, pv, causal=False)
+    assert _rel(with_causal_flag, without) <= 1e-6
+
+
+def test_custom_scale_and_transposed_layout():
+    B, H, Hkv, L, P, D = 2, 8, 2, 6, 3, 16
+    q, k, v, pk, pv, g = _inputs(B, H, Hkv, L, L, P, D, seed=10, transposed=True)
+    assert not q.is_contiguous()
+    _compare(q, k, v, pk, pv, g, causal=True, scale=0.3)
+    q, k, v, pk, pv, g = _inputs(B, H, Hkv, L, L, P, D, shared=False, seed=11, transposed=True)
+    _compare(q, k, v, pk, pv, g, causal=True, attn_mask=_padding_mask(B, L, L, [6, 2], "left", True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shared", [True, False])
+def test_half_precision(dtype, shared):
+    B, H, Hkv, L, P, D = 2, 8, 2, 9, 3, 32
+    q, k, v, pk, pv, g = _inputs(B, H, Hkv, L, L, P, D, shared=shared, dtype=dtype, seed=12)
+    _compare(q, k, v, pk, pv, g, causal=True)
+    _compare(q, k, v, pk, pv, g, causal=True, attn_mask=_padding_mask(B, L, L, [9, 4], "left", True))
+
+
+@pytest.mark.parametrize(
+    "shape,shared,mask_kind",
+    [
+        ((2, 2, 2, 3, 3, 2, 4, True), True, None),
+        ((2, 4, 2, 3, 5, 1, 4, True), False, None),
+        ((2, 4, 1, 4, 3, 2, 4, True), True, None),
+        ((2, 2, 1, 3, 3, 2, 4, True), True, "pad"),
+        ((2, 2, 2, 3, 4, 2, 4, False), False, "float"),
+    ],
+)
+def test_gradcheck_float64(shape, shared, mask_kind):
+    B, H, Hkv, L, S, P, D, causal = shape
+    q, k, v, pk, pv, g = _inputs(B, H, Hkv, L, S, P, D, shared=shared, dtype=torch.float64, seed=13)
+    mask = None
+    if mask_kind == "pad":
+        mask = _padding_mask(B, L, S, [3, 1], "left", causal)
+    elif mask_kind == "float":
+        mask = torch.randn(B, H, L, S, generator=g, dtype=torch.float64)
+    leaves = [t.requires_grad_() for t in (q, k, v, pk, pv)]
+
+    def fn(*xs):
+        return prefix_attention(*xs, causal=causal, attn_mask=mask)
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+def test_gradcheck_float64_math_path_with_trainable_mask():
+    q, k, v, pk, pv, g = _inputs(2, 4, 2, 3, 4, 2, 4, dtype=torch.float64, seed=14)
+    bias = torch.randn(1, 4, 3, 4, generator=g, dtype=torch.float64)
+    leaves = [t.requires_grad_() for t in (q, k, v, pk, pv, bias)]
+
+    def fn(q, k, v, pk, pv, bias):
+        return prefix_attention(q, k, v, pk, pv, causal=False, attn_mask=bias)
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+# ---------------------------------------------------------------- dropout (math path)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_dropout_seeded_equals_reference(shared):
+    """Same generator state → same keep-masks in the op and the reference (drawn prefix first)."""
+    B, H, Hkv, L, P, D = 2, 4, 2, 6, 3, 8
+    q, k, v, pk, pv, g = _inputs(B, H, Hkv, L, L, P, D, shared=shared, seed=15)
+    mask = _padding_mask(B, L, L, [6, 3], "left", True)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, pk, pv)]
+    torch.manual_seed(1234)
+    out = prefix_attention(*leaves, causal=True, attn_mask=mask, dropout_p=0.3)
+    go = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad(out, leaves, go)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    torch.manual_seed(1234)
+    ref = prefix_attention_reference(*ref_leaves, causal=True, attn_mask=mask, dropout_p=0.3)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, go.double())
+    assert _rel(out, ref) <= 1e-5
+    for gr, rg in zip(grads, ref_grads):
+        assert _rel(gr, rg) <= 1e-5
+    # dropout really dropped something: differs from the no-dropout output
+    plain = prefix_attention(q, k, v, pk, pv, causal=True, attn_mask=mask)
+    assert _rel(out.detach(), plain) > 1e-2
+
+
+def test_dropout_is_unbiased_and_hits_the_prefix():
+    """E[dropout output] = no-dropout output; prefix probabilities are dropped too."""
+    B, H, L, P, D = 1, 2, 3, 4, 8
+    q, k, v, pk, pv, g = _inputs(B, H, H, L, L, P, D, seed=16)
+    torch.manual_seed(0)
+    n = 2000
+    qs = q.expand(n, -1, -1, -1)  # n independent draws in one call (a view, no copies of q)
+    ks, vs = k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)
+    outs = prefix_attention(qs, ks, vs, pk, pv, causal=False, dropout_p=0.5)
+    plain = prefix_attention(q, k, v, pk, pv, causal=False)
+    assert _rel(outs.mean(0, keepdim=True), plain) < 0.05
+    assert outs.std(0).mean() > 0.05  # draws differ
+    # with all-zero real values, any output variance can only come from the prefix part
+    zero_v = torch.zeros_like(vs)
+    outs_p = prefix_attention(qs, ks, zero_v, pk, pv, causal=False, dropout_p=0.5)
+    assert outs_p.std(0).mean() > 0.05
+
+
+def test_dropout_fp64_and_bf16_run():
+    for dtype in (torch.float64, torch.bfloat16):
+        q, k, v, pk, pv, g = _inputs(2, 4, 2, 5, 5, 2, 8, dtype=dtype, seed=17)
+        out = prefix_attention(q, k, v, pk, pv, causal=True, dropout_p=0.1)
+        assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------- memory contract
+
+
+class _RecordShapes(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.shapes.append((str(func), tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_never_expands_prefix_nor_builds_full_mask(use_mask):
+    """No op (forward or backward) outputs a batch-expanded prefix or a [.., P+S] tensor."""
+    B, H, Hkv, L, S, P, D = 3, 4, 2, 5, 7, 11, 16  # distinctive sizes
+    q, k, v, pk, pv, g = _inputs(B, H, Hkv, L, S, P, D, seed=18)
+    mask = _padding_mask(B, L, S, [7, 4, 2], "left", True) if use_mask else None
+    leaves = [t.requires_grad_() for t in (q, k, v, pk, pv)]
+    with _RecordShapes() as rec:
+        out = prefix_attention(*leaves, causal=True, attn_mask=mask)
+        out.backward(torch.randn(out.shape, generator=g))
+    assert rec.shapes, "nothing recorded"
+    for func, shape in rec.shapes:
+        assert P + S not in shape, f"{func} built a tensor over P+S keys: {shape}"
+        assert not (shape[-2:] == (P, D) and math.prod(shape) >= B * Hkv * P * D), (
+            f"{func} expanded the prefix over the batch: {shape}"
+        )
+    assert pk.grad.shape == (Hkv, P, D) and torch.isfinite(pk.grad).all()
+
+
+# ---------------------------------------------------------------- backend and validation
+
+
+def test_backend_selection_torch():
+    q, k, v, pk, pv, g = _inputs(2, 4, 2, 4, 4, 2, 8, seed=19)
+    a = prefix_attention(q, k, v, pk, pv, causal=True, backend="torch")
+    with use_backend("torch"):
+        b = prefix_attention(q, k, v, pk, pv, causal=True)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="xformers"):
+        prefix_attention(q, k, v, pk, pv, causal=True, backend="xformers")
+    with pytest.raises(ValueError, match="not one of"):
+        prefix_attention(q, k, v, pk, pv, causal=True, backend="cuda-magic")
+
+
+def _bad_cases():
+    q, k, v, pk, pv, g = _inputs(2, 4, 2, 5, 6, 3, 8, seed=20)
+    yield "rank", dict(q=q[0]), "4-D"
+    yield "heads", dict(k=torch.randn(2, 3, 6, 8), v=torch.randn(2, 3, 6, 8)), "multiple"
+    yield "head-dim", dict(k=torch.randn(2, 2, 6, 4), v=torch.randn(2, 2, 6, 4)), "head_dim"
+    yield "k-v-shape", dict(v=torch.randn(2, 2, 7, 8)), "same shape"
+    yield "batch", dict(k=torch.randn(3, 2, 6, 8), v=torch.randn(3, 2, 6, 8)), "batch"
+    yield "dtype", dict(k=k.double()), "dtype"
+    yield "prefix-heads", dict(prefix_k=torch.randn(4, 3, 8), prefix_v=torch.randn(4, 3, 8)), r"\[Hkv, P, D\]"
+    yield "prefix-batch", dict(prefix_k=torch.randn(3, 2, 3, 8), prefix_v=torch.randn(3, 2, 3, 8)), r"\[B, Hkv, P, D\]"
+    yield "prefix-rank", dict(prefix_k=torch.randn(3, 8), prefix_v=torch.randn(3, 8)), "prefix_k/prefix_v"
+    yield "prefix-kv-mismatch", dict(prefix_v=torch.randn(2, 4, 8)), "same shape"
+    yield "prefix-empty", dict(prefix_k=torch.randn(2, 0, 8), prefix_v=torch.randn(2, 0, 8)), "P = 0"
+    yield "mask-shape", dict(attn_mask=torch.ones(2, 1, 5, 9, dtype=torch.bool)), "broadcast"
+    yield "mask-with-prefix-cols", dict(attn_mask=torch.ones(2, 1, 5, 9)), "real keys only"
+    yield "mask-dtype", dict(attn_mask=torch.ones(2, 1, 5, 6, dtype=torch.int64)), "bool"
+    yield "scale-nan", dict(scale=float("nan")), "scale"
+    yield "dropout", dict(dropout_p=1.0), "dropout_p"
+    yield "not-tensor", dict(q=[1.0]), "torch.Tensor"
+    yield "int-q", dict(q=torch.ones(2, 4, 5, 8, dtype=torch.int64)), "floating"
+
+
+@pytest.mark.parametrize("name,override,message", list(_bad_cases()), ids=[c[0] for c in _bad_cases()])
+def test_bad_inputs_raise_value_error(name, override, message):
+    q, k, v, pk, pv, g = _inputs(2, 4, 2, 5, 6, 3, 8, seed=20)
+    kw = dict(q=q, k=k, v=v, prefix_k=pk, prefix_v=pv, attn_mask=None, scale=None, dropout_p=0.0)
+    kw.update(override)
+    with pytest.raises(ValueError, match=message):
+        prefix_attention(
+            kw["q"], kw["k"], kw["v"], kw["prefix_k"], kw["prefix_v"],
+            causal=True, attn_mask=kw["attn_mask"], scale=kw["scale"], dropout_p=kw["dropout_p"],
+        )
+
+
+def test_gradcheck_float64_full_jacobian_tiny():
+    """Slow-mode gradcheck (every Jacobian entry) on the tiniest GQA + padding case."""
+    q, k, v, pk, pv, g = _inputs(2, 2, 1, 2, 3, 1, 2, dtype=torch.float64, seed=21)
+    mask = _padding_mask(2, 2, 3, [3, 1], "left", True)
+    leaves = [t.requires_grad_() for t in (q, k, v, pk, pv)]
+
+    def fn(*xs):
+        return prefix_attention(*xs, causal=True, attn_mask=mask)
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)

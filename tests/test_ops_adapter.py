@@ -1,0 +1,137 @@
+"""adapter (torch path) against the float64 reference (DESIGN §5)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ptpeft_fast.ops import adapter, use_backend
+from ptpeft_fast.ops._reference import adapter_reference
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+NAMES = ("x", "down_weight", "down_bias", "up_weight", "up_bias")
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    assert torch.isfinite(out).all(), "NaN/inf in output"
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def _inputs(lead, d, m, *, d_out=None, down_bias=True, up_bias=True, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    d_out = d if d_out is None else d_out
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(dtype)
+
+    t = dict(
+        x=rnd(*lead, d),
+        down_weight=rnd(m, d, s=d**-0.5),
+        down_bias=rnd(m) if down_bias else None,
+        up_weight=rnd(d_out, m, s=m**-0.5),  # never the zero init: the branch must contribute
+        up_bias=rnd(d_out) if up_bias else None,
+    )
+    return t, g
+
+
+def _compare(t, g, activation, residual, *, frozen=(), tol=None):
+    names = [n for n in NAMES if t[n] is not None]
+    leaves = {n: t[n].detach().clone().requires_grad_(n not in frozen) for n in names}
+    dtype = t["x"].dtype
+    tol = TOL[dtype] if tol is None else tol
+    y = adapter(*(leaves.get(n) for n in NAMES), activation=activation, residual=residual, backend="torch")
+    trainable = [n for n in names if n not in frozen]
+    go = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype)
+    grads = torch.autograd.grad(y, [leaves[n] for n in trainable], go)
+    ref_leaves = {n: t[n].detach().double().requires_grad_() for n in names}
+    ref = adapter_reference(*(ref_leaves.get(n) for n in NAMES), activation=activation, residual=residual)
+    ref_grads = torch.autograd.grad(ref, [ref_leaves[n] for n in trainable], go.double())
+    assert y.dtype == dtype
+    assert _rel(y, ref) <= tol
+    for n, gr, rg in zip(trainable, grads, ref_grads):
+        assert gr.shape == rg.shape, n
+        assert _rel(gr, rg) <= tol, f"grad of {n}: {_rel(gr, rg):.2e}"
+    return y
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("biases", [(True, True), (False, True), (True, False), (False, False)],
+                         ids=["both-bias", "no-down-bias", "no-up-bias", "no-bias"])
+def test_matches_reference_fp32(activation, residual, biases):
+    t, g = _inputs((3, 5), 16, 4, d_out=None if residual else 11, down_bias=biases[0], up_bias=biases[1], seed=1)
+    _compare(t, g, activation, residual)
+
+
+@pytest.mark.parametrize("lead", [(1,), (7,), (2, 3, 4)], ids=["one-token", "2d-x", "4d-x"])
+def test_shapes(lead):
+    t, g = _inputs(lead, 12, 3, seed=2)
+    _compare(t, g, "gelu", True)
+
+
+@pytest.mark.parametrize("frozen", [("x",), ("down_weight", "down_bias"), ("up_weight",), ("up_bias", "x")])
+def test_gradient_subsets(frozen):
+    t, g = _inputs((6,), 10, 4, seed=3)
+    _compare(t, g, "silu", True, frozen=frozen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
+def test_half_precision(dtype, activation):
+    t, g = _inputs((4, 9), 32, 8, dtype=dtype, seed=4)
+    _compare(t, g, activation, True)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
+@pytest.mark.parametrize("residual", [True, False])
+def test_gradcheck_float64(activation, residual):
+    t, g = _inputs((2, 3), 5, 3, d_out=None if residual else 4, dtype=torch.float64, seed=5)
+    if activation == "relu":  # keep pre-activations away from the kink at 0
+        with torch.no_grad():
+            h = t["x"] @ t["down_weight"].t() + t["down_bias"]
+            t["down_bias"] += torch.where(h.abs() < 1e-3, 1e-2, 0.0).sum(dim=(0, 1))
+    leaves = [t[n].clone().requires_grad_() for n in NAMES]
+
+    def fn(x, dw, db, uw, ub):
+        return adapter(x, dw, db, uw, ub, activation=activation, residual=residual)
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_identity_at_zero_up_init():
+    """An adapter whose up-projection is zero (its usual init) returns x exactly."""
+    t, _ = _inputs((3, 4), 8, 2, seed=6)
+    y = adapter(t["x"], t["down_weight"], t["down_bias"], torch.zeros_like(t["up_weight"]), torch.zeros_like(t["up_bias"]))
+    assert torch.equal(y, t["x"])
+
+
+def test_backend_selection_torch():
+    t, _ = _inputs((3,), 6, 2, seed=7)
+    a = adapter(*t.values(), backend="torch")
+    with use_backend("torch"):
+        b = adapter(*t.values())
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="not offered"):
+        adapter(*t.values(), backend="xformers")
+
+
+def _bad_cases():
+    yield "activation", dict(activation="tanh"), "activation"
+    yield "down-shape", dict(down_weight=torch.randn(2, 5)), "down_weight"
+    yield "up-shape", dict(up_weight=torch.randn(6, 3)), "up_weight"
+    yield "up-residual-dim", dict(up_weight=torch.randn(7, 2), up_bias=torch.randn(7)), "d_out == d"
+    yield "down-bias", dict(down_bias=torch.randn(3)), "down_bias"
+    yield "up-bias", dict(up_bias=torch.randn(5)), "up_bias"
+    yield "dtype", dict(up_bias=torch.randn(6, dtype=torch.float64)), "dtype"
+    yield "int-x", dict(x=torch.ones(3, 6, dtype=torch.int64)), "floating"
+    yield "not-tensor", dict(down_weight=[[1.0]]), "torch.Tensor"
+
+
+@pytest.mark.parametrize("name,override,message", list(_bad_cases()), ids=[c[0] for c in _bad_cases()])
+def test_bad_inputs_raise_value_error(name, override, message):
+    t, _ = _inputs((3,), 6, 2, seed=8)
+    kw = dict(t, activation="relu")
+    kw.update(override)
+    with pytest.raises(ValueError, match=message):
+        adapter(*(kw[n] for n in NAMES), activation=kw["activation"])

@@ -67,7 +67,7 @@ def _build(src: Path, with_cuda: bool) -> None:
 
     names = _CPU_SOURCES + (_CUDA_SOURCES if with_cuda else ())
     digest = hashlib.sha256()
-    for name in names + _HEADERS:
+    for name in names + (_HEADERS if with_cuda else ()):
         path = src / name
         if path.is_file():
             digest.update(name.encode())

@@ -85,8 +85,8 @@ def spectrum_figure(stats: Mapping[str, SpectrumStats], *, title: str | None = N
     ax = fig.add_subplot()
     for name, s in stats.items():
         K = s.K
-        xs = [(k + 1) / K for k in range(K)]
-        ax.plot(xs, s.curve.tolist(), linewidth=2.0,
+        xs = [k / K for k in range(K + 1)]  # c_0 = 0: the curve starts at the origin
+        ax.plot(xs, [0.0] + s.curve.tolist(), linewidth=2.0,
                 label=f"{name} (ratio {s.remaining_rank_ratio:.3f}, eff. rank {s.effective_rank:.1f})", gid="curve")
     if threshold_line:
         tau = next(iter(stats.values())).threshold

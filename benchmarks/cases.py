@@ -1,0 +1,530 @@
+"""The benchmark cases of issue 9: this project against its peers on the same inputs.
+
+Every case is built by a function ``build_<case>(**shape)`` that returns a :class:`Case`:
+the inputs are created once (seeded), and each side (``ours``, the peers, the floor) is a
+zero-argument callable that runs one timed unit of work (forward + backward where
+training uses it) on those same inputs. The timed callables do nothing but the work;
+turning their results into comparable tensors (:meth:`Side.outputs`) is untimed and used
+by ``tests/test_benchmark_cases.py`` to check that the sides compute the same thing.
+
+The default arguments of every builder are the benchmark shapes of the issue; the tests
+call the builders with tiny shapes.
+
+Targets are time ratios ``ours / side`` (``<=`` the number). A throughput target such as
+"≥ 0.98× the no-prefix tokens/s" becomes the time ratio ``<= 1 / 0.98``; its original
+wording is kept in ``target_text``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import ptpeft_fast as pf
+from ptpeft_fast import ops
+
+# ---------------------------------------------------------------------------------------
+# Case / Side
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Side:
+    """One implementation of a case.
+
+    ``kind``: ``"ours"``, ``"peer"`` (what a user would pick instead) or ``"floor"`` (the
+    same work without the feature: a lower bound, not a competitor).
+    ``run()`` is the timed unit of work. ``outputs(result)`` (untimed) maps its result to
+    a dict of comparable tensors. ``equivalent``: the side computes the same function as
+    ``ours`` (same outputs within tolerance); otherwise the tests only check that it ran
+    and gave finite outputs of the expected shapes.
+    ``target``: largest allowed time ratio ``ours / this side`` (None: reported only).
+    """
+
+    name: str
+    kind: str
+    impl: str
+    run: Callable[[], Any]
+    outputs: Callable[[Any], dict[str, torch.Tensor]] = lambda r: {}
+    equivalent: bool = False
+    target: Optional[float] = None
+    target_text: Optional[str] = None
+    rtol: float = 2e-5
+
+
+@dataclass
+class Case:
+    name: str
+    shape: str
+    sides: dict[str, Side]
+    rounds: int = 10
+    warmup: int = 2
+    memory_target: Optional[float] = None  # peak memory ours / peer (see memory.py)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ours(self) -> Side:
+        return self.sides["ours"]
+
+    def others(self) -> list[Side]:
+        return [s for n, s in self.sides.items() if n != "ours"]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _grad(out: torch.Tensor, inputs: list[torch.Tensor], grad_out: torch.Tensor) -> tuple:
+    # autograd.grad (not .backward): nothing accumulates into .grad between rounds, so no
+    # side pays an extra in-place add that the others do not.
+    return torch.autograd.grad(out, inputs, grad_out)
+
+
+# ---------------------------------------------------------------------------------------
+# Op cases
+# ---------------------------------------------------------------------------------------
+
+
+def build_prefix_attention(B: int = 4, H: int = 8, L: int = 512, D: int = 64, P: int = 32, seed: int = 0) -> Case:
+    """Prefix attention fwd+bwd, causal; grads to q, k, v and the prefix."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, L, D, generator=g).requires_grad_()
+    k = torch.randn(B, H, L, D, generator=g).requires_grad_()
+    v = torch.randn(B, H, L, D, generator=g).requires_grad_()
+    pk = torch.randn(H, P, D, generator=g).requires_grad_()
+    pv = torch.randn(H, P, D, generator=g).requires_grad_()
+    do = torch.randn(B, H, L, D, generator=g)
+    # what transformers builds for PEFT's prefix cache: bool [B, 1, L, P+L], True = attend,
+    # prefix columns all True, real columns causal. Built once, outside the timed region.
+    i = torch.arange(L).unsqueeze(1)
+    j = torch.arange(P + L).unsqueeze(0)
+    mask = (j < P) | (j - P <= i)
+    mask = mask.expand(B, 1, L, P + L).contiguous()
+
+    def ours():
+        out = ops.prefix_attention(q, k, v, pk, pv, causal=True)
+        return (out,) + _grad(out, [q, k, v, pk, pv], do)
+
+    def sdpa_no_prefix():
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return (out,) + _grad(out, [q, k, v], do)
+
+    def concat_mask():
+        kk = torch.cat([pk.unsqueeze(0).expand(B, -1, -1, -1), k], dim=2)
+        vv = torch.cat([pv.unsqueeze(0).expand(B, -1, -1, -1), v], dim=2)
+        out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+        return (out,) + _grad(out, [q, k, v, pk, pv], do)
+
+    names = ("out", "dq", "dk", "dv", "dpk", "dpv")
+    outs = lambda r: dict(zip(names, r))  # noqa: E731
+    return Case(
+        name="prefix_attention",
+        shape=f"B={B} H={H} L={L} D={D} P={P} causal fp32",
+        rounds=20, warmup=3,
+        sides={
+            "ours": Side("ours", "ours", "ptpeft_fast.ops.prefix_attention", ours, outs),
+            "sdpa_no_prefix": Side("sdpa_no_prefix", "floor", "SDPA is_causal, no prefix", sdpa_no_prefix, outs,
+                                   target=1.15, target_text="≤ 1.15× (FLOP limit 1.125×)"),
+            "concat_mask": Side("concat_mask", "peer", "cat prefix + bool mask [B,1,L,P+L] + SDPA", concat_mask, outs,
+                                equivalent=True, target=0.9, target_text="≤ 0.9×"),
+        },
+    )
+
+
+def build_lora_linear(N: int = 4096, d_in: int = 1024, d_out: int = 1024, r: int = 16, alpha: float = 32.0,
+                      seed: int = 0) -> Case:
+    """LoRA linear fwd+bwd with a frozen base weight; grads to x, A and B."""
+    from peft.tuners.lora import Linear as PeftLoraLinear
+    from peft import LoraConfig
+
+    g = torch.Generator().manual_seed(seed)
+    base = torch.nn.Linear(d_in, d_out, bias=False)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(d_out, d_in, generator=g) / math.sqrt(d_in))
+    base.weight.requires_grad_(False)
+    x = torch.randn(N, d_in, generator=g).requires_grad_()
+    dy = torch.randn(N, d_out, generator=g)
+    a = (torch.randn(r, d_in, generator=g) / math.sqrt(d_in)).requires_grad_()
+    b = (torch.randn(d_out, r, generator=g) / math.sqrt(r)).requires_grad_()  # nonzero: a trained adapter
+    scaling = alpha / r
+
+    peft_layer = PeftLoraLinear(copy.deepcopy(base), "default", LoraConfig(r=r, lora_alpha=alpha), r=r,
+                                lora_alpha=alpha, lora_dropout=0.0)
+    with torch.no_grad():
+        peft_layer.lora_A["default"].weight.copy_(a)
+        peft_layer.lora_B["default"].weight.copy_(b)
+    peft_layer.base_layer.weight.requires_grad_(False)
+    pa, pb = peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight
+    w = base.weight
+
+    def ours():
+        y = ops.lora_linear(x, w, None, a, b, scaling)
+        return (y,) + _grad(y, [x, a, b], dy)
+
+    def bare():
+        y = F.linear(x, w)
+        return (y,) + _grad(y, [x], dy)
+
+    def peft_lora():
+        y = peft_layer(x)
+        return (y,) + _grad(y, [x, pa, pb], dy)
+
+    names = ("y", "dx", "dA", "dB")
+    outs = lambda res: dict(zip(names, res))  # noqa: E731
+    return Case(
+        name="lora_linear",
+        shape=f"N={N} {d_in}→{d_out} r={r} frozen W, no bias, fp32",
+        rounds=10, warmup=2,
+        sides={
+            "ours": Side("ours", "ours", "ptpeft_fast.ops.lora_linear", ours, outs),
+            "bare_linear": Side("bare_linear", "floor", "frozen F.linear, no LoRA", bare, outs,
+                                target=1.08, target_text="≤ 1.08× (limit ≈ 1.04×)"),
+            "peft_lora": Side("peft_lora", "peer", "peft.tuners.lora.Linear", peft_lora, outs,
+                              equivalent=True, target=0.9, target_text="≤ 0.9×", rtol=1e-5),
+        },
+    )
+
+
+def build_adapter(N: int = 4096, d: int = 1024, m: int = 64, activation: str = "relu", seed: int = 0) -> Case:
+    """Bottleneck adapter fwd+bwd; grads to x and all adapter weights."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, d, generator=g).requires_grad_()
+    dy = torch.randn(N, d, generator=g)
+    wd = (torch.randn(m, d, generator=g) / math.sqrt(d)).requires_grad_()
+    bd = (torch.randn(m, generator=g) * 0.1).requires_grad_()
+    wu = (torch.randn(d, m, generator=g) / math.sqrt(m)).requires_grad_()
+    bu = (torch.randn(d, generator=g) * 0.1).requires_grad_()
+    act = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}[activation]
+    params = [x, wd, bd, wu, bu]
+
+    def ours():
+        y = ops.adapter(x, wd, bd, wu, bu, activation=activation, residual=True)
+        return (y,) + _grad(y, params, dy)
+
+    def unfused():
+        y = x + F.linear(act(F.linear(x, wd, bd)), wu, bu)
+        return (y,) + _grad(y, params, dy)
+
+    names = ("y", "dx", "dWd", "dbd", "dWu", "dbu")
+    outs = lambda res: dict(zip(names, res))  # noqa: E731
+    return Case(
+        name="adapter",
+        shape=f"N={N} d={d} bottleneck={m} {activation} fp32",
+        rounds=20, warmup=3,
+        sides={
+            "ours": Side("ours", "ours", "ptpeft_fast.ops.adapter", ours, outs),
+            "unfused": Side("unfused", "peer", "nn.functional down → act → up → add", unfused, outs,
+                            equivalent=True, target=0.9, target_text="≤ 0.9×"),
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Model cases (tiny Llama)
+# ---------------------------------------------------------------------------------------
+
+LLAMA = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
+             intermediate_size=1376, vocab_size=8192)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def llama_shape(**cfg) -> str:
+    c = {**LLAMA, **cfg}
+    return (f"Llama hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, {c['num_attention_heads']} heads "
+            f"(kv {c['num_key_value_heads']}), ffn {c['intermediate_size']}, vocab {c['vocab_size']}")
+
+
+def make_llama(seed: int = 0, max_positions: int = 4096, **cfg):
+    """A randomly initialised tiny Llama (SDPA attention, fp32, dropout 0)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{**LLAMA, **cfg}, max_position_embeddings=max_positions,
+                         attention_dropout=0.0, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.set_attn_implementation("sdpa")
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def _freeze(model):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def peft_prefix(model, P: int):
+    """PEFT prefix tuning (``prefix_projection=False``: a [P, layers·2·hidden] embedding)."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    return get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+
+
+def peft_prefix_table(peft_model) -> torch.Tensor:
+    """PEFT's prefix embedding as K/V per layer: ``[layers, 2, H, P, D]`` (a view)."""
+    cfg = peft_model.peft_config["default"]
+    w = peft_model.prompt_encoder["default"].embedding.weight
+    H = cfg.num_attention_heads
+    D = cfg.token_dim // H
+    return w.view(cfg.num_virtual_tokens, cfg.num_layers, 2, H, D).permute(1, 2, 3, 0, 4)
+
+
+def ours_prefix(model, P: int, lora_r: Optional[int] = None, lora_alpha: float = 16.0):
+    """Patch with static K/V prefixes (``reparam='none'``) and PEFT's positions (``shift``)."""
+    cfg: dict[str, Any] = {"prefix": {"num_tokens": P, "reparam": "none", "positions": "shift"}, "lora": None}
+    if lora_r is not None:
+        cfg["lora"] = {"r": lora_r, "alpha": lora_alpha, "targets": list(LORA_TARGETS)}
+    return pf.patch(model, pf.PTPeftConfig.from_dict(cfg))
+
+
+def ours_prefix_layers(model) -> list:
+    return list(model._ptpeft.prefix_layers.values())
+
+
+def ours_prefix_table(model, grad: bool = False) -> torch.Tensor:
+    """Our prefixes as ``[layers, 2, Hkv, P, D]`` (values, or their gradients)."""
+    get = (lambda t: t.grad) if grad else (lambda t: t)
+    return torch.stack([torch.stack([get(p.key), get(p.value)]) for p in ours_prefix_layers(model)])
+
+
+@torch.no_grad()
+def copy_prefix_from_peft(model, peft_model) -> None:
+    table = peft_prefix_table(peft_model)
+    for layer, pre in enumerate(ours_prefix_layers(model)):
+        pre.key.copy_(table[layer, 0])
+        pre.value.copy_(table[layer, 1])
+
+
+def _train_step(model, **inputs):
+    loss = model(**inputs).loss
+    loss.backward()
+    return loss
+
+
+def _grads_and_clear(params) -> list:
+    out = []
+    for p in params:
+        out.append(p.grad)
+        p.grad = None
+    return out
+
+
+def build_prefix_train(B: int = 4, L: int = 256, P: int = 32, seed: int = 0, name: Optional[str] = None,
+                       llama: Optional[dict] = None, time_target: float = 1.0, floor_target: Optional[float] = 1.05,
+                       memory_target: float = 1.0, rounds: int = 5) -> Case:
+    """Prefix-tuning training step (fwd + loss + bwd) of a frozen tiny Llama.
+
+    ours: ``ptpeft_fast.patch`` with static prefixes copied from PEFT's (so both train the
+    same prefix); peer: PEFT prefix tuning; floor: the same frozen model without a prefix,
+    with a gradient for the input embeddings (the backward still runs through every layer).
+    """
+    llama = llama or {}
+    base = _freeze(make_llama(seed, max_positions=max(4096, L + P + 8), **llama))
+    peft_model = peft_prefix(copy.deepcopy(base), P)
+    ours_model = ours_prefix(copy.deepcopy(base), P)
+    copy_prefix_from_peft(ours_model, peft_model)
+    for m in (base, peft_model, ours_model):
+        m.train()
+    g = torch.Generator().manual_seed(seed + 1)
+    vocab = base.config.vocab_size
+    ids = torch.randint(0, vocab, (B, L), generator=g)
+    ours_params = [p for p in ours_model.parameters() if p.requires_grad]
+    peft_params = [p for p in peft_model.parameters() if p.requires_grad]
+    embed = base.get_input_embeddings()
+
+    def ours():
+        loss = _train_step(ours_model, input_ids=ids, labels=ids)
+        return loss, _grads_and_clear(ours_params)
+
+    def peft():
+        loss = _train_step(peft_model, input_ids=ids, labels=ids)
+        return loss, _grads_and_clear(peft_params)
+
+    def floor():
+        emb = embed(ids).detach().requires_grad_()
+        loss = _train_step(base, inputs_embeds=emb, labels=ids)
+        return loss, [emb.grad]
+
+    def ours_out(res):
+        loss, grads = res
+        return {"loss": loss.detach(), "prefix_grad": torch.stack(
+            [torch.stack([grads[2 * i], grads[2 * i + 1]]) for i in range(len(grads) // 2)])}
+
+    def peft_out(res):
+        loss, (gw,) = res
+        cfg = peft_model.peft_config["default"]
+        H = cfg.num_attention_heads
+        table = gw.view(cfg.num_virtual_tokens, cfg.num_layers, 2, H, cfg.token_dim // H).permute(1, 2, 3, 0, 4)
+        return {"loss": loss.detach(), "prefix_grad": table}
+
+    def floor_out(res):
+        loss, (gemb,) = res
+        return {"loss": loss.detach(), "input_grad": gemb}
+
+    sides = {
+        "ours": Side("ours", "ours", "ptpeft_fast.patch (prefix, reparam=none, positions=shift)", ours, ours_out),
+        "peft_prefix": Side("peft_prefix", "peer", "PEFT PrefixTuningConfig", peft, peft_out, equivalent=True,
+                            target=time_target, target_text=f"≤ {time_target:g}×", rtol=1e-4),
+        "floor": Side("floor", "floor", "same frozen model, no prefix, input grads", floor, floor_out,
+                      target=floor_target, target_text=None if floor_target is None else f"≤ {floor_target:g}×"),
+    }
+    return Case(name=name or f"prefix_train_L{L}", shape=f"B={B} L={L} P={P}; {llama_shape(**llama)}",
+                sides=sides, rounds=rounds, warmup=1, memory_target=memory_target)
+
+
+def build_prefix_train_long(B: int = 1, L: int = 2048, P: int = 32, seed: int = 0, llama: Optional[dict] = None,
+                            rounds: int = 4) -> Case:
+    """The attention-heavy step: time ≤ 0.9× PEFT; the floor is reported (limit ≈ 1.02×)."""
+    return build_prefix_train(B=B, L=L, P=P, seed=seed, name="prefix_train_long", llama=llama, time_target=0.9,
+                              floor_target=None, memory_target=1.0, rounds=rounds)
+
+
+def build_ptlora_train(B: int = 4, L: int = 256, P: int = 32, r: int = 16, alpha: float = 16.0, seed: int = 0,
+                       llama: Optional[dict] = None, rounds: int = 5) -> Case:
+    """PT-LoRA stage 2 (prefix + LoRA on every linear layer train) vs PEFT LoRA alone."""
+    from peft import LoraConfig, get_peft_model
+
+    llama = llama or {}
+    base = _freeze(make_llama(seed, **llama))
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
+                                                                target_modules=list(LORA_TARGETS)))
+    ours_model = ours_prefix(copy.deepcopy(base), P, lora_r=r, lora_alpha=alpha)
+    pf.set_stage(ours_model, "peft")  # LoRA and the prefix train (the paper's default)
+    g = torch.Generator().manual_seed(seed + 2)
+    # a trained-looking LoRA (B != 0) and prefix, the same in both models
+    peft_lora = {}
+    for name, mod in peft_model.named_modules():
+        if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+            with torch.no_grad():
+                mod.lora_B["default"].weight.normal_(0, 0.02, generator=g)
+            path = name.split("base_model.model.", 1)[-1]
+            peft_lora[path] = (mod.lora_A["default"].weight, mod.lora_B["default"].weight)
+    ours_lora = {}
+    for path, layer in ours_model._ptpeft.lora_layers.items():
+        lw = getattr(layer, layer._ptpeft_lora)
+        pa, pb = peft_lora[path]
+        with torch.no_grad():
+            lw.lora_A.copy_(pa)
+            lw.lora_B.copy_(pb)
+        ours_lora[path] = (lw.lora_A, lw.lora_B)
+    with torch.no_grad():
+        for pre in ours_prefix_layers(ours_model):
+            pre.key.normal_(0, 1.0, generator=g)
+            pre.value.normal_(0, 1.0, generator=g)
+    for m in (peft_model, ours_model):
+        m.train()
+    ids = torch.randint(0, base.config.vocab_size, (B, L), generator=g)
+    ours_params = [p for p in ours_model.parameters() if p.requires_grad]
+    peft_params = [p for p in peft_model.parameters() if p.requires_grad]
+    paths = sorted(peft_lora)
+
+    def ours():
+        loss = _train_step(ours_model, input_ids=ids, labels=ids)
+        _grads_and_clear(ours_params)
+        return loss
+
+    def peft():
+        loss = _train_step(peft_model, input_ids=ids, labels=ids)
+        _grads_and_clear(peft_params)
+        return loss
+
+    def ours_check():
+        """Untimed: ours' loss and LoRA/prefix grads, for the comparison below."""
+        loss = _train_step(ours_model, input_ids=ids, labels=ids)
+        grads = {"loss": loss.detach(), "prefix_grad": ours_prefix_table(ours_model, grad=True).clone()}
+        for p in paths:
+            grads[f"{p}.A"], grads[f"{p}.B"] = ours_lora[p][0].grad.clone(), ours_lora[p][1].grad.clone()
+        _grads_and_clear(ours_params)
+        return grads
+
+    def peft_with_our_prefix():
+        """Untimed: PEFT LoRA fed our prefix as a cache (how PEFT prefix tuning runs), so
+        the two LoRA implementations can be compared on the same function."""
+        from transformers import DynamicCache
+
+        table = ours_prefix_table(ours_model).detach().clone().requires_grad_()
+        kv = [(table[i, 0].unsqueeze(0).expand(B, -1, -1, -1), table[i, 1].unsqueeze(0).expand(B, -1, -1, -1))
+              for i in range(table.shape[0])]
+        loss = _train_step(peft_model, input_ids=ids, labels=ids, past_key_values=DynamicCache(kv))
+        grads = {"loss": loss.detach(), "prefix_grad": table.grad}
+        for p in paths:
+            grads[f"{p}.A"], grads[f"{p}.B"] = peft_lora[p][0].grad.clone(), peft_lora[p][1].grad.clone()
+        _grads_and_clear(peft_params)
+        return grads
+
+    return Case(
+        name="ptlora_train",
+        shape=f"B={B} L={L} P={P} LoRA r={r} on {'/'.join(LORA_TARGETS)}; {llama_shape(**llama)}",
+        rounds=rounds, warmup=1,
+        sides={
+            "ours": Side("ours", "ours", "ptpeft_fast stage 'peft': prefix + LoRA train", ours,
+                         lambda r: {"loss": r.detach()}),
+            "peft_lora": Side("peft_lora", "peer", "PEFT LoRA alone (no prefix)", peft,
+                              lambda r: {"loss": r.detach()}, target=1.10, target_text="≤ 1.10× (prefix costs ≤ 10%)"),
+        },
+        extra={"check_ours": ours_check, "check_peer": peft_with_our_prefix},
+    )
+
+
+def build_decode(B: int = 4, prompt: int = 16, new: int = 64, P: int = 32, seed: int = 0,
+                 llama: Optional[dict] = None, rounds: int = 5) -> Case:
+    """Greedy decoding (``generate``, KV cache, exactly ``new`` tokens) with a P-token prefix."""
+    llama = llama or {}
+    base = _freeze(make_llama(seed, **llama)).eval()
+    peft_model = peft_prefix(copy.deepcopy(base), P).eval()
+    ours_model = ours_prefix(copy.deepcopy(base), P).eval()
+    g = torch.Generator().manual_seed(seed + 3)
+    with torch.no_grad():
+        peft_prefix_table(peft_model).copy_(torch.randn(peft_prefix_table(peft_model).shape, generator=g))
+    copy_prefix_from_peft(ours_model, peft_model)
+    ids = torch.randint(1, base.config.vocab_size, (B, prompt), generator=g)
+    attn = torch.ones_like(ids)
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def gen(m):
+        return lambda: m.generate(input_ids=ids, attention_mask=attn, **kw)
+
+    outs = lambda r: {"tokens": r[:, -new:]}  # noqa: E731
+    return Case(
+        name="decode",
+        shape=f"greedy, B={B} prompt={prompt} new={new} P={P}; {llama_shape(**llama)}",
+        rounds=rounds, warmup=1,
+        sides={
+            "ours": Side("ours", "ours", "ptpeft_fast.patch + generate", gen(ours_model), outs),
+            "no_prefix": Side("no_prefix", "floor", "same model without prefix", gen(base), outs,
+                              target=1 / 0.98, target_text="≥ 0.98× tokens/s (PEFT ≈ 0.96×)"),
+            "peft_prefix": Side("peft_prefix", "peer", "PEFT prefix tuning generate", gen(peft_model), outs,
+                                equivalent=True, target=1.0, target_text="≥ 1.0× tokens/s", rtol=0.0),
+        },
+        extra={"tokens": B * new},
+    )
+
+
+BUILDERS: dict[str, Callable[..., Case]] = {
+    "prefix_attention": build_prefix_attention,
+    "lora_linear": build_lora_linear,
+    "adapter": build_adapter,
+    "prefix_train_L256": build_prefix_train,
+    "prefix_train_long": build_prefix_train_long,
+    "ptlora_train": build_ptlora_train,
+    "decode": build_decode,
+}
+
+# Tiny shapes for tests/test_benchmark_cases.py (same code, seconds instead of minutes).
+TINY_LLAMA = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                  intermediate_size=128, vocab_size=128)
+TINY: dict[str, dict[str, Any]] = {
+    "prefix_attention": dict(B=2, H=2, L=16, D=8, P=4),
+    "lora_linear": dict(N=32, d_in=16, d_out=24, r=4),
+    "adapter": dict(N=32, d=16, m=4),
+    "prefix_train_L256": dict(B=2, L=12, P=4, llama=TINY_LLAMA),
+    "prefix_train_long": dict(B=1, L=24, P=4, llama=TINY_LLAMA),
+    "ptlora_train": dict(B=2, L=12, P=4, r=4, llama=TINY_LLAMA),
+    "decode": dict(B=2, prompt=5, new=6, P=4, llama=TINY_LLAMA),
+}

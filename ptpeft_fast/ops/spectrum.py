@@ -87,9 +87,13 @@ def _validate(
     # NaN/Inf never become a spectrum. The csrc kernels detect them for free on the Gram
     # diagonal (Σ x² is non-finite iff a row/column is) and raise ValueError naming the sample,
     # so the extra full pass over the features (~15% of the op's time) is only made here.
-    if check_finite and not bool(torch.isfinite(features).all()):
-        bad = (~torch.isfinite(features)).flatten(1).any(1).nonzero().flatten()[:5].tolist()
-        raise ValueError(f"features contain NaN or Inf (samples {bad})")
+    if check_finite:
+        nonfinite = ~torch.isfinite(features)
+        if lengths is not None:  # rows beyond a sample's length are ignored, whatever they hold
+            nonfinite &= (torch.arange(features.size(1)) < lengths[:, None]).to(features.device)[:, :, None]
+        if bool(nonfinite.any()):
+            bad = nonfinite.flatten(1).any(1).nonzero().flatten()[:5].tolist()
+            raise ValueError(f"features contain NaN or Inf (samples {bad})")
     return features, lengths
 
 
@@ -104,8 +108,8 @@ def _torch_singular_values(features: torch.Tensor, lengths: torch.Tensor | None)
     x = features
     if lengths is not None:
         # Zero rows leave the non-zero singular values unchanged (F^T F is the same).
-        keep = torch.arange(x.size(1)) < lengths[:, None]
-        x = x * keep.to(device=x.device, dtype=x.dtype)[:, :, None]
+        keep = (torch.arange(x.size(1)) < lengths[:, None]).to(x.device)[:, :, None]
+        x = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
     s = torch.linalg.svdvals(x)
     if lengths is not None:
         # Exactly zero beyond min(length, d) instead of round-off noise.

@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover
 SPECIALS = ["<pad>", "<unk>", "</s>", "<image>"]  # ids 0..3; OPT uses </s> as BOS and EOS
 
 DEFAULT_SIZE = dict(hidden=64, layers=2, heads=4, vision_layers=2, qformer_layers=1,
-                    num_query_tokens=8, image_size=32, patch_size=4)
+                    num_query_tokens=8, image_size=32, patch_size=8)
 
 
 def build_tokenizer(words: Sequence[str] | None = None) -> PreTrainedTokenizerFast:

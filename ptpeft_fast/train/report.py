@@ -44,16 +44,30 @@ def _spectrum_stats(features: torch.Tensor, lengths: Sequence[int] | torch.Tenso
     return _SpectrumStats(mean.tolist(), k / K, eff, len(curves))
 
 
-def spectrum_stats(features, lengths=None, tau: float = 0.9):
-    """``ptpeft_fast.analysis.spectrum_stats`` when available, else the local stand-in."""
+def spectrum_summary(features: Sequence[torch.Tensor], tau: float = 0.9) -> dict:
+    """Spectrum statistics of per-sample feature matrices (each ``[L_i, d]``) as a JSON-able
+    dict: ``remaining_rank_ratio``, ``effective_rank``, ``n_samples`` and ``curve`` (the
+    mean normalised spectrum p̄, not cumulative).
+
+    Uses ``ptpeft_fast.analysis.spectrum_stats`` (padded ``[B, L, d]`` + lengths) when it is
+    importable, the local ``torch.linalg.svdvals`` stand-in otherwise.
+    """
+    lengths = [int(f.shape[0]) for f in features]
     try:
         from ..analysis import spectrum_stats as real
     except ImportError:
-        return _spectrum_stats(features, lengths, tau)
-    try:
-        return real(features, lengths, tau=tau)
-    except TypeError:  # signature without tau
-        return real(features, lengths)
+        st = _spectrum_stats(list(features), None, tau)
+        curve = st.curve
+    else:
+        L, d = max(lengths), int(features[0].shape[1])
+        padded = torch.zeros(len(features), L, d, dtype=torch.float32)
+        for i, f in enumerate(features):
+            padded[i, : f.shape[0]] = f
+        # torch backend: the eval set is small, and the C++ extension would be compiled on first use
+        st = real(padded, torch.tensor(lengths), threshold=tau, backend="torch")
+        curve = st.mean_spectrum.tolist() if getattr(st, "mean_spectrum", None) is not None else list(st.curve)
+    return {"remaining_rank_ratio": float(st.remaining_rank_ratio), "effective_rank": float(st.effective_rank),
+            "n_samples": int(st.n_samples), "curve": [float(x) for x in curve]}
 
 
 def plot_spectra(curves: Mapping[str, Sequence[float]], path: str, tau: float = 0.9) -> str:

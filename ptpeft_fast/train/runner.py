@@ -632,10 +632,7 @@ class Run:
             spec = None
             if ev["spectrum"]:
                 feats, lens = self.features(ev["spectrum_samples"])
-                stats = report.spectrum_stats(feats, lens, tau=ev["tau"])
-                spec = {"remaining_rank_ratio": float(stats.remaining_rank_ratio),
-                        "effective_rank": float(stats.effective_rank), "n_samples": int(stats.n_samples),
-                        "curve": [float(x) for x in stats.curve]}
+                spec = report.spectrum_summary(feats, tau=ev["tau"])
             stage = phase.replace("eval_", "")
             row = {"event": "eval", "phase": phase, "method": self.method_label(phase),
                    "metrics": {k: v for k, v in metrics.items() if k != "n"}, "n": metrics.get("n"),

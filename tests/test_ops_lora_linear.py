@@ -6,7 +6,7 @@ import torch
 
 from ptpeft_fast.ops import lora_linear, use_backend
 from ptpeft_fast.ops._reference import lora_linear_reference
-from ptpeft_fast.ops.lora_linear import _draw_seed, _dropout_keep
+from ptpeft_fast.ops.lora_linear import _dropout_keep
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
@@ -43,10 +43,10 @@ def _compare(t, g, scaling, *, dropout_p=0.0, frozen=("weight",), tol=None):
     y = lora_linear(leaves["x"], leaves["weight"], leaves.get("bias"), leaves["lora_a"], leaves["lora_b"], scaling,
                     dropout_p=dropout_p, backend="torch")
     keep = None
-    if dropout_p > 0:  # the keep-mask the op drew: same seed, same generator protocol
+    if dropout_p > 0:  # the keep-mask the op drew: same generator state, same draw
         torch.manual_seed(99)
         x2 = t["x"].reshape(-1, t["x"].shape[-1])
-        keep = _dropout_keep(x2.shape, dropout_p, _draw_seed(x2.device), x2.device).view(t["x"].shape)
+        keep = _dropout_keep(x2.shape, dropout_p, x2.device).view(t["x"].shape)
     trainable = [n for n in names if n not in frozen]
     go = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype)
     grads = torch.autograd.grad(y, [leaves[n] for n in trainable], go)

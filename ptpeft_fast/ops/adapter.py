@@ -80,7 +80,9 @@ class _AdapterFn(torch.autograd.Function):
 
         dx = ddw = ddb = duw = dub = None
         if need_uw or need_ub:
-            dw_hat = dy.t() @ a_hat  # [d, m(+1)]: last column is Σ_rows dY
+            # [d, m(+1)], last column Σ_rows dY; the thin operand as a contiguous left factor is
+            # the fast GEMM orientation on CPU
+            dw_hat = (a_hat.t().contiguous() @ dy).t()
             duw = dw_hat[:, :m] if need_uw else None
             dub = dw_hat[:, m] if (need_ub and ctx.has_ub) else None
         if need_x or need_dw or need_db:
@@ -89,7 +91,7 @@ class _AdapterFn(torch.autograd.Function):
                 dx = torch.addmm(dy, dh, down_w) if ctx.residual else dh @ down_w
                 dx = dx.view(x.shape)
             if need_dw:
-                ddw = dh.t() @ x2
+                ddw = dh.t().contiguous() @ x2
             if need_db and ctx.has_db:
                 ddb = dh.sum(0)
         return dx, ddw, ddb, duw, dub, None, None

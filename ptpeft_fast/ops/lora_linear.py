@@ -20,10 +20,13 @@ Backward::
     dW  = dYᵀ X     only when W requires grad (never computed for a frozen W)
     db  = Σ_rows dY only when b requires grad
 
-Nothing ``[N, in]``-sized is saved: the dropout keep-mask is regenerated in backward from a
-seed drawn (from torch's default generator, so ``torch.manual_seed`` makes it
-reproducible) in forward, and ``T`` is recomputed when needed (p == 0) or saved (p > 0,
-``[N, r]``). ``W'`` is recomputed in backward rather than kept (it is ``W``-sized).
+Saved: ``x`` (the caller's tensor, no copy), the factors, ``T`` when it was computed anyway
+(``[N, r]``) and, with dropout, the bool keep-mask (1 byte per element of ``x``: regenerating
+it in backward would cost a second RNG pass, the dominant cost of dropout on CPU). ``X̃``
+is recomputed as ``X ∘ keep`` and the ``1/(1-p)`` is applied to the small ``[N, r]`` /
+``[r, in]`` factors. ``W'`` is recomputed in backward rather than kept (it is ``W``-sized).
+The keep-mask is ``rand >= p`` from torch's default generator, so ``torch.manual_seed``
+makes dropout reproducible.
 Half precision runs in the input dtype; CPU GEMMs accumulate in fp32.
 """
 from __future__ import annotations
@@ -39,80 +42,76 @@ from ._backend import resolve_backend
 __all__ = ["lora_linear"]
 
 
-def _draw_seed(device: torch.device) -> int:
-    """A seed for the dropout keep-mask, drawn from torch's default generator."""
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+def _dropout_keep(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """Bool keep-mask (True = kept) for dropout probability ``p``, from torch's default generator.
 
-
-def _dropout_keep(shape: torch.Size, p: float, seed: int, device: torch.device) -> torch.Tensor:
-    """The bool keep-mask (True = kept) for dropout probability ``p`` from ``seed``."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p, generator=gen)
+    ``rand >= p`` rather than ``bernoulli_``: same distribution, about twice as fast on CPU.
+    """
+    return torch.rand(shape, dtype=torch.float32, device=device) >= p
 
 
 class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float, seed: int):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float):  # type: ignore[override]
         in_f = x.shape[-1]
         out_f, r = weight.shape[0], lora_a.shape[0]
         x2 = x.reshape(-1, in_f)
         n = x2.shape[0]
-        merged = dropout_p == 0.0 and n > r
-        t = None
-        if merged:
+        keep = t = None
+        if dropout_p == 0.0 and n > r:
+            # merged weight: the LoRA branch rides along in the one big GEMM
             y = F.linear(x2, torch.addmm(weight, lora_b, lora_a, alpha=scaling), bias)
         else:
-            xd = x2
             if dropout_p > 0.0:
-                keep = _dropout_keep(x2.shape, dropout_p, seed, x.device)
-                xd = x2 * keep * (1.0 / (1.0 - dropout_p))
-            t = xd @ lora_a.t()
+                keep = _dropout_keep(x2.shape, dropout_p, x.device)
+                t = (x2 * keep) @ lora_a.t()  # the 1/(1-p) goes on the small T
+                t.mul_(1.0 / (1.0 - dropout_p))
+            else:
+                t = x2 @ lora_a.t()
             y = F.linear(x2, weight, bias)
             y.addmm_(t, lora_b.t(), alpha=scaling)
-            if dropout_p == 0.0:
-                t = None  # cheaper to recompute than to special-case
-        ctx.save_for_backward(x, weight, lora_a, lora_b, t)
-        ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
+        ctx.save_for_backward(x, weight, lora_a, lora_b, t, keep)
+        ctx.scaling, ctx.dropout_p = scaling, dropout_p
         ctx.has_bias = bias is not None
         return y.view(*x.shape[:-1], out_f)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):  # type: ignore[override]
-        x, weight, lora_a, lora_b, t = ctx.saved_tensors
+        x, weight, lora_a, lora_b, t, keep = ctx.saved_tensors
         s, p = ctx.scaling, ctx.dropout_p
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         in_f, out_f = x.shape[-1], weight.shape[0]
         x2 = x.reshape(-1, in_f)
         dy = grad_y.reshape(-1, out_f)
         n, r = x2.shape[0], lora_a.shape[0]
+        merged = p == 0.0 and n > r
+        inv_keep = 1.0 / (1.0 - p)
 
-        keep = _dropout_keep(x2.shape, p, ctx.seed, x.device) if p > 0.0 and (need_x or need_a) else None
-        u = dy @ lora_b if (need_a or (need_x and (p > 0.0 or n <= r))) else None  # [N, r]
+        u = dy @ lora_b if (need_a or (need_x and not merged)) else None  # [N, r]
 
         dx = dw = db = da = dbb = None
         if need_x:
-            if p == 0.0 and n > r:
+            if merged:
                 dx = dy @ torch.addmm(weight, lora_b, lora_a, alpha=s)
-            elif p == 0.0:
+            elif keep is None:
                 dx = torch.addmm(dy @ weight, u, lora_a, alpha=s)
             else:
-                dx = (u @ lora_a).mul_(keep)
-                dx = torch.addmm(dx, dy, weight, alpha=1.0, beta=s / (1.0 - p))
+                dx = torch.addmm((u @ lora_a).mul_(keep), dy, weight, beta=s * inv_keep)
             dx = dx.view(x.shape)
         if need_w:
             dw = dy.t() @ x2
         if need_b and ctx.has_bias:
             db = dy.sum(0)
+        # the thin GEMMs are cheapest with the r-sized operand as a contiguous left factor
         if need_a:
-            xd = x2 if keep is None else x2 * keep * (1.0 / (1.0 - p))
-            da = (u.t() @ xd).mul_(s)
+            xd = x2 if keep is None else x2 * keep
+            da = (u.t().contiguous() @ xd).mul_(s if keep is None else s * inv_keep)
         if need_bb:
             if t is None:
                 t = x2 @ lora_a.t()
-            dbb = (dy.t() @ t).mul_(s)
-        return dx, dw, db, da, dbb, None, None, None
+            dbb = (t.t().contiguous() @ dy).mul_(s).t()
+        return dx, dw, db, da, dbb, None, None
 
 
 def _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p) -> None:
@@ -185,5 +184,4 @@ def lora_linear(
         from . import triton_ops
 
         return triton_ops.lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p)
-    seed = _draw_seed(x.device) if dropout_p > 0.0 else 0
-    return _LoraLinearFn.apply(x, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p), seed)
+    return _LoraLinearFn.apply(x, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p))

@@ -41,6 +41,12 @@ MEMORY_CASES = {
 }
 MEMORY_PEER = "peft_prefix"
 
+# glibc raises its mmap threshold (up to 32 MiB) after large frees, after which freed
+# tensors stay in the heap and count in RSS: the warm-up's memory would then be both in
+# "before" and reused by the step. A fixed threshold keeps every tensor above 128 KiB in
+# its own mmap, returned to the OS when freed, so RSS follows live memory on both sides.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
 
 def _rss_bytes() -> int:
     with open("/proc/self/statm", encoding="ascii") as f:
@@ -91,7 +97,7 @@ def measure(case_name: str, side: str, steps: int = 1, tiny: bool = False, timeo
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", case_name, side, "--steps", str(steps)]
     if tiny:
         cmd.append("--tiny")
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **MALLOC_ENV}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(ROOT))
     if proc.returncode != 0:
         raise RuntimeError(f"memory child {case_name}/{side} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")

@@ -1,0 +1,166 @@
+"""Hardening: bad checkpoints, determinism, patching twice / PEFT-wrapped / torch.compile."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import ptpeft_fast as pf
+from ptpeft_fast.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+
+from _tiny_models import VOCAB, batch, load, logits
+
+
+def _config() -> pf.PTPeftConfig:
+    return pf.PTPeftConfig(prefix=pf.PrefixConfig(num_tokens=2, hidden_size=8), lora=pf.LoraConfig(r=2))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    model = pf.patch(load(), _config())
+    path = tmp_path_factory.mktemp("ckpt")
+    pf.save(model, path)
+    return path
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_meta(path, **changes):
+    meta = json.loads((path / CONFIG_NAME).read_text())
+    for k, v in changes.items():
+        if v is None:
+            meta.pop(k, None)
+        elif k == "config":
+            meta["config"].update(v)
+        else:
+            meta[k] = v
+    (path / CONFIG_NAME).write_text(json.dumps(meta))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def test_checkpoint_into_wrong_architecture(ckpt):
+    with pytest.raises(ValueError, match="model_type 'llama'.*'gpt2'"):
+        pf.load(load("gpt2"), ckpt)
+
+
+def test_checkpoint_into_same_family_other_size_is_refused_and_model_left_unpatched(ckpt):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    small = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, vocab_size=VOCAB)).eval()
+    ids, mask = batch()
+    before = logits(small, ids, mask)
+    with pytest.raises(ValueError, match="checkpoint shape .* != model shape .*another size"):
+        pf.load(small, ckpt)
+    # the failed load rolled its patch back: the model is as it was and can be patched again
+    assert not hasattr(small, "_ptpeft")
+    assert not any("prefix" in n or "lora" in n for n, _ in small.named_parameters())
+    assert torch.equal(logits(small, ids, mask), before)
+    pf.patch(small, _config())
+
+
+def test_truncated_weights_file(ckpt, tmp_path):
+    path = _copy(ckpt, tmp_path)
+    blob = (path / WEIGHTS_NAME).read_bytes()
+    (path / WEIGHTS_NAME).write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        pf.load(load(), path)
+    _edit_meta(path, weights_sha256=None)  # no checksum to compare: safetensors' own check must catch it
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        pf.load(load(), path)
+
+
+def test_truncated_or_missing_config(ckpt, tmp_path):
+    path = _copy(ckpt, tmp_path)
+    text = (path / CONFIG_NAME).read_text()
+    (path / CONFIG_NAME).write_text(text[: len(text) // 3])
+    with pytest.raises(ValueError, match="not valid JSON"):
+        pf.load(load(), path)
+    (path / CONFIG_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
+        pf.load(load(), path)
+
+
+@pytest.mark.parametrize("change", [{"format": 99}, {"config": {"version": 99}},
+                                    {"config": {"version": 99, "future_section": {"x": 1}}}])
+def test_checkpoint_from_newer_version(ckpt, tmp_path, change):
+    path = _copy(ckpt, tmp_path)
+    _edit_meta(path, **change)
+    with pytest.raises(ValueError, match="newer than this ptpeft_fast.*upgrade"):
+        pf.load(load(), path)
+
+
+def test_config_file_from_newer_version(tmp_path):
+    cfg = _config().to_dict()
+    cfg["version"] = 99
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="newer.*upgrade"):
+        pf.PTPeftConfig.from_json(tmp_path / "c.json")
+
+
+# ----------------------------------------------------------------------------- determinism
+def _train(seed: int, steps: int = 4) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    cfg = pf.PTPeftConfig(prefix=pf.PrefixConfig(num_tokens=3, hidden_size=8, dropout=0.1),
+                          lora=pf.LoraConfig(r=2, dropout=0.1))
+    model = pf.patch(load(), cfg)
+    pf.set_stage(model, "peft")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids, mask = batch(0, b=2, l=8)
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_same_seed_and_config_give_bit_identical_parameters():
+    a, b = _train(0), _train(0)
+    assert a.keys() == b.keys() and a
+    assert all(torch.equal(a[n], b[n]) for n in a), [n for n in a if not torch.equal(a[n], b[n])]
+    c = _train(1)  # the test can tell runs apart
+    assert not all(torch.equal(a[n], c[n]) for n in a)
+
+
+# ----------------------------------------------------------------------------- patching twice, PEFT, compile
+def test_patching_twice_is_refused():
+    model = pf.patch(load(), _config())
+    with pytest.raises(ValueError, match="already patched"):
+        pf.patch(model, _config())
+
+
+def test_patching_a_peft_model_is_refused():
+    peft = pytest.importorskip("peft")
+    wrapped = peft.get_peft_model(load(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="wrapped by PEFT"):
+        pf.patch(wrapped, _config())
+    with pytest.raises(ValueError, match="wrapped by PEFT"):
+        pf.patch(wrapped.get_base_model(), _config())  # PEFT's layers are inside the base model too
+
+
+def test_torch_compile_on_patched_model_matches_eager():
+    torch.manual_seed(0)
+    model = pf.patch(load(), _config())
+    pf.set_stage(model, "peft")
+    ids, mask = batch()
+    ref = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")  # dynamo + AOTAutograd, as inductor uses them
+    loss = compiled(input_ids=ids, attention_mask=mask, labels=ids).loss
+    loss.backward()
+    assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        if n in ref_grads:
+            assert torch.allclose(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6), n
+    torch._dynamo.reset()

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .config import PTPeftConfig
+from .config import PTPeftConfig, _check_version
 from .patching import get_state, patch
 from .stages import parameter_groups
 
@@ -115,18 +115,49 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if meta.get("model_type") != model_type:
         raise ValueError(f"checkpoint {path} was saved from model_type {meta.get('model_type')!r}, "
                          f"but this model is {model_type!r}")
+    _check_version(meta["config"], path / CONFIG_NAME)  # a config written by a newer ptpeft_fast
     saved_config = PTPeftConfig.from_dict(meta["config"])
     if getattr(model, "_ptpeft", None) is None:
+        snapshot = _pre_patch_snapshot(model)
         patch(model, saved_config)
-        from .stages import mark_trainable
+        try:
+            from .stages import mark_trainable
 
-        if meta.get("extra_trainable"):
-            mark_trainable(model, *meta["extra_trainable"])
-    elif saved_config.prefix is not None and saved_config.prefix.reparam == "none" and get_state(model).config.prefix is not None \
+            if meta.get("extra_trainable"):
+                mark_trainable(model, *meta["extra_trainable"])
+            return _load_into(model, path, meta, tensors)
+        except BaseException:
+            _rollback_patch(model, snapshot)  # do not leave a half-loaded, patched model behind
+            raise
+    if saved_config.prefix is not None and saved_config.prefix.reparam == "none" and get_state(model).config.prefix is not None \
             and get_state(model).config.prefix.reparam != "none":
         from .merging import merge_prefixes
 
         merge_prefixes(model)  # the checkpoint holds merged (static) prefixes
+    return _load_into(model, path, meta, tensors)
+
+
+def _pre_patch_snapshot(model: nn.Module) -> dict[str, Any]:
+    return {"requires_grad": {n: p.requires_grad for n, p in model.named_parameters()}, "training": model.training}
+
+
+def _rollback_patch(model: nn.Module, snapshot: dict[str, Any]) -> None:
+    """Undo the ``patch`` that :func:`load` applied, after a failure (best effort)."""
+    from .patching import _set_attn_implementation, _undo
+
+    state = model.__dict__.get("_ptpeft")
+    if state is None:
+        return
+    _undo(model, state)
+    if state.prefix_layers:
+        _set_attn_implementation(model, state.previous_attn_implementation or "sdpa")
+    del model._ptpeft
+    for n, p in model.named_parameters():
+        p.requires_grad_(snapshot["requires_grad"].get(n, p.requires_grad))
+    model.train(snapshot["training"])
+
+
+def _load_into(model: nn.Module, path: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> nn.Module:
     own = ptpeft_state_dict(model)
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
@@ -135,7 +166,8 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                          f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} (was it saved with another config?)")
     for name, t in tensors.items():
         if tuple(t.shape) != tuple(own[name].shape):
-            raise ValueError(f"tensor {name}: checkpoint shape {tuple(t.shape)} != model shape {tuple(own[name].shape)}")
+            raise ValueError(f"tensor {name}: checkpoint shape {tuple(t.shape)} != model shape {tuple(own[name].shape)} "
+                             "(was the checkpoint saved from a model of another size or architecture?)")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, t in tensors.items():

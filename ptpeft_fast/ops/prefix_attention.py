@@ -134,13 +134,18 @@ class _PrefixAttentionFn(torch.autograd.Function):
 
         out1, lse1 = _flash_fwd(q, k, v, 0.0, flash_causal, attn_mask=mask, scale=scale)
 
-        pk_t = _pref(prefix_k, acc).transpose(-1, -2)
+        pk_t = _pref(prefix_k, acc).transpose(-1, -2).contiguous()  # tiny; faster GEMM operand
         pv = _pref(prefix_v, acc)
         s2 = _mm_prefix(_grp(q, Hkv, acc), pk_t).mul_(scale)  # [B, Hkv, G·L, P]
-        lse1g = lse1.reshape(B, Hkv, -1).to(acc)  # [B, Hkv, G·L]
-        lse = torch.logaddexp(lse1g, torch.logsumexp(s2, dim=-1))
-        p2 = s2.sub_(lse.unsqueeze(-1)).exp_()  # joint-softmax probabilities of the prefix
-        w1 = torch.sub(lse1g, lse).exp_().unsqueeze(-1)  # weight of the real-key part
+        lse1g = lse1.reshape(B, Hkv, -1, 1).to(acc)  # [B, Hkv, G·L, 1]
+        # joint log-sum-exp with in-place passes over s2 (cheaper than logsumexp + logaddexp)
+        m = torch.maximum(s2.amax(dim=-1, keepdim=True), lse1g)
+        e2 = s2.sub_(m).exp_()
+        w1 = torch.sub(lse1g, m).exp_()  # unnormalised weight of the real-key part
+        denom = e2.sum(dim=-1, keepdim=True).add_(w1)
+        p2 = e2.div_(denom)  # joint-softmax probabilities of the prefix
+        w1.div_(denom)  # weight of the real-key part: exp(lse1 - lse)
+        lse = denom.log_().add_(m)
 
         if out1.dtype == acc and out1.is_contiguous():
             # merge in place: out = w1 · O1 + P2 Vp, the second term as GEMM accumulation
@@ -150,7 +155,7 @@ class _PrefixAttentionFn(torch.autograd.Function):
         else:  # strided kernel output or half precision: merge in acc dtype, round once
             out_g = _mm_prefix(p2, pv).addcmul_(_grp(out1, Hkv, acc), w1)
             out = out_g.view(B, H, L, D).to(q.dtype)
-        lse_full = lse.view(B, H, L)
+        lse_full = lse.view(B, H, L)  # merged lse: what the flash backward needs
 
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse_full, p2, mask)
         ctx.flash_causal = flash_causal
@@ -173,7 +178,7 @@ class _PrefixAttentionFn(torch.autograd.Function):
 
         # prefix terms by hand
         pk = _pref(prefix_k, acc)
-        pv_t = _pref(prefix_v, acc).transpose(-1, -2)
+        pv_t = _pref(prefix_v, acc).transpose(-1, -2).contiguous()
         dog = _grp(grad_out, Hkv, acc)  # [B, Hkv, G·L, D]
         delta = torch.linalg.vecdot(dog, _grp(out, Hkv, acc)).unsqueeze(-1)  # rowsum(dO ∘ out)
         ds2 = _mm_prefix(dog, pv_t).sub_(delta).mul_(p2)  # [B, Hkv, G·L, P]

@@ -1,0 +1,91 @@
+"""Patched tiny Llama and tiny BLIP-2: same loss and gradients with the Triton kernels
+(interpreter, CPU tensors) as with the torch path, and the kernels really run."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import ptpeft_fast as pf  # noqa: E402
+from ptpeft_fast import ops  # noqa: E402
+from ptpeft_fast.ops import triton_ops  # noqa: E402
+
+import tiny  # noqa: E402
+from tiny import IMAGE_TOKEN  # noqa: E402
+from triton_test_utils import fast_interpreter, rel_err  # noqa: E402,F401
+
+
+def _randomise(model):
+    """Non-zero LoRA B / adapter up weights, so the fused branches matter."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or ".up." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def _count_triton_calls(monkeypatch):
+    counts = {"prefix_attention": 0, "lora_linear": 0, "adapter": 0}
+    for name in counts:
+        real = getattr(triton_ops, name)
+
+        def spy(*a, __real=real, __name=name, **k):
+            counts[__name] += 1
+            return __real(*a, **k)
+
+        monkeypatch.setattr(triton_ops, name, spy)
+    return counts
+
+
+def _loss_and_grads(model, kw):
+    model.zero_grad(set_to_none=True)
+    out = model(**kw)
+    logits = out.logits.float()
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                             kw["input_ids"][:, 1:].reshape(-1) % logits.shape[-1])
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def _compare(model, kw, monkeypatch, expect):
+    loss_t, grads_t = _loss_and_grads(model, kw)
+    counts = _count_triton_calls(monkeypatch)
+    with ops.use_backend("triton"), triton_ops.poison_outputs():
+        loss_k, grads_k = _loss_and_grads(model, kw)
+    for name in expect:
+        assert counts[name] > 0, f"{name} never reached Triton: {counts}"
+    assert rel_err(loss_k, loss_t) <= 1e-5
+    assert grads_t.keys() == grads_k.keys() and len(grads_t) > 0
+    for n in grads_t:
+        assert rel_err(grads_k[n], grads_t[n]) <= 1e-4, n
+
+
+def test_patched_llama_same_loss_and_grads(tmp_path, monkeypatch):
+    model = tiny.llama(tmp_path, kv_heads=2, layers=2)
+    pf.patch(model, {"prefix": {"num_tokens": 3, "hidden_size": 16}, "lora": {"r": 4},
+                     "adapter": {"bottleneck": 8, "activation": "gelu"}})
+    _randomise(model)
+    pf.set_stage(model, "peft")
+    model.eval()  # no dropout: the torch and Triton runs see the same function
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, tiny.VOCAB - 1, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding: the mask reaches the kernel as key ranges
+    _compare(model, dict(input_ids=ids, attention_mask=mask), monkeypatch, ["prefix_attention", "lora_linear", "adapter"])
+
+
+def test_patched_blip2_same_loss_and_grads(tmp_path, monkeypatch):
+    model = tiny.blip2(tmp_path, "opt")
+    pf.patch(model, {"prefix": {"num_tokens": 3, "hidden_size": 16, "components": ["vision", "qformer", "language"]},
+                     "lora": {"r": 2, "components": ["language", "qformer"]}})
+    _randomise(model)
+    pf.set_stage(model, "peft")
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    pixel_values = torch.randn(2, 3, 16, 16, generator=g)
+    ids = torch.randint(1, tiny.VOCAB - 2, (2, 5), generator=g)
+    ids = torch.cat([torch.full((2, 4), IMAGE_TOKEN), ids], 1)
+    kw = dict(pixel_values=pixel_values, input_ids=ids, attention_mask=torch.ones_like(ids))
+    _compare(model, kw, monkeypatch, ["prefix_attention", "lora_linear"])

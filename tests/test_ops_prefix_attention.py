@@ -364,3 +364,21 @@ def test_gradcheck_float64_full_jacobian_tiny():
         return prefix_attention(*xs, causal=True, attn_mask=mask)
 
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_prefix_only_gradients(shared):
+    """Stage 1 at the first layer: q, k, v carry no grad, only the prefix trains."""
+    B, H, Hkv, L, P, D = 2, 8, 2, 6, 3, 16
+    q, k, v, pk, pv, g = _inputs(B, H, Hkv, L, L, P, D, shared=shared, seed=22)
+    mask = _padding_mask(B, L, L, [6, 2], "left", True)
+    pk1, pv1 = pk.clone().requires_grad_(), pv.clone().requires_grad_()
+    out = prefix_attention(q, k, v, pk1, pv1, causal=True, attn_mask=mask)
+    go = torch.randn(out.shape, generator=g)
+    out.backward(go)
+    ref_pk, ref_pv = pk.double().requires_grad_(), pv.double().requires_grad_()
+    ref = prefix_attention_reference(q.double(), k.double(), v.double(), ref_pk, ref_pv, causal=True, attn_mask=mask)
+    ref.backward(go.double())
+    assert _rel(out.detach(), ref.detach()) <= 1e-5
+    assert _rel(pk1.grad, ref_pk.grad) <= 1e-5
+    assert _rel(pv1.grad, ref_pv.grad) <= 1e-5

@@ -173,8 +173,12 @@ class _PrefixAttentionFn(torch.autograd.Function):
         acc = _acc_dtype(q.dtype)
         grad_out = grad_out.to(q.dtype)
 
-        # real-key terms: the flash kernel rebuilds P1 from the merged lse and Δ from out
-        dq, dk, dv = _flash_bwd(grad_out, q, k, v, out, lse, 0.0, ctx.flash_causal, attn_mask=mask, scale=scale)
+        # real-key terms: the flash kernel rebuilds P1 from the merged lse and Δ from out;
+        # skipped when nothing upstream wants them (stage 1, first layer: only the prefix trains)
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        dq = dk = dv = None
+        if need_q or need_k or need_v:
+            dq, dk, dv = _flash_bwd(grad_out, q, k, v, out, lse, 0.0, ctx.flash_causal, attn_mask=mask, scale=scale)
 
         # prefix terms by hand
         pk = _pref(prefix_k, acc)
@@ -188,7 +192,7 @@ class _PrefixAttentionFn(torch.autograd.Function):
             dpv = _mm_reduce(p2.transpose(-1, -2), dog, shared).to(prefix_v.dtype)
         if ctx.needs_input_grad[3]:
             dpk = _mm_reduce(ds2.transpose(-1, -2), _grp(q, Hkv, acc), shared).mul_(scale).to(prefix_k.dtype)
-        if ctx.needs_input_grad[0]:
+        if need_q:
             if dq.dtype == acc and dq.is_contiguous():
                 _mm_prefix_acc(dq.view(B, Hkv, -1, D), ds2, pk, scale)
             else:  # the kernel returns dq in [B, L, H, D] memory order: one strided add
@@ -196,7 +200,7 @@ class _PrefixAttentionFn(torch.autograd.Function):
                 dq.view(B, Hkv, G, L, D).add_(_mm_prefix(ds2, pk).view(B, Hkv, G, L, D), alpha=scale)
         else:
             dq = None
-        return dq, dk, dv, dpk, dpv, None, None, None
+        return dq, dk if need_k else None, dv if need_v else None, dpk, dpv, None, None, None
 
 
 def _math_path(q, k, v, prefix_k, prefix_v, mask, causal_mask, scale: float, dropout_p: float) -> torch.Tensor:

@@ -174,7 +174,7 @@ def _lora_bwd_ab(
     if pid < nk:
         offs_k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
-        acc = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
+        acc_a = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
         for m0 in range(0, M, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_ok = offs_m < M
@@ -185,22 +185,22 @@ def _lora_bwd_ab(
                 keep = _keep(seed, offs_m, offs_k, K, p_drop)
                 x = tl.where(keep, x * (1.0 / (1.0 - p_drop)), 0.0).to(x.dtype)
             u = tl.load(U + offs_m[:, None] * R + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-            acc += tl.dot(tl.trans(u.to(x.dtype)), x, input_precision=PREC)
-        tl.store(DA + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak, acc.to(DA.dtype.element_ty),
+            acc_a += tl.dot(tl.trans(u.to(x.dtype)), x, input_precision=PREC)
+        tl.store(DA + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak, acc_a.to(DA.dtype.element_ty),
                  mask=r_ok[:, None] & k_ok[None, :])
     else:
         offs_n = (pid - nk) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        acc = tl.zeros([BLOCK_N, BLOCK_R], tl.float32)
-        for m0 in range(0, M, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < M
-            dy = tl.load(DY + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        acc_b = tl.zeros([BLOCK_N, BLOCK_R], tl.float32)
+        for mb0 in range(0, M, BLOCK_M):
+            offs_mb = mb0 + tl.arange(0, BLOCK_M)
+            mb_ok = offs_mb < M
+            dy = tl.load(DY + offs_mb[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=mb_ok[:, None] & n_ok[None, :], other=0.0)
             if COMPUTE_F32:
                 dy = dy.to(tl.float32)
-            t = tl.load(T + offs_m[:, None] * R + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-            acc += tl.dot(tl.trans(dy), t.to(dy.dtype), input_precision=PREC)
-        tl.store(DB + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr, (acc * scaling).to(DB.dtype.element_ty),
+            t = tl.load(T + offs_mb[:, None] * R + offs_r[None, :], mask=mb_ok[:, None] & r_ok[None, :], other=0.0)
+            acc_b += tl.dot(tl.trans(dy), t.to(dy.dtype), input_precision=PREC)
+        tl.store(DB + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr, (acc_b * scaling).to(DB.dtype.element_ty),
                  mask=n_ok[:, None] & r_ok[None, :])
 
 

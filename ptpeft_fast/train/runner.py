@@ -224,12 +224,14 @@ class Run:
         else:
             model, proc = load_local_model(mc["name"], dtype)
         if mc["gradient_checkpointing"]:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers 5 renamed gradient_checkpointing_enable; accept either
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = model.to(self.device)
         self.processor = proc
 
     def _load_data(self) -> None:
-        from ..models import MMCollator
+        """Read the splits (before the model: bad data fails fast, naming file and record)."""
         dc = self.cfg["data"]
         task = dc["task"]
         prompt = dc["prompt"]
@@ -246,9 +248,13 @@ class Run:
         self.eval_ds = load_split(dc, ev["split"], ev["max_samples"] or dc["max_eval_samples"])
         if self.eval_ds.skipped_images:
             self.log(f"skipped {self.eval_ds.skipped_images} unreadable image(s) in data.{ev['split']}")
-        self.train_collate = MMCollator(self.processor, prompt, train=True)
-        self.gen_collate = MMCollator(self.processor, prompt, train=False)
+        self.prompt = prompt
         self.task = task
+
+    def _make_collators(self) -> None:
+        from ..models import MMCollator
+        self.train_collate = MMCollator(self.processor, self.prompt, train=True)
+        self.gen_collate = MMCollator(self.processor, self.prompt, train=False)
 
     def _patch(self) -> None:
         d = peft_config_dict(self.cfg)
@@ -305,8 +311,9 @@ class Run:
         if self.di.main:
             _atomic_write_text(os.path.join(self.out, "config.yaml"), dump_config(self.cfg))
         self._seed(0)
-        self._load_model()
         self._load_data()
+        self._load_model()
+        self._make_collators()
         done = self._progress() if self.resume else []
         phases = self.phases()
         t0 = time.time()

@@ -1,0 +1,65 @@
+"""A two-stage run on tiny-blip2: the loss falls in each stage and each stage trains
+exactly its parameters."""
+import torch
+
+import ptpeft_fast as pf
+from ptpeft_fast.train.runner import Run
+
+from _train_helpers import cfg, checkpoint_tensors, events
+
+
+def _run_tracking_changes(c, out, monkeypatch):
+    changed = {}
+    orig = Run._train_stage
+
+    def tracked(self, stage):
+        before = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        orig(self, stage)
+        changed[stage] = {n for n, p in self.model.named_parameters() if not torch.equal(before[n], p.detach())}
+        self._groups = pf.parameter_groups(self.model) if self.patched else {}
+
+    monkeypatch.setattr(Run, "_train_stage", tracked)
+    run = Run(c, out)
+    rows = run.execute()
+    return run, rows, changed
+
+
+def _falls(losses):
+    return sum(losses[-2:]) / 2 < sum(losses[:2]) / 2
+
+
+def test_two_stage_pt_lora(tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    c = cfg("stage1.max_steps=6", "stage2.max_steps=6", "stage1.lr=3e-2", "stage2.lr=3e-2",
+            "eval.zero_shot=true")
+    run, rows, changed = _run_tracking_changes(c, out, monkeypatch)
+    groups = run._groups
+    by = lambda g: {n for n, k in groups.items() if k == g}  # noqa: E731
+    assert by("prefix") and by("lora")
+    assert changed["stage1"] == by("prefix")                      # stage 1: prefix only
+    assert changed["stage2"] == by("lora") | by("prefix")         # stage 2: LoRA, prefix keeps training
+    ev = events(out, "train")
+    for stage in ("stage1", "stage2"):
+        assert _falls([e["loss"] for e in ev if e["stage"] == stage]), stage
+    assert [r["method"] for r in rows] == ["zero-shot", "Prefix", "PT-LoRA"]
+    assert all(r["spectrum"]["n_samples"] == 8 for r in rows)
+    # checkpoints: stage 1 holds an untouched (zero) LoRA B, stage 2 a trained one
+    s1, s2 = checkpoint_tensors(out, "stage1"), checkpoint_tensors(out, "stage2")
+    b = [n for n in s1 if "lora" in n.lower() and (n.endswith("B") or "_b" in n.lower() or "lora_B" in n)]
+    assert b and all(torch.count_nonzero(s1[n]) == 0 for n in b) and any(torch.count_nonzero(s2[n]) for n in b)
+    assert (tmp_path / "run" / "results.md").read_text().count("|") > 10
+    assert (tmp_path / "run" / "spectrum.png").stat().st_size > 1000
+
+
+def test_adapter_with_frozen_prefix_and_full(tmp_path, monkeypatch):
+    c = cfg("stage2.method=adapter", "stage2.freeze_prefix=true", "eval.spectrum=false", "stage2.lr=3e-2")
+    run, _, changed = _run_tracking_changes(c, str(tmp_path / "a"), monkeypatch)
+    adapters = {n for n, k in run._groups.items() if k == "adapter"}
+    assert adapters and changed["stage2"] == adapters             # prefix frozen in stage 2
+    c = cfg("stage1.enabled=false", "stage2.method=full", "eval.spectrum=false", "stage2.lr=1e-3")
+    run, _, changed = _run_tracking_changes(c, str(tmp_path / "f"), monkeypatch)
+    names = [n for n, _ in run.model.named_parameters()]
+    assert len(changed["stage2"]) >= 0.8 * len(names)             # full FT: base weights train
+    for part in ("vision_model.", "qformer.", "language_model."):
+        assert any(n.startswith(part) for n in changed["stage2"]), part
+    assert _falls([e["loss"] for e in events(str(tmp_path / "f"), "train")])

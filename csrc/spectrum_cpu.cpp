@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -222,9 +223,15 @@ void batched_singular_values(const at::Tensor& feats, const std::vector<int>& ro
   T* sp = svals.mutable_data_ptr<T>();
   std::vector<int> status(batch, kOk);
   const int nmax = static_cast<int>(std::min<int64_t>(*std::max_element(rows_of.begin(), rows_of.end()), d));
-  at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
+  // Dynamic scheduling: each worker pulls the next sample from a shared counter, so a worker
+  // that is descheduled (busy machine) or gets long samples (variable lengths) does not leave
+  // the others idle at the end, as static halves of the batch would.
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), batch));
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    if (w0 >= w1) return;
     Solver<T> solver(nmax);
-    for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t b = next.fetch_add(1); b < batch; b = next.fetch_add(1)) {
       status[b] = solver.run(fp + b * row_stride, rows_of[b], static_cast<int>(d), sp + b * kcols);
     }
   });

@@ -76,9 +76,16 @@ def _fwd_inner(
     acc, l_i, m_i, q, k_base, v_base,
     stride_kn, stride_kd, stride_vn, stride_vd,
     offs_m, offs_d, n_lo, n_hi, n_valid_hi, shift, qk_scale, D,
-    CAUSAL: tl.constexpr, COMPUTE_F32: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+    p_drop, seed_bh, row_len, col_off,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE_F32: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """Online-softmax update over key blocks [n_lo, n_hi); columns >= n_valid_hi masked."""
+    """Online-softmax update over key blocks [n_lo, n_hi); columns >= n_valid_hi masked.
+
+    With DROPOUT, probability (i, col_off + j) is kept iff
+    ``rand(seed_bh, i * row_len + col_off + j) >= p_drop`` (and scaled by 1/(1-p)); the
+    normaliser l uses the undropped probabilities, as in FlashAttention.
+    """
     offs_nb = tl.arange(0, BLOCK_N)
     d_ok = offs_d < D
     # Pointer tiles built once and advanced per block (cheap address math on GPU).
@@ -106,16 +113,19 @@ def _fwd_inner(
         alpha = tl.math.exp2(m_i - m_safe)
         p = tl.math.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = tl.rand(seed_bh, offs_m[:, None] * row_len + (col_off + offs_n)[None, :]) >= p_drop
+            p = tl.where(keep, p * (1.0 / (1.0 - p_drop)), 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["L", "S", "P", "BLOCK_D", "CAUSAL"], prune_configs_by=smem_pruner(_fwd_smem))
+@triton.autotune(configs=_FWD_CONFIGS, key=["L", "S", "P", "BLOCK_D", "CAUSAL", "DROPOUT"], prune_configs_by=smem_pruner(_fwd_smem))
 @triton.jit
 def _attn_fwd(
     Q, K, V, PK, PV, O, LSE2, KLO, KHI,
-    qk_scale,
+    qk_scale, p_drop, seed,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -123,13 +133,14 @@ def _attn_fwd(
     stride_pvb, stride_pvh, stride_pvn, stride_pvd,
     stride_ob, stride_oh, stride_om, stride_od,
     H, L, S, P, D, GROUP,
-    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, COMPUTE_F32: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE_F32: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
+    seed_bh = seed + pid_bh  # one Philox key per (batch, head): offsets stay int32
     hkv = h // GROUP  # GQA/MQA: query head h reads KV head h // (H / Hkv)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -149,7 +160,8 @@ def _attn_fwd(
         acc, l_i, m_i, q, PK + b * stride_pkb + hkv * stride_pkh, PV + b * stride_pvb + hkv * stride_pvh,
         stride_pkn, stride_pkd, stride_pvn, stride_pvd,
         offs_m, offs_d, 0, P, P, 0, qk_scale, D,
-        False, COMPUTE_F32, PREC, BLOCK_N,
+        p_drop, seed_bh, P + S, 0,
+        False, DROPOUT, COMPUTE_F32, PREC, BLOCK_N,
     )
     k_lo = 0
     k_hi = S
@@ -165,7 +177,8 @@ def _attn_fwd(
         acc, l_i, m_i, q, K + b * stride_kb + hkv * stride_kh, V + b * stride_vb + hkv * stride_vh,
         stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, k_lo, n_hi, k_hi, shift, qk_scale, D,
-        CAUSAL, COMPUTE_F32, PREC, BLOCK_N,
+        p_drop, seed_bh, P + S, P,
+        CAUSAL, DROPOUT, COMPUTE_F32, PREC, BLOCK_N,
     )
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -177,11 +190,11 @@ def _attn_fwd(
     tl.store(LSE2 + pid_bh.to(tl.int64) * L + offs_m, lse2, mask=row_ok)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["L", "S", "NKEYS", "BLOCK_D", "CAUSAL", "IS_PREFIX", "BATCH_SHARED"], prune_configs_by=smem_pruner(_bwd_smem))
+@triton.autotune(configs=_BWD_CONFIGS, key=["L", "S", "NKEYS", "BLOCK_D", "CAUSAL", "IS_PREFIX", "BATCH_SHARED", "DROPOUT"], prune_configs_by=smem_pruner(_bwd_smem))
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO, LSE2, DELTA, DK, DV, KLO, KHI,
-    qk_scale, scale,
+    qk_scale, scale, p_drop, seed, ROW_LEN, COL_OFF,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -190,7 +203,8 @@ def _attn_bwd_dkdv(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     B, H, HKV, L, S, NKEYS, D, GROUP,
     IS_PREFIX: tl.constexpr, BATCH_SHARED: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, COMPUTE_F32: tl.constexpr, PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE_F32: tl.constexpr,
+    PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV for one block of NKEYS keys (real keys, or prefix keys when IS_PREFIX)."""
@@ -242,6 +256,7 @@ def _attn_bwd_dkdv(
         for hg in range(0, GROUP):
             h = hkv * GROUP + hg
             row_base = (bb * H + h) * L
+            seed_bh = seed + bb * H + h
             q_ptrs = Q + bb * stride_qb + h * stride_qh + (m_lo + offs_mb)[:, None] * stride_qm + offs_d[None, :] * stride_qd
             do_ptrs = DO + bb * stride_dob + h * stride_doh + (m_lo + offs_mb)[:, None] * stride_dom + offs_d[None, :] * stride_dod
             for start_m in range(m_lo, m_hi, BLOCK_M):
@@ -265,8 +280,13 @@ def _attn_bwd_dkdv(
                     if CAUSAL:
                         visible = visible & (offs_n_shift[:, None] <= offs_m[None, :])
                 p_t = tl.where(visible, p_t, 0.0)
-                dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
                 dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+                if DROPOUT:
+                    keep_t = tl.rand(seed_bh, offs_m[None, :] * ROW_LEN + (COL_OFF + offs_n)[:, None]) >= p_drop
+                    dv += tl.dot(tl.where(keep_t, p_t * (1.0 / (1.0 - p_drop)), 0.0).to(do.dtype), do, input_precision=PREC)
+                    dp_t = tl.where(keep_t, dp_t * (1.0 / (1.0 - p_drop)), 0.0)
+                else:
+                    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
                 ds_t = p_t * (dp_t - delta[None, :])
                 dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PREC)
     st = col_in[:, None] & d_ok[None, :]
@@ -281,7 +301,9 @@ def _dq_inner(
     dq, q, do, lse2, delta, k_base, v_base,
     stride_kn, stride_kd, stride_vn, stride_vd,
     offs_m, offs_d, n_lo, n_hi, n_valid_hi, shift, qk_scale, D,
-    CAUSAL: tl.constexpr, COMPUTE_F32: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+    p_drop, seed_bh, row_len, col_off,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE_F32: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     offs_nb = tl.arange(0, BLOCK_N)
     d_ok = offs_d < D
@@ -305,16 +327,19 @@ def _dq_inner(
             visible = visible & (offs_n[None, :] <= (offs_m + shift)[:, None])
         p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        if DROPOUT:
+            keep = tl.rand(seed_bh, offs_m[:, None] * row_len + (col_off + offs_n)[None, :]) >= p_drop
+            dp = tl.where(keep, dp * (1.0 / (1.0 - p_drop)), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     return dq
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["L", "S", "P", "BLOCK_D", "CAUSAL"], prune_configs_by=smem_pruner(_bwd_smem))
+@triton.autotune(configs=_BWD_CONFIGS, key=["L", "S", "P", "BLOCK_D", "CAUSAL", "DROPOUT"], prune_configs_by=smem_pruner(_bwd_smem))
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, PK, PV, DO, LSE2, DELTA, DQ, KLO, KHI,
-    qk_scale, scale,
+    qk_scale, scale, p_drop, seed,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -323,13 +348,14 @@ def _attn_bwd_dq(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, L, S, P, D, GROUP,
-    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, COMPUTE_F32: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE_F32: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
+    seed_bh = seed + pid_bh  # one Philox key per (batch, head): offsets stay int32
     hkv = h // GROUP
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -348,7 +374,8 @@ def _attn_bwd_dq(
         dq, q, do, lse2, delta, PK + b * stride_pkb + hkv * stride_pkh, PV + b * stride_pvb + hkv * stride_pvh,
         stride_pkn, stride_pkd, stride_pvn, stride_pvd,
         offs_m, offs_d, 0, P, P, 0, qk_scale, D,
-        False, COMPUTE_F32, PREC, BLOCK_N,
+        p_drop, seed_bh, P + S, 0,
+        False, DROPOUT, COMPUTE_F32, PREC, BLOCK_N,
     )
     k_lo = 0
     k_hi = S
@@ -363,10 +390,25 @@ def _attn_bwd_dq(
         dq, q, do, lse2, delta, K + b * stride_kb + hkv * stride_kh, V + b * stride_vb + hkv * stride_vh,
         stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, k_lo, n_hi, k_hi, shift, qk_scale, D,
-        CAUSAL, COMPUTE_F32, PREC, BLOCK_N,
+        p_drop, seed_bh, P + S, P,
+        CAUSAL, DROPOUT, COMPUTE_F32, PREC, BLOCK_N,
     )
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * scale).to(DQ.dtype.element_ty), mask=ld)
+
+
+@triton.jit
+def _attn_keep_kernel(OUT, H, L, NCOL, p_drop, seed, BLOCK: tl.constexpr):
+    """keep[b, h, i, c] for c over [prefix ; real keys], the stream the kernels draw."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+    m_ok = offs_m < L
+    for c0 in range(0, NCOL, BLOCK):
+        offs_c = c0 + tl.arange(0, BLOCK)
+        keep = tl.rand(seed + pid_bh, offs_m[:, None] * NCOL + offs_c[None, :]) >= p_drop
+        tl.store(OUT + (pid_bh.to(tl.int64) * L + offs_m[:, None]) * NCOL + offs_c[None, :], keep.to(tl.int8),
+                 mask=m_ok[:, None] & (offs_c[None, :] < NCOL))
 
 
 # --------------------------------------------------------------------------- launchers
@@ -382,7 +424,7 @@ def _s4(t: torch.Tensor) -> tuple[int, int, int, int]:
 def attn_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor,
     out: torch.Tensor, lse2: torch.Tensor, klo: torch.Tensor | None, khi: torch.Tensor | None,
-    *, causal: bool, scale: float,
+    *, causal: bool, scale: float, dropout_p: float = 0.0, seed: int = 0,
 ) -> None:
     """Launch the forward: writes ``out`` [B,H,L,D] and ``lse2`` [B,H,L] (fp32, log2 domain).
 
@@ -397,10 +439,10 @@ def attn_forward(
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
     _attn_fwd[grid](
         q, k, v, pk, pv, out, lse2, klo, khi,
-        scale * LOG2E,
+        scale * LOG2E, dropout_p, seed,
         *q.stride(), *k.stride(), *v.stride(), *_s4(pk), *_s4(pv), *out.stride(),
         H, L, S, P, D, H // Hkv,
-        CAUSAL=causal, HAS_PAD=has_pad, COMPUTE_F32=compute_in_f32(q.dtype), PREC=dot_precision(q.dtype),
+        CAUSAL=causal, HAS_PAD=has_pad, DROPOUT=dropout_p > 0, COMPUTE_F32=compute_in_f32(q.dtype), PREC=dot_precision(q.dtype),
         BLOCK_D=block_dim(D),
     )
 
@@ -410,7 +452,7 @@ def attn_backward(
     out: torch.Tensor, dout: torch.Tensor, lse2: torch.Tensor,
     klo: torch.Tensor | None, khi: torch.Tensor | None,
     dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, dpk: torch.Tensor, dpv: torch.Tensor,
-    *, causal: bool, scale: float,
+    *, causal: bool, scale: float, dropout_p: float = 0.0, seed: int = 0,
 ) -> None:
     """Launch the backward kernels, writing dq, dk, dv, dpk, dpv (shaped like their inputs)."""
     B, H, L, D = q.shape
@@ -425,12 +467,12 @@ def attn_backward(
     f32 = compute_in_f32(q.dtype)
     prec = dot_precision(q.dtype)
     bd = block_dim(D)
-    common = dict(CAUSAL=causal, HAS_PAD=has_pad, COMPUTE_F32=f32, PREC=prec, BLOCK_D=bd)
+    common = dict(CAUSAL=causal, HAS_PAD=has_pad, DROPOUT=dropout_p > 0, COMPUTE_F32=f32, PREC=prec, BLOCK_D=bd)
     if S > 0:
         grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
         _attn_bwd_dkdv[grid](
             q, k, v, dout, lse2, delta, dk, dv, klo, khi,
-            scale * LOG2E, scale,
+            scale * LOG2E, scale, dropout_p, seed, P + S, P,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             B, H, Hkv, L, S, S, D, group,
             IS_PREFIX=False, BATCH_SHARED=False, **common,
@@ -440,7 +482,7 @@ def attn_backward(
         grid = lambda meta: (triton.cdiv(P, meta["BLOCK_N"]), (1 if shared else B) * Hkv)  # noqa: E731
         _attn_bwd_dkdv[grid](
             q, pk, pv, dout, lse2, delta, dpk, dpv, klo, khi,
-            scale * LOG2E, scale,
+            scale * LOG2E, scale, dropout_p, seed, P + S, 0,
             *q.stride(), *_s4(pk), *_s4(pv), *dout.stride(), *_s4(dpk), *_s4(dpv),
             B, H, Hkv, L, S, P, D, group,
             IS_PREFIX=True, BATCH_SHARED=shared, **common,
@@ -449,11 +491,19 @@ def attn_backward(
         grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
         _attn_bwd_dq[grid](
             q, k, v, pk, pv, dout, lse2, delta, dq, klo, khi,
-            scale * LOG2E, scale,
+            scale * LOG2E, scale, dropout_p, seed,
             *q.stride(), *k.stride(), *v.stride(), *_s4(pk), *_s4(pv), *dout.stride(), *dq.stride(),
             H, L, S, P, D, group,
             **common,
         )
+
+
+def dropout_keep_mask(B: int, H: int, L: int, n_keys: int, dropout_p: float, seed: int, device) -> torch.Tensor:
+    """The attention-dropout keep mask (bool ``[B,H,L,P+S]``) the kernels use for ``seed``."""
+    out = torch.empty((B, H, L, n_keys), dtype=torch.int8, device=device)
+    blk = 32
+    _attn_keep_kernel[(triton.cdiv(L, blk), B * H)](out, H, L, n_keys, dropout_p, seed, BLOCK=blk)
+    return out.bool()
 
 
 def default_scale(head_dim: int) -> float:
@@ -461,4 +511,4 @@ def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
-__all__ = ["attn_forward", "attn_backward", "default_scale", "INTERPRET"]
+__all__ = ["attn_forward", "attn_backward", "default_scale", "dropout_keep_mask", "INTERPRET"]

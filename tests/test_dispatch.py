@@ -145,8 +145,9 @@ def test_triton_refusals_are_value_errors_through_the_public_op():
     window = torch.ones(5, 5, dtype=torch.bool).tril().triu(-1)
     with pytest.raises(ValueError, match="backend='torch'"):
         ops.prefix_attention(*inputs, causal=True, attn_mask=window, backend="triton")
-    with pytest.raises(ValueError, match="dropout"):
-        ops.prefix_attention(*inputs, causal=True, dropout_p=0.2, backend="triton")
+    bias = torch.randn(5, 5)
+    with pytest.raises(ValueError, match="additive float"):
+        ops.prefix_attention(*inputs, causal=True, attn_mask=bias, backend="triton")
 
 
 # ------------------------------------------------------------------------- CUDA only

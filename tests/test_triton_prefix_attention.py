@@ -178,8 +178,6 @@ def test_mask_conversion_and_refusals():
     bias = torch.randn(L, S)  # ALiBi-like additive bias: not supported
     with pytest.raises(ValueError, match="additive float"):
         triton_ops.prefix_attention(*inputs, causal=True, attn_mask=bias)
-    with pytest.raises(ValueError, match="dropout"):
-        triton_ops.prefix_attention(*inputs, causal=True, dropout_p=0.1)
     holes = causal_pad.clone()
     holes[0, :, :, 4] = False  # two runs of keys in one sequence
     with pytest.raises(ValueError):
@@ -213,3 +211,57 @@ def test_scale_default_is_inverse_sqrt_head_dim():
     a = triton_ops.prefix_attention(*inputs, causal=False)
     b = triton_ops.prefix_attention(*inputs, causal=False, scale=1 / math.sqrt(32))
     assert torch.equal(a, b)
+
+
+def _dropout_reference(q, k, v, pk, pv, *, causal, attn_mask, scale, keep, p):
+    """float64 softmax([q·Pkᵀ, q·Kᵀ masked]) ∘ keep / (1 − p) @ [Pv; V]."""
+    B, H, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if pk.dim() == 3:
+        pk, pv = pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1)
+    keys = torch.cat([pk, k], 2).repeat_interleave(H // Hkv, 1)
+    vals = torch.cat([pv, v], 2).repeat_interleave(H // Hkv, 1)
+    scores = q @ keys.transpose(-1, -2) * scale
+    if attn_mask is not None:
+        allowed = attn_mask.expand(B, H, L, S)
+    elif causal:
+        allowed = torch.ones(L, S, dtype=torch.bool).tril(S - L).expand(B, H, L, S)
+    else:
+        allowed = torch.ones(B, H, L, S, dtype=torch.bool)
+    allowed = torch.cat([torch.ones(B, H, L, pk.shape[2], dtype=torch.bool), allowed], -1)
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1)
+    return (probs * keep / (1 - p)) @ vals
+
+
+@pytest.mark.parametrize(
+    "B,H,Hkv,L,S,P,D,causal,padded,shared,p,dtype",
+    [
+        (2, 4, 2, 20, 20, 5, 32, True, False, True, 0.1, torch.float32),
+        (1, 2, 1, 9, 37, 3, 32, False, False, False, 0.5, torch.float32),
+        (2, 2, 2, 33, 33, 4, 16, True, True, True, 0.2, torch.float32),
+        (2, 2, 1, 12, 12, 6, 32, True, False, True, 0.3, torch.float16),
+        (1, 4, 4, 17, 17, 2, 64, True, True, False, 0.1, torch.bfloat16),
+    ],
+)
+def test_dropout_matches_reference_with_the_kernel_mask(B, H, Hkv, L, S, P, D, causal, padded, shared, p, dtype):
+    inputs = _make(B, H, Hkv, L, S, P, D, dtype, shared, 17)
+    mask = _padding_mask(B, L, S, [2, 0][:B], [S, S - 3][:B], causal) if padded else None
+    seed = 1234
+    with triton_ops.poison_outputs():
+        out = triton_ops.prefix_attention(*inputs, causal=causal, attn_mask=mask, dropout_p=p, seed=seed)
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(dtype)
+        grads = torch.autograd.grad(out, inputs, dout)
+    keep = triton_ops.attention_dropout_mask(B, H, L, P + S, p, seed)
+    assert 0.5 * (1 - p) < keep.float().mean().item() < 1.5 * (1 - p) + 0.01
+    ref_in = [t.detach().double().requires_grad_() for t in inputs]
+    ref = _dropout_reference(*ref_in, causal=causal, attn_mask=mask, scale=1 / math.sqrt(D), keep=keep, p=p)
+    ref_grads = torch.autograd.grad(ref, ref_in, dout.double())
+    for name, a, b in zip(["out", "dq", "dk", "dv", "dpk", "dpv"], (out,) + grads, (ref,) + ref_grads):
+        assert rel_err(a, b) <= TOL[dtype], name
+    # same seed, same result; the default seed follows torch.manual_seed
+    again = triton_ops.prefix_attention(*inputs, causal=causal, attn_mask=mask, dropout_p=p, seed=seed)
+    assert torch.equal(out, again)
+    torch.manual_seed(3)
+    a = triton_ops.prefix_attention(*inputs, causal=causal, attn_mask=mask, dropout_p=p)
+    torch.manual_seed(3)
+    assert torch.equal(a, triton_ops.prefix_attention(*inputs, causal=causal, attn_mask=mask, dropout_p=p))

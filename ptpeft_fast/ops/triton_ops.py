@@ -6,8 +6,7 @@ CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how the tests run
 
 Limits (each raises :class:`TritonUnsupported`, a ``ValueError``, naming the alternative):
 
-- ``prefix_attention``: ``dropout_p > 0`` is refused (no in-kernel RNG for attention yet);
-  ``attn_mask`` must be exactly "key padding (one contiguous run of visible real keys per
+- ``prefix_attention``: ``attn_mask`` must be exactly "key padding (one contiguous run of visible real keys per
   sequence: left or right padding) with or without bottom-right causality", as a bool mask
   or an additive float mask whose entries are all 0 or -inf/dtype-min. Such masks become
   per-sequence ``[klo, khi)`` ranges for the kernel; any other mask (sliding windows,
@@ -15,6 +14,9 @@ Limits (each raises :class:`TritonUnsupported`, a ``ValueError``, naming the alt
   Checking costs one elementwise pass over the mask and one host sync; the result is cached
   for the mask tensor object (unchanged version), so the layers of one forward pay once.
 - head dim <= 256.
+
+Dropout (attention probabilities, LoRA input) runs in-kernel from a Philox seed drawn from
+torch's generator; masks are regenerated in the backward, never stored.
 - ``adapter``: bottleneck <= 256.
 """
 from __future__ import annotations
@@ -32,6 +34,8 @@ from ptpeft_fast.kernels import prefix_attention as _pak
 __all__ = [
     "TritonUnsupported",
     "adapter",
+    "attention_dropout_mask",
+    "lora_dropout_mask",
     "lora_linear",
     "mask_to_key_range",
     "poison_outputs",
@@ -153,15 +157,22 @@ def _mask_to_key_range(m: torch.Tensor, B: int, H: int, L: int, S: int) -> tuple
 # ------------------------------------------------------------------- prefix attention
 
 
+def _rng_seed(device: torch.device) -> int:
+    # Drawn from torch's (CPU) generator so torch.manual_seed makes Triton dropout reproducible;
+    # < 2**30 leaves room for the per-(batch, head) key offsets added in the kernels.
+    return int(torch.randint(0, 2**30, (1,)).item())
+
+
 class _PrefixAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, pk, pv, klo, khi, causal: bool, scale: float):
+    def forward(ctx, q, k, v, pk, pv, klo, khi, causal: bool, scale: float, dropout_p: float, seed: int):
         B, H, L, D = q.shape
         out = _new((B, H, L, D), q.dtype, q.device)
         lse2 = _new((B, H, L), torch.float32, q.device)
-        _pak.attn_forward(q, k, v, pk, pv, out, lse2, klo, khi, causal=causal, scale=scale)
+        _pak.attn_forward(q, k, v, pk, pv, out, lse2, klo, khi, causal=causal, scale=scale,
+                          dropout_p=dropout_p, seed=seed)
         ctx.save_for_backward(q, k, v, pk, pv, out, lse2, klo, khi)
-        ctx.causal, ctx.scale = causal, scale
+        ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = causal, scale, dropout_p, seed
         return out
 
     @staticmethod
@@ -169,8 +180,8 @@ class _PrefixAttention(torch.autograd.Function):
         q, k, v, pk, pv, out, lse2, klo, khi = ctx.saved_tensors
         dq, dk, dv, dpk, dpv = (_new_like(t) for t in (q, k, v, pk, pv))
         _pak.attn_backward(q, k, v, pk, pv, out, dout, lse2, klo, khi, dq, dk, dv, dpk, dpv,
-                           causal=ctx.causal, scale=ctx.scale)
-        return dq, dk, dv, dpk, dpv, None, None, None, None
+                           causal=ctx.causal, scale=ctx.scale, dropout_p=ctx.dropout_p, seed=ctx.seed)
+        return dq, dk, dv, dpk, dpv, None, None, None, None, None, None
 
 
 def prefix_attention(
@@ -184,19 +195,20 @@ def prefix_attention(
     attn_mask: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
+    seed: Optional[int] = None,
 ) -> torch.Tensor:
     """Attention of q over [prefix ; real keys] with the Triton flash kernel.
 
     Shapes: q ``[B,H,L,D]``; k, v ``[B,Hkv,S,D]``; prefix ``[Hkv,P,D]`` (shared by the batch)
     or ``[B,Hkv,P,D]``. Returns ``[B,H,L,D]`` in q's dtype. The prefix is always visible; real
     keys follow ``attn_mask`` if given, else bottom-right causality if ``causal``, else all.
-    Raises :class:`TritonUnsupported` for dropout, unsupported masks, or head dim > 256.
+    ``dropout_p > 0`` drops attention probabilities with an in-kernel RNG keyed by ``seed``
+    (default: drawn from torch's generator); the keep mask is
+    :func:`attention_dropout_mask` ``(B, H, L, P + S, dropout_p, seed)``.
+    Raises :class:`TritonUnsupported` for unsupported masks or head dim > 256.
     """
-    if dropout_p and dropout_p > 0.0:
-        raise TritonUnsupported(
-            "backend='triton' prefix_attention does not implement attention dropout; "
-            "use dropout_p=0 (eval, or attention_dropout=0) or backend='torch'"
-        )
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p={dropout_p} must be in [0, 1)")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be [B,H,L,D] / [B,Hkv,S,D]")
     B, H, L, D = q.shape
@@ -223,15 +235,22 @@ def prefix_attention(
         klo, khi, causal = mask_to_key_range(attn_mask, B, H, L, S)
         if bool(((klo == 0) & (khi == S)).all()):
             klo = khi = None  # nothing padded: skip the range loads
-    return _PrefixAttention.apply(q, k, v, prefix_k, prefix_v, klo, khi, bool(causal), float(scale))
+    if seed is None:
+        seed = _rng_seed(q.device) if dropout_p > 0 else 0
+    return _PrefixAttention.apply(q, k, v, prefix_k, prefix_v, klo, khi, bool(causal), float(scale),
+                                  float(dropout_p), int(seed))
+
+
+def attention_dropout_mask(
+    B: int, H: int, L: int, n_keys: int, dropout_p: float, seed: int, device: Union[str, torch.device] = "cpu"
+) -> torch.Tensor:
+    """The keep mask (bool ``[B,H,L,P+S]``, prefix columns first) ``prefix_attention`` uses for ``seed``."""
+    return _pak.dropout_keep_mask(B, H, L, n_keys, dropout_p, seed, torch.device(device))
 
 
 # ------------------------------------------------------------------------------ LoRA
 
 
-def _rng_seed(device: torch.device) -> int:
-    # Drawn from torch's generator so torch.manual_seed makes Triton dropout reproducible.
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
 class _LoraLinear(torch.autograd.Function):

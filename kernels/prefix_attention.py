@@ -12,6 +12,10 @@ Softmax runs online in the log2 domain (``qk_scale = scale * log2(e)``); the for
 ``exp2(s * qk_scale - lse2)``. A row with no visible key (only possible with P = 0) gets
 output 0 and ``lse2 = +inf`` so its gradients are 0.
 
+Dropout (optional, ``DROPOUT`` constexpr): probability (b, h, i, c) over the P + S columns
+is kept iff ``tl.rand(seed + b*H + h, i*(P+S) + c) >= p``; forward and backward regenerate
+the same mask.
+
 Backward: dK/dV for real keys and for prefix keys come from one kernel (``IS_PREFIX``)
 with one program per key block that loops over the GQA query heads of its KV head and, for
 a batch-shared prefix, over the batch too, so every gradient element is written by exactly

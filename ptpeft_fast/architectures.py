@@ -143,6 +143,69 @@ _QFORMER = Family(
     scope=("attention", "intermediate_query", "output_query"),
 )
 
+_PHI3 = replace(_LLAMA, lora=("qkv_proj", "o_proj"))  # fused q/k/v projection
+_QWEN2_VL_VISION = Family(  # Qwen2-VL / Qwen2.5-VL ViT; attention runs per image (and per window in 2.5)
+    layers=r"blocks\.\d+",
+    attention=("attn",),
+    lora=("qkv", "attn.proj"),
+    attn_out="attn.proj",
+    ffn_in="mlp",
+    ffn_out="mlp",
+)
+_DAVIT = Family(  # Florence-2's DaViT: prefixes in the spatial (window) attention, not the channel attention
+    layers=r"blocks\.\d+\.\d+",
+    attention=("spatial_block.window_attn",),
+    lora=("window_attn.qkv", "window_attn.proj"),
+    attn_out="spatial_block.window_attn.proj",
+    ffn_in="spatial_block.ffn",
+    ffn_out="spatial_block.ffn",
+)
+_BART_SCOPE_DECODER = ("self_attn", "self_attn_layer_norm", "fc1", "fc2", "final_layer_norm")
+_BART_ENCODER = Family(
+    layers=r"layers\.\d+",
+    attention=("self_attn",),
+    lora=("q_proj", "k_proj", "v_proj", "out_proj"),
+    attn_out="self_attn.out_proj",
+    ffn_in="fc1",
+    ffn_out="fc2",
+)
+_BART_DECODER = replace(_BART_ENCODER, scope=_BART_SCOPE_DECODER)
+_BART_CROSS = Family(
+    layers=r"layers\.\d+",
+    attention=("encoder_attn",),
+    lora=("q_proj", "k_proj", "v_proj", "out_proj"),
+    attn_out="encoder_attn.out_proj",
+    ffn_in=None,
+    ffn_out=None,
+    scope=("encoder_attn",),
+)
+
+
+def _projector(block: str, linears: tuple[str, ...], out: str, roots: tuple[str, ...] = ("model", "")) -> Component:
+    """A multimodal projector as a one-block family: LoRA on ``linears``, a (sequential)
+    adapter on ``out``'s output. No attention inside, so no prefix; ``ffn_in`` is None
+    because input and output widths differ (parallel adapters do not apply)."""
+    return Component(roots=roots, family=Family(layers=re.escape(block), attention=(), lora=linears,
+                                                attn_out=None, ffn_in=None, ffn_out=out))
+
+
+def _mm(vision: str, language: str, projector: Component | None, qformer: str | None = None) -> dict[str, Component]:
+    """An image-text model whose vision tower, Q-Former and language model are looked up by
+    their own sub-config's ``model_type`` (so LLaVA with a SigLIP tower or a Qwen2 LM just works)."""
+    roots = lambda p: (f"model.{p}", p)  # noqa: E731  (ForConditionalGeneration wraps the base model as `model`)
+    out = {"vision": Component(roots=roots(vision), delegate="vision_config"),
+           "language": Component(roots=roots(language), delegate="text_config")}
+    if qformer is not None:
+        out["qformer"] = Component(roots=roots(qformer), delegate="qformer_config")
+    if projector is not None:
+        out["projector"] = projector
+    return out
+
+
+_LLAVA = _mm("vision_tower", "language_model", _projector("multi_modal_projector", ("linear_1", "linear_2"), "linear_2"))
+_IDEFICS3 = _mm("vision_model", "text_model", _projector("connector", ("proj",), "modality_projection"))
+_QWEN2_VL = _mm("visual", "language_model", _projector("merger", ("mlp.0", "mlp.2"), "mlp", roots=("model.visual", "visual")))
+
 _CLIP_LIKE = {
     "language": Component(roots=("text_model",), family=_CLIP),
     "vision": Component(roots=("vision_model",), family=_CLIP),
@@ -176,6 +239,41 @@ ARCHITECTURES: dict[str, dict[str, Component]] = {
     },
 }
 ARCHITECTURES["blip-2"] = ARCHITECTURES["blip_2"]
+_TEXT = {"language": Component(roots=("",), family=_LLAMA)}
+ARCHITECTURES.update({
+    # text families (also the language models of the LMMs below)
+    "qwen3": _TEXT, "gemma": _TEXT, "gemma2": _TEXT, "gemma3_text": _TEXT,
+    "qwen2_vl_text": _TEXT, "qwen2_5_vl_text": _TEXT,
+    "phi3": {"language": Component(roots=("",), family=_PHI3)},
+    "bart": {
+        "encoder": Component(roots=("encoder", "model.encoder"), family=_BART_ENCODER),
+        "decoder": Component(roots=("decoder", "model.decoder"), family=_BART_DECODER),
+        "cross": Component(roots=("decoder", "model.decoder"), family=_BART_CROSS),
+    },
+    # vision towers
+    "instructblip_vision_model": {"vision": Component(roots=("",), family=_BLIP2_VISION)},
+    "instructblip_qformer": {"qformer": Component(roots=("",), family=_QFORMER)},
+    "idefics3_vision": {"vision": Component(roots=("",), family=_CLIP)},
+    "smolvlm_vision": {"vision": Component(roots=("",), family=_CLIP)},
+    "qwen2_vl": _QWEN2_VL, "qwen2_5_vl": _QWEN2_VL,
+    "qwen2_vl_vision": {"vision": Component(roots=("",), family=_QWEN2_VL_VISION)},
+    "qwen2_5_vl_vision": {"vision": Component(roots=("",), family=_QWEN2_VL_VISION)},
+    "florence_vision": {"vision": Component(roots=("",), family=_DAVIT)},
+    # image-text models
+    "instructblip": {
+        **_mm("vision_model", "language_model", None, qformer="qformer"),
+        # a bare Linear: LoRA through `direct`, adapter on its own output (ffn_out "" = the block itself)
+        "projector": Component(roots=("",), direct=("language_projection",), family=Family(
+            layers="language_projection", attention=(), lora=(), attn_out=None, ffn_in=None, ffn_out="")),
+    },
+    "llava": _LLAVA, "llava_next": _LLAVA, "llava_onevision": _LLAVA,
+    "idefics3": _IDEFICS3, "smolvlm": _IDEFICS3,
+    "paligemma": _mm("vision_tower", "language_model", _projector("multi_modal_projector", ("linear",), "linear")),
+    # Gemma 3's projector is a bare weight matrix (no nn.Linear), so it has no projector component.
+    "gemma3": _mm("vision_tower", "language_model", None),
+    "florence2": _mm("vision_tower", "language_model",
+                     _projector("multi_modal_projector", ("image_projection",), "image_projection")),
+})
 
 # Components a name stands for when the model has no component of that exact name:
 # an encoder-decoder language model's "language" is its encoder, decoder and cross-attention.
@@ -307,6 +405,9 @@ def attention_geometry(module: nn.Module) -> tuple[int, int, int]:
     config = getattr(module, "config", None)
     if heads is None and config is not None:
         heads = getattr(config, "num_attention_heads", None)
+    width = _first_attr(module, ("embed_dim", "dim"))  # e.g. Florence-2's DaViT: per-stage width, no head_dim
+    if head_dim is None and heads is not None and width is not None:
+        head_dim = width // heads
     if head_dim is None and heads is not None and config is not None and getattr(config, "hidden_size", None):
         head_dim = config.hidden_size // heads
     if heads is None or head_dim is None:

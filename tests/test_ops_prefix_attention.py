@@ -382,3 +382,23 @@ def test_prefix_only_gradients(shared):
     assert _rel(out.detach(), ref.detach()) <= 1e-5
     assert _rel(pk1.grad, ref_pk.grad) <= 1e-5
     assert _rel(pv1.grad, ref_pv.grad) <= 1e-5
+
+
+def test_causal_padding_mask_uses_kernel_causal_skip(monkeypatch):
+    """A bool mask with nothing above the diagonal runs the kernel with is_causal (same result)."""
+    import ptpeft_fast.ops.prefix_attention as pa
+
+    seen = []
+    real = pa._flash_fwd
+
+    def spy(q, k, v, dropout_p, is_causal, **kw):
+        seen.append(is_causal)
+        return real(q, k, v, dropout_p, is_causal, **kw)
+
+    monkeypatch.setattr(pa, "_flash_fwd", spy)
+    B, H, L, P, D = 2, 4, 6, 2, 8
+    q, k, v, pk, pv, g = _inputs(B, H, H, L, L, P, D, seed=23)
+    causal_pad = _padding_mask(B, L, L, [6, 3], "left", True)
+    _compare(q, k, v, pk, pv, g, causal=True, attn_mask=causal_pad)
+    _compare(q, k, v, pk, pv, g, causal=True, attn_mask=_padding_mask(B, L, L, [6, 3], "left", False))
+    assert seen == [True, False]

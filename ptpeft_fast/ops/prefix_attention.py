@@ -397,5 +397,11 @@ def prefix_attention(
         return _math_path(q, k, v, prefix_k, prefix_v, attn_mask, causal_mask, scale, float(dropout_p))
 
     mask = causal_mask if attn_mask is None else attn_mask
+    if attn_mask is not None and attn_mask.dtype == torch.bool and S == L and L > 1:
+        # A bool mask with nothing allowed above the diagonal (transformers' causal+padding
+        # mask) gives the same result with the kernel's causal flag on, which skips the
+        # upper-triangle blocks. Rows it leaves fully masked get weight 0 in the merge anyway.
+        upper = torch.ones(L, S, dtype=torch.bool, device=q.device).triu_(1)
+        flash_causal = not bool((attn_mask & upper).any())
     mask = None if mask is None else _finite_additive(mask, q.dtype)
     return _PrefixAttentionFn.apply(q, k, v, prefix_k, prefix_v, mask, flash_causal, scale)

@@ -14,6 +14,7 @@ Backward:
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -192,7 +193,7 @@ def _adapter_bwd_w(
 # --------------------------------------------------------------------------- launchers
 
 
-def adapter_forward(x, wd, bd, wu, bu, y, z, *, act: int, residual: bool) -> None:
+def adapter_forward(x: torch.Tensor, wd: torch.Tensor, bd: torch.Tensor | None, wu: torch.Tensor, bu: torch.Tensor | None, y: torch.Tensor, z: torch.Tensor, *, act: int, residual: bool) -> None:
     """Write ``y`` [M,d] and the fp32 pre-activation ``z`` [M,h] (contiguous)."""
     M, D = x.shape
     H = wd.shape[0]
@@ -206,7 +207,7 @@ def adapter_forward(x, wd, bd, wu, bu, y, z, *, act: int, residual: bool) -> Non
     )
 
 
-def adapter_backward_dx(dy, wd, wu, z, dx, dz, *, act: int, residual: bool) -> None:
+def adapter_backward_dx(dy: torch.Tensor, wd: torch.Tensor, wu: torch.Tensor, z: torch.Tensor, dx: torch.Tensor, dz: torch.Tensor, *, act: int, residual: bool) -> None:
     """Write ``dx`` [M,d] and ``dz`` [M,h] fp32."""
     M, D = dy.shape
     H = wd.shape[0]
@@ -220,7 +221,7 @@ def adapter_backward_dx(dy, wd, wu, z, dx, dz, *, act: int, residual: bool) -> N
     )
 
 
-def adapter_backward_w(x, dy, z, dz, dwd, dwu, dbd, dbu, *, act: int) -> None:
+def adapter_backward_w(x: torch.Tensor, dy: torch.Tensor, z: torch.Tensor, dz: torch.Tensor, dwd: torch.Tensor, dwu: torch.Tensor, dbd: torch.Tensor, dbu: torch.Tensor, *, act: int) -> None:
     """Write dW_d [h,d], dW_u [d,h] and fp32 db_d [h], db_u [d]."""
     M, D = x.shape
     H = z.shape[1]

@@ -7,7 +7,7 @@ programs also write t (fp32, M·r values, r/K of x) for dB.
 
 Backward:
 - ``dX = dY W + s · drop'((dY B) A)`` in one kernel with the same structure (dY tile read
-  once for both products); the N… K-tile-0 programs write ``u = s · dY B`` for dA.
+  once for both products); the K-tile-0 programs write ``u = s · dY B`` for dA.
 - ``dA = uᵀ drop(x)`` and ``dB = s · dYᵀ t`` in one launch (programs split between them),
   each a reduction over M done by one program per output tile (no atomics).
 - dW (only when the weight trains) is a plain GEMM left to cuBLAS by the wrapper.
@@ -217,7 +217,7 @@ def _mask_kernel(OUT, M, K, p_drop, seed, BLOCK: tl.constexpr):
 # --------------------------------------------------------------------------- launchers
 
 
-def lora_forward(x, weight, bias, lora_a, lora_b, y, t, *, scaling: float, dropout_p: float, seed: int) -> None:
+def lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor, y: torch.Tensor, t: torch.Tensor, *, scaling: float, dropout_p: float, seed: int) -> None:
     """Write ``y`` [M,N] and the fp32 rank intermediate ``t`` [M,r] (contiguous)."""
     M, K = x.shape
     N, R = weight.shape[0], lora_a.shape[0]
@@ -231,7 +231,7 @@ def lora_forward(x, weight, bias, lora_a, lora_b, y, t, *, scaling: float, dropo
     )
 
 
-def lora_backward_dx(dy, weight, lora_a, lora_b, dx, u, *, scaling: float, dropout_p: float, seed: int) -> None:
+def lora_backward_dx(dy: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, dx: torch.Tensor | None, u: torch.Tensor, *, scaling: float, dropout_p: float, seed: int) -> None:
     """Write ``dx`` [M,K] (if not None) and ``u = s·dY B`` [M,r] fp32."""
     M, N = dy.shape
     K, R = weight.shape[1], lora_a.shape[0]
@@ -246,7 +246,7 @@ def lora_backward_dx(dy, weight, lora_a, lora_b, dx, u, *, scaling: float, dropo
     )
 
 
-def lora_backward_ab(x, dy, t, u, da, db, *, scaling: float, dropout_p: float, seed: int) -> None:
+def lora_backward_ab(x: torch.Tensor, dy: torch.Tensor, t: torch.Tensor, u: torch.Tensor, da: torch.Tensor, db: torch.Tensor, *, scaling: float, dropout_p: float, seed: int) -> None:
     """Write ``da`` [r,K] and ``db`` [N,r]."""
     M, K = x.shape
     N = dy.shape[1]

@@ -24,7 +24,13 @@ The joint softmax over ``[S2, S1]`` splits exactly into two pieces merged by log
 
 Forward runs the real-key part through ATen's CPU flash attention
 (``_scaled_dot_product_flash_attention_for_cpu``, which returns ``O1`` and ``lse1`` and
-handles GQA by itself) and the prefix part with two small batched matmuls. The prefix is
+handles GQA by itself, no ``repeat_interleave``) and the prefix part with two small batched
+matmuls; the merge is one in-place row scaling of ``O1`` plus ``P2 Vp`` accumulated by the
+GEMM itself. The kernel's ``is_causal`` is top-left aligned, so it is used only when
+``S == L`` (no mask, or a bool mask with nothing allowed above the diagonal — transformers'
+causal+padding mask — where it merely skips blocks); causal with ``S != L`` gets a small
+``[L, S]`` additive mask. The kernel wants a float mask of the query dtype: bool masks are
+converted at their own (broadcast) shape, ``[B, 1, L, S]`` typically. The prefix is
 never expanded over the batch: for a batch-shared prefix the batch is folded into the
 rows of the matmul (``[Hkv, B·G·L, D] @ [Hkv, D, P]``), so ``dKp``/``dVp`` come out already
 summed over batch and query-head groups. No mask over ``P + S`` keys is ever built.

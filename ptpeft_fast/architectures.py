@@ -143,6 +143,9 @@ _QFORMER = Family(
     scope=("attention", "intermediate_query", "output_query"),
 )
 
+# These models call rotary_emb(hidden_states, position_ids) positionally (Llama, Gemma, Phi-3
+# pass position_ids= by keyword), so positions="shift" must offset argument 1.
+_LLAMA_POS1 = replace(_LLAMA, positions=(r"rotary_emb", 1))
 _PHI3 = replace(_LLAMA, lora=("qkv_proj", "o_proj"))  # fused q/k/v projection
 _QWEN2_VL_VISION = Family(  # Qwen2-VL / Qwen2.5-VL ViT; attention runs per image (and per window in 2.5)
     layers=r"blocks\.\d+",
@@ -214,7 +217,7 @@ _CLIP_LIKE = {
 ARCHITECTURES: dict[str, dict[str, Component]] = {
     "llama": {"language": Component(roots=("",), family=_LLAMA)},
     "mistral": {"language": Component(roots=("",), family=_LLAMA)},
-    "qwen2": {"language": Component(roots=("",), family=_LLAMA)},
+    "qwen2": {"language": Component(roots=("",), family=_LLAMA_POS1)},
     "opt": {"language": Component(roots=("",), family=_OPT)},
     "gpt2": {"language": Component(roots=("",), family=_GPT2)},
     "bert": {"language": Component(roots=("",), family=_BERT)},
@@ -239,11 +242,13 @@ ARCHITECTURES: dict[str, dict[str, Component]] = {
     },
 }
 ARCHITECTURES["blip-2"] = ARCHITECTURES["blip_2"]
-_TEXT = {"language": Component(roots=("",), family=_LLAMA)}
+_TEXT_POS1 = {"language": Component(roots=("",), family=_LLAMA_POS1)}
 ARCHITECTURES.update({
     # text families (also the language models of the LMMs below)
-    "qwen3": _TEXT, "gemma": _TEXT, "gemma2": _TEXT, "gemma3_text": _TEXT,
-    "qwen2_vl_text": _TEXT, "qwen2_5_vl_text": _TEXT,
+    "gemma": {"language": Component(roots=("",), family=_LLAMA)},
+    "qwen3": _TEXT_POS1, "gemma2": _TEXT_POS1, "gemma3_text": _TEXT_POS1,
+    # M-RoPE: positions="shift" adds P to all three (temporal, height, width) position rows
+    "qwen2_vl_text": _TEXT_POS1, "qwen2_5_vl_text": _TEXT_POS1,
     "phi3": {"language": Component(roots=("",), family=_PHI3)},
     "bart": {
         "encoder": Component(roots=("encoder", "model.encoder"), family=_BART_ENCODER),

@@ -159,7 +159,8 @@ SPECS: list[Spec] = [
          notes="projector is a bare weight matrix (no nn.Linear): no projector component"),
     Spec("florence2", "Florence-2", "florence2", _florence2_cfg, T.Florence2ForConditionalGeneration, VLM,
          layout="florence2", notes="language = BART encoder, decoder and cross-attention; vision prefixes in "
-                                   "DaViT window attention only"),
+                                   "DaViT window attention only; positions=\"shift\" has no effect (BART's "
+                                   "learned positions are not shifted)"),
     Spec("qwen3", "Qwen3", "qwen3", _text(T.Qwen3Config, use_sliding_window=True, sliding_window=3,
                                           max_window_layers=1, layer_types=["sliding_attention", "full_attention"]),
          T.Qwen3ForCausalLM, {"language": ALL}, sliding=True),
@@ -630,3 +631,33 @@ def test_mrope_positions_kept_prefix_unrotated(spec: Spec, record_property) -> N
         got = out.transpose(1, 2).double()
         err = (got - ref).permute(0, 2, 1, 3)[rows].norm() / ref.permute(0, 2, 1, 3)[rows].norm()
         assert err < 1e-5
+
+
+SHIFTABLE = [pytest.param(s, id=s.id) for s in SPECS if not s.encoder_decoder]
+
+
+@pytest.mark.parametrize("spec", SHIFTABLE)
+def test_positions_shift_offsets_real_positions(spec: Spec, record_property) -> None:
+    """positions="shift" hands the language model's rotary embedding exactly the positions of
+    positions="keep" plus P (all three M-RoPE rows for Qwen2-VL), whether the model passes
+    position_ids by keyword or positionally."""
+    _props(record_property, spec, "positions_shift")
+    seen: dict[str, list] = {}
+    for mode in ("keep", "shift"):
+        cfg = full_config(spec, methods=("prefix",))
+        cfg.prefix.positions = mode
+        model = pf.patch(base_model(spec), cfg)
+        pf.set_stage(model, "eval")
+        lm = dict(model.named_modules())
+        rope = [m for n, m in lm.items() if n.endswith("rotary_emb") and "vision" not in n and "visual" not in n]
+        assert len(rope) == 1
+
+        def grab(_m, args, kwargs, mode=mode):
+            pos = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
+            seen.setdefault(mode, []).append(pos.clone())
+        rope[0].register_forward_pre_hook(grab, with_kwargs=True)
+        with torch.no_grad():
+            model(**make_inputs(spec, model))
+    assert len(seen["keep"]) == len(seen["shift"]) >= 1
+    for keep, shift in zip(seen["keep"], seen["shift"]):
+        assert torch.equal(shift, keep + 3)

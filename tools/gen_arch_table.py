@@ -34,6 +34,7 @@ FEATURES = OrderedDict([
     ("save_load", "save/load"),
     ("sliding_window", "sliding window: prefix visible"),
     ("mrope", "M-RoPE positions kept"),
+    ("positions_shift", "positions=\"shift\""),
 ])
 METHOD_NAMES = {"prefix": "prefix", "lora": "LoRA", "adapter": "Adapter"}
 PASS, FAIL, NA = "✓", "✗", "—"
@@ -147,6 +148,8 @@ def render(rows: dict[str, Row], meta: dict, source: str) -> str:
         "every query, also beyond the window, sees the whole prefix (float64 reference).",
         "- **M-RoPE**: the 3-D rotary positions the model computes are unchanged by the prefix, and "
         "the prefix keys reach attention unrotated.",
+        "- **positions=\"shift\"**: the language model's rotary embedding receives the positions of "
+        "`positions=\"keep\"` plus P (PEFT's convention).",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join("---" for _ in head) + "|",

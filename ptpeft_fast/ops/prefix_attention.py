@@ -158,9 +158,19 @@ class _PrefixAttentionFn(torch.autograd.Function):
             out_g = out1.view(B, Hkv, -1, D).mul_(w1)
             _mm_prefix_acc(out_g, p2, pv, 1.0)
             out = out1
-        else:  # strided kernel output or half precision: merge in acc dtype, round once
-            out_g = _mm_prefix(p2, pv).addcmul_(_grp(out1, Hkv, acc), w1)
-            out = out_g.view(B, H, L, D).to(q.dtype)
+        else:
+            # the kernel's output follows q's layout ([B, L, H, D] memory from transformers):
+            # merge through 5-D views so that layout is kept (the caller's transpose is free)
+            G = H // Hkv
+            o2 = _mm_prefix(p2, pv).view(B, Hkv, G, L, D)
+            w1_5 = w1.view(B, Hkv, G, L, 1)
+            out1_5 = out1.view(B, Hkv, G, L, D)
+            if out1.dtype == acc:
+                out1_5.mul_(w1_5).add_(o2)
+                out = out1
+            else:  # half precision: merge in fp32, round once
+                out1_5.copy_(torch.addcmul(o2, out1_5, w1_5))
+                out = out1
         lse_full = lse.view(B, H, L)  # merged lse: what the flash backward needs
 
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse_full, p2, mask)

@@ -164,3 +164,115 @@ def test_torch_compile_on_patched_model_matches_eager():
         if n in ref_grads:
             assert torch.allclose(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6), n
     torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------- training faults
+_TRAIN = ["model.pretrained=false", "data.train.n=16", "data.val.n=4", "stage1.max_steps=4", "stage2.enabled=false",
+          "stage1.batch_size=4", "eval.batch_size=4", "eval.zero_shot=false", "eval.max_new_tokens=1",
+          "eval.spectrum=false", "train.progress=false", "train.num_threads=1", "train.log_every=1",
+          "stage1.prefix.num_tokens=2", "stage1.prefix.hidden_size=8"]
+
+# Runs the training CLI; the second mid-stage checkpoint write stops halfway through its
+# trainer.pt (half the bytes on disk, fsync'ed), says so, and waits to be SIGKILLed.
+_KILL_DRIVER = r"""
+import io, os, sys, time, torch
+real_save = torch.save
+calls = [0]
+def save(obj, f, *a, **kw):
+    if isinstance(f, (str, os.PathLike)) and os.path.basename(str(f)) == "trainer.pt":
+        calls[0] += 1
+        if calls[0] == 2:
+            buf = io.BytesIO()
+            real_save(obj, buf)
+            data = buf.getvalue()
+            with open(f, "wb") as fh:
+                fh.write(data[: len(data) // 2])
+                fh.flush()
+                os.fsync(fh.fileno())
+            print("MID-WRITE", flush=True)
+            time.sleep(600)
+    return real_save(obj, f, *a, **kw)
+torch.save = save
+from ptpeft_fast.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _train_cli():
+    train = pytest.importorskip("ptpeft_fast.train")
+    if "--resume" not in train.build_parser().format_help():
+        pytest.skip("ptpeft_fast.train has no --resume")
+    return train
+
+
+def test_kill_9_during_checkpoint_write_then_resume(tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    train = _train_cli()
+    from ptpeft_fast.train.config import dump_config, load_config
+
+    out = tmp_path / "run"
+    conf = tmp_path / "c.yaml"
+    conf.write_text(dump_config(load_config(None, _TRAIN + ["output.save_every_steps=1", f"output.dir={out}"])))
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_DRIVER, "--config", str(conf)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if "MID-WRITE" in line:
+                os.kill(proc.pid, signal.SIGKILL)  # a real kill -9, mid-write
+                break
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen[-20:])
+    half = [p for p in out.iterdir() if p.name.startswith("state.tmp-")]
+    assert half and not (half[0] / "COMPLETE").exists()  # the half-written checkpoint is there ...
+    assert (out / "state" / "COMPLETE").exists()  # ... and so is the previous, complete one
+
+    capsys.readouterr()
+    assert train.main(["--resume", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert "resumed: stage1 from step 1" in log  # the previous checkpoint, not the half-written one
+    steps = [e["step"] for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if e.get("event") == "train"]
+    assert steps[-3:] == [2, 3, 4]
+    model = pf.load(load_model_for_run(out), out / "checkpoints" / "stage1")  # the final checkpoint is whole
+    assert all(torch.isfinite(p).all() for n, p in model.named_parameters() if "prefix" in n)
+
+
+def load_model_for_run(out):
+    """The run's tiny-blip2 base model, rebuilt from its saved config."""
+    from ptpeft_fast.train.config import load_config
+    from ptpeft_fast.train.runner import Run
+
+    run = Run(load_config(str(out / "config.yaml")), str(out))
+    run._load_model()
+    return run.model
+
+
+@pytest.mark.xfail(strict=True, reason="not implemented in ptpeft_fast.train (issue 7, hardening 2): a non-finite loss "
+                                       "does not stop the stage; the run goes on with NaN weights and exits 0")
+def test_non_finite_loss_stops_stage_with_hint_and_nonzero_exit(tmp_path, capsys):
+    train = _train_cli()
+    from safetensors.torch import load_file
+
+    from ptpeft_fast.train.config import dump_config, load_config
+
+    out = tmp_path / "run"
+    conf = tmp_path / "c.yaml"
+    # lr=1e30: after one AdamW step the prefix is ~1e30 and the next losses overflow to inf/NaN
+    conf.write_text(dump_config(load_config(None, _TRAIN + ["stage1.lr=1e30", "output.save_every_steps=1",
+                                                            f"output.dir={out}"])))
+    rc = train.main(["--config", str(conf)])
+    err = capsys.readouterr().err.lower()
+    assert rc != 0
+    assert "step" in err and "learning rate" in err and "fp32" in err
+    for folder in (out / "state", out / "checkpoints" / "stage1"):  # whatever was kept is the last good one
+        for f in folder.glob("*.safetensors") if folder.exists() else ():
+            assert all(torch.isfinite(t).all() for t in load_file(str(f)).values()), f

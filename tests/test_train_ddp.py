@@ -22,7 +22,6 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.timeout(300) if hasattr(pytest.mark, "timeout") else (lambda f: f)
 def test_torchrun_two_processes_match_one(tmp_path):
     one = str(tmp_path / "one")
     Run(cfg(*EXTRA), one).execute()
@@ -39,10 +38,13 @@ def test_torchrun_two_processes_match_one(tmp_path):
         a, b = checkpoint_tensors(one, stage), checkpoint_tensors(two, stage)
         assert a.keys() == b.keys()
         for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=f"{stage} {k}")
+            # not bit-equal: the all-reduce sums in another order, and Adam's 1/sqrt(v) scales
+            # that float noise up for near-zero gradients; both stay far below one step (lr)
+            rel = float((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12))
+            assert rel < 1e-3 and float((a[k] - b[k]).abs().max()) < 1e-3, (stage, k, rel)
     la = [e["loss"] for e in events(one, "train")]
     lb = [e["loss"] for e in events(two, "train")]
-    assert la == pytest.approx(lb, rel=1e-4)
+    assert la == pytest.approx(lb, rel=1e-5)
     # predictions were gathered from both ranks: every question was answered once
     ea, eb = events(one, "eval")[-1], events(two, "eval")[-1]
     assert ea["n"] == eb["n"] == 16

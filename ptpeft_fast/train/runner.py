@@ -157,10 +157,12 @@ class Run:
         nt = tc["num_threads"] or (max(1, (os.cpu_count() or 1) // self.di.world) if self.di.world > 1 else 0)
         if nt:
             torch.set_num_threads(nt)
-        if tc["strategy"] == "fsdp" and self.device.type != "cuda":
-            raise ConfigError("train.strategy=fsdp: FSDP2 (fully_shard) sharding of the frozen base is only "
-                              "supported on CUDA devices by this trainer (torch's CPU/gloo path lacks the "
-                              "collectives it needs for mixed frozen/trainable groups); use train.strategy=ddp on CPU")
+        if tc["strategy"] == "fsdp":
+            if self.device.type != "cuda":
+                raise ConfigError("train.strategy=fsdp: FSDP2 (fully_shard) sharding of the frozen base is only "
+                                  "supported on CUDA devices by this trainer (not on CPU/gloo); use "
+                                  "train.strategy=ddp on CPU")
+            raise ConfigError("train.strategy=fsdp is not implemented yet in this version; use train.strategy=ddp")
         self.autocast_dtype = self._autocast_dtype(tc["precision"])
         self.patched = False
         self.trainable_counts: dict[str, int] = {}

@@ -404,3 +404,11 @@ def test_causal_padding_mask_uses_kernel_causal_skip(monkeypatch):
     _compare(q, k, v, pk, pv, g, causal=True, attn_mask=causal_pad)
     _compare(q, k, v, pk, pv, g, causal=True, attn_mask=_padding_mask(B, L, L, [6, 3], "left", False))
     assert seen == [True, False]
+
+
+def test_non_cpu_tensors_take_the_device_agnostic_path():
+    """The fused kernel is CPU-only; other devices (meta here) must still get a result."""
+    q, k, v, pk, pv, g = _inputs(2, 4, 2, 5, 6, 3, 8)
+    meta = [t.to("meta") for t in (q, k, v, pk, pv)]
+    out = prefix_attention(*meta, causal=True, backend="torch")
+    assert out.device.type == "meta" and out.shape == q.shape

@@ -53,8 +53,9 @@ A fully masked query row (all real keys masked) still sees the prefix: masks are
 finite (``finfo.min`` instead of ``-inf``) so the kernel returns ``lse1 ≈ finfo.min`` and
 the merge gives the real part weight 0 — no NaN when ``P >= 1``.
 
-Fallback math path (autograd through plain ops) when ``dropout_p > 0`` or when a float
-``attn_mask`` requires grad (T5's trained position bias): the scores are computed in two
+Fallback math path (autograd through plain ops) when ``dropout_p > 0``, when a float
+``attn_mask`` requires grad (T5's trained position bias) or off CPU (the fused kernel above
+is CPU-only; CUDA's fast path is Triton): the scores are computed in two
 pieces, softmaxed jointly, dropped out and multiplied, still without expanding the prefix.
 Dropout keep-masks are drawn prefix part first (``[B,H,L,P]``) then real part
 (``[B,H,L,S]``), each with ``torch.empty(..., dtype=torch.bool).bernoulli_(1 - p)``.
@@ -407,7 +408,9 @@ def prefix_attention(
     if causal and attn_mask is None and S != L and L > 1:
         causal_mask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril(diagonal=S - L)
 
-    if dropout_p > 0.0 or (attn_mask is not None and attn_mask.requires_grad):
+    # the fused kernel is ATen's CPU one; other devices get here only when the torch path is
+    # forced (Triton is their fast path), and take the device-agnostic math path
+    if dropout_p > 0.0 or (attn_mask is not None and attn_mask.requires_grad) or q.device.type != "cpu":
         if flash_causal:
             causal_mask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
         return _math_path(q, k, v, prefix_k, prefix_v, attn_mask, causal_mask, scale, float(dropout_p))

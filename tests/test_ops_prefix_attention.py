@@ -286,15 +286,16 @@ class _RecordShapes(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("use_mask", [False, True])
-def test_never_expands_prefix_nor_builds_full_mask(use_mask):
+@pytest.mark.parametrize("use_mask,dropout_p", [(False, 0.0), (True, 0.0), (True, 0.2)],
+                         ids=["causal", "padding-mask", "dropout-math-path"])
+def test_never_expands_prefix_nor_builds_full_mask(use_mask, dropout_p):
     """No op (forward or backward) outputs a batch-expanded prefix or a [.., P+S] tensor."""
     B, H, Hkv, L, S, P, D = 3, 4, 2, 5, 7, 11, 16  # distinctive sizes
     q, k, v, pk, pv, g = _inputs(B, H, Hkv, L, S, P, D, seed=18)
     mask = _padding_mask(B, L, S, [7, 4, 2], "left", True) if use_mask else None
     leaves = [t.requires_grad_() for t in (q, k, v, pk, pv)]
     with _RecordShapes() as rec:
-        out = prefix_attention(*leaves, causal=True, attn_mask=mask)
+        out = prefix_attention(*leaves, causal=True, attn_mask=mask, dropout_p=dropout_p)
         out.backward(torch.randn(out.shape, generator=g))
     assert rec.shapes, "nothing recorded"
     for func, shape in rec.shapes:

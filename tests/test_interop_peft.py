@@ -111,20 +111,23 @@ def test_from_peft_missing_or_wrong_files(tmp_path):
 
 
 # ---------------------------------------------------------------------------- prefix
-@pytest.mark.parametrize("projection", [False, True])
-def test_prefix_from_peft_dir_same_logits_and_generation(projection, tmp_path):
+@pytest.mark.parametrize("kind,projection", [("llama", False), ("llama", True), ("gpt2", False)])
+def test_prefix_from_peft_dir_same_logits_and_generation(kind, projection, tmp_path):
     torch.manual_seed(2)
-    pm = get_peft_model(load(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
-                                                   prefix_projection=projection, encoder_hidden_size=16)).eval()
+    pm = get_peft_model(load(kind), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                                       prefix_projection=projection, encoder_hidden_size=16)).eval()
     pm.save_pretrained(tmp_path)
-    ours = from_peft(load(), tmp_path)
+    ours = from_peft(load(kind), tmp_path)
     pc = ours._ptpeft.config.prefix
     # PEFT saves only the projected K/V even with prefix_projection: static prefix
     assert (pc.reparam, pc.positions, pc.num_tokens) == ("none", "shift", 3)
     ours.eval()
     ids, mask = batch(3)
     assert_close(logits(ours, ids, mask), logits(pm, ids, mask))
-    if not projection:
+    if kind == "gpt2":  # absolute positions (wpe) shifted like PEFT's; and back to PEFT
+        pm2 = PeftModel.from_pretrained(load(kind), to_peft(ours, tmp_path / "back")).eval()
+        assert_close(logits(pm2, ids, mask), logits(ours, ids, mask))
+    elif not projection:
         kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
         with torch.no_grad():
             a = ours.generate(input_ids=ids, attention_mask=mask, **kw)
@@ -194,3 +197,10 @@ def test_prefix_checkpoint_for_other_base_model_is_refused(tmp_path):
     pm.save_pretrained(tmp_path)
     with pytest.raises((PeftInteropError, ValueError), match="prefix|layers|shape"):
         from_peft(load("llama"), tmp_path)
+
+
+def test_lora_adapter_of_another_base_model_is_refused(tmp_path):
+    pm = get_peft_model(load("llama"), PeftLoraConfig(r=2, target_modules=["q_proj"]))
+    pm.save_pretrained(tmp_path)
+    with pytest.raises(PeftInteropError, match="another base model"):
+        from_peft(load("gpt2"), tmp_path)

@@ -242,6 +242,12 @@ def _load_lora(model: nn.Module, cfg: dict[str, Any], weights: dict[str, torch.T
         raise PeftInteropError(f"from_peft: adapter_config says r={cfg.get('r')} but the weights have rank {r}")
     peft_alpha = float(cfg.get("lora_alpha", 8))
     scaling = peft_alpha / math.sqrt(r) if cfg.get("use_rslora") else peft_alpha / r
+    names = dict(model.named_modules())
+    absent = sorted(p for p in paths if p not in names)
+    if absent:
+        raise PeftInteropError(f"from_peft: the adapter has LoRA on modules this model does not have: {absent[:3]}"
+                               f"{'...' if len(absent) > 3 else ''} (an adapter for another base model? it names "
+                               f"base_model_name_or_path={cfg.get('base_model_name_or_path')!r})")
     if getattr(model, "_ptpeft", None) is None:
         if config is None:
             components, targets = _component_of_paths(model, sorted(paths))

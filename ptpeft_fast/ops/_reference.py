@@ -29,7 +29,7 @@ def prefix_attention_reference(
 
     Same arguments and layout as :func:`ptpeft_fast.ops.prefix_attention`. Dropout draws
     its keep-masks in the same order as the op's math path (prefix part ``[B,H,L,P]``
-    first, then the real part ``[B,H,L,S]``, each ``torch.empty(bool).bernoulli_``), so a
+    first, then the real part ``[B,H,L,S]``, each ``torch.rand(float32) >= p``), so a
     test that seeds the generator gets the same masks in both.
     """
     B, H, L, D = q.shape
@@ -56,8 +56,8 @@ def prefix_attention_reference(
     scores = torch.cat([scores[..., :P], real], dim=-1)
     probs = torch.softmax(scores, dim=-1)
     if dropout_p > 0.0:
-        keep_p = torch.empty(B, H, L, P, dtype=torch.bool, device=q.device).bernoulli_(1.0 - dropout_p)
-        keep_r = torch.empty(B, H, L, S, dtype=torch.bool, device=q.device).bernoulli_(1.0 - dropout_p)
+        keep_p = torch.rand(B, H, L, P, dtype=torch.float32, device=q.device) >= dropout_p
+        keep_r = torch.rand(B, H, L, S, dtype=torch.float32, device=q.device) >= dropout_p
         probs = probs * torch.cat([keep_p, keep_r], dim=-1) / (1.0 - dropout_p)
     return torch.matmul(probs, vals)
 

@@ -31,9 +31,11 @@ GEMM itself. The kernel's ``is_causal`` is top-left aligned, so it is used only 
 causal+padding mask — where it merely skips blocks); causal with ``S != L`` gets a small
 ``[L, S]`` additive mask. The kernel wants a float mask of the query dtype: bool masks are
 converted at their own (broadcast) shape, ``[B, 1, L, S]`` typically. The prefix is
-never expanded over the batch: for a batch-shared prefix the batch is folded into the
-rows of the matmul (``[Hkv, B·G·L, D] @ [Hkv, D, P]``), so ``dKp``/``dVp`` come out already
-summed over batch and query-head groups. No mask over ``P + S`` keys is ever built.
+never expanded over the batch: query heads are grouped by key/value head as
+``[B, Hkv, G·L, D]`` (a view for contiguous ``q``), a batch-shared prefix is multiplied
+with one ``bmm`` per batch element (``matmul`` broadcasting would copy it ``B`` times),
+and ``dKp``/``dVp`` are summed over the batch by GEMM accumulation (``baddbmm_``), over
+the query-head groups by the ``G·L`` contraction. No mask over ``P + S`` keys is ever built.
 
 Backward. With ``P1 = exp(S1 - lse)`` and ``P2 = exp(S2 - lse)`` the joint probabilities,
 ``dO`` the output gradient and ``Δ = rowsum(dO ∘ out)``::
@@ -58,7 +60,8 @@ Fallback math path (autograd through plain ops) when ``dropout_p > 0``, when a f
 is CPU-only; CUDA's fast path is Triton): the scores are computed in two
 pieces, softmaxed jointly, dropped out and multiplied, still without expanding the prefix.
 Dropout keep-masks are drawn prefix part first (``[B,H,L,P]``) then real part
-(``[B,H,L,S]``), each with ``torch.empty(..., dtype=torch.bool).bernoulli_(1 - p)``.
+(``[B,H,L,S]``), each as ``torch.rand(..., dtype=torch.float32) >= p`` from torch's default
+generator (``torch.manual_seed`` reproduces them).
 
 Half precision (fp16/bf16) inputs: the flash kernel accumulates in fp32 and returns an fp32
 ``lse``; the prefix part and the merge run in fp32 and the result is cast back.
@@ -257,8 +260,8 @@ def _math_path(q, k, v, prefix_k, prefix_v, mask, causal_mask, scale: float, dro
     p1 = e1 / denom
     p2 = e2 / denom
     if dropout_p > 0.0:
-        keep_p = torch.empty(B, H, L, P, dtype=torch.bool, device=q.device).bernoulli_(1.0 - dropout_p)
-        keep_r = torch.empty(B, H, L, S, dtype=torch.bool, device=q.device).bernoulli_(1.0 - dropout_p)
+        keep_p = torch.rand(B, H, L, P, dtype=torch.float32, device=q.device) >= dropout_p
+        keep_r = torch.rand(B, H, L, S, dtype=torch.float32, device=q.device) >= dropout_p
         p2 = p2 * keep_p.view(B, Hkv, G * L, P) / (1.0 - dropout_p)
         p1 = p1 * keep_r.view(B, Hkv, G * L, S) / (1.0 - dropout_p)
     out = torch.matmul(p1, v.to(acc)) + prefix_mm(p2, _pref(prefix_v, acc))

@@ -18,7 +18,7 @@ from ..models.tiny_blip2 import DEFAULT_SIZE
 
 RECIPES = {
     # steps × batch: the full recipe sees every caption ~3 times
-    "full": {"n_train": 2000, "steps": 400, "batch_size": 32, "lr": 3e-3, "seed": 0},
+    "full": {"n_train": 2000, "steps": 800, "batch_size": 32, "lr": 3e-3, "seed": 0},
     "quick": {"n_train": 600, "steps": 120, "batch_size": 16, "lr": 4e-3, "seed": 0},
 }
 RECIPE_VERSION = 1

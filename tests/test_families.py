@@ -7,11 +7,20 @@ number of image placeholder tokens, so the multimodal paths run for real.
 """
 from __future__ import annotations
 
+import copy
+import math
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
+import pytest
 import torch
 import transformers as T
+
+import ptpeft_fast as pf
+from ptpeft_fast import attention as pf_attention
+from ptpeft_fast.stages import parameter_groups
 
 VOCAB = 128
 PAD, BOS, EOS = 0, 1, 2
@@ -290,15 +299,6 @@ def extend(spec: Spec, inputs: dict, next_tokens: torch.Tensor) -> dict:
 # Tests. Every test records ``arch`` / ``feature`` (and the gradient test ``components``) as
 # junit properties: tools/gen_arch_table.py builds docs/architectures.md from them.
 # ----------------------------------------------------------------------------------------------
-import copy  # noqa: E402
-import math  # noqa: E402
-import tempfile  # noqa: E402
-
-import pytest  # noqa: E402
-
-import ptpeft_fast as pf  # noqa: E402
-from ptpeft_fast import attention as pf_attention  # noqa: E402
-from ptpeft_fast.stages import parameter_groups  # noqa: E402
 
 _BASE: dict[str, torch.nn.Module] = {}
 _TMP = tempfile.TemporaryDirectory(prefix="ptpeft_families_")
@@ -331,7 +331,7 @@ def randomize_peft(model: torch.nn.Module, seed: int = 3, std: float = 0.05) -> 
     """Move LoRA B and adapter up off zero, so every added parameter matters and gets a gradient."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
-        if name.endswith("lora_B") or ".up." in name or name.endswith(".up.weight") or name.endswith(".up.bias"):
+        if name.endswith(("lora_B", ".up.weight", ".up.bias")):
             p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
@@ -504,8 +504,7 @@ def _window(spec: Spec, module) -> int | None:
 def _reference_attention(q, k, v, pk, pv, allowed, scale, softcap=None, with_prefix=True):
     """float64 attention over [prefix; real keys], ``allowed`` [B,L,S] masks real keys only."""
     q, k, v = q.double(), k.double(), v.double()
-    B, H, L, D = q.shape
-    g = H // k.shape[1]
+    g = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     pk, pv = pk.double().repeat_interleave(g, 0), pv.double().repeat_interleave(g, 0)
     s_real = (q @ k.transpose(-1, -2)) * scale

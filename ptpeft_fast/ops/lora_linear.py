@@ -6,15 +6,15 @@ output gradient ``[N, out]``, ``X̃ = drop(X) = X ∘ keep / (1 - p)`` and ``T =
 
 Forward::
 
-    p == 0 (and N > r):   W' = W + s B A           (out·in·r flops, tiny)
-                          Y  = X W'ᵀ + b           (one addmm: the LoRA branch is free)
-    p  > 0:               Y  = X Wᵀ + b;  Y += s T Bᵀ      (addmm, then addmm_ in place)
+    p == 0, N > r, fp32/64:  W' = W + s B A        (out·in·r flops, tiny)
+                             Y  = X W'ᵀ + b        (one addmm: the LoRA branch is free)
+    otherwise:               Y  = X Wᵀ + b;  Y += s T Bᵀ   (addmm, then addmm_ in place)
 
 Backward::
 
     U   = dY B                         [N, r]
-    dX  = dY W'                        (p == 0: one GEMM with the merged weight)
-        = dY W + s/(1-p) · keep ∘ (U A)  (p > 0)
+    dX  = dY W'                        (merged: one GEMM with the merged weight)
+        = dY W + s/(1-p) · keep ∘ (U A)  (otherwise; keep = 1 without dropout)
     dA  = s Uᵀ X̃                       [r, in]
     dB  = s dYᵀ T                      [out, r]
     dW  = dYᵀ X     only when W requires grad (never computed for a frozen W)
@@ -50,6 +50,15 @@ def _dropout_keep(shape: torch.Size, p: float, device: torch.device) -> torch.Te
     return torch.rand(shape, dtype=torch.float32, device=device) >= p
 
 
+def _merge(x: torch.Tensor, p: float, n: int, r: int) -> bool:
+    """Use the merged weight ``W + s B A``: no dropout, more tokens than rank, and fp32/fp64.
+
+    Half precision keeps the branch separate: rounding ``W'`` to bf16/fp16 would drop LoRA
+    updates smaller than half an ulp of ``W`` (early in training, all of them).
+    """
+    return p == 0.0 and n > r and x.dtype in (torch.float32, torch.float64)
+
+
 class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float):  # type: ignore[override]
@@ -58,7 +67,7 @@ class _LoraLinearFn(torch.autograd.Function):
         x2 = x.reshape(-1, in_f)
         n = x2.shape[0]
         keep = t = None
-        if dropout_p == 0.0 and n > r:
+        if _merge(x, dropout_p, n, r):
             # merged weight: the LoRA branch rides along in the one big GEMM
             y = F.linear(x2, torch.addmm(weight, lora_b, lora_a, alpha=scaling), bias)
         else:
@@ -85,7 +94,7 @@ class _LoraLinearFn(torch.autograd.Function):
         x2 = x.reshape(-1, in_f)
         dy = grad_y.reshape(-1, out_f)
         n, r = x2.shape[0], lora_a.shape[0]
-        merged = p == 0.0 and n > r
+        merged = _merge(x, p, n, r)
         inv_keep = 1.0 / (1.0 - p)
 
         u = dy @ lora_b if (need_a or (need_x and not merged)) else None  # [N, r]

@@ -16,7 +16,7 @@ VOCAB = 100
 
 @functools.lru_cache(maxsize=None)
 def model_dir(kind: str) -> str:
-    """Directory of a saved tiny model: ``"llama"`` (GQA 4/2 heads, RoPE) or ``"gpt2"`` (Conv1D, wpe)."""
+    """Directory of a saved tiny model: ``"llama"`` (GQA 4/2 heads, RoPE), ``"gpt2"`` (Conv1D, wpe) or ``"blip2"``."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     gen = torch.random.get_rng_state()
@@ -25,6 +25,10 @@ def model_dir(kind: str) -> str:
         cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128)
         model = LlamaForCausalLM(cfg)
+    elif kind == "blip2":  # the project's tiny-blip2 (vision + Q-Former + OPT), random init
+        from ptpeft_fast.models.tiny_blip2 import build_tiny_blip2
+
+        model, _ = build_tiny_blip2(seed=0)
     elif kind == "gpt2":
         cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=1, eos_token_id=2,
                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout: train-mode gradients compare
@@ -39,9 +43,18 @@ def model_dir(kind: str) -> str:
 
 def load(kind: str = "llama"):
     """A fresh tiny model of ``kind`` in eval mode."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, Blip2ForConditionalGeneration
 
-    return AutoModelForCausalLM.from_pretrained(model_dir(kind)).eval()
+    cls = Blip2ForConditionalGeneration if kind == "blip2" else AutoModelForCausalLM
+    return cls.from_pretrained(model_dir(kind)).eval()
+
+
+def blip2_inputs(model, seed: int = 0) -> dict:
+    """Images, image placeholder tokens + text, and a mask for the tiny BLIP-2."""
+    g = torch.Generator().manual_seed(seed)
+    n_q = model.config.num_query_tokens
+    ids = torch.cat([torch.full((2, n_q), model.config.image_token_index), torch.randint(5, 20, (2, 5), generator=g)], 1)
+    return {"pixel_values": torch.randn(2, 3, 32, 32, generator=g), "input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def batch(seed: int = 0, b: int = 2, l: int = 6):

@@ -15,7 +15,7 @@ import ptpeft_fast as pf  # noqa: E402
 from ptpeft_fast.interop import PeftInteropError, from_peft, to_peft  # noqa: E402
 from ptpeft_fast.tuners.lora import lora_of  # noqa: E402
 
-from _tiny_models import batch, load, logits, randomize  # noqa: E402
+from _tiny_models import batch, blip2_inputs, load, logits, randomize  # noqa: E402
 
 TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
 
@@ -204,3 +204,26 @@ def test_lora_adapter_of_another_base_model_is_refused(tmp_path):
     pm.save_pretrained(tmp_path)
     with pytest.raises(PeftInteropError, match="another base model"):
         from_peft(load("gpt2"), tmp_path)
+
+
+def test_blip2_lora_in_three_components_from_and_to_peft(tmp_path):
+    """Multimodal: one PEFT adapter on the vision tower, the Q-Former and the OPT language model."""
+    torch.manual_seed(4)
+    targets = r".*(language_model.*\.(q_proj|v_proj)|qformer\.encoder\.layer\.\d+\.attention\.attention\.(query|value)" \
+              r"|vision_model.*\.qkv)"
+    pm = get_peft_model(load("blip2"), PeftLoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets))
+    pm.save_pretrained(tmp_path / "in")
+    ours = from_peft(load("blip2"), tmp_path / "in").eval()
+    assert set(ours._ptpeft.config.lora.components) == {"vision", "qformer", "language"}
+    pm.eval()
+    inputs = blip2_inputs(ours)
+    with torch.no_grad():
+        ref = pm(**inputs).logits
+        assert_close(ours(**inputs).logits, ref)
+        back = PeftModel.from_pretrained(load("blip2"), to_peft(ours, tmp_path / "out")).eval()
+        assert_close(back(**inputs).logits, ref)
+    # Q-Former cross-attention is outside ptpeft_fast's qformer component: refused, not dropped
+    pm = get_peft_model(load("blip2"), PeftLoraConfig(r=2, target_modules=r".*crossattention\.attention\.query"))
+    pm.save_pretrained(tmp_path / "cross")
+    with pytest.raises(PeftInteropError, match="outside every component"):
+        from_peft(load("blip2"), tmp_path / "cross")

@@ -11,7 +11,7 @@ import ptpeft_fast as pf
 from ptpeft_fast.interop import load_static_prefix, save_merged
 from ptpeft_fast.interop.merged import PREFIX_FILE, README_FILE
 
-from _tiny_models import batch, load, logits, randomize
+from _tiny_models import batch, blip2_inputs, load, logits, randomize
 
 
 def assert_close(out, ref, tol=1e-5):
@@ -92,3 +92,21 @@ def test_load_static_prefix_refuses_other_model_type(tmp_path):
         load_static_prefix(load("gpt2"), tmp_path)
     with pytest.raises(FileNotFoundError):
         load_static_prefix(load(), tmp_path / "nope")
+
+
+def test_blip2_prefix_in_every_component_and_lora_merged(tmp_path):
+    from transformers import Blip2ForConditionalGeneration
+
+    cfg = pf.PTPeftConfig(prefix=pf.PrefixConfig(num_tokens=2, hidden_size=8, init_std=0.3,
+                                                 components=("vision", "qformer", "language")),
+                          lora=pf.LoraConfig(r=2, components=("language", "qformer")))
+    model = pf.patch(load("blip2"), cfg)
+    randomize(model, "lora_B")
+    model.eval()
+    out = save_merged(model, tmp_path)
+    plain, info = Blip2ForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    load_static_prefix(plain.eval(), out)
+    inputs = blip2_inputs(model, seed=1)
+    with torch.no_grad():
+        assert_close(plain(**inputs).logits, model(**inputs).logits)

@@ -63,3 +63,14 @@ def test_adapter_with_frozen_prefix_and_full(tmp_path, monkeypatch):
     for part in ("vision_model.", "qformer.", "language_model."):
         assert any(n.startswith(part) for n in changed["stage2"]), part
     assert _falls([e["loss"] for e in events(str(tmp_path / "f"), "train")])
+
+
+def test_gradient_checkpointing_same_losses(tmp_path):
+    extra = ("stage1.enabled=false", "stage2.max_steps=2", "eval.spectrum=false", "eval.zero_shot=false")
+    Run(cfg(*extra), str(tmp_path / "a")).execute()
+    run = Run(cfg(*extra, "model.gradient_checkpointing=true"), str(tmp_path / "b"))
+    run.execute()
+    assert run.model.is_gradient_checkpointing
+    la = [e["loss"] for e in events(str(tmp_path / "a"), "train")]
+    lb = [e["loss"] for e in events(str(tmp_path / "b"), "train")]
+    assert la == lb or all(abs(x - y) < 1e-6 for x, y in zip(la, lb))

@@ -226,9 +226,12 @@ class Run:
         else:
             model, proc = load_local_model(mc["name"], dtype)
         if mc["gradient_checkpointing"]:
-            # transformers 5 renamed gradient_checkpointing_enable; accept either
-            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers 5 renamed gradient_checkpointing_enable (now deprecated); accept either
+            kw = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
         self.model = model.to(self.device)
         self.processor = proc
 

@@ -117,7 +117,8 @@ def _mm_prefix_acc(target: torch.Tensor, a: torch.Tensor, p: torch.Tensor, alpha
     """``target += alpha · a @ p`` in place (GEMM accumulation, no temporary); see ``_mm_prefix``."""
     if p.dim() == 4:
         B, Hkv = a.shape[:2]
-        target.view(B * Hkv, *target.shape[2:]).baddbmm_(a.reshape(B * Hkv, *a.shape[2:]), p.reshape(B * Hkv, *p.shape[2:]), alpha=alpha)
+        flat = target.view(B * Hkv, *target.shape[2:])
+        flat.baddbmm_(a.reshape(B * Hkv, *a.shape[2:]), p.reshape(B * Hkv, *p.shape[2:]), alpha=alpha)
         return
     for b in range(a.shape[0]):
         target[b].baddbmm_(a[b], p, alpha=alpha)
@@ -315,7 +316,9 @@ def _validate(q, k, v, prefix_k, prefix_v, attn_mask, scale, dropout_p) -> None:
             f"[B, Hkv, P, D] = [{B}, {Hkv}, P, {D}]; got {tuple(prefix_k.shape)} (prefixes are sized by the key/value heads)"
         )
     if prefix_k.shape[-2] < 1:
-        raise ValueError("prefix_attention: the prefix has P = 0 tokens; use torch's scaled_dot_product_attention without a prefix")
+        raise ValueError(
+            "prefix_attention: the prefix has P = 0 tokens; use torch's scaled_dot_product_attention without a prefix"
+        )
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise ValueError(f"prefix_attention: attn_mask must be a tensor or None, got {type(attn_mask).__name__}")

@@ -187,10 +187,10 @@ def test_mask_conversion_and_refusals():
 def test_mask_result_is_cached_per_tensor_version():
     B, L, S = 1, 4, 4
     m = _padding_mask(B, L, S, [1], [4], True)
-    a = triton_ops.mask_to_key_range(m, B, 2, L, S)
-    assert triton_ops.mask_to_key_range(m, B, 2, L, S) is a
+    a = triton_ops._key_range(m, B, 2, L, S)
+    assert triton_ops._key_range(m, B, 2, L, S) is a
     m[0, 0, :, 1] = False  # in-place edit bumps the version: recomputed
-    b = triton_ops.mask_to_key_range(m, B, 2, L, S)
+    b = triton_ops._key_range(m, B, 2, L, S)
     assert b is not a and b[0].tolist() == [2]
 
 

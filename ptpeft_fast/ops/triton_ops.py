@@ -95,12 +95,22 @@ def mask_to_key_range(
 
     Raises :class:`TritonUnsupported` for any mask not of that form.
     """
+    return _key_range(attn_mask, batch, heads, q_len, k_len)[:3]
+
+
+def _key_range(attn_mask: torch.Tensor, batch: int, heads: int, q_len: int, k_len: int):
+    """``(klo, khi, causal, unpadded)``, cached for the last mask tensor (object + version).
+
+    Transformers builds one mask per forward and hands it to every layer, so the checks and
+    their host syncs run once per forward, not once per layer.
+    """
     key = (id(attn_mask), attn_mask._version, tuple(attn_mask.shape), attn_mask.stride(), attn_mask.dtype,
            batch, heads, q_len, k_len)
     ref = _mask_cache["ref"]
     if ref is not None and ref() is attn_mask and _mask_cache["key"] == key:
         return _mask_cache["value"]
-    value = _mask_to_key_range(attn_mask, batch, heads, q_len, k_len)
+    klo, khi, causal = _mask_to_key_range(attn_mask, batch, heads, q_len, k_len)
+    value = (klo, khi, causal, bool(((klo == 0) & (khi == k_len)).all()))
     try:
         _mask_cache.update(ref=weakref.ref(attn_mask), key=key, value=value)
     except TypeError:  # pragma: no cover - tensors are weak-referenceable
@@ -232,8 +242,8 @@ def prefix_attention(
         scale = _pak.default_scale(D)
     klo = khi = None
     if attn_mask is not None:
-        klo, khi, causal = mask_to_key_range(attn_mask, B, H, L, S)
-        if bool(((klo == 0) & (khi == S)).all()):
+        klo, khi, causal, unpadded = _key_range(attn_mask, B, H, L, S)
+        if unpadded:
             klo = khi = None  # nothing padded: skip the range loads
     if seed is None:
         seed = _rng_seed(q.device) if dropout_p > 0 else 0

@@ -287,8 +287,9 @@ class _LoraLinear(torch.autograd.Function):
         dx = dw = db = da = dlb = None
         u = _new((dy2.shape[0], lora_a.shape[0]), torch.float32, dy.device)
         dx2 = _new(x2.shape, x2.dtype, x2.device) if need_x else None
-        _lk.lora_backward_dx(dy2, weight, lora_a, lora_b, dx2, u, scaling=ctx.scaling,
-                             dropout_p=ctx.dropout_p, seed=ctx.seed)
+        if need_x or need_a:  # u = s·dY B feeds dA; the same kernel writes dX
+            _lk.lora_backward_dx(dy2, weight, lora_a, lora_b, dx2, u, scaling=ctx.scaling,
+                                 dropout_p=ctx.dropout_p, seed=ctx.seed)
         if need_x:
             dx = dx2.reshape(ctx.shape)
         if need_a or need_lb:

@@ -110,3 +110,29 @@ def test_blip2_prefix_in_every_component_and_lora_merged(tmp_path):
     inputs = blip2_inputs(model, seed=1)
     with torch.no_grad():
         assert_close(plain(**inputs).logits, model(**inputs).logits)
+
+
+def test_readme_recipe_without_ptpeft_fast_for_shifted_prefix(tmp_path):
+    """positions='shift': the saved prefix is exactly a P-token KV cache for plain transformers (as README.txt says)."""
+    from safetensors.torch import load_file
+    from transformers import DynamicCache
+
+    cfg = pf.PTPeftConfig(prefix=pf.PrefixConfig(num_tokens=3, hidden_size=8, positions="shift", init_std=0.5),
+                          lora=pf.LoraConfig(r=2))
+    model = pf.patch(load(), cfg)
+    randomize(model, "lora_B")
+    model.eval()
+    out = save_merged(model, tmp_path)
+    assert "DynamicCache" in (out / README_FILE).read_text()
+    plain = _plain(out)
+    kv = load_file(str(out / PREFIX_FILE))
+    ids, mask = batch(4)
+    B = ids.shape[0]
+    cache = DynamicCache(config=plain.config)
+    for i in range(plain.config.num_hidden_layers):
+        k, v = (kv[f"model.layers.{i}.self_attn.{n}"].unsqueeze(0).expand(B, -1, -1, -1) for n in ("key", "value"))
+        cache.update(k, v, i)
+    with torch.no_grad():
+        got = plain(input_ids=ids, attention_mask=torch.cat([torch.ones(B, 3, dtype=mask.dtype), mask], 1),
+                    past_key_values=cache).logits
+    assert_close(got, logits(model, ids, mask))

@@ -90,6 +90,7 @@ SHAPES = {
     "causal-S>L-bottom-right": (2, 4, 2, 5, 9, 2, 16, True),
     "causal-S<L-rows-see-only-prefix": (2, 4, 2, 9, 5, 2, 16, True),
     "B1": (1, 4, 4, 8, 8, 5, 32, True),
+    "head-dim-80-gqa-6:3": (2, 6, 3, 5, 5, 4, 80, True),
 }
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor,
                           OPTConfig, PreTrainedTokenizerFast)
@@ -43,6 +43,9 @@ def build_tokenizer(words: Sequence[str] | None = None) -> PreTrainedTokenizerFa
     tok.post_processor = processors.TemplateProcessing(
         single="</s> $A", pair="</s> $A $B", special_tokens=[("</s>", vocab["</s>"])])
     tok.decoder = decoders.WordPiece(prefix="##")  # joins word tokens with spaces
+    # special tokens are matched before pre-tokenisation, so "<image><image>" (what
+    # processors write) stays whole instead of being split at the angle brackets
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>",
                                    pad_token="<pad>", unk_token="<unk>", padding_side="left")
     return fast

@@ -660,3 +660,133 @@ def test_positions_shift_offsets_real_positions(spec: Spec, record_property) -> 
     assert len(seen["keep"]) == len(seen["shift"]) >= 1
     for keep, shift in zip(seen["keep"], seen["shift"]):
         assert torch.equal(shift, keep + 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Two-stage training through the train CLI (``ptpeft_fast.train``), the config selecting the
+# model family: a tiny model AND its real processor class are saved to a folder that
+# ``model.name`` points at, exactly as a user's local checkpoint would be.
+# ----------------------------------------------------------------------------------------------
+
+def _cli_tokenizer(*specials: str):
+    """Word-level tokenizer of tiny-blip2 plus the family's special tokens (never split)."""
+    from tokenizers import AddedToken
+
+    from ptpeft_fast.models.tiny_blip2 import build_tokenizer
+
+    tok = build_tokenizer()
+    tok.add_tokens([AddedToken(s, special=True, normalized=False) for s in specials], special_tokens=True)
+    return tok
+
+
+def _cli_text(tok, model_type: str = "llama") -> dict:
+    return {**TEXT, "model_type": model_type, "vocab_size": len(tok), "bos_token_id": 2, "eos_token_id": 2}
+
+
+def _cli_llava(cfg_cls, proc_cls, ip):
+    tok = _cli_tokenizer("<image>")
+    cfg = cfg_cls(text_config=_cli_text(tok), vision_config=CLIP, vision_feature_layer=-1,
+                  image_token_index=tok.convert_tokens_to_ids("<image>"),
+                  **({"image_grid_pinpoints": [[16, 16], [16, 32]]} if cfg_cls is T.LlavaNextConfig else {}))
+    proc = proc_cls(image_processor=ip, tokenizer=tok, patch_size=4, vision_feature_select_strategy="default",
+                    num_additional_image_tokens=1, image_token="<image>")
+    return cfg, proc, "<image> question: {question} answer:"
+
+
+def _cli_family(arch: str):
+    """(config, processor, prompt template) of a tiny trainable model, or a skip reason (str)."""
+    if arch == "llava":
+        return _cli_llava(T.LlavaConfig, T.LlavaProcessor, T.CLIPImageProcessorPil(
+            size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}))
+    if arch == "llava_next":
+        return _cli_llava(T.LlavaNextConfig, T.LlavaNextProcessor, T.LlavaNextImageProcessorPil(
+            size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, image_grid_pinpoints=[[16, 16], [16, 32]]))
+    if arch == "paligemma":
+        tok = _cli_tokenizer("<image>")
+        ip = T.SiglipImageProcessorPil(size={"height": 16, "width": 16})
+        ip.image_seq_length = 16
+        cfg = T.PaliGemmaConfig(text_config=_cli_text(tok, "gemma"), vision_config=SIGLIP, projection_dim=32,
+                                image_token_index=tok.convert_tokens_to_ids("<image>"))
+        return cfg, T.PaliGemmaProcessor(image_processor=ip, tokenizer=tok), "question: {question} answer:"
+    if arch == "idefics3":
+        tok = _cli_tokenizer("<image>", "<fake_token_around_image>", "<global-img>")
+        cfg = T.Idefics3Config(vision_config=dict(SIGLIP_LIKE), text_config=_cli_text(tok), scale_factor=2,
+                               image_token_id=tok.convert_tokens_to_ids("<image>"))
+        ip = T.Idefics3ImageProcessorPil(size={"longest_edge": 16}, max_image_size={"longest_edge": 16},
+                                         do_image_splitting=False)
+        return cfg, T.Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4), \
+            "<image> question: {question} answer:"
+    if arch == "instructblip":
+        tok = _cli_tokenizer("<image>")
+        cfg = _instructblip_cfg()
+        cfg.text_config = T.LlamaConfig(**{k: v for k, v in _cli_text(tok).items() if k != "model_type"})
+        cfg.qformer_config.vocab_size = len(tok)
+        cfg.image_token_index = tok.convert_tokens_to_ids("<image>")
+        proc = T.InstructBlipProcessor(image_processor=T.BlipImageProcessorPil(size={"height": 16, "width": 16}),
+                                       tokenizer=tok, qformer_tokenizer=_cli_tokenizer(), num_query_tokens=4)
+        return cfg, proc, "question: {question} answer:"
+    return {
+        "llava_onevision": "its processor needs a video processor, which needs torchvision (not installed here)",
+        "qwen2_vl": "its processor needs a video processor, which needs torchvision (not installed here)",
+        "qwen2_5_vl": "its processor needs a video processor, which needs torchvision (not installed here)",
+        "smolvlm": "its processor needs num2words and a video processor (torchvision); not installed here",
+        "gemma3": "the trainer's collator passes a flat image list; Gemma3Processor needs one list per sample",
+        "florence2": "the trainer's collator builds decoder-only (prompt + target) inputs; Florence-2 is "
+                     "encoder-decoder",
+    }.get(arch, "text-only model: the trainer is image-text")
+
+
+@pytest.mark.parametrize("spec", PARAMS)
+def test_two_stage_training_through_train_cli(spec: Spec, record_property, tmp_path) -> None:
+    """``python -m ptpeft_fast.train --config ...`` with ``model.name`` = a local folder of this
+    family: stage 1 (prefix in every prefix component) then stage 2 (LoRA in every component)
+    run, and the stage-2 checkpoint holds prefix and LoRA weights of each component asked for."""
+    _props(record_property, spec, "train_cli")
+    made = _cli_family(spec.id)
+    if isinstance(made, str):
+        pytest.skip(made)
+    import yaml
+    from safetensors import safe_open
+
+    from ptpeft_fast.train import main as train_main
+
+    cfg, proc, prompt = made
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = spec.model_class(cfg)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("query_tokens"):
+                    p.normal_(0.0, 0.5)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 2
+    model.save_pretrained(tmp_path / "model")
+    proc.save_pretrained(tmp_path / "model")
+    prefix_comps = _components(spec, "prefix")
+    lora_comps = _components(spec, "lora")
+    run_cfg = {
+        "model": {"name": str(tmp_path / "model")},
+        "data": {"format": "synthetic-shapes", "task": "vqa", "prompt": prompt, "train": {"n": 8}, "val": {"n": 4},
+                 "synthetic": {"seed": 0, "image_size": 16}},
+        "stage1": {"max_steps": 2, "batch_size": 4,
+                   "prefix": {"num_tokens": 2, "hidden_size": 16, "components": prefix_comps}},
+        "stage2": {"method": "lora", "max_steps": 2, "batch_size": 4,
+                   "lora": {"r": 2, "alpha": 4, "components": lora_comps}},
+        "eval": {"zero_shot": False, "after_each_stage": False, "spectrum": False, "max_new_tokens": 2,
+                 "batch_size": 4},
+        "train": {"progress": False},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run_cfg))
+    threads = torch.get_num_threads()
+    try:
+        rc = train_main(["--config", str(tmp_path / "run.yaml"), "--output", str(tmp_path / "run")])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    with safe_open(str(tmp_path / "run" / "checkpoints" / "stage2" / "ptpeft.safetensors"), "pt") as f:
+        names = list(f.keys())
+    for comp in prefix_comps:
+        assert any(f"prefix_{comp}." in n for n in names), f"no prefix_{comp} in the stage-2 checkpoint"
+    for comp in lora_comps:
+        assert any(f"lora_{comp}." in n for n in names), f"no lora_{comp} in the stage-2 checkpoint"
+    events = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    assert any('"stage1"' in e for e in events) and any('"stage2"' in e for e in events)

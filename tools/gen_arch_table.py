@@ -35,6 +35,7 @@ FEATURES = OrderedDict([
     ("sliding_window", "sliding window: prefix visible"),
     ("mrope", "M-RoPE positions kept"),
     ("positions_shift", "positions=\"shift\""),
+    ("train_cli", "two-stage `ptpeft_fast.train`"),
 ])
 METHOD_NAMES = {"prefix": "prefix", "lora": "LoRA", "adapter": "Adapter"}
 PASS, FAIL, NA = "✓", "✗", "—"
@@ -58,7 +59,11 @@ through `save_pretrained`/`from_pretrained`:
 - **M-RoPE**: the 3-D rotary positions the model computes are unchanged by the prefix, and the
   prefix keys reach attention unrotated.
 - **positions="shift"**: the language model's rotary embedding receives the positions of
-  `positions="keep"` plus P (PEFT's convention)."""
+  `positions="keep"` plus P (PEFT's convention).
+- **two-stage `ptpeft_fast.train`**: the train CLI, with `model.name` a local folder holding a
+  tiny model of the family and its real processor, runs stage 1 (prefix in every prefix
+  component) and stage 2 (LoRA in every component) on synthetic VQA; the stage-2 checkpoint
+  holds the prefix and LoRA weights of each component."""
 
 
 @dataclass
@@ -73,6 +78,7 @@ class Row:
     features: dict[str, bool] = field(default_factory=dict)
     softcap: bool = False
     failures: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # feature -> the test's skip reason
 
 
 def run_tests(junit: Path, extra: list[str]) -> int:
@@ -101,9 +107,11 @@ def parse(junit: Path) -> tuple[dict[str, Row], dict[str, str]]:
         row = rows.setdefault(props["arch"], Row(props["arch"]))
         row.name = props.get("name", row.name) or row.arch
         row.notes = props.get("notes", row.notes)
-        if skipped:
-            continue
         feature = props.get("feature")
+        if skipped:
+            reason = case.find("skipped").get("message", "") or ""
+            row.skipped[feature or "?"] = reason.split(": ", 1)[-1] if reason.startswith("Skipped") else reason
+            continue
         if bad:
             row.failures.append(case.get("name", feature or "?"))
         if feature == "train":
@@ -162,6 +170,8 @@ def render(rows: dict[str, Row], meta: dict, source: str) -> str:
             notes.append("attention logit soft-capping honoured (tested)")
         if row.notes:
             notes.append(row.notes)
+        for feature, reason in row.skipped.items():
+            notes.append(f"{FEATURES.get(feature, feature)} not verified: {reason}")
         if row.failures:
             notes.append("failing: " + ", ".join(f"`{f}`" for f in row.failures))
         cells = [row.name, f"`{row.arch}`", *(_component_cell(row, c) for c in COMPONENTS),

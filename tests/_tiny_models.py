@@ -14,7 +14,7 @@ import torch
 VOCAB = 100
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model_dir(kind: str) -> str:
     """Directory of a saved tiny model: ``"llama"`` (GQA 4/2 heads, RoPE), ``"gpt2"`` (Conv1D, wpe) or ``"blip2"``."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM

@@ -16,7 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ptpeft_fast import ops
-from ptpeft_fast.ops._reference import adapter_reference, lora_linear_reference, prefix_attention_reference
+from ptpeft_fast.ops._reference import (
+    adapter_reference,
+    lora_linear_reference,
+    prefix_attention_reference,
+)
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 GRAD_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}

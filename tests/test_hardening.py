@@ -6,11 +6,10 @@ import shutil
 
 import pytest
 import torch
+from _tiny_models import VOCAB, batch, load, logits
 
 import ptpeft_fast as pf
 from ptpeft_fast.checkpoint import CONFIG_NAME, WEIGHTS_NAME
-
-from _tiny_models import VOCAB, batch, load, logits
 
 
 def _config() -> pf.PTPeftConfig:

@@ -8,14 +8,13 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
-from peft import LoraConfig as PeftLoraConfig  # noqa: E402
-from peft import PeftModel, PrefixTuningConfig, get_peft_model  # noqa: E402
+from _tiny_models import batch, blip2_inputs, load, logits, randomize
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, PrefixTuningConfig, get_peft_model
 
-import ptpeft_fast as pf  # noqa: E402
-from ptpeft_fast.interop import PeftInteropError, from_peft, to_peft  # noqa: E402
-from ptpeft_fast.tuners.lora import lora_of  # noqa: E402
-
-from _tiny_models import batch, blip2_inputs, load, logits, randomize  # noqa: E402
+import ptpeft_fast as pf
+from ptpeft_fast.interop import PeftInteropError, from_peft, to_peft
+from ptpeft_fast.tuners.lora import lora_of
 
 TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
 

@@ -30,7 +30,7 @@ from ..tuners.lora import LoraWeights, is_conv1d, lora_of
 from ..tuners.prefix import GlobalPrefixMLP, LayerPrefix
 from .peft import static_kv
 
-__all__ = ["save_merged", "load_static_prefix", "PREFIX_FILE", "README_FILE"]
+__all__ = ["PREFIX_FILE", "README_FILE", "load_static_prefix", "save_merged"]
 
 PREFIX_FILE = "prefix.safetensors"
 README_FILE = "README.txt"

@@ -30,13 +30,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..architectures import ARCHITECTURES, attention_geometry, iter_in_scope, resolve_components
+from ..architectures import (
+    ARCHITECTURES,
+    attention_geometry,
+    iter_in_scope,
+    resolve_components,
+)
 from ..config import LoraConfig, PrefixConfig, PTPeftConfig
 from ..patching import get_state, patch
 from ..tuners.lora import is_conv1d, lora_of
 from ..tuners.prefix import GlobalPrefixMLP, LayerPrefix
 
-__all__ = ["from_peft", "to_peft", "PeftInteropError"]
+__all__ = ["PeftInteropError", "from_peft", "to_peft"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 SAFE_WEIGHTS = "adapter_model.safetensors"
@@ -175,7 +180,7 @@ def _lora_paths(weights: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.T
     out: dict[str, dict[str, torch.Tensor]] = {}
     bad = []
     for key, t in weights.items():
-        k = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+        k = key.removeprefix(_PEFT_PREFIX)
         for part, tag in ((".lora_A.weight", "A"), (".lora_B.weight", "B")):
             if k.endswith(part):
                 out.setdefault(k[: -len(part)], {})[tag] = t

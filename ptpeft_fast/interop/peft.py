@@ -488,7 +488,8 @@ def _export_lora(model: nn.Module, state) -> tuple[dict[str, Any], dict[str, tor
     r, scaling = ranks.pop(), scalings.pop()
     cfg = {
         "peft_type": "LORA",
-        "task_type": None,
+        # CAUSAL_LM gives PeftModelForCausalLM (generate etc.); other models load as a plain PeftModel
+        "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
         "r": r,
         "lora_alpha": scaling * r,
         "lora_dropout": dropouts.pop(),

@@ -175,6 +175,11 @@ SPECS: list[Spec] = [
          T.Qwen3ForCausalLM, {"language": ALL}, sliding=True),
     Spec("phi3", "Phi-3", "phi3", _text(T.Phi3Config, sliding_window=3), T.Phi3ForCausalLM, {"language": ALL},
          sliding=True),
+    # Gemma 3 1B is text-only (gemma3_text); soft-capping on here so the kwarg path is exercised
+    Spec("gemma3_text", "Gemma 3 (text-only, 1B style)", "gemma3_text",
+         _text(T.Gemma3TextConfig, sliding_window=3, attn_logit_softcapping=5.0,
+               layer_types=["sliding_attention", "full_attention"]),
+         T.Gemma3ForCausalLM, {"language": ALL}, sliding=True, softcap=True),
     Spec("gemma2", "Gemma 2", "gemma2", _text(T.Gemma2Config, sliding_window=3, attn_logit_softcapping=5.0,
                                               layer_types=["sliding_attention", "full_attention"]),
          T.Gemma2ForCausalLM, {"language": ALL}, sliding=True, softcap=True),

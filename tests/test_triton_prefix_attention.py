@@ -178,6 +178,8 @@ def test_mask_conversion_and_refusals():
     bias = torch.randn(L, S)  # ALiBi-like additive bias: not supported
     with pytest.raises(ValueError, match="additive float"):
         triton_ops.prefix_attention(*inputs, causal=True, attn_mask=bias)
+    with pytest.raises(ValueError, match="differentiate"):
+        triton_ops.prefix_attention(*inputs, causal=True, attn_mask=torch.zeros(L, S, requires_grad=True))
     holes = causal_pad.clone()
     holes[0, :, :, 4] = False  # two runs of keys in one sequence
     with pytest.raises(ValueError):

@@ -242,6 +242,8 @@ def prefix_attention(
         scale = _pak.default_scale(D)
     klo = khi = None
     if attn_mask is not None:
+        if attn_mask.requires_grad:
+            raise TritonUnsupported("backend='triton' does not differentiate through attn_mask; use backend='torch'")
         klo, khi, causal, unpadded = _key_range(attn_mask, B, H, L, S)
         if unpadded:
             klo = khi = None  # nothing padded: skip the range loads

@@ -50,19 +50,36 @@ def run_suite(json_path: Path, pytest_args: list[str]) -> int:
     return subprocess.call(cmd, cwd=str(ROOT))
 
 
+def _speedups(info: dict) -> dict[str, float]:
+    """``speedup_vs_X`` / ``speedup_vs_X_median`` keys (peer time / ours): ``{X: speedup}``."""
+    out: dict[str, float] = {}
+    for key, val in info.items():
+        m = re.fullmatch(r"speedup_vs_(.+?)(_median|_min)?", key)
+        if m and isinstance(val, (int, float)) and m.group(2) != "_min":
+            if m.group(2) == "_median" or m.group(1) not in out:
+                out[m.group(1)] = float(val)
+    return out
+
+
 def _infer_side(bench: dict) -> str:
     info = bench.get("extra_info") or {}
     side = info.get("side")
     if side in SIDE_ORDER:
         return side
-    name = bench.get("name", "").lower()
-    param = str(bench.get("param") or "").lower()
-    text = param or name
+    if _speedups(info):  # the entry that reports the ratios is ours (spectrum, GPU files)
+        return "ours"
+    text = " ".join(str(x) for x in (info.get("impl"), bench.get("param"), bench.get("name")) if x).lower()
     if "ours" in text:
         return "ours"
     if "floor" in text:
         return "floor"
     return "peer"
+
+
+def _shape_text(shape: Any) -> str:
+    if isinstance(shape, (list, tuple)):
+        return "×".join(str(x) for x in shape)
+    return str(shape)
 
 
 def _case_of(bench: dict) -> str:
@@ -78,13 +95,25 @@ def collect(data: dict) -> dict[str, list[dict]]:
         st = b.get("stats") or {}
         cases.setdefault(_case_of(b), []).append({
             "name": b.get("name"), "param": b.get("param"), "side": _infer_side(b),
-            "side_name": info.get("side_name") or b.get("param") or b.get("name"),
+            "side_name": info.get("side_name") or info.get("impl") or b.get("param") or b.get("name"),
             "impl": info.get("impl") or info.get("peer") or b.get("param") or b.get("name"),
-            "shape": info.get("shape", ""), "median": st.get("median"), "min": st.get("min"),
+            "shape": _shape_text(info.get("shape", "")), "median": st.get("median"), "min": st.get("min"),
             "mean": st.get("mean"), "stddev": st.get("stddev"), "iqr": st.get("iqr"), "rounds": st.get("rounds"),
             "info": info,
         })
     return cases
+
+
+def _target_for(o: dict, side_name: str, info: dict) -> Optional[float]:
+    """Largest allowed time ratio ours/side, from any of the conventions in README.md."""
+    if info.get("target") is not None:
+        return float(info["target"])
+    oi = o["info"] if o else {}
+    if isinstance(oi.get("targets"), dict) and oi["targets"].get(side_name) is not None:
+        return float(oi["targets"][side_name])
+    if oi.get(f"target_vs_{side_name}") is not None:  # a speed-up target: ours >= t× faster
+        return 1.0 / float(oi[f"target_vs_{side_name}"])
+    return None
 
 
 def rows_for(case: str, entries: list[dict]) -> list[dict]:
@@ -94,24 +123,40 @@ def rows_for(case: str, entries: list[dict]) -> list[dict]:
     if not ours:
         for e in entries:
             rows.append({"case": case, "shape": e["shape"], "ours": None, "other": e, "ratio": None,
-                         "ratio_min": None, "paired": None, "target": e["info"].get("target"),
+                         "ratio_min": None, "paired": None, "target": _target_for(None, e["side_name"], e["info"]),
                          "target_text": e["info"].get("target_text"), "met": None})
         return rows
     o = ours[0]
     paired_all = o["info"].get("paired_ratio") or {}
+    speedups = _speedups(o["info"])
+    seen = set()
     for e in sorted((e for e in entries if e["side"] != "ours"), key=lambda e: SIDE_ORDER.get(e["side"], 9)):
         info = e["info"]
-        target = info.get("target")
-        if target is None and isinstance(o["info"].get("targets"), dict):
-            target = o["info"]["targets"].get(e["side_name"])
+        seen.add(e["side_name"])
+        target = _target_for(o, e["side_name"], info)
         ratio = o["median"] / e["median"] if o["median"] and e["median"] else None
         ratio_min = o["min"] / e["min"] if o["min"] and e["min"] else None
         paired = paired_all.get(e["side_name"])
         judged = paired if paired is not None else ratio
-        met = None if (target is None or judged is None) else judged <= float(target)
+        met = None if (target is None or judged is None) else judged <= target
+        text = info.get("target_text")
+        tkey = f"target_vs_{e['side_name']}"
+        if text is None and o["info"].get(tkey) is not None:
+            text = f"≥ {o['info'][tkey]:g}× faster"
         rows.append({"case": case, "shape": o["shape"] or e["shape"], "ours": o, "other": e, "ratio": ratio,
-                     "ratio_min": ratio_min, "paired": paired, "target": target,
-                     "target_text": info.get("target_text"), "met": met})
+                     "ratio_min": ratio_min, "paired": paired, "target": target, "target_text": text, "met": met})
+    # peers timed only inside ours' test (GPU file: X_ms + speedup_vs_X, no entry of their own)
+    for name, sp in speedups.items():
+        if name in seen or sp <= 0:
+            continue
+        ms = o["info"].get(f"{name}_ms")
+        other = {"side": "peer", "side_name": name, "impl": name, "median": None if ms is None else ms / 1000,
+                 "min": None, "iqr": None, "info": {}, "shape": o["shape"]}
+        target = _target_for(o, name, {})
+        met = None if target is None else (1.0 / sp) <= target
+        rows.append({"case": case, "shape": o["shape"], "ours": o, "other": other, "ratio": 1.0 / sp,
+                     "ratio_min": None, "paired": None, "target": target,
+                     "target_text": None if target is None else f"≥ {1 / target:g}× faster", "met": met})
     return rows
 
 
@@ -134,8 +179,7 @@ def profile_side(case_name: str, side: str, rows: int = 10) -> str:
         _profile_cache.clear()
         case = _profile_cache[case_name] = cases.BUILDERS[case_name]()
     fn = case.sides[side].run
-    fn()
-    fn()
+    fn()  # warm
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     ka = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
@@ -285,6 +329,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--memory-json", help="read memory results (from memory.py --json) instead of measuring")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--profiles-json", help="reuse profiles saved by an earlier report run")
     ap.add_argument("-k", dest="k", help="pytest -k expression")
     ap.add_argument("-o", "--output", default=str(ROOT / "BENCHMARKS.md"))
     args = ap.parse_args(argv)
@@ -311,7 +356,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         (json_path.parent / "memory.json").write_text(json.dumps(memory, indent=2))
 
     profiles: dict[str, list[tuple[str, str]]] = {}
-    if not args.no_profile:
+    if args.profiles_json:
+        profiles = {k: [tuple(x) for x in v] for k, v in json.loads(Path(args.profiles_json).read_text()).items()}
+    elif not args.no_profile:
         for c, es in collect(data).items():
             for r in rows_for(c, es):
                 if r["met"] is False:
@@ -320,6 +367,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         profiles[key] = [(s, profile_side(c, s)) for s in ("ours", r["other"]["side_name"])]
                     except Exception as exc:  # a profile must not lose the report
                         profiles[key] = [("ours", f"_profiling failed: {exc!r}_")]
+        (json_path.parent / "profiles.json").write_text(json.dumps(profiles, indent=1))
     analysis = load_analysis(ROOT / "benchmarks" / "analysis.md")
     text = render(data, memory, profiles, analysis, command)
     Path(args.output).write_text(text, encoding="utf-8")

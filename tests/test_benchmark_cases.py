@@ -149,17 +149,27 @@ def test_report_ratios_and_verdicts(tmp_path):
         _bench("a", "ours", "ours", 1.0, paired={"p": 0.85, "f": 1.2}),
         _bench("a", "p", "peer", 1.25, target=0.9),
         _bench("a", "f", "floor", 0.9, target=1.1),
-        # another engineer's file without our keys: side inferred from the param
-        {"name": "test_spec[ours]", "group": "spec", "param": "ours", "extra_info": {},
+        # the spectrum file's convention: the ours entry carries speedup_vs_X(_median) and target_vs_X
+        {"name": "test_spectrum_stats_cpu[csrc-8x4x4]", "group": "spec", "param": "csrc-8x4x4",
+         "extra_info": {"impl": "csrc", "shape": [8, 4, 4], "speedup_vs_svdvals_median": 1.5,
+                        "speedup_vs_svdvals_min": 1.6, "target_vs_svdvals": 2.0},
          "stats": {"median": 2.0, "min": 2.0, "iqr": 0.0}},
-        {"name": "test_spec[svdvals]", "group": "spec", "param": "svdvals", "extra_info": {"target": 0.5},
-         "stats": {"median": 3.0, "min": 3.0, "iqr": 0.0}},
+        {"name": "test_spectrum_stats_cpu[svdvals-8x4x4]", "group": "spec", "param": "svdvals-8x4x4",
+         "extra_info": {"impl": "svdvals", "shape": [8, 4, 4]}, "stats": {"median": 3.0, "min": 3.0, "iqr": 0.0}},
+        # the GPU file's convention: one entry per case, peers only as X_ms + speedup_vs_X
+        {"name": "test_bench_adapter[relu]", "group": "gpu", "param": "relu",
+         "extra_info": {"ours_ms": 1.0, "torch_ms": 2.5, "speedup_vs_torch": 2.5},
+         "stats": {"median": 0.001, "min": 0.001, "iqr": 0.0}},
     ]}
     rows = {(r["case"], r["other"]["side_name"]): r for c, es in report.collect(data).items()
             for r in report.rows_for(c, es)}
     assert rows[("a", "p")]["ratio"] == pytest.approx(0.8) and rows[("a", "p")]["met"] is True
     assert rows[("a", "f")]["met"] is False  # judged on the paired 1.2 > 1.1
-    assert rows[("spec", "svdvals")]["ratio"] == pytest.approx(2 / 3) and rows[("spec", "svdvals")]["met"] is False
+    spec = rows[("spec", "svdvals")]
+    assert spec["ours"]["side_name"] == "csrc" and spec["ratio"] == pytest.approx(2 / 3)
+    assert spec["target"] == pytest.approx(0.5) and spec["met"] is False  # needs >= 2x faster
+    gpu = rows[("gpu", "torch")]
+    assert gpu["ratio"] == pytest.approx(0.4) and gpu["met"] is None and gpu["other"]["median"] == pytest.approx(0.0025)
     mem = [{"case": "a", "side": "ours", "peak": 2**30, "step": 2**20, "ratio_step": 1.1, "ratio_peak": 1.0,
             "target": 1.0, "peer": "p", "met": False}]
     text = report.render(data, mem, {}, {"a vs f": "limited by X"}, "cmd")

@@ -24,6 +24,10 @@ try:  # transformers 5 names the torchvision-free image processor explicitly
 except ImportError:  # pragma: no cover
     from transformers import BlipImageProcessor
 
+# A larger Q-Former init than 0.02 lets the image signal survive its LayerNorms from the
+# start; with 0.02 the tiny LM learns the caption prior first and never looks at the image.
+QFORMER_INIT = 0.1
+
 SPECIALS = ["<pad>", "<unk>", "</s>", "<image>"]  # ids 0..3; OPT uses </s> as BOS and EOS
 
 DEFAULT_SIZE = dict(hidden=64, layers=2, heads=4, vision_layers=2, qformer_layers=1,
@@ -64,10 +68,14 @@ def build_config(vocab_size: int, hidden: int = 64, layers: int = 2, heads: int 
     """A small BLIP-2 config (dropout off everywhere so runs are exactly reproducible)."""
     vision = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=vision_layers,
                   num_attention_heads=heads, image_size=image_size, patch_size=patch_size,
-                  attention_dropout=0.0)
+                  attention_dropout=0.0,
+                  # Blip2VisionConfig defaults to initializer_range=1e-10 (real checkpoints always
+                  # load EVA-CLIP weights); from scratch that gives a blind, all-zero vision tower
+                  initializer_range=0.02)
     qformer = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=qformer_layers,
                    num_attention_heads=heads, encoder_hidden_size=hidden, cross_attention_frequency=1,
-                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, vocab_size=vocab_size)
+                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, vocab_size=vocab_size,
+                   initializer_range=QFORMER_INIT)
     text = OPTConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                      ffn_dim=4 * hidden, num_attention_heads=heads, max_position_embeddings=128,
                      word_embed_proj_dim=hidden, pad_token_id=0, bos_token_id=2, eos_token_id=2,
@@ -87,6 +95,9 @@ def build_tiny_blip2(seed: int = 0, **size) -> tuple[Blip2ForConditionalGenerati
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Blip2ForConditionalGeneration(cfg)
+        # transformers leaves query_tokens at zero (checkpoints overwrite them); LAVIS
+        # initialises them N(0, 0.02): identical queries would attend identically
+        torch.nn.init.normal_(model.query_tokens, std=0.02)
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = 2
     model.generation_config.bos_token_id = 2

@@ -33,8 +33,9 @@ class Family:
     ffn_out: str | None
     scope: tuple[str, ...] | None = None  # sub-paths of a block this component owns (None: all)
     # (module regex under the component root, argument) that receives position ids;
-    # positions="shift" adds P there. None: the family has no absolute/rotary positions to shift.
-    positions: tuple[str, str | int] | None = None
+    # positions="shift" adds P there: (module regex, keyword name, positional index), since
+    # models pass position ids by keyword or by position. None: nothing to shift.
+    positions: tuple[str, str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ _LLAMA = Family(
     attn_out="self_attn.o_proj",
     ffn_in="mlp",
     ffn_out="mlp",
-    positions=(r"rotary_emb", "position_ids"),
+    positions=(r"rotary_emb", "position_ids", 1),
 )
 _OPT = Family(
     layers=r"layers\.\d+",
@@ -63,7 +64,7 @@ _OPT = Family(
     attn_out="self_attn.out_proj",
     ffn_in="fc1",
     ffn_out="fc2",
-    positions=(r"embed_positions", "position_ids"),
+    positions=(r"embed_positions", "position_ids", 2),
 )
 _GPT2 = Family(
     layers=r"h\.\d+",
@@ -72,7 +73,7 @@ _GPT2 = Family(
     attn_out="attn.c_proj",
     ffn_in="mlp",
     ffn_out="mlp",
-    positions=(r"wpe", 0),
+    positions=(r"wpe", "input", 0),
 )
 _BERT = Family(
     layers=r"layer\.\d+",
@@ -81,7 +82,7 @@ _BERT = Family(
     attn_out="attention.output.dense",
     ffn_in="intermediate.dense",
     ffn_out="output.dense",
-    positions=(r"embeddings\.position_embeddings", 0),
+    positions=(r"embeddings\.position_embeddings", "input", 0),
 )
 _VIT = Family(  # transformers 5.x ViT: layers.N.attention.{q,k,v,o}_proj, layers.N.mlp.fc1/fc2
     layers=r"layers\.\d+",
@@ -144,9 +145,6 @@ _QFORMER = Family(
     scope=("attention", "intermediate_query", "output_query"),
 )
 
-# These models call rotary_emb(hidden_states, position_ids) positionally (Llama, Gemma, Phi-3
-# pass position_ids= by keyword), so positions="shift" must offset argument 1.
-_LLAMA_POS1 = replace(_LLAMA, positions=(r"rotary_emb", 1))
 _PHI3 = replace(_LLAMA, lora=("qkv_proj", "o_proj"))  # fused q/k/v projection
 _QWEN2_VL_VISION = Family(  # Qwen2-VL / Qwen2.5-VL ViT; attention runs per image (and per window in 2.5)
     layers=r"blocks\.\d+",
@@ -218,7 +216,7 @@ _CLIP_LIKE = {
 ARCHITECTURES: dict[str, dict[str, Component]] = {
     "llama": {"language": Component(roots=("",), family=_LLAMA)},
     "mistral": {"language": Component(roots=("",), family=_LLAMA)},
-    "qwen2": {"language": Component(roots=("",), family=_LLAMA_POS1)},
+    "qwen2": {"language": Component(roots=("",), family=_LLAMA)},
     "opt": {"language": Component(roots=("",), family=_OPT)},
     "gpt2": {"language": Component(roots=("",), family=_GPT2)},
     "bert": {"language": Component(roots=("",), family=_BERT)},
@@ -243,13 +241,13 @@ ARCHITECTURES: dict[str, dict[str, Component]] = {
     },
 }
 ARCHITECTURES["blip-2"] = ARCHITECTURES["blip_2"]
-_TEXT_POS1 = {"language": Component(roots=("",), family=_LLAMA_POS1)}
+_TEXT_LLAMA = {"language": Component(roots=("",), family=_LLAMA)}
 ARCHITECTURES.update({
     # text families (also the language models of the LMMs below)
     "gemma": {"language": Component(roots=("",), family=_LLAMA)},
-    "qwen3": _TEXT_POS1, "gemma2": _TEXT_POS1, "gemma3_text": _TEXT_POS1,
+    "qwen3": _TEXT_LLAMA, "gemma2": _TEXT_LLAMA, "gemma3_text": _TEXT_LLAMA,
     # M-RoPE: positions="shift" adds P to all three (temporal, height, width) position rows
-    "qwen2_vl_text": _TEXT_POS1, "qwen2_5_vl_text": _TEXT_POS1,
+    "qwen2_vl_text": _TEXT_LLAMA, "qwen2_5_vl_text": _TEXT_LLAMA,
     "phi3": {"language": Component(roots=("",), family=_PHI3)},
     "bart": {
         "encoder": Component(roots=("encoder", "model.encoder"), family=_BART_ENCODER),

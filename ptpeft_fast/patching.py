@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,9 +129,11 @@ def _components_of(model, names, config) -> list[ResolvedComponent]:
 def _add_prefixes(model, config: PTPeftConfig, state: PatchState, modules) -> None:
     pc = config.prefix
     for comp in _components_of(model, pc.components, config):
-        if comp.family is None:
-            raise ValueError(f"component {comp.name!r} has no attention layers; prefixes go in attention components")
-        layers = [(f"{bname}.{rel}", block.get_submodule(rel)) for bname, block in comp.blocks for rel in comp.family.attention]
+        layers = [] if comp.family is None else [
+            (f"{bname}.{rel}", block.get_submodule(rel)) for bname, block in comp.blocks for rel in comp.family.attention]
+        if not layers:
+            raise ValueError(f"component {comp.name!r} has no attention layers, so it takes no prefix "
+                             "(it can take LoRA or an adapter); remove it from prefix.components")
         child = f"prefix_{comp.name}"
         geometry = [attention_geometry(m) for _, m in layers]
         dtype, device = _param_dtype_device(layers[0][1])
@@ -152,13 +155,48 @@ def _add_prefixes(model, config: PTPeftConfig, state: PatchState, modules) -> No
             module._ptpeft_prefix = child
             module._ptpeft_backend = config.backend
             state.prefix_layers[path] = prefix
-        if pc.positions == "shift" and comp.family.positions is not None:
-            state.hooks.append(_shift_positions(model, comp, pc.num_tokens))
+        if comp.family.positions is not None:
+            hook = _positions_from_mask(model, comp)
+            if hook is not None:
+                state.hooks.append(hook)
+            if pc.positions == "shift":
+                state.hooks.append(_shift_positions(model, comp, pc.num_tokens))
+
+
+def _positions_from_mask(model, comp: ResolvedComponent):
+    """Real tokens of a left-padded row keep positions 0..L-1 (DESIGN §2), as ``generate`` gives them.
+
+    Prefix keys are not rotated, so unlike plain RoPE attention the result depends on absolute
+    positions: without this a left-padded training batch (no ``position_ids``) would place its
+    tokens differently from generation. Fills missing ``position_ids`` from the attention mask.
+    """
+    root = model.get_submodule(comp.root) if comp.root else model
+    try:
+        signature = inspect.signature(root.forward)
+    except (TypeError, ValueError):
+        return None
+    if not {"position_ids", "attention_mask"} <= set(signature.parameters):
+        return None
+
+    def hook(_module, args, kwargs):
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        mask = bound.get("attention_mask")
+        if bound.get("position_ids") is not None or not isinstance(mask, torch.Tensor) or mask.dim() != 2 or bool(mask.all()):
+            return None
+        tokens = bound.get("input_ids")
+        if tokens is None:
+            tokens = bound.get("inputs_embeds")
+        if tokens is None:
+            return None
+        positions = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, -tokens.shape[1]:]
+        return args, {**kwargs, "position_ids": positions}
+
+    return root.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def _shift_positions(model, comp: ResolvedComponent, num_tokens: int):
     """Give real tokens positions P..P+L-1 (PEFT's convention) by offsetting the position ids."""
-    pattern, arg = comp.family.positions
+    pattern, name, index = comp.family.positions
     prefix = comp.root + "." if comp.root else ""
     regex = re.compile(r"(^|\.)" + pattern + "$")
     found = [m for n, m in model.named_modules() if n.startswith(prefix) and regex.search(n[len(prefix):])]
@@ -166,12 +204,12 @@ def _shift_positions(model, comp: ResolvedComponent, num_tokens: int):
         raise ValueError(f"positions='shift': expected one position module {pattern!r} in {comp.name!r}, found {len(found)}")
 
     def hook(_module, args, kwargs):
-        if isinstance(arg, str) and kwargs.get(arg) is not None:
-            kwargs = {**kwargs, arg: kwargs[arg] + num_tokens}
-        elif isinstance(arg, int) and len(args) > arg:
-            args = args[:arg] + (args[arg] + num_tokens,) + args[arg + 1:]
-        elif isinstance(arg, str):
-            raise RuntimeError("positions='shift': the model called its position module without position ids")
+        if kwargs.get(name) is not None:
+            kwargs = {**kwargs, name: kwargs[name] + num_tokens}
+        elif len(args) > index and args[index] is not None:
+            args = args[:index] + (args[index] + num_tokens,) + args[index + 1:]
+        else:
+            raise RuntimeError(f"positions='shift': {pattern} was called without position ids")
         return args, kwargs
 
     return found[0].register_forward_pre_hook(hook, with_kwargs=True)
@@ -232,6 +270,9 @@ def _add_adapters(model, config: PTPeftConfig, state: PatchState, modules) -> No
             if comp.alias_of is not None:
                 continue  # e.g. T5 cross-attention under "language": no feed-forward block of its own
             raise ValueError(f"component {comp.name!r} has no feed-forward block for a {ac.style} adapter")
+        if ac.style == "parallel" and has_ffn and fam.ffn_in is None:
+            raise ValueError(f"component {comp.name!r} changes width between input and output, so a parallel "
+                             "adapter cannot sit beside it; use adapter.style='pfeiffer' or 'houlsby' there")
         for bname, block in comp.blocks:
             points = []
             if has_ffn:

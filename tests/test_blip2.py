@@ -80,3 +80,13 @@ def test_generate_with_prefix_left_padded(tmp_path):
                 logits = model(pixel_values=pv, input_ids=seq, attention_mask=torch.ones_like(seq), use_cache=False).logits
             seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
         assert torch.equal(out[row, -4:], seq[0, -4:])
+
+
+def test_projector_takes_lora_but_no_prefix(tmp_path):
+    import pytest
+
+    model = tiny.blip2(tmp_path, "opt")
+    with pytest.raises(ValueError, match="'projector' has no attention layers"):
+        pf.patch(model, {"prefix": {"components": ["projector"]}})
+    pf.patch(model, {"prefix": None, "lora": {"components": ["projector"]}})
+    assert list(model._ptpeft.lora_layers) == ["language_projection"]

@@ -81,7 +81,10 @@ def test_prefix_changes_output_and_left_padding_keeps_real_logits(tmp_path, kind
     with torch.no_grad():
         a = model(padded, attention_mask=mask, position_ids=pos).logits[:, pad:]
         b = model(ids).logits
+        # without position_ids too: real tokens keep positions 0..L-1, as generate gives them
+        c = model(padded, attention_mask=mask).logits[:, pad:]
     assert rel_err(a, b) <= 1e-5
+    assert rel_err(c, b) <= 1e-5
 
 
 @pytest.mark.parametrize("kind", ["t5", "bert"])

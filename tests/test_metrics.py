@@ -55,14 +55,13 @@ def test_caption_matches_pycocoevalcap_direct_python_tokenizer():
 @pytest.mark.skipif(shutil.which("java") is None, reason="needs Java")
 def test_caption_matches_pycocoevalcap_java():
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
     tok = PTBTokenizer()
     gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in REFS.items()})
     res = tok.tokenize({k: [{"caption": PREDS[k]}] for k in REFS})
     m = caption_metrics(PREDS, REFS)
-    assert m["tokenizer"] == "PTBTokenizer"
+    assert m["tokenizer"] == "PTBTokenizer" and m["meteor_unavailable"] is False
     assert m["CIDEr-D"] == pytest.approx(100 * Cider().compute_score(gts, res)[0])
-    meteor = Meteor()
-    assert m["METEOR"] == pytest.approx(100 * meteor.compute_score(gts, res)[0], abs=1e-6)
-    assert 0 < m["METEOR"] < 100
+    # pycocoevalcap's Meteor().compute_score(gts, res) on this set (METEOR 1.5); a constant
+    # because a second METEOR JVM (2 GB heap, paraphrase table) costs more than the test
+    assert m["METEOR"] == pytest.approx(43.0879179, abs=1e-4)

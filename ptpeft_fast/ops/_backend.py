@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from typing import Callable, TypeVar
 import importlib.util
 import os
 from typing import Iterator
@@ -18,6 +19,23 @@ import torch
 BACKENDS = ("auto", "torch", "triton", "xformers")
 
 _forced: list[str] = []
+T = TypeVar("T")
+
+
+class BackendUnsupported(ValueError):
+    """A kernel backend does not handle these arguments (the torch path does)."""
+
+
+def try_kernel(requested: str, call: Callable[[], T]) -> T | None:
+    """Run ``call`` (a kernel backend); return None when it refuses the arguments and the
+    backend was chosen automatically, so the caller takes the torch path. A backend the user
+    asked for by name (argument or :func:`use_backend`) re-raises its refusal."""
+    try:
+        return call()
+    except BackendUnsupported:
+        if requested == "auto" and not _forced:
+            return None
+        raise
 
 
 def interpreter_on() -> bool:

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._backend import resolve_backend
+from ._backend import resolve_backend, try_kernel
 
 __all__ = ["adapter", "ACTIVATIONS"]
 
@@ -167,5 +167,7 @@ def adapter(
     if chosen == "triton":
         from . import triton_ops
 
-        return triton_ops.adapter(x, down_weight, down_bias, up_weight, up_bias, activation, residual)
+        out = try_kernel(backend, lambda: triton_ops.adapter(x, down_weight, down_bias, up_weight, up_bias, activation, residual))
+        if out is not None:
+            return out
     return _AdapterFn.apply(x, down_weight, down_bias, up_weight, up_bias, activation, bool(residual))

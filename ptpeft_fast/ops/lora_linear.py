@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._backend import resolve_backend
+from ._backend import resolve_backend, try_kernel
 
 __all__ = ["lora_linear"]
 
@@ -192,5 +192,7 @@ def lora_linear(
     if chosen == "triton":
         from . import triton_ops
 
-        return triton_ops.lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p)
+        out = try_kernel(backend, lambda: triton_ops.lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p))
+        if out is not None:
+            return out
     return _LoraLinearFn.apply(x, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p))

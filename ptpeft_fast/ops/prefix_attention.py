@@ -73,7 +73,7 @@ from typing import Optional
 
 import torch
 
-from ._backend import resolve_backend
+from ._backend import resolve_backend, try_kernel
 
 __all__ = ["prefix_attention"]
 
@@ -396,9 +396,11 @@ def prefix_attention(
     if chosen == "triton":
         from . import triton_ops
 
-        return triton_ops.prefix_attention(
+        out = try_kernel(backend, lambda: triton_ops.prefix_attention(
             q, k, v, prefix_k, prefix_v, causal=causal, attn_mask=attn_mask, scale=scale, dropout_p=dropout_p
-        )
+        ))
+        if out is not None:
+            return out
     if chosen == "xformers":
         from . import xformers_ops
 

@@ -46,7 +46,10 @@ MAX_HEAD_DIM = 256
 MAX_BOTTLENECK = 256
 
 
-class TritonUnsupported(ValueError):
+from ._backend import BackendUnsupported
+
+
+class TritonUnsupported(BackendUnsupported):
     """The Triton path does not handle these arguments; ``backend="torch"`` does."""
 
 

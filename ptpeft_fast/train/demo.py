@@ -57,8 +57,13 @@ def run_demo(quick: bool = False, out_dir: str | None = None, user_overrides: li
     out = out_dir or base["output"]["dir"] or os.path.join("runs", "demo-quick" if quick else "demo")
     os.makedirs(out, exist_ok=True)
     if base["model"]["name"] == "tiny-blip2" and base["model"]["pretrained_path"] is None:
-        base["model"]["pretrained_path"] = ensure_tiny_pretrained(
-            "quick" if quick else "full", log=log, progress=base["train"]["progress"])
+        from .pretrain import recipe_path
+        full = recipe_path("full")
+        if quick and os.path.isfile(os.path.join(full, "config.json")):
+            base["model"]["pretrained_path"] = full  # the better model is free once cached
+        else:
+            base["model"]["pretrained_path"] = ensure_tiny_pretrained(
+                "quick" if quick else "full", log=log, progress=base["train"]["progress"])
     rows = []
     for label, ov in METHODS:
         cfg = copy.deepcopy(base)

@@ -235,7 +235,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def llama_shape(**cfg) -> str:
     c = {**LLAMA, **cfg}
-    return (f"Llama hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, {c['num_attention_heads']} heads "
+    return (f"tiny Llama: hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, {c['num_attention_heads']} heads "
             f"(kv {c['num_key_value_heads']}), ffn {c['intermediate_size']}, vocab {c['vocab_size']}")
 
 

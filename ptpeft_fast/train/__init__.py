@@ -68,7 +68,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(dump_config(cfg), end="")
             return 0
-        from .runner import Interrupted, Run
+        from .runner import Interrupted
+        if cfg["experiment"]["methods"]:
+            # a multi-run experiment: each run resumes from its own sub-folder, so running the
+            # same command again (or --resume DIR) continues where it stopped
+            from .experiment import run_experiment
+            from .runner import _atomic_write_text
+            os.makedirs(out, exist_ok=True)
+            _atomic_write_text(os.path.join(out, "config.yaml"), dump_config(cfg))
+            try:
+                run_experiment(cfg, out)
+            except Interrupted as e:
+                print(str(e), file=sys.stderr)
+                return 130
+            return 0
+        from .classification import make_run
         if not args.resume and os.path.exists(os.path.join(out, "progress.json")) and not cfg["output"]["overwrite"]:
             raise ConfigError(f"output.dir {out!r} already holds a run; use --resume {out} or "
                               "--set output.overwrite=true")
@@ -79,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                     p = os.path.join(out, f)
                     shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (os.path.exists(p) and os.remove(p))
         try:
-            Run(cfg, out, resume=bool(args.resume)).execute()
+            make_run(cfg, out, resume=bool(args.resume)).execute()
         except Interrupted as e:
             print(str(e), file=sys.stderr)
             return 130

@@ -14,12 +14,13 @@ import yaml
 
 # Keys whose value is a free-form mapping (checked by their consumer, not here).
 FREE_FORM = {"data.train", "data.val", "data.test", "model.tiny", "stage1.prefix", "stage2.lora",
-             "stage2.adapter"}
+             "stage2.adapter", "experiment.variants", "experiment.method_overrides"}
 # Keys that may be null besides their typed default.
 NULLABLE = {"model.pretrained_path", "data.prompt", "data.max_train_samples", "data.max_eval_samples",
             "stage1.max_steps", "stage2.max_steps", "eval.max_samples", "eval.use_java",
             "train.interrupt_after_steps", "output.dir", "stage2.adapter", "stage2.lora",
-            "train.max_grad_norm"}
+            "train.max_grad_norm", "data.per_class",
+            "stage1.head_lr", "stage2.head_lr"}
 
 DEFAULTS: dict[str, Any] = {
     "model": {
@@ -39,11 +40,15 @@ DEFAULTS: dict[str, Any] = {
         "skip_bad_images": False,
         "max_train_samples": None,
         "max_eval_samples": None,
+        # classification (data.format stdlib-docstrings)
+        "per_class": None,             # training examples per class (null: all)
+        "split_seed": 0,               # corpus train/val/test split (fixed across train.seed)
+        "max_length": 64,              # tokenizer truncation
     },
     "stage1": {
         "enabled": True,
         "prefix": {"num_tokens": 10, "reparam": "mlp", "hidden_size": 64, "components": ["language"]},
-        "epochs": 1, "max_steps": None, "lr": 1e-2, "weight_decay": 0.0, "warmup_ratio": 0.1,
+        "epochs": 1, "max_steps": None, "lr": 1e-2, "head_lr": None, "weight_decay": 0.0, "warmup_ratio": 0.1,
         "min_lr_ratio": 0.0, "batch_size": 32, "grad_accum": 1,
     },
     "stage2": {
@@ -52,7 +57,7 @@ DEFAULTS: dict[str, Any] = {
         "freeze_prefix": False,
         "lora": {"r": 8, "alpha": 16, "components": ["language"]},
         "adapter": {"bottleneck": 16, "components": ["language"]},
-        "epochs": 1, "max_steps": None, "lr": 2e-3, "weight_decay": 0.0, "warmup_ratio": 0.1,
+        "epochs": 1, "max_steps": None, "lr": 2e-3, "head_lr": None, "weight_decay": 0.0, "warmup_ratio": 0.1,
         "min_lr_ratio": 0.0, "batch_size": 32, "grad_accum": 1,
     },
     "eval": {
@@ -67,6 +72,7 @@ DEFAULTS: dict[str, Any] = {
         "spectrum_samples": 128,
         "tau": 0.9,
         "use_java": None,              # null: use Java when it is on PATH
+        "spectrum_window": 16,         # classification: first N word-piece tokens per sentence
     },
     "output": {
         "dir": None,                   # null: runs/<timestamp>
@@ -84,12 +90,22 @@ DEFAULTS: dict[str, Any] = {
         "num_threads": 0,              # 0: torch default
         "interrupt_after_steps": None, # testing: act as if Ctrl-C came after N optimizer steps
     },
+    # a multi-run experiment (classification): methods x variants x per_class x seeds,
+    # aggregated into one results.md; empty methods = one run of the config as it is
+    "experiment": {
+        "methods": [],                 # names from ptpeft_fast.train.experiment.METHODS
+        "seeds": [0],
+        "per_class": [],               # values of data.per_class to sweep (empty: the config's)
+        "variants": {},                # label -> list of "key=value" overrides
+        "method_overrides": {},        # method -> list of "key=value" overrides
+        "spectrum": True,              # plot spectrum.png
+    },
 }
 
 CHOICES = {
-    "data.format": ("synthetic-shapes", "coco", "vqav2", "jsonl", "hf"),
-    "data.task": ("vqa", "caption"),
-    "stage2.method": ("lora", "adapter", "full"),
+    "data.format": ("synthetic-shapes", "coco", "vqav2", "jsonl", "hf", "stdlib-docstrings"),
+    "data.task": ("vqa", "caption", "classification"),
+    "stage2.method": ("lora", "adapter", "full", "head"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.strategy": ("ddp", "fsdp"),
@@ -97,7 +113,8 @@ CHOICES = {
 }
 POSITIVE = {"stage1.epochs", "stage2.epochs", "stage1.batch_size", "stage2.batch_size",
             "stage1.grad_accum", "stage2.grad_accum", "eval.batch_size", "eval.max_new_tokens",
-            "eval.num_beams", "eval.spectrum_samples", "train.log_every"}
+            "eval.num_beams", "eval.spectrum_samples", "train.log_every", "data.max_length",
+            "eval.spectrum_window"}
 
 
 class ConfigError(ValueError):
@@ -213,6 +230,14 @@ def validate(cfg: dict) -> None:
     walk(DEFAULTS, cfg, "")
     for s in ("stage1", "stage2"):
         sc = cfg[s]
+        if isinstance(sc["head_lr"], str):  # PyYAML reads "1e-3" (no dot) as a string
+            try:
+                sc["head_lr"] = float(sc["head_lr"])
+            except ValueError:
+                pass
+        if sc["head_lr"] is not None and (isinstance(sc["head_lr"], bool) or not isinstance(sc["head_lr"], (int, float))
+                                          or sc["head_lr"] <= 0):
+            raise ConfigError(f"{s}.head_lr must be a positive number or null, got {sc['head_lr']!r}")
         if sc["lr"] <= 0:
             raise ConfigError(f"{s}.lr must be > 0, got {sc['lr']!r}")
         if not 0 <= sc["warmup_ratio"] < 1:
@@ -226,6 +251,36 @@ def validate(cfg: dict) -> None:
                               f"({sc['grad_accum']})")
     if not 0 < cfg["eval"]["tau"] <= 1:
         raise ConfigError(f"eval.tau must be in (0, 1], got {cfg['eval']['tau']!r}")
+    dc = cfg["data"]
+    if (dc["task"] == "classification") != (dc["format"] == "stdlib-docstrings"):
+        raise ConfigError(f"data.task={dc['task']!r} with data.format={dc['format']!r}: the classification task "
+                          "reads data.format=stdlib-docstrings (and that format is classification only)")
+    if dc["per_class"] is not None and (not isinstance(dc["per_class"], int) or dc["per_class"] < 1):
+        raise ConfigError(f"data.per_class must be a positive integer or null, got {dc['per_class']!r}")
+    if cfg["stage2"]["method"] == "head":
+        if dc["task"] != "classification":
+            raise ConfigError("stage2.method=head (linear probe: only the task head trains) needs "
+                              "data.task=classification")
+        if cfg["stage1"]["enabled"] and cfg["stage2"]["enabled"]:
+            raise ConfigError("stage2.method=head is a linear probe without PT-PEFT modules; set "
+                              "stage1.enabled=false (the head already trains in the prefix stage)")
+    ex = cfg["experiment"]
+    for k in ("methods", "seeds", "per_class"):
+        if not isinstance(ex[k], list):
+            raise ConfigError(f"experiment.{k} must be a list, got {ex[k]!r}")
+    if any(not isinstance(s, int) or isinstance(s, bool) for s in ex["seeds"]) or not ex["seeds"]:
+        raise ConfigError(f"experiment.seeds must be a non-empty list of integers, got {ex['seeds']!r}")
+    if any(not isinstance(s, int) or s < 1 for s in ex["per_class"]):
+        raise ConfigError(f"experiment.per_class must be positive integers, got {ex['per_class']!r}")
+    if ex["methods"]:
+        from .experiment import METHODS
+        bad = [m for m in ex["methods"] if m not in METHODS]
+        if bad:
+            raise ConfigError(f"experiment.methods: unknown {bad}; choose from {sorted(METHODS)}")
+    for k in ("variants", "method_overrides"):
+        for name, ovs in (ex[k] or {}).items():
+            if not isinstance(ovs, list) or any(not isinstance(o, str) or "=" not in o for o in ovs):
+                raise ConfigError(f"experiment.{k}.{name} must be a list of 'key=value' strings, got {ovs!r}")
     if cfg["data"]["format"] != "synthetic-shapes" and cfg["model"]["name"] == "tiny-blip2":
         pass  # allowed: tiny-blip2's word-level vocabulary just maps unknown words to <unk>
     peft_config_dict(cfg)  # the PT-PEFT sections are validated by the core's own config

@@ -123,4 +123,6 @@ def results_table(rows: Iterable[Mapping[str, Any]], metric_names: Sequence[str]
 
 def metric_names(task: str) -> list[str]:
     """The metric columns of the results table for ``task``."""
+    if task == "classification":
+        return ["accuracy", "macro-F1"]
     return ["VQA-acc"] if task == "vqa" else ["CIDEr-D", "BLEU-4", "METEOR", "ROUGE-L"]

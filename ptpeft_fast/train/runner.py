@@ -440,6 +440,30 @@ class Run:
             out[k] = v
         return out
 
+    def _train_unpatched(self, stage: str) -> None:
+        """requires_grad for a stage of a model without PT-PEFT modules (plain full fine-tune)."""
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        self.model.train()
+
+    def _param_groups(self, stage: str, named: list) -> list[dict]:
+        """The optimizer's parameter groups for ``stage`` (one group at the stage's lr here)."""
+        return [{"params": [p for _, p in named]}]
+
+    def _batch_count(self, b: dict) -> int:
+        """The loss normaliser's share of one micro-batch (here: target tokens)."""
+        return int((b["labels"][:, 1:] != -100).sum())
+
+    def _batch_loss(self, fwd, b: dict) -> torch.Tensor:
+        """The SUM of the per-token losses of one micro-batch (divided by the global count by the caller)."""
+        with self._autocast():
+            logits = fwd(**self._model_inputs(b)).logits
+        labels = b["labels"].to(self.device)
+        # logits cover the label positions (BLIP-2 slices them to labels' length)
+        lg = logits[:, -labels.shape[1]:][:, :-1].float()
+        return F.cross_entropy(lg.reshape(-1, lg.shape[-1]), labels[:, 1:].reshape(-1),
+                               ignore_index=-100, reduction="sum")
+
     def _train_stage(self, stage: str) -> None:
         sc = self.cfg[stage]
         mode = self._stage_mode(stage)
@@ -448,14 +472,12 @@ class Run:
             pf.set_stage(self.model, mode)
             self.trainable_counts[stage] = pf.trainable_parameters(self.model)["total"]
         else:  # plain full fine-tune (no PT-PEFT modules)
-            for p in self.model.parameters():
-                p.requires_grad_(True)
-            self.model.train()
-            self.trainable_counts[stage] = sum(p.numel() for p in self.model.parameters())
+            self._train_unpatched(stage)
+            self.trainable_counts[stage] = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         named = self._trainable()
         if not named:
             raise ConfigError(f"{stage}: no trainable parameters (is stage1.prefix / stage2.{self.cfg['stage2']['method']} set?)")
-        opt = torch.optim.AdamW([p for _, p in named], lr=sc["lr"], weight_decay=sc["weight_decay"])
+        opt = torch.optim.AdamW(self._param_groups(stage, named), lr=sc["lr"], weight_decay=sc["weight_decay"])
         G, accum, world = sc["batch_size"], sc["grad_accum"], self.di.world
         if G % (accum * world):
             raise ConfigError(f"{stage}.batch_size={G} must be divisible by grad_accum×processes={accum}×{world}")
@@ -510,19 +532,13 @@ class Run:
                 for a in range(accum):
                     lo = a * micro * world + self.di.rank * micro
                     batches.append(self.train_collate([self.train_ds[i] for i in gidx[lo:lo + micro]]))
-                ntok = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)))
+                ntok = torch.tensor(float(sum(self._batch_count(b) for b in batches)))
                 ntok = _all_reduce(ntok, self.di).clamp_min(1.0)
                 loss_total = torch.zeros(())
                 for a, b in enumerate(batches):
                     sync = contextlib.nullcontext() if (world == 1 or a == accum - 1) else fwd.no_sync()
                     with sync:
-                        with self._autocast():
-                            logits = fwd(**self._model_inputs(b)).logits
-                        labels = b["labels"].to(self.device)
-                        # logits cover the label positions (BLIP-2 slices them to labels' length)
-                        lg = logits[:, -labels.shape[1]:][:, :-1].float()
-                        loss = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), labels[:, 1:].reshape(-1),
-                                               ignore_index=-100, reduction="sum") / ntok.to(self.device) * world
+                        loss = self._batch_loss(fwd, b) / ntok.to(self.device) * world
                         (scaler.scale(loss) if scaler else loss).backward()
                     loss_total += loss.detach().cpu()
                 if scaler:

@@ -1,0 +1,152 @@
+"""Multi-run experiments: ``experiment.methods`` × ``experiment.variants`` ×
+``experiment.per_class`` × ``experiment.seeds``, one :class:`Run` each (in its own
+sub-folder, resumed when it already has progress), aggregated into one ``results.md``
+(mean ± sample std over seeds) and ``spectrum.png`` (mean curve over seeds).
+
+Used by the shipped presets ``minilm-docstrings.yaml`` (the PT-PEFT comparison) and
+``minilm-reparam.yaml`` (seed 2's reparameterisation ablation).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from typing import Callable
+
+from . import report
+from .config import apply_override, validate
+
+_SINGLE = ["eval.zero_shot=false", "eval.after_each_stage=false"]
+# name -> (row label, overrides); the same stage budgets for every method come from the config
+METHODS: dict[str, tuple[str, list[str]]] = {
+    "pretrained": ("pre-trained (random head)", ["stage1.enabled=false", "stage2.enabled=false",
+                                                 "eval.zero_shot=true"]),
+    "linear-probe": ("Linear probe", ["stage1.enabled=false", "stage2.enabled=true", "stage2.method=head", *_SINGLE]),
+    "prefix": ("Prefix", ["stage1.enabled=true", "stage2.enabled=false", *_SINGLE]),
+    "lora": ("LoRA", ["stage1.enabled=false", "stage2.enabled=true", "stage2.method=lora", *_SINGLE]),
+    "adapter": ("Adapter", ["stage1.enabled=false", "stage2.enabled=true", "stage2.method=adapter", *_SINGLE]),
+    "full": ("Full FT", ["stage1.enabled=false", "stage2.enabled=true", "stage2.method=full", *_SINGLE]),
+    "pt-lora": ("PT-LoRA", ["stage1.enabled=true", "stage2.enabled=true", "stage2.method=lora", *_SINGLE]),
+    "pt-adapter": ("PT-Adapter", ["stage1.enabled=true", "stage2.enabled=true", "stage2.method=adapter", *_SINGLE]),
+    "pt-full": ("PT-Full", ["stage1.enabled=true", "stage2.enabled=true", "stage2.method=full", *_SINGLE]),
+}
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, sd
+
+
+def _pm(xs: list[float], digits: int = 2) -> str:
+    if not xs:
+        return "n/a"
+    m, sd = _mean_std(xs)
+    return f"{m:.{digits}f} ± {sd:.{digits}f}" if len(xs) > 1 else f"{m:.{digits}f}"
+
+
+def run_experiment(base: dict, out: str, log: Callable[[str], None] = print) -> dict:
+    """Run every (per_class, variant, method, seed) of ``base['experiment']`` under ``out``;
+    returns ``{"groups", "results", "png", "seconds"}``."""
+    from ..data.stdlib_docstrings import python_version
+    from .classification import make_run
+    t0 = time.time()
+    ex = base["experiment"]
+    os.makedirs(out, exist_ok=True)
+    pcs = list(ex["per_class"]) or [base["data"]["per_class"]]
+    variants = list((ex["variants"] or {}).items()) or [("", [])]
+    groups: list[dict] = []
+    for pc in pcs:
+        for vname, vov in variants:
+            for m in ex["methods"]:
+                label, mov = METHODS[m]
+                g = {"per_class": pc, "variant": vname, "method": label, "key": m, "rows": []}
+                for seed in ex["seeds"]:
+                    cfg = copy.deepcopy(base)
+                    cfg["experiment"]["methods"] = []
+                    ovs = mov + list((ex["method_overrides"] or {}).get(m, [])) + list(vov) + [f"train.seed={seed}"]
+                    if pc is not None:
+                        ovs.append(f"data.per_class={pc}")
+                    for o in ovs:
+                        apply_override(cfg, o)
+                    validate(cfg)
+                    parts = ([f"pc{pc}"] if len(pcs) > 1 else []) + ([vname] if vname else []) + [m, f"seed{seed}"]
+                    sub = os.path.join(out, *parts)
+                    cfg["output"]["dir"] = sub
+                    log(f"--- {'/'.join(parts)} ---")
+                    t = time.time()
+                    resume = os.path.exists(os.path.join(sub, "progress.json"))
+                    run = make_run(cfg, sub, resume=resume, log=log)
+                    rows = run.execute()
+                    row = dict(rows[-1])
+                    row["seconds"] = round(time.time() - t, 1)
+                    row["n_train"] = len(run.train_ds) if run.train_ds is not None else 0
+                    g["rows"].append(row)
+                groups.append(g)
+                _atomic_json(os.path.join(out, "groups.json"), groups)
+    secs = time.time() - t0
+    md, png = write_experiment_report(out, groups, base, python_version(), secs)
+    log("\n" + open(md, encoding="utf-8").read())
+    return {"groups": groups, "results": md, "png": png, "seconds": secs}
+
+
+def _atomic_json(path: str, obj) -> None:
+    from .runner import _atomic_write_text
+    _atomic_write_text(path, json.dumps(obj, indent=1))
+
+
+def write_experiment_report(out: str, groups: list[dict], base: dict, py: str, seconds: float) -> tuple[str, str | None]:
+    """``results.md`` (mean ± std over seeds) and ``spectrum.png`` (mean curves)."""
+    from .runner import _atomic_write_text
+    ex, ev = base["experiment"], base["eval"]
+    multi_pc = len({g["per_class"] for g in groups}) > 1
+    multi_var = len({g["variant"] for g in groups}) > 1
+    cols = (["per class"] if multi_pc else []) + (["variant"] if multi_var else []) + [
+        "method", "accuracy", "macro-F1", "remaining-rank ratio", "effective rank", "trainable params",
+        "train size", "s / run"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    curves: dict[str, list[float]] = {}
+    skipped_note = ""
+    for g in groups:
+        rs = g["rows"]
+        acc = [r["metrics"]["accuracy"] for r in rs]
+        f1 = [r["metrics"]["macro-F1"] for r in rs]
+        sp = [r["spectrum"] for r in rs if r.get("spectrum")]
+        rr = [s["remaining_rank_ratio"] for s in sp]
+        er = [s["effective_rank"] for s in sp]
+        name = " / ".join(str(x) for x in ([f"{g['per_class']}/class"] if multi_pc else []) +
+                          ([g["variant"]] if multi_var else []) + [g["method"]])
+        if sp:
+            K = len(sp[0]["curve"])
+            curves[name] = [sum(s["curve"][k] for s in sp) / len(sp) for k in range(K)]
+            s0 = sp[0]
+            skipped_note = (f"Spectrum: last-layer token features of the first {s0.get('window')} word-piece tokens "
+                            f"([CLS]/[SEP] excluded) of {s0['n_samples']} evaluation sentences; "
+                            f"{s0.get('skipped_short', 0)} of the first {s0.get('considered', s0['n_samples'])} "
+                            f"sentences were shorter than the window and skipped.")
+        vals = ([str(g["per_class"])] if multi_pc else []) + ([g["variant"]] if multi_var else []) + [
+            g["method"], _pm(acc), _pm(f1), _pm(rr, 3), _pm(er), str(rs[-1].get("trainable", 0)),
+            str(rs[-1].get("n_train", "")), f"{sum(r['seconds'] for r in rs) / len(rs):.0f}"]
+        lines.append("| " + " | ".join(vals) + " |")
+    n_eval = groups[0]["rows"][0].get("n") if groups and groups[0]["rows"] else None
+    head = (f"# {base['model']['name']} on stdlib-docstrings: "
+            f"{', '.join(METHODS[m][0] for m in ex['methods'])}\n\n"
+            f"- Python {py} (the corpus depends on the Python minor version); split seed {base['data']['split_seed']}\n"
+            f"- seeds {ex['seeds']}: mean ± sample std over seeds (a seed sets the head/PT-PEFT init, the data "
+            f"order and which training sentences are kept per class)\n"
+            f"- evaluated on the `{ev['split']}` split ({n_eval} sentences); accuracy and macro-F1 ×100\n"
+            f"- stage budgets: stage 1 {base['stage1']['max_steps'] or str(base['stage1']['epochs']) + ' epoch(s)'}"
+            f" steps, stage 2 {base['stage2']['max_steps'] or str(base['stage2']['epochs']) + ' epoch(s)'} steps; "
+            f"a PT- method runs both\n"
+            f"- wall time {seconds / 60:.1f} min\n\n")
+    md = head + "\n".join(lines) + "\n"
+    png = None
+    if curves and ex["spectrum"]:
+        png = report.plot_spectra(curves, os.path.join(out, "spectrum.png"), ev["tau"])
+        md += (f"\n{skipped_note} Remaining-rank ratio: smallest k/K whose cumulative normalised singular-value "
+               f"mass ≥ {ev['tau']}; effective rank: exp(entropy) of the mean normalised spectrum.\n\n"
+               "![spectrum](spectrum.png)\n")
+    _atomic_write_text(os.path.join(out, "results.md"), md)
+    return os.path.join(out, "results.md"), png

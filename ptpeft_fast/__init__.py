@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 from .architectures import supported_model_types
 from .checkpoint import load, save
 from .config import AdapterConfig, LoraConfig, PrefixConfig, PTPeftConfig
+from .interop import from_peft, load_static_prefix, save_merged, to_peft
 from .merging import merge, unmerge
 from .patching import patch
 from .stages import mark_trainable, parameter_groups, set_stage, trainable_parameters
@@ -21,14 +22,18 @@ __all__ = [
     "LoraConfig",
     "PTPeftConfig",
     "PrefixConfig",
+    "from_peft",
     "load",
+    "load_static_prefix",
     "mark_trainable",
     "merge",
     "parameter_groups",
     "patch",
     "save",
+    "save_merged",
     "set_stage",
     "supported_model_types",
+    "to_peft",
     "trainable_parameters",
     "unmerge",
 ]

@@ -3,10 +3,13 @@
 - :func:`prefix_attention`: attention over never-masked prefix keys plus the layer's keys.
 - :func:`lora_linear`: ``x Wᵀ + b + scaling · (drop(x) Aᵀ) Bᵀ``.
 - :func:`adapter`: ``x + up(act(down(x)))``.
+- :func:`singular_values`, :func:`spectrum_stats`: batched feature spectra (``csrc/`` extension).
 """
 from ._backend import BACKENDS, resolve_backend, use_backend
 from .adapter import adapter
 from .lora_linear import lora_linear
 from .prefix_attention import prefix_attention
+from .spectrum import singular_values, spectrum_stats
 
-__all__ = ["prefix_attention", "lora_linear", "adapter", "use_backend", "resolve_backend", "BACKENDS"]
+__all__ = ["prefix_attention", "lora_linear", "adapter", "singular_values", "spectrum_stats", "use_backend",
+           "resolve_backend", "BACKENDS"]

@@ -25,10 +25,20 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.double()).all()) if t.is_floating_point() else True
 
 
+_BUILT: dict = {}
+
+
+def _tiny(name: str):
+    """Each tiny case is built once per test session (model construction dominates)."""
+    if name not in _BUILT:
+        _BUILT[name] = C.BUILDERS[name](**C.TINY[name])
+    return _BUILT[name]
+
+
 @pytest.fixture(scope="module", params=sorted(C.TINY))
 def built(request):
     name = request.param
-    case = C.BUILDERS[name](**C.TINY[name])
+    case = _tiny(name)
     results = {n: s.outputs(s.run()) for n, s in case.sides.items()}
     return name, case, results
 
@@ -72,7 +82,7 @@ def test_non_equivalent_sides_have_matching_shapes(built):
 
 
 def test_ptlora_matches_peft_lora_given_the_same_prefix():
-    case = C.build_ptlora_train(**C.TINY["ptlora_train"])
+    case = _tiny("ptlora_train")
     a, b = case.extra["check_ours"](), case.extra["check_peer"]()
     assert set(a) == set(b) and len(a) > 3
     for key in a:
@@ -95,7 +105,7 @@ def test_bench_files_name_existing_sides():
             marks = [m for m in getattr(fn, "pytestmark", []) if m.name == "parametrize"]
             assert marks, attr
             sides = list(marks[0].args[1])
-            case = C.BUILDERS[case_name](**C.TINY[case_name])
+            case = _tiny(case_name)
             assert sides[0] == "ours"
             assert set(sides) == set(case.sides), f"{attr}: {sides} vs {list(case.sides)}"
 
@@ -103,7 +113,7 @@ def test_bench_files_name_existing_sides():
 def test_paired_ratios_and_run_side():
     from benchmarks import conftest as bc
 
-    case = C.build_adapter(**C.TINY["adapter"])
+    case = _tiny("adapter")
     case.sides["ours"].run()
     ratios = bc.paired_ratios(case, 3)
     assert set(ratios) == {"unfused"} and all(r > 0 and math.isfinite(r) for r in ratios.values())

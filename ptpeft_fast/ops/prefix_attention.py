@@ -193,6 +193,8 @@ class _PrefixAttentionFn(torch.autograd.Function):
         shared = prefix_k.dim() == 3
         acc = _acc_dtype(q.dtype)
         grad_out = grad_out.to(q.dtype)
+        if grad_out.stride(-1) != 1:  # the ATen kernel assumes a unit-stride head dim
+            grad_out = grad_out.contiguous()
 
         # real-key terms: the flash kernel rebuilds P1 from the merged lse and Δ from out;
         # skipped when nothing upstream wants them (stage 1, first layer: only the prefix trains)
@@ -238,7 +240,7 @@ def _math_path(q, k, v, prefix_k, prefix_v, mask, causal_mask, scale: float, dro
 
     def prefix_mm(a: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         # autograd-friendly: per-batch matmuls against the shared prefix (no broadcast copy)
-        if p.dim() == 4:
+        if p.dim() == 4 or a.shape[0] == 0:  # B = 0: nothing to stack (and nothing to copy)
             return torch.matmul(a, p)
         return torch.stack([a[b] @ p for b in range(a.shape[0])])
 
@@ -254,7 +256,10 @@ def _math_path(q, k, v, prefix_k, prefix_v, mask, causal_mask, scale: float, dro
     s1 = s1.view(B, Hkv, G * L, S)
     s2 = prefix_mm(qg, _pref(prefix_k, acc).transpose(-1, -2)).mul(scale)  # [B, Hkv, G·L, P]
 
-    m = torch.maximum(s1.amax(dim=-1, keepdim=True), s2.amax(dim=-1, keepdim=True)).detach()
+    if S == 0:  # no real keys: only the prefix
+        m = s2.amax(dim=-1, keepdim=True).detach()
+    else:
+        m = torch.maximum(s1.amax(dim=-1, keepdim=True), s2.amax(dim=-1, keepdim=True)).detach()
     e1 = torch.exp(s1 - m)
     e2 = torch.exp(s2 - m)
     denom = e1.sum(dim=-1, keepdim=True) + e2.sum(dim=-1, keepdim=True)
@@ -319,6 +324,8 @@ def _validate(q, k, v, prefix_k, prefix_v, attn_mask, scale, dropout_p) -> None:
         raise ValueError(
             "prefix_attention: the prefix has P = 0 tokens; use torch's scaled_dot_product_attention without a prefix"
         )
+    if D < 1:
+        raise ValueError(f"prefix_attention: head_dim is {D}; it must be at least 1")
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise ValueError(f"prefix_attention: attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
@@ -418,7 +425,15 @@ def prefix_attention(
 
     # the fused kernel is ATen's CPU one; other devices get here only when the torch path is
     # forced (Triton is their fast path), and take the device-agnostic math path
-    if dropout_p > 0.0 or (attn_mask is not None and attn_mask.requires_grad) or q.device.type != "cpu":
+    # ATen's CPU kernel kills the process (SIGFPE) when L == 0 or S == 0 and cannot take B == 0:
+    # empty sizes take the math path. It also reads q/k/v as if the head dim had unit stride
+    # (public SDPA guarantees that; we call the kernel directly), and takes 2-D or 4-D masks only.
+    empty = q.shape[0] == 0 or L == 0 or S == 0
+    if not empty:
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if attn_mask is not None and attn_mask.dim() == 3:
+        attn_mask = attn_mask.unsqueeze(0)
+    if empty or dropout_p > 0.0 or (attn_mask is not None and attn_mask.requires_grad) or q.device.type != "cpu":
         if flash_causal:
             causal_mask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
         return _math_path(q, k, v, prefix_k, prefix_v, attn_mask, causal_mask, scale, float(dropout_p))

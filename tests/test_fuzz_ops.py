@@ -81,7 +81,7 @@ def check(call, reference, dtype, inputs, grads: bool) -> None:
 # ----------------------------------------------------------------------------- prefix attention
 @st.composite
 def attention_case(draw, dtypes=DTYPES, allow_dropout_shapes=True):
-    B = draw(st.integers(1, 3))  # B = 0: see test_prefix_attention_empty_batch
+    B = draw(st.integers(0, 3))
     Hkv = draw(st.integers(1, 2))
     G = draw(st.sampled_from([1, 2, 3]))
     L = draw(st.integers(1, 6))
@@ -94,6 +94,7 @@ def attention_case(draw, dtypes=DTYPES, allow_dropout_shapes=True):
         mask=draw(st.sampled_from(["none", "causal", "bool_b1ls", "bool_ls", "bool_bhls", "float_b1ls", "bool_with_empty_rows"])),
         shared=draw(st.booleans()),
         contiguous=draw(st.booleans()),
+        last_dim_strided=draw(st.booleans()),
         scale=draw(st.sampled_from([None, 0.3])),
         seed=draw(st.integers(0, 2**16)),
     )
@@ -107,7 +108,7 @@ def sliced(g: torch.Generator, shape, dtype, dim: int) -> torch.Tensor:
     return t[(slice(None),) * (dim % len(shape)) + (slice(None, None, 2),)]
 
 
-def make_attention_inputs(c, last_dim_strided: bool = False):
+def make_attention_inputs(c, last_dim_strided: bool | None = None):
     g = torch.Generator().manual_seed(c["seed"])
     B, H, Hkv, L, S, P, D, dt, cont = c["B"], c["H"], c["Hkv"], c["L"], c["S"], c["P"], c["D"], c["dtype"], c["contiguous"]
     if cont:
@@ -118,6 +119,8 @@ def make_attention_inputs(c, last_dim_strided: bool = False):
         q = randn(g, (B, L, H, D), dt, True).transpose(1, 2)
         k = sliced(g, (B, S, Hkv, D), dt, 1).transpose(1, 2)
         v = sliced(g, (B, Hkv, S, D), dt, 0)
+    if last_dim_strided is None:
+        last_dim_strided = c.get("last_dim_strided", False)
     if last_dim_strided:  # every other element of the head dim: stride 2 on the last dim
         q, k, v = (randn(g, t.shape, dt, False) for t in (q, k, v))
     pshape = (Hkv, P, D) if c["shared"] else (B, Hkv, P, D)
@@ -171,14 +174,10 @@ def test_prefix_attention_triton_interpreter_matches_reference(c):
     check(op, ref, c["dtype"], [q, k, v, pk, pv, mask], grads=False)
 
 
-# --- Known op bugs (reported to the ops owner). strict=True: when one is fixed the test XPASSes
-# and fails, so the marker gets removed and the case joins the fuzz above.
-OPS_BUG = "ops bug (reported): torch path of prefix_attention"
+# --- Cases that were op bugs (found by this fuzz, fixed in ops/prefix_attention.py): the torch
+# path called ATen's CPU flash kernel on inputs it cannot take.
 
 
-@pytest.mark.xfail(strict=True, raises=(AssertionError, RuntimeError),
-                   reason=f"{OPS_BUG}: the private ATen CPU flash kernel it calls assumes unit stride on the last dim "
-                          "of q/k/v (public SDPA makes them so); a view with stride(-1) != 1 gives wrong numbers")
 def test_prefix_attention_last_dim_strided_inputs():
     c = dict(B=2, H=2, Hkv=1, L=3, S=4, P=2, D=8, dtype=torch.float32, mask="none", shared=True, contiguous=True,
              scale=None, seed=0)
@@ -189,23 +188,16 @@ def test_prefix_attention_last_dim_strided_inputs():
     assert rel_err(out, ref) <= TOL[torch.float32]
 
 
-@pytest.mark.xfail(strict=True, raises=(AssertionError, RuntimeError),
-                   reason=f"{OPS_BUG}: B = 0 raises RuntimeError 'cannot reshape tensor of 0 elements' "
-                          "instead of returning [0, H, L, D] or a ValueError")
 def test_prefix_attention_empty_batch():
-    q, k, v = torch.randn(0, 2, 3, 8), torch.randn(0, 1, 3, 8), torch.randn(0, 1, 3, 8)
-    pk, pv = torch.randn(1, 2, 8), torch.randn(1, 2, 8)
-    try:
-        out = ops.prefix_attention(q, k, v, pk, pv, causal=True, backend="torch")
-    except ValueError as e:
-        assert "batch" in str(e).lower() or "empty" in str(e).lower()
-        return
+    q = torch.randn(0, 2, 3, 8, requires_grad=True)
+    k, v = torch.randn(0, 1, 3, 8), torch.randn(0, 1, 3, 8)
+    pk, pv = torch.randn(1, 2, 8, requires_grad=True), torch.randn(1, 2, 8)
+    out = ops.prefix_attention(q, k, v, pk, pv, causal=True, backend="torch")
     assert out.shape == (0, 2, 3, 8)
+    out.sum().backward()
+    assert q.grad.shape == q.shape and not pk.grad.any()
 
 
-@pytest.mark.xfail(strict=True, raises=(AssertionError, RuntimeError),
-                   reason=f"{OPS_BUG}: a 3-D attn_mask passes validation but the ATen kernel accepts 2-D or 4-D "
-                          "masks only (RuntimeError 'Attention mask dim in {2, 4}')")
 def test_prefix_attention_3d_mask():
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(2, 2, 3, 8, generator=g), torch.randn(2, 1, 4, 8, generator=g), torch.randn(2, 1, 4, 8, generator=g)
@@ -217,8 +209,6 @@ def test_prefix_attention_3d_mask():
     assert rel_err(out, ref) <= TOL[torch.float32]
 
 
-@pytest.mark.xfail(strict=True, raises=(AssertionError, ZeroDivisionError),
-                   reason=f"{OPS_BUG}: head_dim D = 0 raises ZeroDivisionError (1/sqrt(D)), not a ValueError")
 def test_prefix_attention_zero_head_dim():
     q, k = torch.randn(1, 2, 3, 0), torch.randn(1, 1, 3, 0)
     with pytest.raises(ValueError):
@@ -228,25 +218,23 @@ def test_prefix_attention_zero_head_dim():
 _EMPTY_SEQ_SCRIPT = r"""
 import torch
 from ptpeft_fast import ops
+from ptpeft_fast.ops._reference import prefix_attention_reference as ref
 for L, S in ((0, 3), (3, 0)):
-    q, k = torch.randn(1, 2, L, 8), torch.randn(1, 1, S, 8)
-    pk = torch.randn(1, 2, 8)
-    try:
-        out = ops.prefix_attention(q, k, k, pk, pk, causal=False, backend="torch")
+    for causal in (False, True):
+        q, k = torch.randn(1, 2, L, 8, dtype=torch.float64), torch.randn(1, 1, S, 8, dtype=torch.float64)
+        pk = torch.randn(1, 2, 8, dtype=torch.float64)
+        out = ops.prefix_attention(q, k, k, pk, pk, causal=causal, backend="torch")
         assert out.shape == (1, 2, L, 8), out.shape
-    except ValueError:
-        pass
+        assert torch.allclose(out, ref(q, k, k, pk, pk, causal=causal)), (L, S)  # S = 0: the prefix alone
 print("no crash")
 """
 
 
-@pytest.mark.xfail(strict=True, reason=f"{OPS_BUG}: L = 0 or S = 0 kills the process with SIGFPE inside "
-                                       "aten::_scaled_dot_product_flash_attention_for_cpu (public SDPA handles them)")
 def test_prefix_attention_empty_sequence_does_not_crash():
     import subprocess
     import sys
 
-    # in a subprocess: the bug is a hardware exception that would take the test runner down
+    # in a subprocess: the bug was a SIGFPE in ATen's kernel, which would take the test runner down
     proc = subprocess.run([sys.executable, "-c", _EMPTY_SEQ_SCRIPT], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "no crash" in proc.stdout, (proc.returncode, proc.stderr[-500:])
 

@@ -57,14 +57,29 @@ def blip2_inputs(model, seed: int = 0) -> dict:
     return {"pixel_values": torch.randn(2, 3, 32, 32, generator=g), "input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def batch(seed: int = 0, b: int = 2, l: int = 6):
-    """``(input_ids, attention_mask)`` with left padding in the second row."""
+def batch(seed: int = 0, b: int = 2, l: int = 6, pad: str = "left"):
+    """``(input_ids, attention_mask)`` with two padding tokens in the second row.
+
+    ``pad="right"`` for comparisons with PEFT's prefix tuning under ``positions="shift"``:
+    without ``position_ids`` PEFT numbers a left-padded row's tokens from the first pad
+    (P + 2.., the KV-cache convention of a plain forward), while a patched model numbers real
+    tokens from the attention mask (P + 0.., as ``generate`` does). With right padding the two
+    agree on every real token; compare the logits there (:func:`real`).
+    """
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (b, l), generator=g)
     mask = torch.ones(b, l, dtype=torch.long)
     if b > 1:
-        mask[1, :2] = 0
+        if pad == "left":
+            mask[1, :2] = 0
+        else:
+            mask[1, -2:] = 0
     return ids, mask
+
+
+def real(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The rows of ``out [B, L, ...]`` at real (unpadded) tokens."""
+    return out[mask.bool()]
 
 
 def logits(model, ids, mask) -> torch.Tensor:

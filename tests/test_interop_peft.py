@@ -8,7 +8,7 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
-from _tiny_models import batch, blip2_inputs, load, logits, randomize
+from _tiny_models import batch, blip2_inputs, load, logits, randomize, real
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 
@@ -26,8 +26,9 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> Non
 
 
 def weighted_loss(model, ids, mask) -> torch.Tensor:
+    """A random linear function of the logits at real tokens (pad positions do not count)."""
     out = model(input_ids=ids, attention_mask=mask).logits
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)) * mask.unsqueeze(-1)
     return (out * w).sum()
 
 
@@ -121,12 +122,13 @@ def test_prefix_from_peft_dir_same_logits_and_generation(kind, projection, tmp_p
     # PEFT saves only the projected K/V even with prefix_projection: static prefix
     assert (pc.reparam, pc.positions, pc.num_tokens) == ("none", "shift", 3)
     ours.eval()
-    ids, mask = batch(3)
-    assert_close(logits(ours, ids, mask), logits(pm, ids, mask))
+    ids, mask = batch(3, pad="right")  # see _tiny_models.batch
+    assert_close(real(logits(ours, ids, mask), mask), real(logits(pm, ids, mask), mask))
     if kind == "gpt2":  # absolute positions (wpe) shifted like PEFT's; and back to PEFT
         pm2 = PeftModel.from_pretrained(load(kind), to_peft(ours, tmp_path / "back")).eval()
-        assert_close(logits(pm2, ids, mask), logits(ours, ids, mask))
+        assert_close(real(logits(pm2, ids, mask), mask), real(logits(ours, ids, mask), mask))
     elif not projection:
+        ids, mask = batch(3)  # generate numbers left-padded rows from the mask in both
         kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
         with torch.no_grad():
             a = ours.generate(input_ids=ids, attention_mask=mask, **kw)
@@ -140,9 +142,9 @@ def test_prefix_projection_from_peft_model_is_mlp_global_with_same_gradients():
                                                    prefix_projection=True, encoder_hidden_size=16))
     ours = from_peft(load(), pm)
     assert ours._ptpeft.config.prefix.reparam == "mlp-global"
-    ids, mask = batch(4)
+    ids, mask = batch(4, pad="right")
     pm.eval(), ours.eval()
-    assert_close(logits(ours, ids, mask), logits(pm, ids, mask))
+    assert_close(real(logits(ours, ids, mask), mask), real(logits(pm, ids, mask), mask))
     pf.set_stage(ours, "prefix")
     pm.train()
     weighted_loss(ours, ids, mask).backward()
@@ -161,8 +163,8 @@ def test_prefix_to_peft_identical_outputs_and_clear_refusals(tmp_path):
     ours = pf.patch(load(), cfg).eval()
     out = to_peft(ours, tmp_path / "a")
     pm = PeftModel.from_pretrained(load(), out).eval()
-    ids, mask = batch(5)
-    assert_close(logits(pm, ids, mask), logits(ours, ids, mask))
+    ids, mask = batch(5, pad="right")
+    assert_close(real(logits(pm, ids, mask), mask), real(logits(ours, ids, mask), mask))
 
     keep = pf.patch(load(), pf.PTPeftConfig(prefix=pf.PrefixConfig(num_tokens=2, reparam="none"), lora=None))
     with pytest.raises(PeftInteropError, match="positions='keep'"):
@@ -176,7 +178,7 @@ def test_prefix_to_peft_identical_outputs_and_clear_refusals(tmp_path):
     to_peft(mlp, tmp_path / "c", static_prefix=True)
     assert all(torch.equal(p, before[n]) for n, p in mlp.named_parameters())  # the model is not changed
     pm = PeftModel.from_pretrained(load(), tmp_path / "c").eval()
-    assert_close(logits(pm, ids, mask), logits(mlp, ids, mask))
+    assert_close(real(logits(pm, ids, mask), mask), real(logits(mlp, ids, mask), mask))
 
 
 def test_to_peft_refuses_ambiguous_or_merged(tmp_path):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from _tiny_models import batch, blip2_inputs, load, logits, randomize
+from _tiny_models import batch, blip2_inputs, load, logits, randomize, real
 from transformers import AutoModelForCausalLM
 
 import ptpeft_fast as pf
@@ -122,10 +122,10 @@ def test_readme_recipe_without_ptpeft_fast_for_shifted_prefix(tmp_path):
     randomize(model, "lora_B")
     model.eval()
     out = save_merged(model, tmp_path)
-    assert "DynamicCache" in (out / README_FILE).read_text()
+    assert "DynamicCache" in (out / README_FILE).read_text() and "position_ids" in (out / README_FILE).read_text()
     plain = _plain(out)
     kv = load_file(str(out / PREFIX_FILE))
-    ids, mask = batch(4)
+    ids, mask = batch(4)  # left padding: position_ids from the mask, as README.txt says
     B = ids.shape[0]
     cache = DynamicCache(config=plain.config)
     for i in range(plain.config.num_hidden_layers):
@@ -133,5 +133,5 @@ def test_readme_recipe_without_ptpeft_fast_for_shifted_prefix(tmp_path):
         cache.update(k, v, i)
     with torch.no_grad():
         got = plain(input_ids=ids, attention_mask=torch.cat([torch.ones(B, 3, dtype=mask.dtype), mask], 1),
-                    past_key_values=cache).logits
-    assert_close(got, logits(model, ids, mask))
+                    past_key_values=cache, position_ids=3 + (mask.cumsum(-1) - 1).clamp(min=0)).logits
+    assert_close(real(got, mask), real(logits(model, ids, mask), mask))

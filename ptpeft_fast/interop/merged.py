@@ -61,8 +61,10 @@ _PREFIX_NOTE = """
 _PLAIN_SHIFT = """
    Without ptpeft_fast: the prefix is exactly a KV cache that already holds P tokens. Put
    each layer's (key, value), unsqueezed to batch size, into a transformers DynamicCache
-   (layer order as in the file), pass it as past_key_values and prepend P ones to the
-   attention mask.
+   (layer order as in the file), pass it as past_key_values, prepend P ones to the
+   attention mask, and pass position_ids = P + (attention_mask.cumsum(-1) - 1).clamp(min=0)
+   (real tokens numbered from the mask, as ptpeft_fast and generate do; without it a
+   left-padded row would be numbered from its first pad).
 """
 _PLAIN_KEEP = """
    Without ptpeft_fast there is no exact equivalent: the prefix was trained with real tokens

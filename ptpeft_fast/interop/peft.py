@@ -10,7 +10,10 @@ PEFT formats handled (peft >= 0.17, checked against 0.21):
 - **Prefix tuning** (``peft_type: "PREFIX_TUNING"``, decoder-only models): PEFT saves one
   tensor ``prompt_embeddings [P, layers·2·Hkv·D]``, viewed as ``[P, layers·2, Hkv, D]``;
   layer ``l``'s key is index ``2l``, its value ``2l+1``. PEFT feeds it as a KV cache, so
-  real tokens get positions ``P..P+L-1``: our ``positions="shift"``. With
+  real tokens get positions ``P..P+L-1``: our ``positions="shift"``. One difference remains:
+  in a plain forward without ``position_ids``, PEFT numbers a *left-padded* row from its first
+  pad, while a patched model numbers real tokens from the attention mask (as ``generate``
+  does in both); unpadded and right-padded batches, and ``generate``, give identical outputs. With
   ``prefix_projection=True`` PEFT still saves only the *projected* K/V (its MLP is not in
   the file), so such a directory loads as static K/V (``reparam="none"``). The MLP itself
   (``embedding [P, token_dim]``, ``transform.0: Linear(token_dim, h)``, tanh,

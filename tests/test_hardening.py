@@ -260,8 +260,6 @@ def load_model_for_run(out):
     return run.model
 
 
-@pytest.mark.xfail(strict=True, reason="not implemented in ptpeft_fast.train (issue 7, hardening 2): a non-finite loss "
-                                       "does not stop the stage; the run goes on with NaN weights and exits 0")
 def test_non_finite_loss_stops_stage_with_hint_and_nonzero_exit(tmp_path, capsys):
     train = _train_cli()
     from safetensors.torch import load_file

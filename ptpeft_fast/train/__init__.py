@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(dump_config(cfg), end="")
             return 0
-        from .runner import Interrupted
+        from .runner import Interrupted, NonFinite
         if cfg["experiment"]["methods"]:
             # a multi-run experiment: each run resumes from its own sub-folder, so running the
             # same command again (or --resume DIR) continues where it stopped
@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
             except Interrupted as e:
                 print(str(e), file=sys.stderr)
                 return 130
+            except NonFinite as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 3
             return 0
         from .classification import make_run
         if not args.resume and os.path.exists(os.path.join(out, "progress.json")) and not cfg["output"]["overwrite"]:
@@ -97,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         except Interrupted as e:
             print(str(e), file=sys.stderr)
             return 130
+        except NonFinite as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 3
         return 0
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

@@ -33,6 +33,10 @@ STATE = "state"               # mid-stage checkpoint folder inside the output di
 PROGRESS = "progress.json"    # completed phases
 
 
+class NonFinite(Exception):
+    """A stage met a non-finite loss or gradient; the last good checkpoint is kept."""
+
+
 class Interrupted(Exception):
     """Training stopped on request (Ctrl-C); a resumable checkpoint was written."""
 
@@ -543,8 +547,16 @@ class Run:
                     loss_total += loss.detach().cpu()
                 if scaler:
                     scaler.unscale_(opt)
-                if self.cfg["train"]["max_grad_norm"]:
-                    torch.nn.utils.clip_grad_norm_([p for _, p in named], self.cfg["train"]["max_grad_norm"])
+                max_norm = self.cfg["train"]["max_grad_norm"] or float("inf")
+                grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], max_norm)
+                # fp16's loss scaler skips non-finite steps by design; elsewhere they mean divergence
+                bad = not bool(torch.isfinite(loss_total)) or (scaler is None and not bool(torch.isfinite(grad_norm)))
+                if bool(_all_reduce(torch.tensor(float(bad)), self.di, "max")):
+                    what = "loss" if not bool(torch.isfinite(loss_total)) else "gradient norm"
+                    raise NonFinite(
+                        f"{stage}: non-finite {what} at step {step + 1}/{total}; the stage stopped before applying it, "
+                        f"and the last good checkpoint is kept in {self.out}. Try a lower learning rate "
+                        f"({stage}.lr={sc['lr']:g}) or full precision (train.precision=fp32)")
                 if scaler:
                     scaler.step(opt)
                     scaler.update()

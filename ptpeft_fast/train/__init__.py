@@ -33,6 +33,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run_reporting_stops(run) -> int:
+    """Run; an interruption (resumable, exit 130) or a non-finite loss (exit 3) is reported on stderr."""
+    from .runner import Interrupted, NonFinite
+    try:
+        run()
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return 130
+    except NonFinite as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = build_parser().parse_args(argv)
@@ -68,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(dump_config(cfg), end="")
             return 0
-        from .runner import Interrupted, NonFinite
         if cfg["experiment"]["methods"]:
             # a multi-run experiment: each run resumes from its own sub-folder, so running the
             # same command again (or --resume DIR) continues where it stopped
@@ -76,15 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             from .runner import _atomic_write_text
             os.makedirs(out, exist_ok=True)
             _atomic_write_text(os.path.join(out, "config.yaml"), dump_config(cfg))
-            try:
-                run_experiment(cfg, out)
-            except Interrupted as e:
-                print(str(e), file=sys.stderr)
-                return 130
-            except NonFinite as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 3
-            return 0
+            return _run_reporting_stops(lambda: run_experiment(cfg, out))
         from .classification import make_run
         if not args.resume and os.path.exists(os.path.join(out, "progress.json")) and not cfg["output"]["overwrite"]:
             raise ConfigError(f"output.dir {out!r} already holds a run; use --resume {out} or "
@@ -95,15 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 for f in ("progress.json", "metrics.jsonl", "state", "checkpoints"):
                     p = os.path.join(out, f)
                     shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (os.path.exists(p) and os.remove(p))
-        try:
-            make_run(cfg, out, resume=bool(args.resume)).execute()
-        except Interrupted as e:
-            print(str(e), file=sys.stderr)
-            return 130
-        except NonFinite as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 3
-        return 0
+        return _run_reporting_stops(lambda: make_run(cfg, out, resume=bool(args.resume)).execute())
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

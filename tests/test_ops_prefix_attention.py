@@ -414,3 +414,28 @@ def test_non_cpu_tensors_take_the_device_agnostic_path():
     meta = [t.to("meta") for t in (q, k, v, pk, pv)]
     out = prefix_attention(*meta, causal=True, backend="torch")
     assert out.device.type == "meta" and out.shape == q.shape
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_inference_path_matches_reference(case):
+    """Without autograd (eval, generate) a shared prefix takes the folded inference path."""
+    from ptpeft_fast.ops._reference import prefix_attention_reference
+
+    g = torch.Generator().manual_seed(100 + case)
+    B, Hkv, G = 1 + case % 3, (1, 2, 4)[case % 3], (1, 2, 4)[(case // 3) % 3]
+    L = (1, 3, 7, 1)[case % 4]
+    S = L + (0, 0, 5, 9)[(case // 2) % 4]
+    D, P = (16, 32)[case % 2], 1 + case % 4
+    q = torch.randn(B, Hkv * G, L, D, generator=g)
+    k, v = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)
+    pk, pv = torch.randn(Hkv, P, D, generator=g), torch.randn(Hkv, P, D, generator=g)
+    mask = None
+    if case % 3 == 1:  # left padding with causality, one row all but one key padded
+        mask = torch.ones(B, 1, L, S, dtype=torch.bool).tril(diagonal=S - L)
+        mask[0, ..., : S - 1] = False
+    causal = case % 2 == 0
+    with torch.no_grad():
+        out = prefix_attention(q, k, v, pk, pv, causal=causal, attn_mask=mask, backend="torch")
+    ref = prefix_attention_reference(*(t.double() for t in (q, k, v, pk, pv)), causal=causal, attn_mask=mask)
+    assert torch.isfinite(out).all()
+    assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-5

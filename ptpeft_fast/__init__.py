@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 from .architectures import supported_model_types
 from .checkpoint import load, save
 from .config import AdapterConfig, LoraConfig, PrefixConfig, PTPeftConfig
-from .interop import from_peft, load_static_prefix, save_merged, to_peft
+from .interop import PeftInteropError, from_peft, load_static_prefix, save_merged, to_peft
 from .merging import merge, unmerge
 from .patching import patch
 from .stages import mark_trainable, parameter_groups, set_stage, trainable_parameters
@@ -20,6 +20,7 @@ from .stages import mark_trainable, parameter_groups, set_stage, trainable_param
 __all__ = [
     "AdapterConfig",
     "LoraConfig",
+    "PeftInteropError",
     "PTPeftConfig",
     "PrefixConfig",
     "from_peft",

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import resolve_backend, try_kernel
+from ._checks import check_dtype_device
 
 __all__ = ["adapter", "ACTIVATIONS"]
 
@@ -127,13 +128,8 @@ def _validate(x, down_weight, down_bias, up_weight, up_bias, activation, residua
         raise ValueError(f"adapter: down_bias must be [bottleneck] = [{m}], got {tuple(down_bias.shape)}")
     if up_bias is not None and tuple(up_bias.shape) != (up_weight.shape[0],):
         raise ValueError(f"adapter: up_bias must be [d_out] = [{up_weight.shape[0]}], got {tuple(up_bias.shape)}")
-    for name, t in (("down_weight", down_weight), ("down_bias", down_bias), ("up_weight", up_weight), ("up_bias", up_bias)):
-        if t is None:
-            continue
-        if t.dtype != x.dtype:
-            raise ValueError(f"adapter: {name} has dtype {t.dtype} but x has {x.dtype}; cast them to one dtype")
-        if t.device != x.device:
-            raise ValueError(f"adapter: {name} is on {t.device} but x is on {x.device}; move them to one device")
+    check_dtype_device("adapter", "x", x, (("down_weight", down_weight), ("down_bias", down_bias),
+                                            ("up_weight", up_weight), ("up_bias", up_bias)))
 
 
 def adapter(

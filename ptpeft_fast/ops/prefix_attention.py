@@ -74,6 +74,7 @@ from typing import Optional
 import torch
 
 from ._backend import resolve_backend, try_kernel
+from ._checks import check_dtype_device
 
 __all__ = ["prefix_attention"]
 
@@ -287,11 +288,7 @@ def _validate(q, k, v, prefix_k, prefix_v, attn_mask, scale, dropout_p) -> None:
             )
     if not q.is_floating_point():
         raise ValueError(f"prefix_attention: q must be floating point, got {q.dtype}")
-    for name, t in names.items():
-        if t.dtype != q.dtype:
-            raise ValueError(f"prefix_attention: {name} has dtype {t.dtype} but q has {q.dtype}; cast them to one dtype")
-        if t.device != q.device:
-            raise ValueError(f"prefix_attention: {name} is on {t.device} but q is on {q.device}; move them to one device")
+    check_dtype_device("prefix_attention", "q", q, names.items())
     B, H, L, D = q.shape
     if k.shape != v.shape:
         raise ValueError(f"prefix_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")

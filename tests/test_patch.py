@@ -6,7 +6,7 @@ import ptpeft_fast as pf
 from ptpeft_fast.tuners.prefix import LayerPrefix
 
 import tiny
-from tiny import rel_err
+from tiny import randomise_peft, rel_err
 
 TEXT = ["llama", "gpt2", "opt", "mistral", "qwen2"]
 
@@ -14,15 +14,6 @@ TEXT = ["llama", "gpt2", "opt", "mistral", "qwen2"]
 def _ids(b=2, l=7, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(1, tiny.VOCAB - 1, (b, l), generator=g)
-
-
-def _randomise(model):
-    """Give LoRA B and adapter up-projections non-zero values so they change the output."""
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name or ".up." in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 def _forward(model, kind, **kw):
@@ -56,7 +47,7 @@ def test_identity_init_equals_unpatched(tmp_path, kind, style):
     with torch.no_grad():
         out = _forward(model, kind, **kw)
     assert rel_err(out, ref) <= 1e-6
-    _randomise(model)
+    randomise_peft(model)
     with torch.no_grad():
         assert rel_err(_forward(model, kind, **kw), ref) > 1e-4  # the modules are really in the path
 
@@ -155,7 +146,7 @@ def test_one_backward_reaches_only_trainable(tmp_path):
 def test_merge_keeps_outputs_and_unmerge_restores_weights(tmp_path, reparam):
     model = tiny.llama(tmp_path)
     pf.patch(model, {"prefix": {"num_tokens": 3, "reparam": reparam}, "lora": {"r": 4}})
-    _randomise(model)
+    randomise_peft(model)
     model.eval()
     ids = _ids()
     w0 = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
@@ -175,7 +166,7 @@ def test_merge_keeps_outputs_and_unmerge_restores_weights(tmp_path, reparam):
 def test_gpt2_conv1d_lora_merge(tmp_path):
     model = tiny.gpt2(tmp_path)
     pf.patch(model, {"prefix": None, "lora": {"r": 4}})
-    _randomise(model)
+    randomise_peft(model)
     model.eval()
     ids = _ids()
     with torch.no_grad():
@@ -187,7 +178,7 @@ def test_gpt2_conv1d_lora_merge(tmp_path):
 def test_save_load_roundtrip_and_mismatch_messages(tmp_path):
     model = tiny.llama(tmp_path)
     pf.patch(model, {"prefix": {"num_tokens": 3}, "adapter": {"bottleneck": 4}})
-    _randomise(model)
+    randomise_peft(model)
     model.eval()
     ids = _ids()
     with torch.no_grad():
@@ -272,7 +263,7 @@ def test_patch_twice_and_bad_targets(tmp_path):
 def test_greedy_generate_equals_stepwise_argmax_with_left_padding(tmp_path, kind):
     model = getattr(tiny, kind)(tmp_path)
     pf.patch(model, {"prefix": {"num_tokens": 3}, "lora": {"r": 4}})
-    _randomise(model)
+    randomise_peft(model)
     model.eval()
     ids = _ids(2, 5)
     ids = torch.cat([torch.zeros(1, 5, dtype=torch.long), ids[:1]], 0)[:, :5]
@@ -329,7 +320,7 @@ def test_gradient_checkpointing_gives_same_gradients(tmp_path, stage):
         model = tiny.llama(tmp_path)
         torch.manual_seed(3)
         pf.patch(model, {"prefix": {"num_tokens": 3}, "adapter": {"bottleneck": 4}})
-        _randomise(model)
+        randomise_peft(model)
         pf.set_stage(model, stage)
         model.config.use_cache = False
         if checkpointing:

@@ -12,17 +12,8 @@ from ptpeft_fast import ops  # noqa: E402
 from ptpeft_fast.ops import triton_ops  # noqa: E402
 
 import tiny  # noqa: E402
-from tiny import IMAGE_TOKEN  # noqa: E402
+from tiny import IMAGE_TOKEN, randomise_peft  # noqa: E402
 from triton_test_utils import fast_interpreter, rel_err  # noqa: E402,F401
-
-
-def _randomise(model):
-    """Non-zero LoRA B / adapter up weights, so the fused branches matter."""
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name or ".up." in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 def _count_triton_calls(monkeypatch):
@@ -66,7 +57,7 @@ def test_patched_llama_same_loss_and_grads(tmp_path, monkeypatch):
     model = tiny.llama(tmp_path, kv_heads=2, layers=2)
     pf.patch(model, {"prefix": {"num_tokens": 3, "hidden_size": 16}, "lora": {"r": 4},
                      "adapter": {"bottleneck": 8, "activation": "gelu"}})
-    _randomise(model)
+    randomise_peft(model)
     pf.set_stage(model, "peft")
     model.eval()  # no dropout: the torch and Triton runs see the same function
     g = torch.Generator().manual_seed(0)
@@ -80,7 +71,7 @@ def test_patched_blip2_same_loss_and_grads(tmp_path, monkeypatch):
     model = tiny.blip2(tmp_path, "opt")
     pf.patch(model, {"prefix": {"num_tokens": 3, "hidden_size": 16, "components": ["vision", "qformer", "language"]},
                      "lora": {"r": 2, "components": ["language", "qformer"]}})
-    _randomise(model)
+    randomise_peft(model)
     pf.set_stage(model, "peft")
     model.eval()
     g = torch.Generator().manual_seed(0)

@@ -119,6 +119,15 @@ def blip2(tmp_path, text: str = "opt"):
     return _roundtrip(Blip2ForConditionalGeneration, cfg, tmp_path)
 
 
+def randomise_peft(model) -> None:
+    """Give LoRA B and adapter up-projections non-zero values so the added branches change the output."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or ".up." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖ / ‖b‖ in float64; NaN anywhere gives inf so it never passes a bound."""
     a, b = a.detach().double(), b.detach().double()

@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 from .architectures import supported_model_types
 from .checkpoint import load, save
+from .disable import disabled
 from .config import AdapterConfig, LoraConfig, PrefixConfig, PTPeftConfig
 from .interop import PeftInteropError, from_peft, load_static_prefix, save_merged, to_peft
 from .merging import merge, unmerge
@@ -23,6 +24,7 @@ __all__ = [
     "PeftInteropError",
     "PTPeftConfig",
     "PrefixConfig",
+    "disabled",
     "from_peft",
     "load",
     "load_static_prefix",

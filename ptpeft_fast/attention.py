@@ -60,6 +60,8 @@ def ptpeft_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """Prefix-augmented attention; q ``[B,H,L,D]``, k/v ``[B,Hkv,S,D]`` → ``[B,L,H,D]``."""
     name = getattr(module, "_ptpeft_prefix", None)
+    if name is not None and not getattr(module, name).enabled:
+        name = None  # inside ptpeft_fast.disabled(model)
     if kwargs.get("softcap") is not None:
         # Gemma 2 (and Gemma 3 when configured) cap the logits: tanh(s / c) * c. Neither SDPA nor the
         # fused op can, so such layers take the explicit path, prefix or not.

@@ -32,6 +32,7 @@ class PatchState:
     extra_trainable: list[str] = field(default_factory=list)  # e.g. a task head that trains in every stage
     previous_attn_implementation: Any = None
     stage: str | None = None
+    disabled: bool = False  # inside ptpeft_fast.disabled(model): every PT-PEFT module is bypassed
 
 
 def get_state(model: nn.Module) -> PatchState:
@@ -179,6 +180,8 @@ def _positions_from_mask(model, comp: ResolvedComponent):
         return None
 
     def hook(_module, args, kwargs):
+        if model._ptpeft.disabled:
+            return None
         bound = signature.bind_partial(*args, **kwargs).arguments
         mask = bound.get("attention_mask")
         if bound.get("position_ids") is not None or not isinstance(mask, torch.Tensor) or mask.dim() != 2 or bool(mask.all()):
@@ -204,6 +207,8 @@ def _shift_positions(model, comp: ResolvedComponent, num_tokens: int):
         raise ValueError(f"positions='shift': expected one position module {pattern!r} in {comp.name!r}, found {len(found)}")
 
     def hook(_module, args, kwargs):
+        if model._ptpeft.disabled:
+            return None
         if kwargs.get(name) is not None:
             kwargs = {**kwargs, name: kwargs[name] + num_tokens}
         elif len(args) > index and args[index] is not None:

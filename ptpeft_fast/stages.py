@@ -53,6 +53,8 @@ def set_stage(model: nn.Module, stage: str) -> nn.Module:
     for name, p in model.named_parameters():
         p.requires_grad_(groups[name] in train)
     model.train(stage != "eval")
+    for prefix in state.prefix_layers.values():
+        prefix._cache = None  # a stage change may follow updates the cache key cannot see (FSDP re-gathers in place)
     state.stage = stage
     return model
 

@@ -25,6 +25,7 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.up.bias)
         self.backend = "auto"
         self._stash: torch.Tensor | None = None
+        self.enabled = True  # False inside ptpeft_fast.disabled(model): the hooks pass outputs through
 
     def forward(self, x: torch.Tensor, residual: bool = True) -> torch.Tensor:
         dt = x.dtype
@@ -43,6 +44,8 @@ def _replace_first(out, value):
 def hook_sequential(target: nn.Module, adapter: BottleneckAdapter) -> list:
     """y ← y + adapter(y) on ``target``'s output."""
     def hook(_module, _args, out):
+        if not adapter.enabled:
+            return None
         return _replace_first(out, adapter(_first(out), residual=True))
     return [target.register_forward_hook(hook)]
 
@@ -54,6 +57,8 @@ def hook_parallel(ffn_in: nn.Module, ffn_out: nn.Module, adapter: BottleneckAdap
 
     def post(_module, _args, out):
         x, adapter._stash = adapter._stash, None
+        if not adapter.enabled:
+            return None
         if x is None:
             raise RuntimeError("parallel adapter: the feed-forward input was not seen before its output")
         return _replace_first(out, _first(out) + adapter(x, residual=False))

@@ -27,6 +27,7 @@ class LoraWeights(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as PEFT does
         self.merged = False
+        self.enabled = True  # False inside ptpeft_fast.disabled(model)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, dropout={self.dropout_p}, merged={self.merged}"
@@ -59,7 +60,7 @@ class _LoraForward:
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         lora: LoraWeights = getattr(self, self._ptpeft_lora)
         weight = linear_weight(self)
-        if lora.merged:
+        if lora.merged or not lora.enabled:  # merged: W holds the delta; disabled: the base layer alone
             return nn.functional.linear(x, weight, self.bias)
         a, b = lora.lora_A.to(x.dtype), lora.lora_B.to(x.dtype)
         return ops.lora_linear(x, weight, self.bias, a, b, lora.scaling,

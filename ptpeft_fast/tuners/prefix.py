@@ -77,6 +77,7 @@ class LayerPrefix(nn.Module):
         else:
             raise ValueError(f"unknown reparam {reparam!r}")
         self._cache: tuple | None = None
+        self.enabled = True  # False inside ptpeft_fast.disabled(model): the layer attends without a prefix
 
     def extra_repr(self) -> str:
         return f"reparam={self.reparam}, tokens={self.num_tokens}, kv_heads={self.kv_heads}, head_dim={self.head_dim}"

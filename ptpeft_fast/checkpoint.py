@@ -39,22 +39,36 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def ptpeft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The PT-PEFT parameters (prefix, LoRA, adapter, and marked extras) by name."""
+    """The PT-PEFT parameters (prefix, LoRA, adapter, and marked extras) by name.
+
+    Parameters sharded by FSDP2 (DTensors) are gathered whole, which is a collective:
+    under FSDP every rank must call this.
+    """
     groups = parameter_groups(model)
-    return {n: p.detach() for n, p in model.named_parameters() if groups[n] != "base"}
+    return {n: _full(p.detach()) for n, p in model.named_parameters() if groups[n] != "base"}
 
 
-def save(model: nn.Module, path: str | os.PathLike, extra_meta: dict[str, Any] | None = None) -> Path:
+def _full(t: torch.Tensor) -> torch.Tensor:
+    full_tensor = getattr(t, "full_tensor", None)  # a DTensor (FSDP2 shard)
+    return full_tensor() if full_tensor is not None else t
+
+
+def save(model: nn.Module, path: str | os.PathLike, extra_meta: dict[str, Any] | None = None,
+         tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the PT-PEFT parameters and config to directory ``path`` and return it.
 
     Files: ``ptpeft.safetensors`` and ``ptpeft_config.json`` (which records the model type,
     the tensor shapes and the SHA-256 of the weights file, so a mismatched pair is refused).
+    ``tensors``: the :func:`ptpeft_state_dict` already gathered (FSDP: every rank gathers,
+    one rank saves); by default it is taken from the model.
     """
     from safetensors.torch import save as st_save
 
     state = get_state(model)
     path = Path(path)
-    tensors = {n: t.contiguous().cpu() for n, t in ptpeft_state_dict(model).items()}
+    if tensors is None:
+        tensors = ptpeft_state_dict(model)
+    tensors = {n: t.contiguous().cpu() for n, t in tensors.items()}
     blob = st_save(tensors, metadata={"format": "pt"})
     meta = {
         "format": FORMAT,

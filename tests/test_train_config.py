@@ -47,9 +47,9 @@ def test_missing_data_file_is_named(tmp_path, capsys):
     assert f"data.train.questions: file not found: {tmp_path}/q.json" in capsys.readouterr().err
 
 
-def test_fsdp_refused_on_cpu(tmp_path):
+def test_fsdp_needs_several_processes(tmp_path):
     from ptpeft_fast.train.runner import Run
-    with pytest.raises(ConfigError, match="fsdp.*only supported on CUDA"):
+    with pytest.raises(ConfigError, match="fsdp shards the model across processes.*torchrun"):
         Run(load_config(None, ["train.strategy=fsdp", "train.device=cpu"]), str(tmp_path))
 
 

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ptpeft_fast.train.runner import Run
 
@@ -48,3 +49,59 @@ def test_torchrun_two_processes_match_one(tmp_path):
     # predictions were gathered from both ranks: every question was answered once
     ea, eb = events(one, "eval")[-1], events(two, "eval")[-1]
     assert ea["n"] == eb["n"] == 16
+
+
+def _torchrun(conf, out, *extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "ptpeft_fast.train", "--config", conf,
+           "--set", f"output.dir={out}", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=280)
+
+
+FSDP = ("stage1.max_steps=3", "stage2.max_steps=3", "stage1.lr=3e-2", "stage2.lr=3e-2", "eval.max_samples=5",
+        "eval.after_each_stage=false", "train.strategy=fsdp")
+
+
+def test_fsdp_two_processes_match_one_and_resume(tmp_path):
+    """FSDP2 on CPU (gloo): zero-shot under pf.disabled equals the unpatched model, the sharded
+    steps equal one process's, an odd eval set is answered once per record on both ranks
+    (synced generate), the spectrum forwards run on every rank, and a mid-stage interrupt
+    resumes from the gathered checkpoint to the same parameters."""
+    one = str(tmp_path / "one")
+    Run(cfg(*FSDP[:-1]), one).execute()
+
+    conf = write_yaml(tmp_path / "c.yaml", *FSDP)
+    two = str(tmp_path / "two")
+    r = _torchrun(conf, two, "--set", "train.interrupt_after_steps=4")  # stops in stage 2, after its step 1
+    assert "exitcode  : 130" in r.stderr, r.stderr[-3000:]  # both ranks stop resumably; torchrun exits 1
+    assert "interrupted in stage2 at step 1/3" in r.stdout + r.stderr
+    r = _torchrun(conf, two, "--resume", two)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "sharded over 2 processes" in r.stdout
+    for stage in ("stage1", "stage2"):
+        a, b = checkpoint_tensors(one, stage), checkpoint_tensors(two, stage)
+        assert a.keys() == b.keys()
+        for k in a:
+            rel = float((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12))
+            assert rel < 1e-3 and float((a[k] - b[k]).abs().max()) < 1e-3, (stage, k, rel)
+    ea, eb = events(one, "eval"), events(two, "eval")
+    assert [e["phase"] for e in ea] == [e["phase"] for e in eb] == ["zero_shot", "eval_stage2"]
+    assert eb[-1]["n"] == ea[-1]["n"] == 5
+    for x, y in zip(ea, eb):
+        assert x["metrics"] == pytest.approx(y["metrics"], abs=1e-6)
+        assert x["spectrum"]["effective_rank"] == pytest.approx(y["spectrum"]["effective_rank"], rel=1e-4)
+
+
+def test_fsdp_full_finetune_gathers_the_whole_model(tmp_path):
+    extra = ("stage1.enabled=false", "stage2.method=full", "stage2.lr=1e-3", "eval.zero_shot=false")
+    one = str(tmp_path / "one")
+    Run(cfg(*FSDP[:-1], *extra), one).execute()
+    two = str(tmp_path / "two")
+    r = _torchrun(write_yaml(tmp_path / "c.yaml", *FSDP, *extra), two)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (load_file(os.path.join(d, "checkpoints", "stage2", "full_model.safetensors")) for d in (one, two))
+    assert a.keys() == b.keys() and len(a) > 50
+    for k in a:
+        assert a[k].shape == b[k].shape, k  # whole tensors, not one rank's shard
+        assert float((a[k] - b[k]).abs().max()) < 1e-3, k

@@ -28,6 +28,7 @@ from ..data import RecordDataset, load_split
 from ..metrics import compute_metrics
 from . import report
 from .config import ConfigError, dump_config, peft_config_dict
+from .fsdp import full_value, gather_named, load_full, load_optimizer_state, optimizer_state, root_unsharded, shard
 
 STATE = "state"               # mid-stage checkpoint folder inside the output dir
 PROGRESS = "progress.json"    # completed phases
@@ -161,12 +162,10 @@ class Run:
         nt = tc["num_threads"] or (max(1, (os.cpu_count() or 1) // self.di.world) if self.di.world > 1 else 0)
         if nt:
             torch.set_num_threads(nt)
-        if tc["strategy"] == "fsdp":
-            if self.device.type != "cuda":
-                raise ConfigError("train.strategy=fsdp: FSDP2 (fully_shard) sharding of the frozen base is only "
-                                  "supported on CUDA devices by this trainer (not on CPU/gloo); use "
-                                  "train.strategy=ddp on CPU")
-            raise ConfigError("train.strategy=fsdp is not implemented yet in this version; use train.strategy=ddp")
+        self.fsdp = tc["strategy"] == "fsdp"
+        if self.fsdp and self.di.world == 1:
+            raise ConfigError("train.strategy=fsdp shards the model across processes: launch with "
+                              "torchrun --nproc_per_node N (N >= 2), or use train.strategy=ddp for one process")
         self.autocast_dtype = self._autocast_dtype(tc["precision"])
         self.patched = False
         self.trainable_counts: dict[str, int] = {}
@@ -236,7 +235,8 @@ class Run:
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-        self.model = model.to(self.device)
+        # FSDP: stay on the CPU; fully_shard moves each rank's shard to its device
+        self.model = model if self.fsdp else model.to(self.device)
         self.processor = proc
 
     def _load_data(self) -> None:
@@ -327,16 +327,28 @@ class Run:
         phases = self.phases()
         t0 = time.time()
         patched_yet = False
+        if self.fsdp:
+            # patch and restore finished stages before sharding; zero-shot then runs with the
+            # PT-PEFT modules bypassed (pf.disabled), which computes the unpatched model
+            self._patch()
+            patched_yet = True
+            for ph in phases:
+                if ph in done and ph in ("stage1", "stage2"):
+                    self._load_stage_checkpoint(ph)
+            units = shard(self.model, self.device, self.di.world)
+            self.log(f"fsdp: {units} units ({type(self.model).__name__} blocks + root) sharded over "
+                     f"{self.di.world} processes")
         for ph in phases:
             if ph != "zero_shot" and not patched_yet:
                 self._patch()
                 patched_yet = True
             if ph in done:
-                if ph in ("stage1", "stage2"):
+                if ph in ("stage1", "stage2") and not self.fsdp:
                     self._load_stage_checkpoint(ph)
                 continue
             if ph == "zero_shot":
-                self._eval_phase(ph)
+                with self._unpatched():
+                    self._eval_phase(ph)
             elif ph.startswith("eval_"):
                 self._eval_phase(ph)
             else:
@@ -349,11 +361,26 @@ class Run:
         _barrier(self.di)
         return rows
 
+    def _unpatched(self):
+        """The model as it was before ``patch`` (only patched here under FSDP)."""
+        if not self.patched:
+            return contextlib.nullcontext()
+        import ptpeft_fast as pf
+        return pf.disabled(self.model)
+
     # -- checkpoints ------------------------------------------------------------------------
     def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     def _save_stage_checkpoint(self, stage: str) -> None:
+        if not (self.di.main or self.fsdp):
+            return
+        from ..checkpoint import ptpeft_state_dict
+        # under FSDP every rank takes part in the gathers and rank 0 writes
+        tensors = ptpeft_state_dict(self.model) if self.patched else None
+        # full fine-tuning changes base weights, which ptpeft_fast.save leaves out
+        full = (gather_named(list(self.model.named_parameters()), keep=self.di.main)
+                if self._stage_mode(stage) == "full" else None)
         if not self.di.main:
             return
         path = os.path.join(self.out, "checkpoints", stage)
@@ -362,12 +389,10 @@ class Run:
         def write(tmp: str) -> None:
             if self.patched:
                 import ptpeft_fast as pf
-                pf.save(self.model, tmp)
-            if self._stage_mode(stage) == "full":
-                # full fine-tuning changes base weights, which ptpeft_fast.save leaves out
+                pf.save(self.model, tmp, tensors=tensors)
+            if full is not None:
                 from safetensors.torch import save_file
-                save_file({n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters()},
-                          os.path.join(tmp, "full_model.safetensors"))
+                save_file(full, os.path.join(tmp, "full_model.safetensors"))
         _atomic_dir(path, write)
 
     def _load_stage_checkpoint(self, stage: str) -> None:
@@ -389,15 +414,20 @@ class Run:
 
     def _save_state(self, stage: str, step: int, opt, sched, scaler) -> None:
         """Mid-stage checkpoint: trainable tensors, optimizer, scheduler, RNG, position."""
+        if self.fsdp:  # gathered whole on rank 0 (collectives: every rank)
+            params = gather_named(self._trainable(), keep=self.di.main)
+            optim = optimizer_state(self.model, opt)
+        elif self.di.main:
+            params = gather_named(self._trainable(), keep=True)
+            optim = opt.state_dict()
         if not self.di.main:
             _barrier(self.di)
             return
         from safetensors.torch import save_file
 
         def write(tmp: str) -> None:
-            save_file({n: p.detach().contiguous().cpu() for n, p in self._trainable()},
-                      os.path.join(tmp, "trainable.safetensors"))
-            torch.save({"stage": stage, "step": step, "optimizer": opt.state_dict(),
+            save_file(params, os.path.join(tmp, "trainable.safetensors"))
+            torch.save({"stage": stage, "step": step, "optimizer": optim, "fsdp": self.fsdp,
                         "scheduler": sched.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                         "rng_torch": torch.get_rng_state(), "rng_python": random.getstate()},
                        os.path.join(tmp, "trainer.pt"))
@@ -416,9 +446,11 @@ class Run:
         params = dict(self._trainable())
         if set(sd) != set(params):
             raise RuntimeError(f"{path}: the saved trainable parameters do not match this run's stage {stage}")
-        with torch.no_grad():
-            for n, t in sd.items():
-                params[n].copy_(t)
+        if bool(st.get("fsdp")) != self.fsdp:
+            raise ConfigError(f"{path} was written with train.strategy={'fsdp' if st.get('fsdp') else 'ddp'}; "
+                              "resume with the same strategy")
+        for n, t in sd.items():
+            load_full(params[n], t)
         self.log(f"resumed: {stage} from step {st['step']} ({path})")
         return st
 
@@ -504,7 +536,10 @@ class Run:
         start = 0
         st = self._load_state(stage) if self.resume else None
         if st is not None:
-            opt.load_state_dict(st["optimizer"])
+            if self.fsdp:
+                load_optimizer_state(self.model, opt, st["optimizer"])
+            else:
+                opt.load_state_dict(st["optimizer"])
             sched.load_state_dict(st["scheduler"])
             if scaler and st["scaler"]:
                 scaler.load_state_dict(st["scaler"])
@@ -512,7 +547,7 @@ class Run:
             random.setstate(st["rng_python"])
             start = st["step"]
         fwd = self.model
-        if world > 1:
+        if world > 1 and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
             fwd = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.log(f"{stage} ({mode}): {self.trainable_counts[stage]:,} trainable parameters, {total} steps "
@@ -540,7 +575,10 @@ class Run:
                 ntok = _all_reduce(ntok, self.di).clamp_min(1.0)
                 loss_total = torch.zeros(())
                 for a, b in enumerate(batches):
-                    sync = contextlib.nullcontext() if (world == 1 or a == accum - 1) else fwd.no_sync()
+                    last = a == accum - 1
+                    if self.fsdp:
+                        self.model.set_requires_gradient_sync(last)  # reduce-scatter once per step
+                    sync = contextlib.nullcontext() if (world == 1 or last or self.fsdp) else fwd.no_sync()
                     with sync:
                         loss = self._batch_loss(fwd, b) / ntok.to(self.device) * world
                         (scaler.scale(loss) if scaler else loss).backward()
@@ -548,7 +586,7 @@ class Run:
                 if scaler:
                     scaler.unscale_(opt)
                 max_norm = self.cfg["train"]["max_grad_norm"] or float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], max_norm)
+                grad_norm = full_value(torch.nn.utils.clip_grad_norm_([p for _, p in named], max_norm))
                 # fp16's loss scaler skips non-finite steps by design; elsewhere they mean divergence
                 bad = not bool(torch.isfinite(loss_total)) or (scaler is None and not bool(torch.isfinite(grad_norm)))
                 if bool(_all_reduce(torch.tensor(float(bad)), self.di, "max")):
@@ -622,9 +660,10 @@ class Run:
             items = [self.eval_ds[i] for i in records_idx[s:s + ev["batch_size"]]]
             batch = self.gen_collate(items)
             inp = self._model_inputs(batch)
-            with self._autocast():
+            # FSDP: ranks stop together (synced_gpus) so each runs the same sharded forwards
+            with self._autocast(), root_unsharded(self.model):
                 out = self.model.generate(**inp, max_new_tokens=ev["max_new_tokens"], num_beams=ev["num_beams"],
-                                          do_sample=False, pad_token_id=tok.pad_token_id)
+                                          do_sample=False, pad_token_id=tok.pad_token_id, synced_gpus=self.fsdp)
             ids = inp["input_ids"]
             if out.shape[1] >= ids.shape[1] and torch.equal(out[:, :ids.shape[1]].cpu(), ids.cpu()):
                 out = out[:, ids.shape[1]:]  # decoder-only generate returns prompt + continuation
@@ -659,6 +698,8 @@ class Run:
         ev = self.cfg["eval"]
         t = time.time()
         mine = list(range(self.di.rank, len(self.eval_ds), self.di.world))
+        if self.fsdp:  # every rank runs as many generate calls (a repeated record answers twice, same id)
+            mine += [mine[-1] if mine else 0] * (-(-len(self.eval_ds) // self.di.world) - len(mine))
         preds = self.generate(mine)
         if self.di.world > 1:
             import torch.distributed as dist
@@ -666,13 +707,13 @@ class Run:
             dist.all_gather_object(allp, preds)
             preds = {k: v for p in allp for k, v in p.items()}
         row = None
+        feats = None
+        if ev["spectrum"] and (self.di.main or self.fsdp):  # FSDP: every rank runs the sharded forwards
+            feats, _ = self.features(ev["spectrum_samples"])
         if self.di.main:
             refs = {r.id: r.targets for r in self.eval_ds.records}
             metrics = compute_metrics(self.task, preds, refs, use_java=ev["use_java"])
-            spec = None
-            if ev["spectrum"]:
-                feats, lens = self.features(ev["spectrum_samples"])
-                spec = report.spectrum_summary(feats, tau=ev["tau"])
+            spec = report.spectrum_summary(feats, tau=ev["tau"]) if feats is not None else None
             stage = phase.replace("eval_", "")
             row = {"event": "eval", "phase": phase, "method": self.method_label(phase),
                    "metrics": {k: v for k, v in metrics.items() if k != "n"}, "n": metrics.get("n"),

@@ -1,4 +1,4 @@
-"""Just-in-time build of the ``csrc/`` extension (batched spectrum ops).
+"""Just-in-time build of the ``csrc/`` extension (batched spectrum ops, decode attention).
 
 The extension is compiled once with ninja through :func:`torch.utils.cpp_extension.load`
 into the user cache directory (``$PTPEFT_FAST_CACHE``, else ``$XDG_CACHE_HOME/ptpeft_fast``,
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["csrc_dir", "cache_dir", "load_spectrum_ext", "spectrum_ext_error", "has_kernel"]
+__all__ = ["csrc_dir", "cache_dir", "load_ext", "ext_error", "has_kernel"]
 
-_CPU_SOURCES = ("spectrum_cpu.cpp",)
+_CPU_SOURCES = ("spectrum_cpu.cpp", "decode_attention_cpu.cpp")
 _CUDA_SOURCES = ("spectrum_cuda.cu", "spectrum_cuda_binding.cpp")
 _HEADERS = ("spectrum_cuda.h",)
 
@@ -76,7 +76,7 @@ def _build(src: Path, with_cuda: bool) -> None:
     digest.update(str(with_cuda).encode())
     tag = digest.hexdigest()[:16]
     # The module name carries the hash so two versions never collide in one cache or process.
-    name = f"ptpeft_fast_spectrum_{tag}"
+    name = f"ptpeft_fast_ext_{tag}"
     build_dir = cache_dir() / "ext" / name
     build_dir.mkdir(parents=True, exist_ok=True)
     cflags = ["-O3", "-DPTPEFT_FAST_WITH_CUDA"] if with_cuda else ["-O3"]
@@ -93,8 +93,8 @@ def _build(src: Path, with_cuda: bool) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def load_spectrum_ext() -> bool:
-    """Build (once, cached) and load the spectrum extension; True when its CPU ops are registered.
+def load_ext() -> bool:
+    """Build (once, cached) and load the extension; True when its CPU ops are registered.
 
     Never raises: on failure it warns once and returns False, and callers use the torch path.
     """
@@ -117,14 +117,14 @@ def load_spectrum_ext() -> bool:
     if has_kernel("singular_values", "CPU"):
         return True
     warnings.warn(
-        "ptpeft_fast: the C++ spectrum extension is unavailable, using the slower torch path "
-        f"(torch.linalg.svdvals). Reason: {'; '.join(_error)[-2000:]}",
+        "ptpeft_fast: the C++ extension (spectrum statistics, decode attention) is unavailable, "
+        f"using the slower torch paths. Reason: {'; '.join(_error)[-2000:]}",
         RuntimeWarning,
         stacklevel=2,
     )
     return False
 
 
-def spectrum_ext_error() -> str | None:
+def ext_error() -> str | None:
     """Why the extension did not load (None when it loaded or was never tried)."""
     return "; ".join(_error) if _error else None

@@ -439,3 +439,68 @@ def test_inference_path_matches_reference(case):
     ref = prefix_attention_reference(*(t.double() for t in (q, k, v, pk, pv)), causal=causal, attn_mask=mask)
     assert torch.isfinite(out).all()
     assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("case", range(16))
+def test_decode_op_matches_reference(case, monkeypatch):
+    """No-grad calls with at most DECODE_MAX_QUERIES queries take the one-pass C++ op
+    (csrc/decode_attention_cpu.cpp): float64 reference, GQA, masks of every accepted
+    form, strided caches, fp32 and fp64, sizes that split across threads."""
+    import importlib
+
+    from ptpeft_fast import _ext
+    pa = importlib.import_module("ptpeft_fast.ops.prefix_attention")
+    assert _ext.load_ext(), f"the csrc extension must build here (DESIGN §4): {_ext.ext_error()}"
+    calls = []
+    real = pa._decode_op()
+    assert real is not None
+    monkeypatch.setattr(pa, "_decode_op", lambda: (lambda *a: calls.append(1) or real(*a)))
+
+    g = torch.Generator().manual_seed(700 + case)
+    dtype = torch.float64 if case % 5 == 4 else torch.float32
+    B, Hkv, G = 1 + case % 3, (1, 2, 4)[case % 3], (1, 2, 3)[(case // 3) % 3]
+    L = (1, 1, 2, 8)[case % 4]
+    S = (1, 17, 64, 300)[(case // 4) % 4]
+    S = max(S, L)
+    D, P = (8, 64, 80)[case % 3], (1, 5, 32)[(case // 2) % 3]
+    H = Hkv * G
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    q = rnd(B, L, H, D).transpose(1, 2)  # transformers' layout
+    cache = rnd(2, B, Hkv, S + 7, D)  # a cache with spare room: k, v are strided views
+    k, v = cache[0, :, :, :S], cache[1, :, :, :S]
+    pk, pv = rnd(Hkv, P, D), rnd(Hkv, P, D)
+    kind = case % 4
+    if kind == 0:
+        mask, causal = None, False
+    elif kind == 1:  # transformers' bool padding mask [B, 1, L, S], one row all padded
+        mask = torch.ones(B, 1, L, S, dtype=torch.bool)
+        mask[0, ..., : S - 1] = False
+        causal = True
+    elif kind == 2:  # additive float, broadcast over batch and heads
+        mask, causal = rnd(L, S), False
+    else:  # additive float per head
+        mask, causal = rnd(B, H, L, S), True
+    with torch.no_grad():
+        out = prefix_attention(q, k, v, pk, pv, causal=causal, attn_mask=mask, backend="torch")
+    assert calls, "the decode op was not used"
+    ref_mask = mask if mask is None or mask.dtype == torch.bool else mask.double()
+    ref = prefix_attention_reference(*(t.double() for t in (q, k, v, pk, pv)), causal=causal, attn_mask=ref_mask)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert out.dtype == dtype and out.shape == (B, H, L, D)
+    assert _rel(out, ref) <= tol
+
+
+def test_decode_op_is_not_used_with_autograd_or_many_queries(monkeypatch):
+    import importlib
+    pa = importlib.import_module("ptpeft_fast.ops.prefix_attention")
+    calls = []
+    monkeypatch.setattr(pa, "_decode_op", lambda: calls.append(1))
+    q, k, v, pk, pv, g = _inputs(2, 4, 2, 1, 9, 3, 16)
+    _compare(q, k, v, pk, pv, g, causal=True)  # training: autograd path
+    q, k, v, pk, pv, g = _inputs(2, 4, 2, pa.DECODE_MAX_QUERIES + 1, 20, 3, 16)
+    with torch.no_grad():
+        prefix_attention(q, k, v, pk, pv, causal=True, backend="torch")  # prefill: flash + merge
+    assert not calls

@@ -68,6 +68,7 @@ Half precision (fp16/bf16) inputs: the flash kernel accumulates in fp32 and retu
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -445,8 +446,30 @@ def prefix_attention(
     mask = None if mask is None else _finite_additive(mask, q.dtype)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, prefix_k, prefix_v))
     if not needs_grad and prefix_k.dim() == 3 and q.dtype in (torch.float32, torch.float64):
+        if L <= DECODE_MAX_QUERIES and not flash_causal and _decode_op() is not None:
+            if mask is not None and mask.dim() == 2:
+                mask = mask.view(1, 1, L, S)
+            return _decode_op()(q, k, v, prefix_k.contiguous(), prefix_v.contiguous(), mask, scale)
         return _inference_forward(q, k, v, prefix_k, prefix_v, mask, flash_causal, scale)
     return _PrefixAttentionFn.apply(q, k, v, prefix_k, prefix_v, mask, flash_causal, scale)
+
+
+DECODE_MAX_QUERIES = 8  # queries per row up to which a no-grad call takes the one-pass C++ op
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_op():
+    """``torch.ops.ptpeft_fast.prefix_decode_attention`` (csrc/decode_attention_cpu.cpp), or None
+    when the extension cannot be built (then the generic no-grad path runs).
+
+    Decode steps (``L = 1``) do a few hundred thousand flops per layer; the generic path's ~10
+    tensor ops cost more in dispatch than that, the one-pass op does not.
+    """
+    from .. import _ext
+
+    if _ext.load_ext() and _ext.has_kernel("prefix_decode_attention", "CPU"):
+        return torch.ops.ptpeft_fast.prefix_decode_attention
+    return None
 
 
 def _inference_forward(q, k, v, prefix_k, prefix_v, mask, flash_causal: bool, scale: float) -> torch.Tensor:

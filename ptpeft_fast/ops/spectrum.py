@@ -51,9 +51,9 @@ def resolve_spectrum_backend(requested: str, features: torch.Tensor) -> str:
     if requested == "torch":
         return "torch"
     key = "CUDA" if features.is_cuda else "CPU"
-    available = _ext.load_spectrum_ext() and _ext.has_kernel("singular_values", key)
+    available = _ext.load_ext() and _ext.has_kernel("singular_values", key)
     if requested == "csrc" and not available:
-        why = _ext.spectrum_ext_error() or f"the extension was built without a {key} kernel"
+        why = _ext.ext_error() or f"the extension was built without a {key} kernel"
         raise ValueError(f"backend='csrc' is unavailable for {key} tensors ({why}); use backend='torch'")
     return "csrc" if available else "torch"
 

@@ -13,6 +13,7 @@ TEST_REQUIRES = [
     "accelerate>=1.0",
     "tokenizers>=0.20",
     "pillow>=10",
+    "num2words>=0.5",  # SmolVLMProcessor refuses to build without it (tests/test_families.py)
 ]
 
 setup(

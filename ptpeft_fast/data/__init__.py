@@ -1,5 +1,5 @@
-"""Datasets for PT-PEFT training: built-in ``synthetic-shapes`` and readers for COCO
-captions, VQAv2, JSONL and HF ``datasets`` directories.
+"""Datasets for PT-PEFT training: built-in ``synthetic-shapes`` (and its text-only variant
+``synthetic-text``) and readers for COCO captions, VQAv2, JSONL and HF ``datasets`` directories.
 
 :func:`load_split` turns the ``data`` config section and a split name into a
 :class:`RecordDataset`.
@@ -12,7 +12,7 @@ from . import synthetic
 from .readers import read_coco_captions, read_hf_disk, read_jsonl, read_vqav2
 from .records import DataError, Record, RecordDataset, check_images, open_image
 
-FORMATS = ("synthetic-shapes", "coco", "vqav2", "jsonl", "hf")
+FORMATS = ("synthetic-shapes", "synthetic-text", "coco", "vqav2", "jsonl", "hf")
 
 __all__ = ["DataError", "Record", "RecordDataset", "FORMATS", "load_split", "open_image",
            "synthetic", "read_coco_captions", "read_vqav2", "read_jsonl", "read_hf_disk"]
@@ -39,6 +39,11 @@ def load_split(data_cfg: dict, split: str, max_samples: int | None = None) -> Re
         syn = data_cfg.get("synthetic") or {}
         recs = synthetic.make_records(task, split, spec.get("n"), int(syn.get("seed", 0)),
                                       int(syn.get("image_size", 32)))
+    elif fmt == "synthetic-text":
+        if task != "vqa":
+            raise DataError("data.format 'synthetic-text' is a VQA format; set data.task=vqa")
+        syn = data_cfg.get("synthetic") or {}
+        recs = synthetic.make_text_records(task, split, spec.get("n"), int(syn.get("seed", 0)))
     else:
         if not spec:
             raise DataError(f"{key}: no paths given for split {split!r} (format {fmt!r})")
@@ -63,6 +68,11 @@ def load_split(data_cfg: dict, split: str, max_samples: int | None = None) -> Re
         recs = recs[: int(max_samples)]
     if not recs:
         raise DataError(f"{key}: split {split!r} is empty")
+    with_image = [r.image is not None for r in recs]
+    if any(with_image) and not all(with_image):
+        a, b = (recs[with_image.index(True)], recs[with_image.index(False)])
+        raise DataError(f"{key}: mixes records with an image ({a.source}: record {a.id!r}) and without "
+                        f"({b.source}: record {b.id!r}); a split is all image-text or all text-only")
     recs, bad = check_images(recs, bool(data_cfg.get("skip_bad_images")), key)
     ds = RecordDataset(recs, task, f"{fmt}/{split}")
     ds.skipped_images = bad

@@ -100,8 +100,8 @@ def read_vqav2(questions: str, annotations: str | None, images: str,
 
 def read_jsonl(path: str, images: str | None = None, task: str = "vqa", key: str = "data") -> list[Record]:
     """JSONL, one object per line: ``image`` (path, relative to ``images`` or to the file's
-    folder), ``question``/``prompt`` (VQA), ``answers`` (VQA) or ``captions`` (captioning),
-    optional ``id``."""
+    folder; leave it out in every line for text-only data), ``question``/``prompt`` (VQA),
+    ``answers`` (VQA) or ``captions`` (captioning), optional ``id``."""
     path = require_file(path, f"{key}.path")
     root = os.path.expanduser(images) if images else os.path.dirname(os.path.abspath(path))
     recs = []
@@ -116,7 +116,9 @@ def read_jsonl(path: str, images: str | None = None, task: str = "vqa", key: str
             if not isinstance(obj, dict):
                 raise DataError(f"{path}: line {ln}: expected a JSON object")
             rid = str(obj.get("id", ln))
-            img = _field(obj, "image", path, f"line {ln}")
+            img = obj.get("image")  # absent / null: a text-only record
+            if img is not None and (not isinstance(img, str) or not img):
+                raise DataError(f"{path}: line {ln} (record {rid}): 'image' must be a file path or absent")
             if task == "vqa":
                 q = obj.get("question", obj.get("prompt"))
                 if q is None:
@@ -133,8 +135,8 @@ def read_jsonl(path: str, images: str | None = None, task: str = "vqa", key: str
                     tg = [tg]
                 if not tg:
                     raise DataError(f"{path}: line {ln} (record {rid}): no captions")
-            recs.append(Record(rid, os.path.join(root, img), str(q), [str(t) for t in tg],
-                               str(obj.get("image_id", img)), path))
+            recs.append(Record(rid, os.path.join(root, img) if img is not None else None, str(q),
+                               [str(t) for t in tg], str(obj.get("image_id", img or "")), path))
     if not recs:
         raise DataError(f"{path}: empty file")
     return recs

@@ -8,7 +8,7 @@ from typing import Callable, Sequence, Union
 
 from PIL import Image
 
-ImageSource = Union[str, Callable[[], Image.Image]]
+ImageSource = Union[str, Callable[[], Image.Image], None]
 
 TASKS = ("caption", "vqa")
 
@@ -21,8 +21,8 @@ class DataError(ValueError):
 class Record:
     """One evaluation / training unit.
 
-    ``image`` is a file path or a zero-argument callable returning a PIL image (the
-    synthetic data renders lazily).  ``question`` is empty for captioning.  ``targets`` are
+    ``image`` is a file path, a zero-argument callable returning a PIL image (the
+    synthetic data renders lazily) or None (a text-only record, for text-only models).  ``question`` is empty for captioning.  ``targets`` are
     the reference captions (captioning) or the human answers (VQA, usually 10).
     """
 
@@ -42,9 +42,12 @@ class Record:
         return self.targets[k % len(self.targets)]
 
 
-def open_image(rec: Record) -> Image.Image:
-    """Load ``rec.image`` as RGB, raising :class:`DataError` naming file and record."""
+def open_image(rec: Record) -> Image.Image | None:
+    """Load ``rec.image`` as RGB (None for a text-only record), raising :class:`DataError`
+    naming file and record."""
     src = rec.image
+    if src is None:
+        return None
     if callable(src):
         return src().convert("RGB")
     try:
@@ -65,7 +68,7 @@ def check_images(records: Sequence[Record], skip_bad_images: bool, what: str) ->
     """
     kept, bad = [], 0
     for rec in records:
-        if callable(rec.image):
+        if rec.image is None or callable(rec.image):
             kept.append(rec)
             continue
         try:
@@ -100,7 +103,12 @@ class RecordDataset:
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> tuple[Record, Image.Image]:
+    @property
+    def has_images(self) -> bool:
+        """Whether the records carry images (a split is all image-text or all text-only)."""
+        return bool(self.records) and self.records[0].image is not None
+
+    def __getitem__(self, i: int) -> tuple[Record, Image.Image | None]:
         rec = self.records[i]
         return rec, open_image(rec)
 

@@ -4,6 +4,11 @@ Every image holds 1–3 copies of one shape kind in one colour, grouped in one r
 Captions name count, colour, kind and position; VQA asks for each attribute.  Image
 ``i`` of split ``s`` is a pure function of ``(seed, s, i)`` (``random.Random`` seeded
 with a string is stable across processes and Python runs), so nothing is stored.
+
+``synthetic-text`` (:func:`make_text_records`) is the text-only variant for text-only
+models: the same scenes and VQA questions, with the scene's caption written into the
+question ("two red circles on the left . how many shapes are there ?"), so every answer can
+be read from the prompt.
 """
 from __future__ import annotations
 
@@ -132,4 +137,18 @@ def make_records(task: str, split: str, n: int | None = None, seed: int = 0,
                 # VQAv2 has 10 human answers per question; synthetic humans agree
                 out.append(Record(f"{iid}-{qt}", img, q, [ans[qt]] * 10, iid, src,
                                   {"attrs": attrs, "qtype": qt}))
+    return out
+
+
+def make_text_records(task: str, split: str, n: int | None = None, seed: int = 0) -> list[Record]:
+    """Text-only VQA records (``image=None``): the question of :func:`make_records` preceded
+    by one reference caption of the scene (template ``i mod 3``), same ids and answers."""
+    if task != "vqa":
+        raise ValueError(f"synthetic-text is a VQA task (the caption is in the prompt), not {task!r}")
+    out = []
+    for r in make_records("vqa", split, n, seed):
+        i = int(r.image_id.rsplit("-", 1)[1])
+        cap = captions(r.meta["attrs"])[i % len(CAPTION_TEMPLATES)]
+        out.append(Record(r.id, None, f"{cap} . {r.question}", r.targets, r.image_id,
+                          r.source.replace("synthetic-shapes", "synthetic-text"), r.meta))
     return out

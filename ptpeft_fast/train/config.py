@@ -32,7 +32,7 @@ DEFAULTS: dict[str, Any] = {
         "tiny": {},                    # tiny-blip2 size overrides (hidden, layers, ...)
     },
     "data": {
-        "format": "synthetic-shapes",  # synthetic-shapes | coco | vqav2 | jsonl | hf
+        "format": "synthetic-shapes",  # synthetic-shapes | synthetic-text | coco | vqav2 | jsonl | hf
         "task": "vqa",                 # vqa | caption
         "prompt": None,                # template; null = "question: {question} answer:" / ""
         "train": {}, "val": {}, "test": {},
@@ -103,7 +103,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 CHOICES = {
-    "data.format": ("synthetic-shapes", "coco", "vqav2", "jsonl", "hf", "stdlib-docstrings"),
+    "data.format": ("synthetic-shapes", "synthetic-text", "coco", "vqav2", "jsonl", "hf", "stdlib-docstrings"),
     "data.task": ("vqa", "caption", "classification"),
     "stage2.method": ("lora", "adapter", "full", "head"),
     "model.dtype": ("float32", "bfloat16", "float16"),
@@ -255,6 +255,9 @@ def validate(cfg: dict) -> None:
     if (dc["task"] == "classification") != (dc["format"] == "stdlib-docstrings"):
         raise ConfigError(f"data.task={dc['task']!r} with data.format={dc['format']!r}: the classification task "
                           "reads data.format=stdlib-docstrings (and that format is classification only)")
+    if dc["format"] == "synthetic-text" and dc["task"] != "vqa":
+        raise ConfigError(f"data.task={dc['task']!r} with data.format='synthetic-text': that format is text-only "
+                          "VQA (the scene's caption is in the prompt); set data.task=vqa")
     if dc["per_class"] is not None and (not isinstance(dc["per_class"], int) or dc["per_class"] < 1):
         raise ConfigError(f"data.per_class must be a positive integer or null, got {dc['per_class']!r}")
     if cfg["stage2"]["method"] == "head":

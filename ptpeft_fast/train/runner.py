@@ -261,9 +261,30 @@ class Run:
         self.task = task
 
     def _make_collators(self) -> None:
-        from ..models import MMCollator
-        self.train_collate = MMCollator(self.processor, self.prompt, train=True)
-        self.gen_collate = MMCollator(self.processor, self.prompt, train=False)
+        from ..models import MMCollator, has_image_input
+        images = has_image_input(self.processor)
+        fmt = self.cfg["data"]["format"]
+        for split, ds in (("train", self.train_ds.ds if self.train_ds is not None else None),
+                          (self.cfg["eval"]["split"], self.eval_ds)):
+            if ds is not None and ds.has_images != images:
+                raise ConfigError(
+                    f"data.{split} (data.format={fmt!r}) " + (
+                        f"has images, but model.name={self.cfg['model']['name']!r} is a text-only model (its "
+                        "processor is a tokenizer): use data.format=synthetic-text or JSONL records without 'image'"
+                        if ds.has_images else
+                        f"has no images, but model.name={self.cfg['model']['name']!r} is an image-text model"))
+        start = None
+        if getattr(self.model.config, "is_encoder_decoder", False):  # e.g. Florence-2: target -> decoder
+            cands = [getattr(self.model.generation_config, "decoder_start_token_id", None),
+                     getattr(self.model.config, "decoder_start_token_id", None)]
+            tc = getattr(self.model.config, "text_config", None)
+            cands.append(getattr(tc, "decoder_start_token_id", None) if tc is not None else None)
+            start = next((c for c in cands if c is not None), None)
+            if start is None:
+                raise ConfigError(f"model.name={self.cfg['model']['name']!r}: encoder-decoder model without a "
+                                  "decoder_start_token_id (config or generation_config)")
+        self.train_collate = MMCollator(self.processor, self.prompt, train=True, decoder_start_token_id=start)
+        self.gen_collate = MMCollator(self.processor, self.prompt, train=False, decoder_start_token_id=start)
 
     def _patch(self) -> None:
         d = peft_config_dict(self.cfg)
@@ -674,7 +695,9 @@ class Run:
     @torch.no_grad()
     def features(self, n: int) -> tuple[list[torch.Tensor], list[int]]:
         """Last-layer language-model hidden states of the first ``n`` eval inputs (image +
-        prompt, padding removed)."""
+        prompt, padding removed). For an encoder-decoder language model (Florence-2) these
+        are the ENCODER's last hidden states: the encoder is what reads image + prompt (the
+        decoder would only see its start token here)."""
         feats, lens = [], []
         bs = self.cfg["eval"]["batch_size"]
         idx = list(range(min(n, len(self.eval_ds))))
@@ -684,8 +707,11 @@ class Run:
             with self._autocast():
                 out = self.model(**inp, output_hidden_states=True)
             lm = getattr(out, "language_model_outputs", None)
-            hs = (lm.hidden_states if lm is not None and getattr(lm, "hidden_states", None) is not None
-                  else out.hidden_states)[-1].float().cpu()
+            if getattr(out, "encoder_last_hidden_state", None) is not None:
+                hs = out.encoder_last_hidden_state.float().cpu()
+            else:
+                hs = (lm.hidden_states if lm is not None and getattr(lm, "hidden_states", None) is not None
+                      else out.hidden_states)[-1].float().cpu()
             mask = inp["attention_mask"].bool().cpu()
             for h, m in zip(hs, mask):
                 f = h[m[-h.shape[0]:]]

@@ -8,6 +8,7 @@ number of image placeholder tokens, so the multimodal paths run for real.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import tempfile
 from collections.abc import Callable
@@ -169,7 +170,9 @@ SPECS: list[Spec] = [
     Spec("florence2", "Florence-2", "florence2", _florence2_cfg, T.Florence2ForConditionalGeneration, VLM,
          layout="florence2", notes="language = BART encoder, decoder and cross-attention; vision prefixes in "
                                    "DaViT window attention only; positions=\"shift\" has no effect (BART's "
-                                   "learned positions are not shifted)"),
+                                   "learned positions are not shifted); train CLI: image + prompt to the "
+                                   "encoder, answer to the decoder, spectrum features from the encoder's last "
+                                   "hidden states"),
     Spec("qwen3", "Qwen3", "qwen3", _text(T.Qwen3Config, use_sliding_window=True, sliding_window=3,
                                           max_window_layers=1, layer_types=["sliding_attention", "full_attention"]),
          T.Qwen3ForCausalLM, {"language": ALL}, sliding=True),
@@ -673,19 +676,26 @@ def test_positions_shift_offsets_real_positions(spec: Spec, record_property) -> 
 # ``model.name`` points at, exactly as a user's local checkpoint would be.
 # ----------------------------------------------------------------------------------------------
 
-def _cli_tokenizer(*specials: str):
-    """Word-level tokenizer of tiny-blip2 plus the family's special tokens (never split)."""
+def _cli_tokenizer(*specials: str, **named: str):
+    """Word-level tokenizer of tiny-blip2 plus the family's special tokens (never split);
+    ``named`` become the tokenizer's named special tokens (``tok.image_token``, ``tok.boi_token``
+    ..., as Gemma 3 and Florence-2 processors read them)."""
     from tokenizers import AddedToken
 
     from ptpeft_fast.models.tiny_blip2 import build_tokenizer
 
     tok = build_tokenizer()
+    if named:
+        tok = T.PreTrainedTokenizerFast(tokenizer_object=tok._tokenizer, bos_token="</s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>", padding_side="left",
+                                        extra_special_tokens=dict(named))
     tok.add_tokens([AddedToken(s, special=True, normalized=False) for s in specials], special_tokens=True)
     return tok
 
 
-def _cli_text(tok, model_type: str = "llama") -> dict:
-    return {**TEXT, "model_type": model_type, "vocab_size": len(tok), "bos_token_id": 2, "eos_token_id": 2}
+def _cli_text(tok, model_type: str | None = "llama") -> dict:
+    out = {**TEXT, "vocab_size": len(tok), "bos_token_id": 2, "eos_token_id": 2}
+    return {**out, "model_type": model_type} if model_type else out
 
 
 def _cli_llava(cfg_cls, proc_cls, ip):
@@ -698,14 +708,62 @@ def _cli_llava(cfg_cls, proc_cls, ip):
     return cfg, proc, "<image> question: {question} answer:"
 
 
+def _cli_qwen_vl(spec: Spec):
+    """Qwen2-VL / Qwen2.5-VL: 16x16 images -> 8x8 patches of 2 -> 16 tokens after the 2x2 merge."""
+    from ptpeft_fast.models import without_video
+
+    tok = _cli_tokenizer("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    cfg = spec.make_config()
+    ids = {k: tok.convert_tokens_to_ids(t) for k, t in (("image_token_id", "<|image_pad|>"),
+                                                          ("video_token_id", "<|video_pad|>"),
+                                                          ("vision_start_token_id", "<|vision_start|>"),
+                                                          ("vision_end_token_id", "<|vision_end|>"))}
+    for k, v in ids.items():
+        setattr(cfg, k, v)
+        setattr(cfg.text_config, k, v)
+    cfg.text_config.vocab_size = len(tok)
+    cfg.text_config.bos_token_id = cfg.text_config.eos_token_id = 2
+    ip = T.Qwen2VLImageProcessorPil(min_pixels=64, max_pixels=256, patch_size=2, merge_size=2,
+                                    temporal_patch_size=2)
+    proc = without_video(T.Qwen2_5_VLProcessor if spec.id == "qwen2_5_vl" else T.Qwen2VLProcessor)(
+        image_processor=ip, tokenizer=tok)
+    return cfg, proc, "<|vision_start|><|image_pad|><|vision_end|> question: {question} answer:"
+
+
+def _cli_text_family(spec: Spec):
+    """A text-only family: the folder holds the model and its tokenizer only."""
+    tok = _cli_tokenizer()
+    cfg = spec.make_config()
+    cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = len(tok), 2, 2, 0
+    return cfg, tok, "question: {question} answer:"
+
+
 def _cli_family(arch: str):
     """(config, processor, prompt template) of a tiny trainable model, or a skip reason (str)."""
+    from ptpeft_fast.models import without_video
+
+    spec = BY_ID[arch]
+    if not spec.multimodal:
+        return _cli_text_family(spec)
     if arch == "llava":
         return _cli_llava(T.LlavaConfig, T.LlavaProcessor, T.CLIPImageProcessorPil(
             size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}))
     if arch == "llava_next":
         return _cli_llava(T.LlavaNextConfig, T.LlavaNextProcessor, T.LlavaNextImageProcessorPil(
             size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, image_grid_pinpoints=[[16, 16], [16, 32]]))
+    if arch == "llava_onevision":  # SigLIP 16x16 / 4 = 16 tokens per view, no CLS ("full")
+        tok = _cli_tokenizer("<image>", "<video>")
+        cfg = T.LlavaOnevisionConfig(text_config=_cli_text(tok, "qwen2"), vision_config=SIGLIP, vision_feature_layer=-1,
+                                     image_token_index=tok.convert_tokens_to_ids("<image>"),
+                                     video_token_index=tok.convert_tokens_to_ids("<video>"),
+                                     image_grid_pinpoints=[[16, 16], [16, 32]])
+        ip = T.LlavaOnevisionImageProcessorPil(size={"height": 16, "width": 16}, image_grid_pinpoints=[[16, 16], [16, 32]])
+        proc = without_video(T.LlavaOnevisionProcessor)(
+            image_processor=ip, tokenizer=tok, num_image_tokens=16, vision_feature_select_strategy="full",
+            image_token="<image>", video_token="<video>")
+        return cfg, proc, "<image> question: {question} answer:"
+    if arch in ("qwen2_vl", "qwen2_5_vl"):
+        return _cli_qwen_vl(spec)
     if arch == "paligemma":
         tok = _cli_tokenizer("<image>")
         ip = T.SiglipImageProcessorPil(size={"height": 16, "width": 16})
@@ -713,14 +771,41 @@ def _cli_family(arch: str):
         cfg = T.PaliGemmaConfig(text_config=_cli_text(tok, "gemma"), vision_config=SIGLIP, projection_dim=32,
                                 image_token_index=tok.convert_tokens_to_ids("<image>"))
         return cfg, T.PaliGemmaProcessor(image_processor=ip, tokenizer=tok), "question: {question} answer:"
-    if arch == "idefics3":
-        tok = _cli_tokenizer("<image>", "<fake_token_around_image>", "<global-img>")
-        cfg = T.Idefics3Config(vision_config=dict(SIGLIP_LIKE), text_config=_cli_text(tok), scale_factor=2,
-                               image_token_id=tok.convert_tokens_to_ids("<image>"))
-        ip = T.Idefics3ImageProcessorPil(size={"longest_edge": 16}, max_image_size={"longest_edge": 16},
-                                         do_image_splitting=False)
-        return cfg, T.Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4), \
-            "<image> question: {question} answer:"
+    if arch in ("idefics3", "smolvlm"):
+        tok = _cli_tokenizer("<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>", "<video>")
+        cfg = (T.Idefics3Config if arch == "idefics3" else T.SmolVLMConfig)(
+            vision_config=dict(SIGLIP_LIKE), text_config=_cli_text(tok), scale_factor=2,
+            image_token_id=tok.convert_tokens_to_ids("<image>"))
+        kw = dict(size={"longest_edge": 16}, max_image_size={"longest_edge": 16}, do_image_splitting=False)
+        if arch == "idefics3":
+            proc = T.Idefics3Processor(image_processor=T.Idefics3ImageProcessorPil(**kw), tokenizer=tok, image_seq_len=4)
+        else:  # SmolVLMProcessor needs num2words (the `test` extra) and, without torchvision, no video processor
+            proc = without_video(T.SmolVLMProcessor)(image_processor=T.SmolVLMImageProcessorPil(**kw), tokenizer=tok,
+                                                    image_seq_len=4)
+        return cfg, proc, "<image> question: {question} answer:"
+    if arch == "gemma3":  # SigLIP 16x16 / 4 = 16 patches, pooled to mm_tokens_per_image = 4
+        tok = _cli_tokenizer(boi_token="<start_of_image>", eoi_token="<end_of_image>", image_token="<image_soft_token>")
+        cfg = T.Gemma3Config(vision_config=SIGLIP, mm_tokens_per_image=4,
+                             text_config=dict(_cli_text(tok, None), sliding_window=3,
+                                              layer_types=["sliding_attention", "full_attention"]),
+                             image_token_index=tok.image_token_id, boi_token_index=tok.boi_token_id,
+                             eoi_token_index=tok.eoi_token_id)
+        proc = T.Gemma3Processor(image_processor=T.Gemma3ImageProcessorPil(size={"height": 16, "width": 16}),
+                                 tokenizer=tok, image_seq_length=4)
+        return cfg, proc, "<start_of_image> question: {question} answer:"
+    if arch == "florence2":  # encoder: image tokens + prompt; decoder: the answer
+        tok = _cli_tokenizer(image_token="<image>")
+        cfg = _florence2_cfg()
+        tc = cfg.text_config
+        tc.vocab_size, tc.pad_token_id = len(tok), 0
+        tc.bos_token_id = tc.eos_token_id = tc.decoder_start_token_id = 2
+        cfg.image_token_id = tok.image_token_id
+        with torch.random.fork_rng(devices=[]), torch.no_grad():  # image tokens per 32x32 image, asked of the model
+            feats = spec.model_class(cfg).model.get_image_features(pixel_values=torch.zeros(1, 3, 32, 32))
+        feats = getattr(feats, "pooler_output", feats)
+        ip = T.CLIPImageProcessorPil(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32})
+        ip.image_seq_length = int(feats.shape[1]) if feats.dim() == 3 else int(feats[0].shape[0])
+        return cfg, T.Florence2Processor(image_processor=ip, tokenizer=tok), "question: {question} answer:"
     if arch == "instructblip":
         tok = _cli_tokenizer("<image>")
         cfg = _instructblip_cfg()
@@ -730,22 +815,16 @@ def _cli_family(arch: str):
         proc = T.InstructBlipProcessor(image_processor=T.BlipImageProcessorPil(size={"height": 16, "width": 16}),
                                        tokenizer=tok, qformer_tokenizer=_cli_tokenizer(), num_query_tokens=4)
         return cfg, proc, "question: {question} answer:"
-    return {
-        "llava_onevision": "its processor needs a video processor, which needs torchvision (not installed here)",
-        "qwen2_vl": "its processor needs a video processor, which needs torchvision (not installed here)",
-        "qwen2_5_vl": "its processor needs a video processor, which needs torchvision (not installed here)",
-        "smolvlm": "its processor needs num2words and a video processor (torchvision); not installed here",
-        "gemma3": "the trainer's collator passes a flat image list; Gemma3Processor needs one list per sample",
-        "florence2": "the trainer's collator builds decoder-only (prompt + target) inputs; Florence-2 is "
-                     "encoder-decoder",
-    }.get(arch, "text-only model: the trainer is image-text")
+    return f"no train-CLI setup for {arch!r} in this test"
 
 
 @pytest.mark.parametrize("spec", PARAMS)
 def test_two_stage_training_through_train_cli(spec: Spec, record_property, tmp_path) -> None:
     """``python -m ptpeft_fast.train --config ...`` with ``model.name`` = a local folder of this
-    family: stage 1 (prefix in every prefix component) then stage 2 (LoRA in every component)
-    run, and the stage-2 checkpoint holds prefix and LoRA weights of each component asked for."""
+    family (image-text: synthetic-shapes VQA; text-only: its synthetic-text variant): stage 1
+    (prefix in every prefix component) then stage 2 (LoRA in every component) run, the training
+    loss falls in each stage (the same 8 samples every step), and the stage-2 checkpoint holds
+    prefix and LoRA weights of each component asked for."""
     _props(record_property, spec, "train_cli")
     made = _cli_family(spec.id)
     if isinstance(made, str):
@@ -761,7 +840,7 @@ def test_two_stage_training_through_train_cli(spec: Spec, record_property, tmp_p
         model = spec.model_class(cfg)
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if name.endswith("query_tokens"):
+                if name.endswith(("mm_input_projection_weight", "query_tokens")):  # zero-initialised, see build()
                     p.normal_(0.0, 0.5)
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 2
     model.save_pretrained(tmp_path / "model")
@@ -770,15 +849,16 @@ def test_two_stage_training_through_train_cli(spec: Spec, record_property, tmp_p
     lora_comps = _components(spec, "lora")
     run_cfg = {
         "model": {"name": str(tmp_path / "model")},
-        "data": {"format": "synthetic-shapes", "task": "vqa", "prompt": prompt, "train": {"n": 8}, "val": {"n": 4},
-                 "synthetic": {"seed": 0, "image_size": 16}},
-        "stage1": {"max_steps": 2, "batch_size": 4,
+        # 2 scenes x 4 questions = 8 samples = one batch: every step sees the same batch
+        "data": {"format": "synthetic-shapes" if spec.multimodal else "synthetic-text", "task": "vqa",
+                 "prompt": prompt, "train": {"n": 2}, "val": {"n": 1}, "synthetic": {"seed": 0, "image_size": 16}},
+        "stage1": {"max_steps": 4, "batch_size": 8, "lr": 1e-2,
                    "prefix": {"num_tokens": 2, "hidden_size": 16, "components": prefix_comps}},
-        "stage2": {"method": "lora", "max_steps": 2, "batch_size": 4,
+        "stage2": {"method": "lora", "max_steps": 4, "batch_size": 8, "lr": 5e-3,
                    "lora": {"r": 2, "alpha": 4, "components": lora_comps}},
-        "eval": {"zero_shot": False, "after_each_stage": False, "spectrum": False, "max_new_tokens": 2,
-                 "batch_size": 4},
-        "train": {"progress": False},
+        "eval": {"zero_shot": False, "after_each_stage": False, "spectrum": True, "spectrum_samples": 4,
+                 "max_new_tokens": 2, "batch_size": 4},
+        "train": {"progress": False, "log_every": 1},
     }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(run_cfg))
     threads = torch.get_num_threads()
@@ -789,9 +869,155 @@ def test_two_stage_training_through_train_cli(spec: Spec, record_property, tmp_p
     assert rc == 0
     with safe_open(str(tmp_path / "run" / "checkpoints" / "stage2" / "ptpeft.safetensors"), "pt") as f:
         names = list(f.keys())
-    for comp in prefix_comps:
-        assert any(f"prefix_{comp}." in n for n in names), f"no prefix_{comp} in the stage-2 checkpoint"
-    for comp in lora_comps:
-        assert any(f"lora_{comp}." in n for n in names), f"no lora_{comp} in the stage-2 checkpoint"
-    events = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
-    assert any('"stage1"' in e for e in events) and any('"stage2"' in e for e in events)
+    # an encoder-decoder's "language" is its encoder, decoder and cross-attention components
+    parts = {"language": ("encoder", "decoder", "cross")} if spec.encoder_decoder else {}
+    for method, comps in (("prefix", prefix_comps), ("lora", lora_comps)):
+        for comp in comps:
+            for part in parts.get(comp, (comp,)):
+                assert any(f"{method}_{part}." in n for n in names), f"no {method}_{part} in the stage-2 checkpoint"
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for stage in ("stage1", "stage2"):
+        losses = [e["loss"] for e in events if e.get("event") == "train" and e["stage"] == stage]
+        assert len(losses) == 4, (stage, losses)
+        assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], (stage, losses)
+    ev = [e for e in events if e.get("event") == "eval"]  # the final evaluation: generate + spectrum
+    assert len(ev) == 1 and ev[0]["n"] == 4 and ev[0]["spectrum"]["effective_rank"] > 1, ev
+
+
+# ----------------------------------------------------------------------------------------------
+# The pieces the train CLI uses for these families, checked on their own.
+# ----------------------------------------------------------------------------------------------
+
+CLI_MM = [pytest.param(s, id=s.id) for s in SPECS if s.multimodal]
+
+
+@pytest.mark.parametrize("spec", CLI_MM)
+def test_collator_images_one_list_per_sample(spec: Spec) -> None:
+    """The collator hands every multimodal processor one list of images per sample; where a
+    processor also takes the flat list (it flattens), both give identical tensors, so the
+    nested layout changes nothing for it (Gemma 3 and SmolVLM refuse the flat list of 2 images
+    for 2 prompts: they read it as 2 images of ONE prompt)."""
+    from PIL import Image
+
+    from ptpeft_fast.models import _images_arg
+
+    _, proc, prompt = _cli_family(spec.id)
+    ims = [Image.new("RGB", (16, 16), (200, 30, 30)), Image.new("RGB", (16, 16), (30, 30, 200))]
+    texts = [prompt.format(question="what color") + " red", prompt.format(question="how many") + " one two"]
+    nested = proc(images=_images_arg(proc, ims), text=texts, padding=True, return_tensors="pt")
+    assert nested["input_ids"].shape[0] == 2
+    try:
+        flat = proc(images=ims, text=texts, padding=True, return_tensors="pt")
+    except ValueError:
+        assert spec.id in ("gemma3", "smolvlm"), "only Gemma 3 and SmolVLM are expected to refuse the flat list"
+        return
+    assert spec.id not in ("gemma3", "smolvlm")
+    assert sorted(flat.keys()) == sorted(nested.keys())
+    for k in flat:
+        if torch.is_tensor(flat[k]):
+            assert torch.equal(flat[k], nested[k]), k
+
+
+def test_encoder_decoder_labels_match_the_models_own_loss(tmp_path) -> None:
+    """Florence-2 through the collator and the trainer's loss (causal shift of logits against
+    labels): the same per-token loss as the model's own ``labels=`` loss (BART shifts labels
+    right behind the decoder start token)."""
+    import torch.nn.functional as F
+
+    from ptpeft_fast.data import synthetic
+    from ptpeft_fast.models import MMCollator
+
+    spec = BY_ID["florence2"]
+    cfg, proc, prompt = _cli_family("florence2")
+    torch.manual_seed(0)
+    model = spec.model_class(cfg).eval()
+    recs = synthetic.make_records("vqa", "train", 1, image_size=16)[:3]
+    for r in recs:
+        r.meta["task"] = "vqa"
+    items = [(r, r.image()) for r in recs]
+    b = MMCollator(proc, prompt, train=True, decoder_start_token_id=2)(items)
+    assert torch.equal(b["decoder_input_ids"][:, 0], torch.full((3,), 2))
+    assert (b["labels"][:, 0] == -100).all()
+    inp = {k: v for k, v in b.items() if k not in ("labels", "record_ids")}
+    with torch.no_grad():
+        logits = model(**inp).logits
+        lg = logits[:, :-1]
+        ours = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), b["labels"][:, 1:].reshape(-1), ignore_index=-100)
+        target = b["labels"][:, 1:].contiguous()  # what the model should predict: target + EOS, -100 on padding
+        theirs = model(**{k: v for k, v in inp.items() if not k.startswith("decoder_")}, labels=target).loss
+    torch.testing.assert_close(ours, theirs)
+    # generation-mode batches carry encoder inputs only
+    g = MMCollator(proc, prompt, train=False, decoder_start_token_id=2)(items)
+    assert "decoder_input_ids" not in g and "labels" not in g
+
+
+def test_synthetic_text_records_carry_the_answer_in_the_prompt() -> None:
+    from ptpeft_fast.data import load_split, synthetic
+
+    recs = synthetic.make_text_records("vqa", "train", 3, seed=0)
+    img = synthetic.make_records("vqa", "train", 3, seed=0)
+    assert [r.id for r in recs] == [r.id for r in img] and all(r.image is None for r in recs)
+    for r, q in zip(recs, img):
+        assert r.targets == q.targets and r.question.endswith(" . " + q.question)
+        a = r.meta["attrs"]
+        assert a["color"] in r.question and a["position"] in r.question and a["kind"] in r.question
+        assert synthetic.COUNT_WORDS[a["count"]] in r.question.split()
+    ds = load_split({"format": "synthetic-text", "task": "vqa", "train": {"n": 2}}, "train")
+    assert len(ds) == 8 and not ds.has_images and ds[0][1] is None
+
+
+def test_text_only_data_options_fail_before_work(tmp_path) -> None:
+    """synthetic-text is VQA only (config validation names data.task); JSONL lines without
+    ``image`` are text-only records; a split mixing both is refused naming both records."""
+    from ptpeft_fast.data import DataError, load_split
+    from ptpeft_fast.train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="data.task"):
+        load_config(None, ["data.format=synthetic-text", "data.task=caption"])
+    load_config(None, ["data.format=synthetic-text"])
+    p = tmp_path / "t.jsonl"
+    p.write_text('{"id": "a", "question": "red circles . what color ?", "answers": ["red"]}\n'
+                 '{"id": "b", "question": "two squares . how many ?", "answer": "2"}\n')
+    ds = load_split({"format": "jsonl", "task": "vqa", "train": {"path": str(p)}}, "train")
+    assert [r.image for r in ds.records] == [None, None] and not ds.has_images
+    (tmp_path / "x.png").write_bytes(b"")
+    p.write_text(p.read_text() + '{"id": "c", "image": "x.png", "question": "q", "answers": ["a"]}\n')
+    with pytest.raises(DataError, match="'c'.*'a'|'a'.*'c'"):
+        load_split({"format": "jsonl", "task": "vqa", "train": {"path": str(p)}}, "train")
+
+
+def test_text_only_model_refuses_image_data_and_vice_versa(tmp_path) -> None:
+    """A text-only folder with image data (and an image-text folder with text-only data) is
+    a ConfigError naming data.train before any training step."""
+    from ptpeft_fast.train.config import ConfigError, load_config
+    from ptpeft_fast.train.runner import Run
+
+    for arch, fmt, msg in (("qwen3", "synthetic-shapes", "text-only model"),
+                           ("llava", "synthetic-text", "image-text model")):
+        cfg, proc, prompt = _cli_family(arch)
+        BY_ID[arch].model_class(cfg).save_pretrained(tmp_path / arch)
+        proc.save_pretrained(tmp_path / arch)
+        c = load_config(None, [f"model.name={tmp_path / arch}", f"data.format={fmt}", "data.train={n: 2}",
+                               "data.val={n: 1}", "train.progress=false"])
+        with pytest.raises(ConfigError, match=f"data.train.*{msg}"):
+            Run(c, str(tmp_path / f"run_{arch}")).execute()
+        assert not (tmp_path / f"run_{arch}" / "checkpoints").exists()
+
+
+def test_processor_without_video_loads_and_names_the_folder_when_it_cannot(tmp_path) -> None:
+    """Without torchvision AutoProcessor cannot build Qwen2-VL's processor (it asks for a video
+    processor); load_local_model builds it from the tokenizer and the PIL image processor. A
+    folder lacking the image processor fails naming the folder and what failed."""
+    from ptpeft_fast.models import load_local_model, load_processor
+
+    spec = BY_ID["qwen2_vl"]
+    cfg, proc, _ = _cli_family("qwen2_vl")
+    spec.model_class(cfg).save_pretrained(tmp_path / "m")
+    proc.save_pretrained(tmp_path / "m")
+    model, loaded = load_local_model(str(tmp_path / "m"))
+    assert type(loaded).__name__ == "Qwen2VLProcessor" and isinstance(loaded, T.Qwen2VLProcessor)
+    assert type(loaded.image_processor).__name__ == "Qwen2VLImageProcessorPil"
+    assert loaded.image_processor.to_dict()["size"] == {"longest_edge": 256, "shortest_edge": 64}  # saved, not defaults
+    (tmp_path / "m" / "processor_config.json").write_text('{"processor_class": "Qwen2VLProcessor"}')
+    with pytest.raises(ValueError, match=r"m: cannot load the processor Qwen2VLProcessor.*without its video processor"):
+        load_processor(str(tmp_path / "m"))

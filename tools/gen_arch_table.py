@@ -61,9 +61,11 @@ through `save_pretrained`/`from_pretrained`:
 - **positions="shift"**: the language model's rotary embedding receives the positions of
   `positions="keep"` plus P (PEFT's convention).
 - **two-stage `ptpeft_fast.train`**: the train CLI, with `model.name` a local folder holding a
-  tiny model of the family and its real processor, runs stage 1 (prefix in every prefix
-  component) and stage 2 (LoRA in every component) on synthetic VQA; the stage-2 checkpoint
-  holds the prefix and LoRA weights of each component."""
+  tiny model of the family and its real processor (text-only families: its tokenizer), runs
+  stage 1 (prefix in every prefix component) and stage 2 (LoRA in every component) on synthetic
+  VQA (`synthetic-shapes`; text-only families: `synthetic-text`, the scene's caption in the
+  prompt); the training loss falls in each stage, the final evaluation (generate + spectrum)
+  runs, and the stage-2 checkpoint holds the prefix and LoRA weights of each component."""
 
 
 @dataclass

@@ -62,6 +62,14 @@ def _want_cuda() -> bool:
     return CUDA_HOME is not None
 
 
+def _cpu_flags() -> list[str]:
+    """AVX2 + FMA where torch reports that this CPU has them (the decode op's dot products
+    and exponentials vectorise with them: about 1.5x faster). The build cache is keyed by
+    the capability, so a cache shared with an older CPU never loads these instructions there."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    return ["-mavx2", "-mfma"] if cap in ("AVX2", "AVX512") else []
+
+
 def _build(src: Path, with_cuda: bool) -> None:
     from torch.utils.cpp_extension import load
 
@@ -74,12 +82,14 @@ def _build(src: Path, with_cuda: bool) -> None:
             digest.update(path.read_bytes())
     digest.update(torch.__version__.encode())
     digest.update(str(with_cuda).encode())
+    cpu_flags = _cpu_flags()
+    digest.update(" ".join(cpu_flags).encode())
     tag = digest.hexdigest()[:16]
     # The module name carries the hash so two versions never collide in one cache or process.
     name = f"ptpeft_fast_ext_{tag}"
     build_dir = cache_dir() / "ext" / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    cflags = ["-O3", "-DPTPEFT_FAST_WITH_CUDA"] if with_cuda else ["-O3"]
+    cflags = ["-O3", *cpu_flags] + (["-DPTPEFT_FAST_WITH_CUDA"] if with_cuda else [])
     load(
         name=name,
         sources=[str(src / n) for n in names],

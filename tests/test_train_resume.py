@@ -2,6 +2,8 @@
 uninterrupted run; half-written checkpoints are never loaded."""
 import os
 import signal
+import subprocess
+import sys
 
 import torch
 
@@ -37,11 +39,17 @@ def test_ctrl_c_then_resume_matches_uninterrupted(tmp_path, monkeypatch):
     assert os.path.isdir(os.path.join(out, "checkpoints", "stage1"))
     assert not os.path.exists(os.path.join(out, "checkpoints", "stage2"))
     monkeypatch.setattr(MMCollator, "__call__", orig)
-    # a half-written newer state (killed while saving) must be ignored
-    os.makedirs(os.path.join(out, "state.tmp-999"))
-    with open(os.path.join(out, "state.tmp-999", "trainer.pt"), "wb") as f:
+    # a half-written newer state of a killed writer must be ignored, and is cleaned up
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = os.path.join(out, f"state.tmp-{dead.pid}")
+    os.makedirs(stale)
+    with open(os.path.join(stale, "trainer.pt"), "wb") as f:
         f.write(b"garbage")
+    stale_file = os.path.join(out, "checkpoints", f"stage1.tmp-{dead.pid}")
+    open(stale_file, "w").write("half")
     assert main(["--resume", out]) == 0
+    assert not os.path.exists(stale) and not os.path.exists(stale_file)
 
     s2_steps = [e["step"] for e in events(out, "train") if e["stage"] == "stage2"]
     assert s2_steps[-1] == 5 and 3 in s2_steps and 2 in s2_steps  # continued from step 2

@@ -68,6 +68,39 @@ def _atomic_dir(final: str, write: Callable[[str], None]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(root: str) -> list[str]:
+    """Delete the ``*.tmp-<pid>`` files and folders that a killed writer left under ``root``
+    (its own output directory: ``state``, ``checkpoints/…``, ``progress.json``); a writer
+    that is still running keeps its own. Returns what was removed."""
+    import re
+    removed = []
+    pattern = re.compile(r"\.tmp-(\d+)$")
+    for base, dirs, files in os.walk(root):
+        for name in list(dirs) + files:
+            m = pattern.search(name)
+            if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+                continue
+            path = os.path.join(base, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+                dirs.remove(name)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            removed.append(path)
+    return removed
+
+
 def _complete_dir(final: str) -> str | None:
     """The complete copy of an atomically written folder (the new one, else the old one)."""
     for d in (final, f"{final}.old"):
@@ -339,6 +372,10 @@ class Run:
         os.makedirs(self.out, exist_ok=True) if self.di.main else None
         _barrier(self.di)
         if self.di.main:
+            stale = remove_stale_temporaries(self.out)
+            if stale:
+                self.log(f"removed {len(stale)} half-written file(s) of an earlier killed run "
+                         f"(e.g. {os.path.relpath(stale[0], self.out)}); the complete copies are kept")
             _atomic_write_text(os.path.join(self.out, "config.yaml"), dump_config(self.cfg))
         self._seed(0)
         self._load_data()

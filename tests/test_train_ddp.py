@@ -23,18 +23,15 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_torchrun_two_processes_match_one(tmp_path):
-    one = str(tmp_path / "one")
-    Run(cfg(*EXTRA), one).execute()
-
-    two = str(tmp_path / "two")
-    conf = write_yaml(tmp_path / "c.yaml", *EXTRA)
+def _torchrun(conf, out, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "ptpeft_fast.train", "--config", conf,
-           "--set", f"output.dir={two}"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=280)
-    assert r.returncode == 0, r.stderr[-3000:]
+           "--set", f"output.dir={out}", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=280)
+
+
+def _assert_same_checkpoints(one, two):
     for stage in ("stage1", "stage2"):
         a, b = checkpoint_tensors(one, stage), checkpoint_tensors(two, stage)
         assert a.keys() == b.keys()
@@ -43,20 +40,22 @@ def test_torchrun_two_processes_match_one(tmp_path):
             # that float noise up for near-zero gradients; both stay far below one step (lr)
             rel = float((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12))
             assert rel < 1e-3 and float((a[k] - b[k]).abs().max()) < 1e-3, (stage, k, rel)
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    one = str(tmp_path / "one")
+    Run(cfg(*EXTRA), one).execute()
+
+    two = str(tmp_path / "two")
+    r = _torchrun(write_yaml(tmp_path / "c.yaml", *EXTRA), two)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_same_checkpoints(one, two)
     la = [e["loss"] for e in events(one, "train")]
     lb = [e["loss"] for e in events(two, "train")]
     assert la == pytest.approx(lb, rel=1e-5)
     # predictions were gathered from both ranks: every question was answered once
     ea, eb = events(one, "eval")[-1], events(two, "eval")[-1]
     assert ea["n"] == eb["n"] == 16
-
-
-def _torchrun(conf, out, *extra):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "ptpeft_fast.train", "--config", conf,
-           "--set", f"output.dir={out}", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=280)
 
 
 FSDP = ("stage1.max_steps=3", "stage2.max_steps=3", "stage1.lr=3e-2", "stage2.lr=3e-2", "eval.max_samples=5",
@@ -79,12 +78,7 @@ def test_fsdp_two_processes_match_one_and_resume(tmp_path):
     r = _torchrun(conf, two, "--resume", two)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "sharded over 2 processes" in r.stdout
-    for stage in ("stage1", "stage2"):
-        a, b = checkpoint_tensors(one, stage), checkpoint_tensors(two, stage)
-        assert a.keys() == b.keys()
-        for k in a:
-            rel = float((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12))
-            assert rel < 1e-3 and float((a[k] - b[k]).abs().max()) < 1e-3, (stage, k, rel)
+    _assert_same_checkpoints(one, two)
     ea, eb = events(one, "eval"), events(two, "eval")
     assert [e["phase"] for e in ea] == [e["phase"] for e in eb] == ["zero_shot", "eval_stage2"]
     assert eb[-1]["n"] == ea[-1]["n"] == 5

@@ -393,8 +393,9 @@ class Run:
             for ph in phases:
                 if ph in done and ph in ("stage1", "stage2"):
                     self._load_stage_checkpoint(ph)
+            name = type(self.model).__name__  # before fully_shard renames the class (FSDP<name>)
             units = shard(self.model, self.device, self.di.world)
-            self.log(f"fsdp: {units} units ({type(self.model).__name__} blocks + root) sharded over "
+            self.log(f"fsdp: {units} units ({name} blocks + root) sharded over "
                      f"{self.di.world} processes")
         for ph in phases:
             if ph != "zero_shot" and not patched_yet:

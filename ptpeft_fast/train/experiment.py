@@ -18,6 +18,12 @@ from typing import Callable
 from . import report
 from .config import apply_override, validate
 
+def _budget(stage: dict) -> str:
+    if not stage["enabled"]:
+        return "off"
+    return f"{stage['max_steps']} steps" if stage["max_steps"] else f"{stage['epochs']} epoch(s)"
+
+
 _SINGLE = ["eval.zero_shot=false", "eval.after_each_stage=false"]
 # name -> (row label, overrides); the same stage budgets for every method come from the config
 METHODS: dict[str, tuple[str, list[str]]] = {
@@ -137,10 +143,10 @@ def write_experiment_report(out: str, groups: list[dict], base: dict, py: str, s
             f"- seeds {ex['seeds']}: mean ± sample std over seeds (a seed sets the head/PT-PEFT init, the data "
             f"order and which training sentences are kept per class)\n"
             f"- evaluated on the `{ev['split']}` split ({n_eval} sentences); accuracy and macro-F1 ×100\n"
-            f"- stage budgets: stage 1 {base['stage1']['max_steps'] or str(base['stage1']['epochs']) + ' epoch(s)'}"
-            f" steps, stage 2 {base['stage2']['max_steps'] or str(base['stage2']['epochs']) + ' epoch(s)'} steps; "
+            f"- stage budgets: stage 1 {_budget(base['stage1'])}, stage 2 {_budget(base['stage2'])}; "
             f"a PT- method runs both\n"
-            f"- wall time {seconds / 60:.1f} min\n\n")
+            f"- time: {sum(r['seconds'] for g in groups for r in g['rows']) / 60:.1f} min summed over the runs "
+            f"(wall time of the invocation that wrote this file: {seconds / 60:.1f} min)\n\n")
     md = head + "\n".join(lines) + "\n"
     png = None
     if curves and ex["spectrum"]:

@@ -61,11 +61,13 @@ inline void axpy(A* acc, A w, const T* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc[i] += w * static_cast<A>(x[i]);
 }
 
-template <typename T>
+// DC > 0: the head dim as a compile-time constant (64, 128: the common ones), so the loops over
+// it unroll and q and the output accumulator stay in vector registers; DC == 0: any head dim.
+template <typename T, int DC>
 void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pk,
                    const at::Tensor& pv, const at::Tensor& mask, double scale, at::Tensor& out) {
   using A = T;  // fp32 accumulates in fp32 (as ATen's CPU SDPA does), fp64 in fp64
-  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = DC > 0 ? DC : q.size(3);
   const int64_t Hkv = k.size(1), S = k.size(2), P = pk.size(1), G = H / Hkv;
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
@@ -134,8 +136,14 @@ at::Tensor prefix_decode_attention(const at::Tensor& q, const at::Tensor& k, con
   }
   at::Tensor out = at::empty({B, H, L, D}, q.options());
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "prefix_decode_attention",
-                             [&] { decode_kernel<scalar_t>(q, k, v, prefix_k, prefix_v, m, scale, out); });
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "prefix_decode_attention", [&] {
+    if (D == 64)
+      decode_kernel<scalar_t, 64>(q, k, v, prefix_k, prefix_v, m, scale, out);
+    else if (D == 128)
+      decode_kernel<scalar_t, 128>(q, k, v, prefix_k, prefix_v, m, scale, out);
+    else
+      decode_kernel<scalar_t, 0>(q, k, v, prefix_k, prefix_v, m, scale, out);
+  });
   return out;
 }
 

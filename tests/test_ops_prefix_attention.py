@@ -462,7 +462,7 @@ def test_decode_op_matches_reference(case, monkeypatch):
     L = (1, 1, 2, 8)[case % 4]
     S = (1, 17, 64, 300)[(case // 4) % 4]
     S = max(S, L)
-    D, P = (8, 64, 80)[case % 3], (1, 5, 32)[(case // 2) % 3]
+    D, P = (8, 64, 80, 128)[case % 4], (1, 5, 32)[(case // 2) % 3]
     H = Hkv * G
 
     def rnd(*shape):

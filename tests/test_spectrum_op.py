@@ -374,6 +374,7 @@ def _bench_module():
 def test_benchmark_cases_agree_on_tiny_shapes(spectrum_ext, shape):
     """The benchmark's case functions, run once: every route gives the same statistics."""
     bench = _bench_module()
+    assert (bench.extension_error() is None) == spectrum_ext  # the suite's own extension check works
     x = bench.make_features(shape, seed=3)
     ref = bench.reference_curve(x)
     cases = bench.CASES if spectrum_ext else {k: v for k, v in bench.CASES.items() if k != "csrc"}

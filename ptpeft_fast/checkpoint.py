@@ -45,11 +45,12 @@ def ptpeft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     under FSDP every rank must call this.
     """
     groups = parameter_groups(model)
-    return {n: _full(p.detach()) for n, p in model.named_parameters() if groups[n] != "base"}
+    return {n: full_value(p.detach()) for n, p in model.named_parameters() if groups[n] != "base"}
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    full_tensor = getattr(t, "full_tensor", None)  # a DTensor (FSDP2 shard)
+def full_value(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (an FSDP2 shard) gathered whole (a collective); any other tensor as it is."""
+    full_tensor = getattr(t, "full_tensor", None)
     return full_tensor() if full_tensor is not None else t
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ..checkpoint import full_value
 from .config import ConfigError
 
 
@@ -56,12 +57,6 @@ def root_unsharded(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.reshard()
-
-
-def full_value(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor gathered whole (a collective); any other tensor as it is."""
-    full_tensor = getattr(t, "full_tensor", None)
-    return full_tensor() if full_tensor is not None else t
 
 
 def gather_named(named: list[tuple[str, torch.Tensor]], keep: bool) -> dict[str, torch.Tensor]:

@@ -24,11 +24,12 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import full_value
 from ..data import RecordDataset, load_split
 from ..metrics import compute_metrics
 from . import report
 from .config import ConfigError, dump_config, peft_config_dict
-from .fsdp import full_value, gather_named, load_full, load_optimizer_state, optimizer_state, root_unsharded, shard
+from .fsdp import gather_named, load_full, load_optimizer_state, optimizer_state, root_unsharded, shard
 
 STATE = "state"               # mid-stage checkpoint folder inside the output dir
 PROGRESS = "progress.json"    # completed phases

@@ -60,18 +60,19 @@ def ptpeft_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """Prefix-augmented attention; q ``[B,H,L,D]``, k/v ``[B,Hkv,S,D]`` → ``[B,L,H,D]``."""
     name = getattr(module, "_ptpeft_prefix", None)
-    if name is not None and not getattr(module, name).enabled:
-        name = None  # inside ptpeft_fast.disabled(model)
+    layer_prefix = getattr(module, name) if name is not None else None
+    if layer_prefix is not None and not layer_prefix.enabled:
+        layer_prefix = None  # inside ptpeft_fast.disabled(model)
     if kwargs.get("softcap") is not None:
         # Gemma 2 (and Gemma 3 when configured) cap the logits: tanh(s / c) * c. Neither SDPA nor the
         # fused op can, so such layers take the explicit path, prefix or not.
-        prefix = getattr(module, name).kv(query.dtype) if name is not None else None
+        prefix = layer_prefix.kv(query.dtype) if layer_prefix is not None else None
         return _softcapped_attention(module, query, key, value, attention_mask, scaling, dropout, prefix, **kwargs)
-    if name is None:
+    if layer_prefix is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    prefix_k, prefix_v = getattr(module, name).kv(query.dtype)
+    prefix_k, prefix_v = layer_prefix.kv(query.dtype)
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = bool(getattr(module, "is_causal", False))

@@ -446,10 +446,11 @@ def prefix_attention(
     mask = None if mask is None else _finite_additive(mask, q.dtype)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, prefix_k, prefix_v))
     if not needs_grad and prefix_k.dim() == 3 and q.dtype in (torch.float32, torch.float64):
-        if L <= DECODE_MAX_QUERIES and not flash_causal and _decode_op() is not None:
+        decode = _decode_op() if L <= DECODE_MAX_QUERIES and not flash_causal else None
+        if decode is not None:
             if mask is not None and mask.dim() == 2:
                 mask = mask.view(1, 1, L, S)
-            return _decode_op()(q, k, v, prefix_k.contiguous(), prefix_v.contiguous(), mask, scale)
+            return decode(q, k, v, prefix_k.contiguous(), prefix_v.contiguous(), mask, scale)
         return _inference_forward(q, k, v, prefix_k, prefix_v, mask, flash_causal, scale)
     return _PrefixAttentionFn.apply(q, k, v, prefix_k, prefix_v, mask, flash_causal, scale)
 

@@ -1,4 +1,5 @@
-"""Just-in-time build of the ``csrc/`` extension (batched spectrum ops, decode attention).
+"""Just-in-time build of the ``csrc/`` extension (batched spectrum ops, decode attention,
+LoRA factor gradients).
 
 The extension is compiled once with ninja through :func:`torch.utils.cpp_extension.load`
 into the user cache directory (``$PTPEFT_FAST_CACHE``, else ``$XDG_CACHE_HOME/ptpeft_fast``,
@@ -13,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import torch
 
 __all__ = ["csrc_dir", "cache_dir", "load_ext", "ext_error", "has_kernel"]
 
-_CPU_SOURCES = ("spectrum_cpu.cpp", "decode_attention_cpu.cpp")
+_CPU_SOURCES = ("spectrum_cpu.cpp", "decode_attention_cpu.cpp", "lora_grads_cpu.cpp")
 _CUDA_SOURCES = ("spectrum_cuda.cu", "spectrum_cuda_binding.cpp")
 _HEADERS = ("spectrum_cuda.h",)
 
@@ -63,11 +65,24 @@ def _want_cuda() -> bool:
 
 
 def _cpu_flags() -> list[str]:
-    """AVX2 + FMA where torch reports that this CPU has them (the decode op's dot products
-    and exponentials vectorise with them: about 1.5x faster). The build cache is keyed by
-    the capability, so a cache shared with an older CPU never loads these instructions there."""
+    """SIMD and OpenMP flags for the CPU sources.
+
+    AVX2 + FMA (and AVX-512 where torch reports it) let the decode op's dot products and
+    exponentials and the LoRA kernel's FMAs vectorise (the decode op about 1.5x faster). The
+    build cache is keyed by these flags, so a cache shared with an older CPU never loads
+    these instructions there. OpenMP: ``at::parallel_for`` is a header template that runs
+    serially unless the extension itself is compiled with ``-fopenmp``.
+    """
     cap = torch.backends.cpu.get_cpu_capability()
-    return ["-mavx2", "-mfma"] if cap in ("AVX2", "AVX512") else []
+    flags = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512vl"]}.get(cap, [])
+    if _openmp_ok():
+        flags.append("-fopenmp")
+    return flags
+
+
+def _openmp_ok() -> bool:
+    """torch uses OpenMP for intra-op threads and the compiler is GCC-like (Linux)."""
+    return torch.backends.openmp.is_available() and sys.platform.startswith("linux")
 
 
 def _build(src: Path, with_cuda: bool) -> None:
@@ -95,6 +110,7 @@ def _build(src: Path, with_cuda: bool) -> None:
         sources=[str(src / n) for n in names],
         extra_cflags=cflags,
         extra_cuda_cflags=["-O3"],
+        extra_ldflags=["-fopenmp"] if "-fopenmp" in cpu_flags else [],
         build_directory=str(build_dir),
         with_cuda=with_cuda,
         is_python_module=False,  # the library registers torch ops; it has no Python module
@@ -127,7 +143,7 @@ def load_ext() -> bool:
     if has_kernel("singular_values", "CPU"):
         return True
     warnings.warn(
-        "ptpeft_fast: the C++ extension (spectrum statistics, decode attention) is unavailable, "
+        "ptpeft_fast: the C++ extension (spectrum statistics, decode attention, LoRA gradients) is unavailable, "
         f"using the slower torch paths. Reason: {'; '.join(_error)[-2000:]}",
         RuntimeWarning,
         stacklevel=2,

@@ -1,6 +1,8 @@
 """lora_linear (torch path) against the float64 reference (DESIGN §5)."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -196,3 +198,56 @@ def test_bad_inputs_raise_value_error(name, override, message):
     kw.update(override)
     with pytest.raises(ValueError, match=message):
         lora_linear(kw["x"], kw["weight"], kw["bias"], kw["lora_a"], kw["lora_b"], kw["scaling"], dropout_p=kw["dropout_p"])
+
+
+def _fused_op_or_fail():
+    from ptpeft_fast import _ext
+
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("lora_factor_grads is registered only in AVX-512 builds (the BLAS path runs)")
+    assert _ext.load_ext(), f"the csrc extension must build here (DESIGN §4): {_ext.ext_error()}"
+    mod = importlib.import_module("ptpeft_fast.ops.lora_linear")
+
+    op = mod._factor_grads_op(torch.zeros(1, 1), 16)
+    assert op is not None, "lora_factor_grads is not registered"
+    return mod, op
+
+
+@pytest.mark.parametrize("n,d_in,d_out,r", [(37, 40, 24, 8), (29, 24, 33, 16), (30, 16, 8, 24), (41, 48, 40, 32),
+                                            (10, 8, 8, 8), (300, 72, 56, 16), (2000, 256, 200, 16)],
+                         ids=["r8-tail", "r16-odd-out", "r24", "r32", "fewer-rows-than-a-block", "many-blocks", "threads-split-rows"])
+def test_fused_factor_grads_match_reference(n, d_in, d_out, r, monkeypatch):
+    """The C++ (dA, dB) op behind the fp32 backward (merged case: tokens > r), on shapes that
+    leave partial row blocks."""
+    mod, op = _fused_op_or_fail()
+    calls = []
+    monkeypatch.setattr(mod, "_factor_grads_op", lambda x2, rr: (lambda *a: calls.append(rr) or op(*a)))
+    t, g = _inputs((n,), d_in, d_out, r, bias=False, seed=n + r)
+    _compare(t, g, 1.5)
+    assert calls == [r], "the backward did not take the fused op"
+
+
+def test_fused_factor_grads_op_direct_with_strided_rows():
+    """Row strides of X and dY (views of wider tensors) are honoured; the result is scaled."""
+    _, op = _fused_op_or_fail()
+    g = torch.Generator().manual_seed(3)
+    xw = torch.randn(50, 70, generator=g, dtype=torch.float64)
+    dyw = torch.randn(50, 45, generator=g, dtype=torch.float64)
+    a = torch.randn(16, 64, generator=g, dtype=torch.float64)
+    b = torch.randn(40, 16, generator=g, dtype=torch.float64)
+    x, dy = xw[:, 3:67], dyw[:, :40]  # [50, 64] and [50, 40], non-contiguous rows
+    da, db = op(xw.float()[:, 3:67], dyw.float()[:, :40], a.float(), b.float(), 0.5)
+    ref_da = 0.5 * (dy @ b).t() @ x
+    ref_db = 0.5 * dy.t() @ (x @ a.t())
+    assert da.shape == (16, 64) and db.shape == (40, 16) and da.is_contiguous() and db.is_contiguous()
+    assert _rel(da, ref_da) <= 1e-5 and _rel(db, ref_db) <= 1e-5
+
+
+@pytest.mark.parametrize("r", [4, 40])
+def test_fused_factor_grads_not_used_for_other_ranks(r):
+    mod = importlib.import_module("ptpeft_fast.ops.lora_linear")
+
+    assert mod._factor_grads_op(torch.zeros(1, 1), r) is None
+    assert mod._factor_grads_op(torch.zeros(1, 1, dtype=torch.float64), 16) is None
+    t, g = _inputs((20,), 24, 16, r, bias=True, seed=r)
+    _compare(t, g, 0.5)

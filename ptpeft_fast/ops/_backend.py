@@ -112,3 +112,15 @@ def resolve_backend(op: str, requested: str, *tensors: torch.Tensor, supported: 
         if not xformers_available():
             raise ValueError(f"{op}: backend='xformers' needs xformers (pip install 'ptpeft_fast[xformers]')")
     return requested
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_ext_op(name: str) -> Callable | None:
+    """``torch.ops.ptpeft_fast.<name>`` from the C++ extension (``csrc/``) when it built and has a
+    CPU kernel for that op, else None (the caller runs its torch path). The first call builds
+    the extension (cached on disk)."""
+    from .. import _ext
+
+    if _ext.load_ext() and _ext.has_kernel(name, "CPU"):
+        return getattr(torch.ops.ptpeft_fast, name)
+    return None

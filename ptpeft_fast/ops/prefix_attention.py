@@ -68,13 +68,12 @@ Half precision (fp16/bf16) inputs: the flash kernel accumulates in fp32 and retu
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
 import torch
 
-from ._backend import resolve_backend, try_kernel
+from ._backend import cpu_ext_op, resolve_backend, try_kernel
 from ._checks import check_dtype_device
 
 __all__ = ["prefix_attention"]
@@ -458,7 +457,6 @@ def prefix_attention(
 DECODE_MAX_QUERIES = 8  # queries per row up to which a no-grad call takes the one-pass C++ op
 
 
-@functools.lru_cache(maxsize=None)
 def _decode_op():
     """``torch.ops.ptpeft_fast.prefix_decode_attention`` (csrc/decode_attention_cpu.cpp), or None
     when the extension cannot be built (then the generic no-grad path runs).
@@ -466,11 +464,7 @@ def _decode_op():
     Decode steps (``L = 1``) do a few hundred thousand flops per layer; the generic path's ~10
     tensor ops cost more in dispatch than that, the one-pass op does not.
     """
-    from .. import _ext
-
-    if _ext.load_ext() and _ext.has_kernel("prefix_decode_attention", "CPU"):
-        return torch.ops.ptpeft_fast.prefix_decode_attention
-    return None
+    return cpu_ext_op("prefix_decode_attention")
 
 
 def _inference_forward(q, k, v, prefix_k, prefix_v, mask, flash_causal: bool, scale: float) -> torch.Tensor:

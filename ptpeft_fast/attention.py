@@ -73,6 +73,11 @@ def ptpeft_attention_forward(
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     prefix_k, prefix_v = layer_prefix.kv(query.dtype)
+    backend = getattr(module, "_ptpeft_backend", "auto")
+    if kwargs.get("position_bias") is None and (dropout == 0.0 or not module.training):
+        out = ops.prefix_decode_step(query, key, value, prefix_k, prefix_v, attention_mask, scaling, backend)
+        if out is not None:  # a decode step: one C++ call, no argument checks in Python
+            return out.transpose(1, 2).contiguous(), None
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = bool(getattr(module, "is_causal", False))
@@ -93,7 +98,7 @@ def ptpeft_attention_forward(
         attn_mask=mask,
         scale=scaling,
         dropout_p=dropout if module.training else 0.0,
-        backend=getattr(module, "_ptpeft_backend", "auto"),
+        backend=backend,
     )
     # contiguous, as transformers' SDPA path returns it: some models .view() the result (Florence-2)
     return out.transpose(1, 2).contiguous(), None

@@ -504,3 +504,62 @@ def test_decode_op_is_not_used_with_autograd_or_many_queries(monkeypatch):
     with torch.no_grad():
         prefix_attention(q, k, v, pk, pv, causal=True, backend="torch")  # prefill: flash + merge
     assert not calls
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_decode_step_entry_matches_reference(case):
+    """ops.prefix_decode_step (the attention function's unchecked decode entry) equals the
+    float64 reference for one query per row: masks None / bool with a fully padded row /
+    additive with -inf / per head, GQA, fp32 and fp64, strided caches."""
+    from ptpeft_fast import _ext
+    from ptpeft_fast.ops import prefix_decode_step
+
+    assert _ext.load_ext(), f"the csrc extension must build here (DESIGN §4): {_ext.ext_error()}"
+    g = torch.Generator().manual_seed(900 + case)
+    dtype = torch.float64 if case % 3 == 2 else torch.float32
+    B, Hkv, G, S, D, P = 1 + case % 3, (1, 2)[case % 2], (1, 4)[(case // 2) % 2], (1, 33)[case % 2], (64, 24)[case % 2], 7
+    H = Hkv * G
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    q = rnd(B, 1, H, D).transpose(1, 2)
+    cache = rnd(2, B, Hkv, S + 3, D)
+    k, v = cache[0, :, :, :S], cache[1, :, :, :S]
+    pk, pv = rnd(Hkv, P, D), rnd(Hkv, P, D)
+    kind = case % 4
+    if kind == 0:
+        mask = None
+    elif kind == 1:
+        mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
+        mask[0] = False  # a fully padded row still sees the prefix
+    elif kind == 2:
+        mask = torch.zeros(B, 1, 1, S, dtype=dtype)
+        mask[..., 0] = float("-inf")
+    else:
+        mask = rnd(B, H, 1, S)
+    with torch.no_grad():
+        out = prefix_decode_step(q, k, v, pk, pv, mask, None)
+    assert out is not None, "the decode entry refused a decode step"
+    ref_mask = mask if mask is None or mask.dtype == torch.bool else mask.double()
+    ref = prefix_attention_reference(*(t.double() for t in (q, k, v, pk, pv)), causal=False, attn_mask=ref_mask)
+    assert out.dtype == dtype and out.shape == (B, H, 1, D)
+    assert _rel(out, ref) <= (1e-10 if dtype == torch.float64 else 1e-5)
+
+
+def test_decode_step_entry_declines_what_it_does_not_cover():
+    """None (the caller runs prefix_attention) for several queries, autograd, a batch prefix,
+    a 2-D mask, a forced or named backend."""
+    from ptpeft_fast.ops import prefix_decode_step, use_backend
+
+    q, k, v, pk, pv, _ = _inputs(2, 4, 2, 1, 9, 3, 16)
+    with torch.no_grad():
+        assert prefix_decode_step(q, k, v, pk, pv, None, None) is not None
+        q2, k2, v2, _, _, _ = _inputs(2, 4, 2, 2, 9, 3, 16)
+        assert prefix_decode_step(q2, k2, v2, pk, pv, None, None) is None  # L = 2
+        assert prefix_decode_step(q, k, v, pk.expand(2, *pk.shape), pv.expand(2, *pv.shape), None, None) is None
+        assert prefix_decode_step(q, k, v, pk, pv, torch.ones(1, 9, dtype=torch.bool), None) is None
+        assert prefix_decode_step(q, k, v, pk, pv, None, None, backend="torch") is None
+        with use_backend("torch"):
+            assert prefix_decode_step(q, k, v, pk, pv, None, None) is None
+    assert prefix_decode_step(q, k, v, pk.requires_grad_(), pv, None, None) is None  # training

@@ -8,8 +8,8 @@
 from ._backend import BACKENDS, resolve_backend, use_backend
 from .adapter import adapter
 from .lora_linear import lora_linear
-from .prefix_attention import prefix_attention
+from .prefix_attention import prefix_attention, prefix_decode_step
 from .spectrum import singular_values, spectrum_stats
 
-__all__ = ["prefix_attention", "lora_linear", "adapter", "singular_values", "spectrum_stats", "use_backend",
+__all__ = ["prefix_attention", "prefix_decode_step", "lora_linear", "adapter", "singular_values", "spectrum_stats", "use_backend",
            "resolve_backend", "BACKENDS"]

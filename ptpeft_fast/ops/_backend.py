@@ -67,6 +67,11 @@ def xformers_available() -> bool:
     return True
 
 
+def forced_backend() -> str | None:
+    """The backend forced by the innermost :func:`use_backend` block, or None."""
+    return _forced[-1] if _forced else None
+
+
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Force ``name`` for every op called with ``backend="auto"`` inside the block."""

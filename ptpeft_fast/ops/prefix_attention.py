@@ -73,7 +73,7 @@ from typing import Optional
 
 import torch
 
-from ._backend import cpu_ext_op, resolve_backend, try_kernel
+from ._backend import cpu_ext_op, forced_backend, resolve_backend, try_kernel
 from ._checks import check_dtype_device
 
 __all__ = ["prefix_attention"]
@@ -465,6 +465,49 @@ def _decode_op():
     tensor ops cost more in dispatch than that, the one-pass op does not.
     """
     return cpu_ext_op("prefix_decode_attention")
+
+
+def prefix_decode_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    scale: Optional[float],
+    backend: str = "auto",
+) -> Optional[torch.Tensor]:
+    """One decode step (a single query per row, no autograd, CPU) through the C++ op, or None
+    when that does not apply (the caller then runs :func:`prefix_attention`).
+
+    The entry for the attention function the model patch registers: its tensors come from
+    transformers' attention layer, so the Python argument checks of :func:`prefix_attention`
+    (≈ 60 µs per layer and step, as much as the op itself at decode sizes) are left to the
+    op's own shape and dtype checks. Same result as :func:`prefix_attention` with
+    ``causal=False`` (one query sees every key); ``attn_mask`` bool or additive, 4-D.
+    """
+    if (
+        q.dim() != 4
+        or q.shape[2] != 1
+        or q.device.type != "cpu"
+        or q.dtype not in (torch.float32, torch.float64)
+        or prefix_k.dim() != 3
+        or backend != "auto"
+        or forced_backend() is not None
+    ):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, prefix_k, prefix_v)):
+        return None
+    if attn_mask is not None and (attn_mask.dim() != 4 or attn_mask.requires_grad):
+        return None
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or k.shape[2] == 0 or q.shape[0] == 0:
+        return None
+    op = _decode_op()
+    if op is None:
+        return None
+    mask = None if attn_mask is None else _finite_additive(attn_mask, q.dtype)
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+    return op(q, k, v, prefix_k.contiguous(), prefix_v.contiguous(), mask, scale)
 
 
 def _inference_forward(q, k, v, prefix_k, prefix_v, mask, flash_causal: bool, scale: float) -> torch.Tensor:

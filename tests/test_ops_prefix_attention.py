@@ -563,3 +563,70 @@ def test_decode_step_entry_declines_what_it_does_not_cover():
         with use_backend("torch"):
             assert prefix_decode_step(q, k, v, pk, pv, None, None) is None
     assert prefix_decode_step(q, k, v, pk.requires_grad_(), pv, None, None) is None  # training
+
+
+def _block_ops_or_skip():
+    import importlib
+
+    from ptpeft_fast import _ext
+
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("the prefix-block op is registered only in AVX-512 builds (the ATen path runs)")
+    assert _ext.load_ext(), f"the csrc extension must build here (DESIGN §4): {_ext.ext_error()}"
+    pa = importlib.import_module("ptpeft_fast.ops.prefix_attention")
+    q = torch.zeros(1, 1, 1, 64)
+    ops = pa._prefix_block_ops(q, torch.zeros(1, 1, 64), torch.zeros(1, 1, 64), q)
+    assert ops is not None, "prefix_block_forward/backward are not registered"
+    return pa, ops
+
+
+@pytest.mark.parametrize("B,H,Hkv,L,S,P,D,transposed,mask_kind", [
+    (2, 4, 2, 37, 37, 1, 64, False, "causal"),
+    (3, 8, 2, 20, 29, 17, 128, True, "bool-padding"),
+    (1, 4, 4, 16, 16, 64, 64, True, "causal"),
+    (2, 6, 3, 5, 12, 33, 64, False, "additive"),
+    (2, 2, 1, 70, 70, 48, 128, False, "none"),
+], ids=["P1", "gqa-bool-mask-D128", "P64-transformers-layout", "additive-mask", "mqa-no-mask"])
+def test_fused_prefix_block_matches_reference(B, H, Hkv, L, S, P, D, transposed, mask_kind, monkeypatch):
+    """The training path's prefix block (csrc/prefix_block_cpu.cpp): forward and every gradient
+    against the float64 reference, with partial row blocks (L not a multiple of 16 or 4)."""
+    pa, ops = _block_ops_or_skip()
+    calls = []
+    monkeypatch.setattr(pa, "_prefix_block_ops", lambda *a: (calls.append(1), ops)[1])
+    q, k, v, pk, pv, g = _inputs(B, H, Hkv, L, S, P, D, seed=L + P, transposed=transposed)
+    mask, causal = None, False
+    if mask_kind == "causal":
+        causal = True
+    elif mask_kind == "bool-padding":
+        mask = torch.ones(B, 1, L, S, dtype=torch.bool).tril(diagonal=S - L)
+        mask[0, ..., :5] = False  # left padding of row 0
+    elif mask_kind == "additive":
+        mask = torch.randn(B, 1, L, S, generator=g)
+    _compare(q, k, v, pk, pv, g, causal=causal, attn_mask=mask)
+    assert calls, "the fused prefix block was not used"
+
+
+def test_fused_prefix_block_only_prefix_trains(monkeypatch):
+    """Stage 1 (only the prefix needs grad): no dq from the op, prefix grads still exact."""
+    pa, ops = _block_ops_or_skip()
+    q, k, v, pk, pv, g = _inputs(2, 4, 2, 24, 24, 10, 64, seed=5)
+    pkr, pvr = pk.clone().requires_grad_(), pv.clone().requires_grad_()
+    out = prefix_attention(q, k, v, pkr, pvr, causal=True, backend="torch")
+    go = torch.randn(out.shape, generator=g)
+    dpk, dpv = torch.autograd.grad(out, [pkr, pvr], go)
+    leaves = [t.double().requires_grad_() for t in (pk, pv)]
+    ref = prefix_attention_reference(q.double(), k.double(), v.double(), *leaves, causal=True)
+    rpk, rpv = torch.autograd.grad(ref, leaves, go.double())
+    assert _rel(out, ref) <= 1e-5 and _rel(dpk, rpk) <= 1e-5 and _rel(dpv, rpv) <= 1e-5
+
+
+def test_fused_prefix_block_declines_other_shapes():
+    import importlib
+
+    pa = importlib.import_module("ptpeft_fast.ops.prefix_attention")
+    q80, q64 = torch.zeros(1, 1, 1, 80), torch.zeros(1, 1, 1, 64)
+    assert pa._prefix_block_ops(q80, torch.zeros(1, 1, 80), torch.zeros(1, 1, 80), q80) is None  # head dim 80
+    assert pa._prefix_block_ops(q64, torch.zeros(1, 65, 64), torch.zeros(1, 65, 64), q64) is None  # P > 64
+    assert pa._prefix_block_ops(q64, torch.zeros(1, 1, 1, 64), torch.zeros(1, 1, 1, 64), q64) is None  # batch prefix
+    q64d = q64.double()
+    assert pa._prefix_block_ops(q64d, torch.zeros(1, 1, 64).double(), torch.zeros(1, 1, 64).double(), q64d) is None

@@ -146,6 +146,14 @@ class _PrefixAttentionFn(torch.autograd.Function):
 
         out1, lse1 = _flash_fwd(q, k, v, 0.0, flash_causal, attn_mask=mask, scale=scale)
 
+        block = _prefix_block_ops(q, prefix_k, prefix_v, out1)
+        ctx.fused_block = block is not None
+        if block is not None:  # the prefix block in one C++ pass per row, merged into out1 in place
+            lse_full, p2 = block[0](q, out1, lse1.to(q.dtype), prefix_k, prefix_v, scale)
+            ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out1, lse_full, p2, mask)
+            ctx.flash_causal, ctx.scale = flash_causal, scale
+            return out1
+
         pk_t = _pref(prefix_k, acc).transpose(-1, -2).contiguous()  # tiny; faster GEMM operand
         pv = _pref(prefix_v, acc)
         s2 = _mm_prefix(_grp(q, Hkv, acc), pk_t).mul_(scale)  # [B, Hkv, G·L, P]
@@ -203,6 +211,13 @@ class _PrefixAttentionFn(torch.autograd.Function):
         dq = dk = dv = None
         if need_q or need_k or need_v:
             dq, dk, dv = _flash_bwd(grad_out, q, k, v, out, lse, 0.0, ctx.flash_causal, attn_mask=mask, scale=scale)
+
+        if ctx.fused_block:
+            dpk, dpv = _prefix_block_ops(q, prefix_k, prefix_v, out)[1](
+                grad_out, q, out, p2, prefix_k, prefix_v, dq if need_q else None, scale)
+            dpk = dpk if ctx.needs_input_grad[3] else None
+            dpv = dpv if ctx.needs_input_grad[4] else None
+            return dq if need_q else None, dk if need_k else None, dv if need_v else None, dpk, dpv, None, None, None
 
         # prefix terms by hand
         pk = _pref(prefix_k, acc)
@@ -452,6 +467,27 @@ def prefix_attention(
             return decode(q, k, v, prefix_k.contiguous(), prefix_v.contiguous(), mask, scale)
         return _inference_forward(q, k, v, prefix_k, prefix_v, mask, flash_causal, scale)
     return _PrefixAttentionFn.apply(q, k, v, prefix_k, prefix_v, mask, flash_causal, scale)
+
+
+def _prefix_block_ops(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, out1: torch.Tensor):
+    """``(forward, backward)`` of ``csrc/prefix_block_cpu.cpp`` for the prefix block of the
+    autograd path, or None where it does not apply (then the ATen-op path runs): fp32 CPU
+    tensors, head dim 64 or 128, a batch-shared prefix of at most 64 tokens, an AVX-512 build."""
+    if (
+        q.device.type != "cpu"
+        or q.dtype != torch.float32
+        or q.shape[-1] not in (64, 128)
+        or prefix_k.dim() != 3
+        or prefix_k.shape[1] > 64
+        or prefix_k.dtype != q.dtype
+        or prefix_v.dtype != q.dtype
+        or out1.dtype != q.dtype
+        or out1.stride(-1) != 1
+    ):
+        return None
+    fwd = cpu_ext_op("prefix_block_forward")
+    bwd = cpu_ext_op("prefix_block_backward")
+    return None if fwd is None or bwd is None else (fwd, bwd)
 
 
 DECODE_MAX_QUERIES = 8  # queries per row up to which a no-grad call takes the one-pass C++ op

@@ -11,6 +11,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_math.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -20,41 +22,9 @@
 
 namespace {
 
-// 8 independent partial sums: the compiler vectorises them without -ffast-math.
-template <typename T, typename A>
-inline A dot(const T* a, const T* b, int64_t n) {
-  A s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int u = 0; u < 8; ++u) s[u] += static_cast<A>(a[i + u]) * static_cast<A>(b[i + u]);
-  A t = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-  for (; i < n; ++i) t += static_cast<A>(a[i]) * static_cast<A>(b[i]);
-  return t;
-}
-
-// exp(x) for x <= 0 in float, vectorisable (no libm call): Cody-Waite reduction x = n·ln2 + r,
-// |r| <= ln2/2, a degree-6 polynomial for e^r (rel. error < 2e-7) and 2^n through the exponent
-// bits. libm's expf is a scalar call per element and was the largest cost of a decode step.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);  // keeps 2^n a normal float; e^-87 ~ 1.6e-38 is 0 for the softmax
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 split hi + lo
-  float p = 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  int32_t bits;
-  std::memcpy(&bits, &p, sizeof(bits));
-  bits += static_cast<int32_t>(n) << 23;
-  std::memcpy(&p, &bits, sizeof(bits));
-  return p;
-}
-
-inline float exp_nonpositive_t(float x) { return exp_nonpositive(x); }
-inline double exp_nonpositive_t(double x) { return std::exp(x); }  // fp64 keeps libm's accuracy
+using ptpeft_cpu::dot;
+using ptpeft_cpu::exp_nonpositive;
+using ptpeft_cpu::sum_of;
 
 template <typename T, typename A>
 inline void axpy(A* acc, A w, const T* x, int64_t n) {
@@ -102,9 +72,8 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         w[P + j] = s;
         mx = std::max(mx, s);
       }
-      for (int64_t j = 0; j < P + S; ++j) w[j] = exp_nonpositive_t(w[j] - mx);
-      A denom = 0;
-      for (int64_t j = 0; j < P + S; ++j) denom += w[j];
+      for (int64_t j = 0; j < P + S; ++j) w[j] = exp_nonpositive(w[j] - mx);
+      const A denom = sum_of(w.data(), P + S);
       std::fill(acc.begin(), acc.end(), A(0));
       for (int64_t j = 0; j < P; ++j) axpy<T, A>(acc.data(), w[j], pvp + g * pvs[0] + j * pvs[1], D);
       for (int64_t j = 0; j < S; ++j) axpy<T, A>(acc.data(), w[P + j], vp + b * vs[0] + g * vs[1] + j * vs[2], D);

@@ -18,6 +18,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_math.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -28,60 +30,10 @@
 
 namespace {
 
-template <typename T>
-inline T dot(const T* a, const T* b, int64_t n) {
-  T s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int u = 0; u < 8; ++u) s[u] += a[i + u] * b[i + u];
-  T t = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-  for (; i < n; ++i) t += a[i] * b[i];
-  return t;
-}
-
-// exp(x) for x <= 0, vectorisable (libm's expf is a scalar call per element, which dominated
-// the forward): Cody-Waite reduction and a degree-6 polynomial, rel. error < 2e-7; fp64 keeps libm.
-inline float exp_np(float x) {
-  x = std::max(x, -87.0f);
-  // round to nearest by the 1.5·2^23 trick and bit casts (not floor + memcpy): keeps the
-  // loop over the P scores vectorisable
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  return __builtin_bit_cast(float, __builtin_bit_cast(int32_t, p) + (static_cast<int32_t>(n) << 23));
-}
-inline double exp_np(double x) { return std::exp(x); }
-
-// max and sum with 8 independent lanes: without -ffast-math a single running max or sum
-// is a serial chain the compiler may not vectorise
-template <typename T>
-inline T max_of(const T* x, int64_t n) {
-  T s[8];
-  for (int u = 0; u < 8; ++u) s[u] = -std::numeric_limits<T>::infinity();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int u = 0; u < 8; ++u) s[u] = std::max(s[u], x[i + u]);
-  T t = std::max(std::max(std::max(s[0], s[1]), std::max(s[2], s[3])), std::max(std::max(s[4], s[5]), std::max(s[6], s[7])));
-  for (; i < n; ++i) t = std::max(t, x[i]);
-  return t;
-}
-
-template <typename T>
-inline T sum_of(const T* x, int64_t n) {
-  T s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int u = 0; u < 8; ++u) s[u] += x[i + u];
-  T t = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-  for (; i < n; ++i) t += x[i];
-  return t;
-}
+using ptpeft_cpu::dot;
+using ptpeft_cpu::max_of;
+using ptpeft_cpu::sum_of;
+using ptpeft_cpu::exp_nonpositive;
 
 // pointer to row (b, h, l) of a [B, H, L, D] tensor with unit stride in D
 template <typename T>
@@ -143,8 +95,8 @@ inline void combine(float* const* y, const float* a, const float* const* c, int 
 inline void joint_softmax(float* s, int64_t P, float l1, float scale, float* w1, float* lse) {
   for (int64_t j = 0; j < P; ++j) s[j] *= scale;
   const float m = std::max(l1, max_of(s, P));
-  for (int64_t j = 0; j < P; ++j) s[j] = exp_np(s[j] - m);
-  const float w = exp_np(l1 - m);
+  for (int64_t j = 0; j < P; ++j) s[j] = exp_nonpositive(s[j] - m);
+  const float w = exp_nonpositive(l1 - m);
   const float z = sum_of(s, P) + w;
   const float inv = 1.0f / z;
   for (int64_t j = 0; j < P; ++j) s[j] *= inv;

@@ -24,7 +24,7 @@ __all__ = ["csrc_dir", "cache_dir", "load_ext", "ext_error", "has_kernel"]
 
 _CPU_SOURCES = ("spectrum_cpu.cpp", "decode_attention_cpu.cpp", "lora_grads_cpu.cpp", "prefix_block_cpu.cpp")
 _CUDA_SOURCES = ("spectrum_cuda.cu", "spectrum_cuda_binding.cpp")
-_HEADERS = ("spectrum_cuda.h",)
+_HEADERS = ("spectrum_cuda.h", "cpu_math.h")
 
 _error: list[str] = []
 
@@ -90,7 +90,7 @@ def _build(src: Path, with_cuda: bool) -> None:
 
     names = _CPU_SOURCES + (_CUDA_SOURCES if with_cuda else ())
     digest = hashlib.sha256()
-    for name in names + (_HEADERS if with_cuda else ()):
+    for name in names + _HEADERS:
         path = src / name
         if path.is_file():
             digest.update(name.encode())

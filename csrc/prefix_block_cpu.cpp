@@ -53,42 +53,35 @@ inline float hsum(const v16& v) {
   return t;
 }
 
-// s[i][0:16·PC] = Σ_d x_i[d] · Mᵀ[d, :] for the n <= kRows rows x_i (Mᵀ [D, 16·PC], zero padded)
-template <int PC, int DV>
-inline void scores(const float* const* x, int n, const float* mt, float (*s)[16 * PC]) {
-  v16 acc[kRows][PC];
-  for (int i = 0; i < kRows; ++i)
-    for (int c = 0; c < PC; ++c) acc[i][c] = v16{};
-  for (int d = 0; d < 16 * DV; ++d) {
-    v16 m[PC];
-    for (int c = 0; c < PC; ++c) m[c] = ld(mt + d * 16 * PC + 16 * c);
+// The one micro-kernel of both passes: for n <= kRows rows at once,
+//   y_i[0:16·W] = (SCALE_Y ? a_i · y_i : 0) + Σ_{k<K} c_i[k] · M[k, 0:16·W]     (M [K, 16·W] rows)
+// with the rows' accumulators in vector registers and each M row loaded once for all rows.
+// Scores are the case y = s, c = q (K = D), M = the transposed prefix; the merge and dq the case
+// c = probabilities (K = P), M = the prefix.
+template <int W, bool SCALE_Y>
+inline void rows_times(float* const* y, const float* a, const float* const* c, int n, int64_t K, const float* m) {
+  v16 acc[kRows][W];
+  for (int i = 0; i < n; ++i)
+    for (int v = 0; v < W; ++v) acc[i][v] = SCALE_Y ? a[i] * ld(y[i] + 16 * v) : v16{};
+  for (int64_t k = 0; k < K; ++k) {
+    v16 mk[W];
+    for (int v = 0; v < W; ++v) mk[v] = ld(m + k * 16 * W + 16 * v);
     for (int i = 0; i < kRows; ++i) {
       if (i >= n) break;
-      const float xd = x[i][d];
-      for (int c = 0; c < PC; ++c) acc[i][c] += xd * m[c];
+      const float ck = c[i][k];
+      for (int v = 0; v < W; ++v) acc[i][v] += ck * mk[v];
     }
   }
   for (int i = 0; i < n; ++i)
-    for (int c = 0; c < PC; ++c) st(s[i] + 16 * c, acc[i][c]);
+    for (int v = 0; v < W; ++v) st(y[i] + 16 * v, acc[i][v]);
 }
 
-// y_i[0:D] = a_i · y_i + Σ_{j<P} c_i[j] · M[j, :]   (M [P, D] rows; y_i updated in place)
-template <int DV>
-inline void combine(float* const* y, const float* a, const float* const* c, int n, int64_t P, const float* m) {
-  v16 acc[kRows][DV];
-  for (int i = 0; i < n; ++i)
-    for (int v = 0; v < DV; ++v) acc[i][v] = a[i] * ld(y[i] + 16 * v);
-  for (int64_t j = 0; j < P; ++j) {
-    v16 mj[DV];
-    for (int v = 0; v < DV; ++v) mj[v] = ld(m + j * 16 * DV + 16 * v);
-    for (int i = 0; i < kRows; ++i) {
-      if (i >= n) break;
-      const float cj = c[i][j];
-      for (int v = 0; v < DV; ++v) acc[i][v] += cj * mj[v];
-    }
-  }
-  for (int i = 0; i < n; ++i)
-    for (int v = 0; v < DV; ++v) st(y[i] + 16 * v, acc[i][v]);
+// s[i][0:16·PC] = Σ_d x_i[d] · Mᵀ[d, :]   (Mᵀ [D, 16·PC], zero padded past P)
+template <int PC, int DV>
+inline void scores(const float* const* x, int n, const float* mt, float (*s)[16 * PC]) {
+  float* y[kRows];
+  for (int i = 0; i < n; ++i) y[i] = s[i];
+  rows_times<PC, false>(y, nullptr, x, n, 16 * DV, mt);
 }
 
 // the joint softmax of one row: s (P scores, scaled in place) and the real part's lse1
@@ -141,7 +134,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& out, const at::Tensor
           std::memcpy(pp + r * P, s[i], sizeof(float) * P);
           c[i] = pp + r * P;
         }
-        combine<DV>(y, w1, c, n, P, pvp + g * P * D);
+        rows_times<DV, true>(y, w1, c, n, P, pvp + g * P * D);
       }
     }
   });
@@ -208,7 +201,7 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
             for (int64_t j = 0; j < P; ++j) dss[i][j] = sc * c[i][j];
             c[i] = dss[i];
           }
-          combine<DV>(y, one, c, n, P, pkp + g * P * D);
+          rows_times<DV, true>(y, one, c, n, P, pkp + g * P * D);
         }
       }
       // dKp[g, j] += Σ_rows ds[j] q,  dVp[g, j] += Σ_rows p[j] dO: accumulators in registers

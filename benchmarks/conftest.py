@@ -58,8 +58,8 @@ def get_case(name: str):
     return _cases[name]
 
 
-def paired_ratios(case, rounds: int) -> dict[str, float]:
-    """Median over rounds of t_ours / t_side, every round running all sides (rotating order)."""
+def paired_round_ratios(case, rounds: int) -> dict[str, list[float]]:
+    """Per-round t_ours / t_side, every round running all sides (rotating order)."""
     names = list(case.sides)
     for n in names[1:]:  # ours is warm already; warm the others
         case.sides[n].run()
@@ -70,7 +70,20 @@ def paired_ratios(case, rounds: int) -> dict[str, float]:
             t0 = time.perf_counter()
             case.sides[n].run()
             times[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(o / t for o, t in zip(times["ours"], times[n])) for n in names if n != "ours"}
+    return {n: [o / t for o, t in zip(times["ours"], times[n])] for n in names if n != "ours"}
+
+
+def paired_ratios(case, rounds: int) -> dict[str, float]:
+    """Median over rounds of t_ours / t_side (see :func:`paired_round_ratios`)."""
+    return {n: statistics.median(r) for n, r in paired_round_ratios(case, rounds).items()}
+
+
+def quartiles(values: list[float]) -> list[float]:
+    """[first quartile, third quartile] of the per-round ratios (the spread a verdict sits in)."""
+    if len(values) < 2:
+        return [values[0], values[0]]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return [q[0], q[2]]
 
 
 def run_side(benchmark, case_name: str, side_name: str) -> None:
@@ -87,7 +100,9 @@ def run_side(benchmark, case_name: str, side_name: str) -> None:
     rounds = max(2, round(case.rounds * _scale()))
     benchmark.pedantic(side.run, rounds=rounds, warmup_rounds=case.warmup, iterations=1)
     if side.kind == "ours" and os.environ.get("BENCH_PAIRED", "1") != "0" and not benchmark.disabled:
-        info["paired_ratio"] = paired_ratios(case, rounds)
+        per_round = paired_round_ratios(case, rounds)
+        info["paired_ratio"] = {n: statistics.median(r) for n, r in per_round.items()}
+        info["paired_iqr"] = {n: quartiles(r) for n, r in per_round.items()}
         info["paired_rounds"] = rounds
     info["loadavg_end"] = os.getloadavg()[0]
     stats = getattr(benchmark, "stats", None)

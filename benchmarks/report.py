@@ -128,6 +128,7 @@ def rows_for(case: str, entries: list[dict]) -> list[dict]:
         return rows
     o = ours[0]
     paired_all = o["info"].get("paired_ratio") or {}
+    iqr_all = o["info"].get("paired_iqr") or {}
     speedups = _speedups(o["info"])
     seen = set()
     for e in sorted((e for e in entries if e["side"] != "ours"), key=lambda e: SIDE_ORDER.get(e["side"], 9)):
@@ -143,8 +144,12 @@ def rows_for(case: str, entries: list[dict]) -> list[dict]:
         tkey = f"target_vs_{e['side_name']}"
         if text is None and o["info"].get(tkey) is not None:
             text = f"≥ {o['info'][tkey]:g}× faster"
+        iqr = iqr_all.get(e["side_name"]) if paired is not None else None
+        # the target inside the paired rounds' interquartile range: this run cannot tell met from missed
+        close = None if (iqr is None or target is None) else iqr[0] <= target <= iqr[1]
         rows.append({"case": case, "shape": o["shape"] or e["shape"], "ours": o, "other": e, "ratio": ratio,
-                     "ratio_min": ratio_min, "paired": paired, "target": target, "target_text": text, "met": met})
+                     "ratio_min": ratio_min, "paired": paired, "paired_iqr": iqr, "close": close,
+                     "target": target, "target_text": text, "met": met})
     # peers timed only inside ours' test (GPU file: X_ms + speedup_vs_X, no entry of their own)
     for name, sp in speedups.items():
         if name in seen or sp <= 0:
@@ -253,7 +258,9 @@ def render(data: dict, memory: Optional[list[dict]], profiles: dict[str, list[tu
     lines.append("")
     lines.append("Ratio = time of ours / time of the side (lower is better for us); medians over rounds after "
                  "warm-up, same inputs, same process. *Paired* = median over interleaved rounds (each round runs "
-                 "every side once, rotating the order) of t_ours/t_side: the verdict uses it when present. "
+                 "every side once, rotating the order) of t_ours/t_side: the verdict uses it when present; "
+                 "in brackets the first and third quartiles over those rounds, and *(within IQR)* marks a "
+                 "verdict whose target lies between them (this run's noise can flip it). "
                  "Spread = IQR/median of the side's rounds.")
     lines.append("")
     lines.append("| case | shape | side | ours | side time | ratio (medians) | ratio (paired) | target | met | spread ours / side |")
@@ -262,10 +269,15 @@ def render(data: dict, memory: Optional[list[dict]], profiles: dict[str, list[tu
         o, e = r["ours"], r["other"]
         tgt = r["target_text"] or ("" if r["target"] is None else f"≤ {float(r['target']):g}×")
         met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
+        if r.get("close"):
+            met += " (within IQR)"
+        paired = _r(r["paired"])
+        if r.get("paired_iqr"):
+            paired += f" ({r['paired_iqr'][0]:.3f}–{r['paired_iqr'][1]:.3f})"
         cv_o, cv_e = _cv(o), _cv(e)
         spread = f"{'–' if cv_o is None else f'{cv_o:.0%}'} / {'–' if cv_e is None else f'{cv_e:.0%}'}"
         lines.append(f"| {r['case']} | {r['shape']} | {e['side']}: {e['impl']} | {_ms(o and o['median'])} | "
-                     f"{_ms(e['median'])} | {_r(r['ratio'])} | {_r(r['paired'])} | {tgt} | {met} | {spread} |")
+                     f"{_ms(e['median'])} | {_r(r['ratio'])} | {paired} | {tgt} | {met} | {spread} |")
     if memory:
         lines.append("")
         lines.append("## Peak memory")
@@ -292,8 +304,10 @@ def render(data: dict, memory: Optional[list[dict]], profiles: dict[str, list[tu
     if not missed and not missed_mem:
         lines.append("None in this run.")
     for r in missed:
+        iqr = r.get("paired_iqr")
+        spread = f" [IQR {iqr[0]:.3f}–{iqr[1]:.3f}]" if iqr else ""
         lines.append(f"### {r['case']} vs {r['other']['side_name']} "
-                     f"(paired {_r(r['paired'])}, medians {_r(r['ratio'])}, target {r['target_text'] or r['target']})")
+                     f"(paired {_r(r['paired'])}{spread}, medians {_r(r['ratio'])}, target {r['target_text'] or r['target']})")
         lines.append("")
         note = analysis.get(f"{r['case']} vs {r['other']['side_name']}") or analysis.get(r["case"])
         lines.append(note or "_No analysis written yet._")

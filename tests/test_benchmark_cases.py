@@ -135,6 +135,8 @@ def test_paired_ratios_and_run_side():
         bc.run_side(fb, "adapter", "ours")
         assert fb.group == "adapter" and fb.calls >= 2
         assert fb.extra_info["side"] == "ours" and "paired_ratio" in fb.extra_info
+        q1, q3 = fb.extra_info["paired_iqr"]["unfused"]
+        assert q1 <= fb.extra_info["paired_ratio"]["unfused"] <= q3
         fb = FakeBenchmark()
         bc.run_side(fb, "adapter", "unfused")
         assert fb.extra_info["side"] == "peer" and fb.extra_info["target"] == 0.9
@@ -142,12 +144,14 @@ def test_paired_ratios_and_run_side():
         bc._cases.clear()
 
 
-def _bench(case, side_name, kind, median, target=None, paired=None):
+def _bench(case, side_name, kind, median, target=None, paired=None, iqr=None):
     info = {"case": case, "shape": "s", "side": kind, "side_name": side_name, "impl": side_name}
     if target is not None:
         info["target"] = target
     if paired is not None:
         info["paired_ratio"] = paired
+    if iqr is not None:
+        info["paired_iqr"] = iqr
     return {"name": f"test_{case}[{side_name}]", "group": case, "param": side_name, "extra_info": info,
             "stats": {"median": median, "min": median, "mean": median, "stddev": 0.0, "iqr": 0.0, "rounds": 3}}
 
@@ -156,7 +160,7 @@ def test_report_ratios_and_verdicts(tmp_path):
     from benchmarks import report
 
     data = {"machine_info": {"cpu_model": "X", "cpu_count": 2, "torch_version": "t"}, "benchmarks": [
-        _bench("a", "ours", "ours", 1.0, paired={"p": 0.85, "f": 1.2}),
+        _bench("a", "ours", "ours", 1.0, paired={"p": 0.85, "f": 1.2}, iqr={"p": [0.8, 0.88], "f": [1.05, 1.3]}),
         _bench("a", "p", "peer", 1.25, target=0.9),
         _bench("a", "f", "floor", 0.9, target=1.1),
         # the spectrum file's convention: the ours entry carries speedup_vs_X(_median) and target_vs_X
@@ -175,6 +179,7 @@ def test_report_ratios_and_verdicts(tmp_path):
             for r in report.rows_for(c, es)}
     assert rows[("a", "p")]["ratio"] == pytest.approx(0.8) and rows[("a", "p")]["met"] is True
     assert rows[("a", "f")]["met"] is False  # judged on the paired 1.2 > 1.1
+    assert rows[("a", "f")]["close"] is True and rows[("a", "p")]["close"] is False  # 1.1 in [1.05, 1.3]
     spec = rows[("spec", "svdvals")]
     assert spec["ours"]["side_name"] == "csrc" and spec["ratio"] == pytest.approx(2 / 3)
     assert spec["target"] == pytest.approx(0.5) and spec["met"] is False  # needs >= 2x faster
@@ -184,6 +189,7 @@ def test_report_ratios_and_verdicts(tmp_path):
             "target": 1.0, "peer": "p", "met": False}]
     text = report.render(data, mem, {}, {"a vs f": "limited by X"}, "cmd")
     assert "| a |" in text and "limited by X" in text and "**no**" in text and "Peak memory" in text
+    assert "1.200× (1.050–1.300)" in text and "**no** (within IQR)" in text
     out = tmp_path / "B.md"
     js = tmp_path / "b.json"
     import json

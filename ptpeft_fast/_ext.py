@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import sys
 import warnings
@@ -21,6 +22,8 @@ from pathlib import Path
 import torch
 
 __all__ = ["csrc_dir", "cache_dir", "load_ext", "ext_error", "has_kernel"]
+
+logger = logging.getLogger(__name__)
 
 _CPU_SOURCES = ("spectrum_cpu.cpp", "decode_attention_cpu.cpp", "lora_grads_cpu.cpp", "prefix_block_cpu.cpp")
 _CUDA_SOURCES = ("spectrum_cuda.cu", "spectrum_cuda_binding.cpp")
@@ -105,6 +108,9 @@ def _build(src: Path, with_cuda: bool) -> None:
     build_dir = cache_dir() / "ext" / name
     build_dir.mkdir(parents=True, exist_ok=True)
     cflags = ["-O3", *cpu_flags] + (["-DPTPEFT_FAST_WITH_CUDA"] if with_cuda else [])
+    if not (build_dir / f"{name}.so").exists():
+        # the first call otherwise looks like a hang: a CPU build takes about a minute on 2 cores
+        logger.warning("ptpeft_fast: compiling the C++ extension once (about a minute); cached in %s", build_dir)
     load(
         name=name,
         sources=[str(src / n) for n in names],

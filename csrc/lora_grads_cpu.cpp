@@ -5,7 +5,7 @@
 //     U  = dY B        [N, r]
 //     dA = s · Uᵀ X    [r, in]
 //     dB = s · dYᵀ T   [out, r]
-// four GEMMs with an r-wide side, which BLAS runs as four separate memory-bound passes over
+// four GEMMs with an r-wide side, which BLAS runs as four separate, inefficient passes over
 // a [N, in] or [N, out] operand (X twice, dY twice). Here a block of NB rows is read once:
 //     1. T[n]   = Σ_i X[n,i] · Aᵀ[i]                      (X block, from memory)
 //     2. U[n]   = Σ_o dY[n,o] · B[o];  dB[o] += Σ_n dY[n,o] · T[n]   (dY block, one read)

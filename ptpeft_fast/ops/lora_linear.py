@@ -23,7 +23,8 @@ Backward::
 On CPU in fp32, for the merged case with ranks 8–32 and both factors needing gradients,
 ``T``, ``U``, ``dA`` and ``dB`` come from one C++ op (``csrc/lora_grads_cpu.cpp``) that reads
 each block of rows of ``X`` and ``dY`` once, instead of four BLAS calls that stream ``X`` and
-``dY`` twice each (MKL runs these r-wide GEMMs memory-bound): about 2x faster for that part.
+``dY`` twice each (MKL runs these r-wide GEMMs far below its square-GEMM rate): about 2x faster
+for that part.
 
 Saved: ``x`` (the caller's tensor, no copy), the factors, ``T`` when it was computed anyway
 (``[N, r]``) and, with dropout, the bool keep-mask (1 byte per element of ``x``: regenerating

@@ -1,5 +1,5 @@
-"""Just-in-time build of the ``csrc/`` extension (batched spectrum ops, decode attention,
-LoRA factor gradients).
+"""Just-in-time build of the ``csrc/`` extension (batched spectrum ops, and the CPU fast paths:
+decode attention, LoRA factor gradients, the prefix block of prefix attention).
 
 The extension is compiled once with ninja through :func:`torch.utils.cpp_extension.load`
 into the user cache directory (``$PTPEFT_FAST_CACHE``, else ``$XDG_CACHE_HOME/ptpeft_fast``,
@@ -149,7 +149,7 @@ def load_ext() -> bool:
     if has_kernel("singular_values", "CPU"):
         return True
     warnings.warn(
-        "ptpeft_fast: the C++ extension (spectrum statistics, decode attention, LoRA gradients) is unavailable, "
+        "ptpeft_fast: the C++ extension (spectrum statistics, CPU attention and LoRA fast paths) is unavailable, "
         f"using the slower torch paths. Reason: {'; '.join(_error)[-2000:]}",
         RuntimeWarning,
         stacklevel=2,

@@ -95,7 +95,7 @@ def resolve_backend(op: str, requested: str, *tensors: torch.Tensor, supported: 
     """
     _check_name(requested)
     if requested == "auto" and _forced:
-        requested = _forced[-1]
+        requested = forced_backend()
     on_cuda = all(t.is_cuda for t in tensors if t is not None)
     if requested == "auto":
         if on_cuda and "triton" in supported and triton_available():

@@ -111,17 +111,14 @@ class _LoraLinearFn(torch.autograd.Function):
         merged = _merge(x, p, n, r)
         inv_keep = 1.0 / (1.0 - p)
 
+        dx = dw = db = da = dbb = None
         fused = _factor_grads_op(x2, r) if (merged and need_a and need_bb) else None
         if fused is not None and dy.stride(-1) == 1 and x2.stride(-1) == 1:
-            da, dbb = fused(x2, dy, lora_a, lora_b, s)
-            dx = dy @ torch.addmm(weight, lora_b, lora_a, alpha=s) if need_x else None
-            dw = dy.t() @ x2 if need_w else None
-            db = dy.sum(0) if (need_b and ctx.has_bias) else None
-            return (None if dx is None else dx.view(x.shape)), dw, db, da, dbb, None, None
+            da, dbb = fused(x2, dy, lora_a, lora_b, s)  # both factor gradients in one pass
+            need_a = need_bb = False  # done: the BLAS products below are skipped
 
         u = dy @ lora_b if (need_a or (need_x and not merged)) else None  # [N, r]
 
-        dx = dw = db = da = dbb = None
         if need_x:
             if merged:
                 dx = dy @ torch.addmm(weight, lora_b, lora_a, alpha=s)

@@ -4,9 +4,27 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 namespace ptpeft_cpu {
+
+// SIMD vectors through GCC's vector extension (AVX-512 registers in a -mavx512f build; a v16
+// is two AVX2 registers otherwise), with unaligned loads and stores (one vmovups each).
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v16 __attribute__((vector_size(64)));
+
+template <typename V>
+inline V load(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V>
+inline void store(float* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
 
 // Reductions with 8 independent lanes: without -ffast-math a single running sum or max is a
 // serial chain the compiler does not vectorise.

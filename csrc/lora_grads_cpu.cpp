@@ -17,6 +17,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_math.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -25,20 +27,10 @@
 
 namespace {
 
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v16 __attribute__((vector_size(64)));
-
-template <typename V>
-inline V load(const float* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));  // unaligned load; compiles to one vmovups
-  return v;
-}
-
-template <typename V>
-inline void store(float* p, const V& v) {
-  std::memcpy(p, &v, sizeof(V));
-}
+using ptpeft_cpu::load;
+using ptpeft_cpu::store;
+using ptpeft_cpu::v16;
+using ptpeft_cpu::v8;
 
 #if defined(__AVX512F__)
 constexpr int kVectorRegisters = 32;

@@ -12,8 +12,8 @@
 //             dq  += scale · Σ_j ds_j Kp[g,j]           (in place: dq holds the flash part)
 //             dKp[g,j] += scale · ds_j q;  dVp[g,j] += p_j dO   (per-thread sums, added at the end)
 // replacing ~15 ATen calls (small GEMMs and elementwise passes over [B, H, L, P]) whose
-// dispatch and memory passes cost as much as the arithmetic. Accumulation in the input
-// dtype (fp32, fp64), as the torch path. Tensors: any strides with a unit-stride head dim.
+// dispatch and memory passes cost as much as the arithmetic. fp32, accumulating in fp32 as
+// the torch path; head dim 64 or 128, P <= 64. Tensors: any strides with a unit-stride head dim.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -30,7 +30,6 @@
 
 namespace {
 
-using ptpeft_cpu::dot;
 using ptpeft_cpu::max_of;
 using ptpeft_cpu::sum_of;
 using ptpeft_cpu::exp_nonpositive;
@@ -44,9 +43,9 @@ inline T* row(T* base, const at::IntArrayRef& st, int64_t b, int64_t h, int64_t 
 constexpr int64_t kBlock = 16;  // rows per task: one (b, h), so one key/value head g
 constexpr int kRows = 4;        // rows computed together: independent FMA chains
 
-typedef float v16 __attribute__((vector_size(64)));
-inline v16 ld(const float* p) { v16 v; std::memcpy(&v, p, 64); return v; }
-inline void st(float* p, const v16& v) { std::memcpy(p, &v, 64); }
+using ptpeft_cpu::v16;
+inline v16 ld(const float* p) { return ptpeft_cpu::load<v16>(p); }
+inline void st(float* p, const v16& v) { ptpeft_cpu::store<v16>(p, v); }
 inline float hsum(const v16& v) {
   float t = 0;
   for (int i = 0; i < 16; ++i) t += v[i];

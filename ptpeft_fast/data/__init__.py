@@ -40,8 +40,6 @@ def load_split(data_cfg: dict, split: str, max_samples: int | None = None) -> Re
         recs = synthetic.make_records(task, split, spec.get("n"), int(syn.get("seed", 0)),
                                       int(syn.get("image_size", 32)))
     elif fmt == "synthetic-text":
-        if task != "vqa":
-            raise DataError("data.format 'synthetic-text' is a VQA format; set data.task=vqa")
         syn = data_cfg.get("synthetic") or {}
         recs = synthetic.make_text_records(task, split, spec.get("n"), int(syn.get("seed", 0)))
     else:

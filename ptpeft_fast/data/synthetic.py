@@ -17,7 +17,7 @@ from functools import partial
 
 from PIL import Image, ImageDraw
 
-from .records import Record
+from .records import DataError, Record
 
 COLORS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230),
@@ -144,7 +144,8 @@ def make_text_records(task: str, split: str, n: int | None = None, seed: int = 0
     """Text-only VQA records (``image=None``): the question of :func:`make_records` preceded
     by one reference caption of the scene (template ``i mod 3``), same ids and answers."""
     if task != "vqa":
-        raise ValueError(f"synthetic-text is a VQA task (the caption is in the prompt), not {task!r}")
+        raise DataError(f"data.format 'synthetic-text' is a VQA format (the caption is in the prompt), "
+                        f"not {task!r}; set data.task=vqa")
     out = []
     for r in make_records("vqa", split, n, seed):
         i = int(r.image_id.rsplit("-", 1)[1])

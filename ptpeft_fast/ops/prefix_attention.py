@@ -147,7 +147,7 @@ class _PrefixAttentionFn(torch.autograd.Function):
         out1, lse1 = _flash_fwd(q, k, v, 0.0, flash_causal, attn_mask=mask, scale=scale)
 
         block = _prefix_block_ops(q, prefix_k, prefix_v, out1)
-        ctx.fused_block = block is not None
+        ctx.block_ops = block  # backward uses the same pair: no second lookup and check
         if block is not None:  # the prefix block in one C++ pass per row, merged into out1 in place
             lse_full, p2 = block[0](q, out1, lse1.to(q.dtype), prefix_k, prefix_v, scale)
             ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out1, lse_full, p2, mask)
@@ -212,8 +212,8 @@ class _PrefixAttentionFn(torch.autograd.Function):
         if need_q or need_k or need_v:
             dq, dk, dv = _flash_bwd(grad_out, q, k, v, out, lse, 0.0, ctx.flash_causal, attn_mask=mask, scale=scale)
 
-        if ctx.fused_block:
-            dpk, dpv = _prefix_block_ops(q, prefix_k, prefix_v, out)[1](
+        if ctx.block_ops is not None:
+            dpk, dpv = ctx.block_ops[1](
                 grad_out, q, out, p2, prefix_k, prefix_v, dq if need_q else None, scale)
             dpk = dpk if ctx.needs_input_grad[3] else None
             dpv = dpv if ctx.needs_input_grad[4] else None

@@ -25,7 +25,8 @@ __all__ = ["csrc_dir", "cache_dir", "load_ext", "ext_error", "has_kernel"]
 
 logger = logging.getLogger(__name__)
 
-_CPU_SOURCES = ("spectrum_cpu.cpp", "decode_attention_cpu.cpp", "lora_grads_cpu.cpp", "prefix_block_cpu.cpp")
+_CPU_SOURCES = ("spectrum_cpu.cpp", "decode_attention_cpu.cpp", "lora_grads_cpu.cpp", "prefix_block_cpu.cpp",
+                "adapter_cpu.cpp")
 _CUDA_SOURCES = ("spectrum_cuda.cu", "spectrum_cuda_binding.cpp")
 _HEADERS = ("spectrum_cuda.h", "cpu_math.h")
 

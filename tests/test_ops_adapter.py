@@ -1,6 +1,8 @@
 """adapter (torch path) against the float64 reference (DESIGN §5)."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -135,3 +137,96 @@ def test_bad_inputs_raise_value_error(name, override, message):
     kw.update(override)
     with pytest.raises(ValueError, match=message):
         adapter(*(kw[n] for n in NAMES), activation=kw["activation"])
+
+
+# --- the row-blocked C++ path (csrc/adapter_cpu.cpp): CPU fp32/fp64, more rows than one block ---
+
+
+def _blocked_mod_or_fail(monkeypatch):
+    """The adapter module with its blocked ops wrapped to record (forward, backward) calls."""
+    from ptpeft_fast import _ext
+
+    assert _ext.load_ext(), f"the csrc extension must build here (DESIGN §4): {_ext.ext_error()}"
+    mod = importlib.import_module("ptpeft_fast.ops.adapter")
+    monkeypatch.setattr(mod, "_BLOCKED_MIN_M", 1)  # small bottlenecks keep the tests fast
+    real = mod._blocked_ops
+    calls = []
+
+    def spy(x2, m, d_out):
+        ops = real(x2, m, d_out)
+        if ops is None:
+            return None
+        fwd, bwd = ops
+        return (lambda *a: calls.append("fwd") or fwd(*a)), (lambda *a: calls.append("bwd") or bwd(*a))
+
+    monkeypatch.setattr(mod, "_blocked_ops", spy)
+    return mod, calls
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("biases", [(True, True), (False, False), (True, False), (False, True)],
+                         ids=["both-bias", "no-bias", "no-up-bias", "no-down-bias"])
+def test_blocked_path_matches_reference(activation, residual, biases, monkeypatch):
+    """300 rows: two full blocks of 128 and a tail of 44, split over the threads."""
+    mod, calls = _blocked_mod_or_fail(monkeypatch)
+    assert mod._BLOCK_ROWS == 128
+    t, g = _inputs((3, 100), 24, 8, d_out=None if residual else 20, down_bias=biases[0], up_bias=biases[1], seed=11)
+    _compare(t, g, activation, residual)
+    assert calls == ["fwd", "bwd"], "the blocked ops were not taken"
+
+
+@pytest.mark.parametrize("frozen", [("x",), ("down_weight", "down_bias"), ("up_weight", "up_bias"),
+                                    ("x", "up_weight", "up_bias")])
+def test_blocked_path_gradient_subsets(frozen, monkeypatch):
+    _, calls = _blocked_mod_or_fail(monkeypatch)
+    t, g = _inputs((260,), 16, 4, seed=12)
+    _compare(t, g, "gelu", True, frozen=frozen)
+    assert calls == ["fwd", "bwd"]
+
+
+def test_blocked_path_strided_rows_and_expanded_grad(monkeypatch):
+    """x as a column slice of a wider tensor (row stride != d); an expanded (stride-0) output grad."""
+    _, calls = _blocked_mod_or_fail(monkeypatch)
+    t, _ = _inputs((200,), 16, 4, seed=13)
+    wide = torch.randn(200, 23, dtype=torch.float32)
+    wide[:, 3:19] = t["x"]
+    x = wide[:, 3:19].requires_grad_()
+    leaves = [t[n].clone().requires_grad_() for n in NAMES[1:]]
+    y = adapter(x, *leaves, activation="silu")
+    grads = torch.autograd.grad(y.sum(), [x, *leaves])
+    ref_leaves = [t[n].double().requires_grad_() for n in NAMES]
+    ref = adapter_reference(*ref_leaves, activation="silu", residual=True)
+    ref_grads = torch.autograd.grad(ref.sum(), ref_leaves)
+    assert _rel(y, ref) <= TOL[torch.float32]
+    for gr, rg in zip(grads, ref_grads):
+        assert _rel(gr, rg) <= TOL[torch.float32]
+    assert calls == ["fwd", "bwd"]
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_blocked_path_gradcheck_float64(activation, monkeypatch):
+    _, calls = _blocked_mod_or_fail(monkeypatch)
+    t, _ = _inputs((130,), 4, 2, dtype=torch.float64, seed=14)
+    leaves = [t[n].clone().requires_grad_() for n in NAMES]
+
+    def fn(x, dw, db, uw, ub):
+        return adapter(x, dw, db, uw, ub, activation=activation)
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert "fwd" in calls and "bwd" in calls
+
+
+def test_blocked_path_not_taken_outside_its_range(monkeypatch):
+    mod = importlib.import_module("ptpeft_fast.ops.adapter")
+    x = torch.zeros(300, 1024)
+    assert mod._blocked_ops(x, 64, 1024) is not None  # the benchmark shape: inside
+    assert mod._blocked_ops(x, 16, 1024) is None  # bottleneck below _BLOCKED_MIN_M
+    assert mod._blocked_ops(x, 128, 1024) is None  # m·d beyond _BLOCKED_MAX_MD
+    assert mod._blocked_ops(torch.zeros(300, 4096), 64, 4096) is None
+    assert mod._blocked_ops(torch.zeros(128, 1024), 64, 1024) is None  # one block
+    assert mod._blocked_ops(x.half(), 64, 1024) is None
+    _, calls = _blocked_mod_or_fail(monkeypatch)
+    t, g = _inputs((64,), 16, 4, seed=15)  # one block: the one-call path
+    _compare(t, g, "relu", True)
+    assert calls == []

@@ -40,13 +40,15 @@ void check_inputs(const char* op, const at::Tensor& x, std::initializer_list<con
   TORCH_CHECK(rows >= 1, op, ": rows must be positive");
 }
 
-// OpenMP worker threads start with grad mode on, and out= ops refuse inputs that require grad
-// under grad mode: every block body runs under this guard.
+// Thread-local state differs between the calling thread and OpenMP's workers: workers start
+// with grad mode on (out= ops then refuse inputs that require grad) and without the caller's
+// autocast. Every block body runs without both, so all blocks compute alike.
 template <typename F>
 void for_each_block(int64_t n, int64_t rows, const F& body) {
   const int64_t blocks = (n + rows - 1) / rows;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     at::NoGradGuard no_grad;
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * rows;
       body(r0, std::min(rows, n - r0));

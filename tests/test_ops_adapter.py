@@ -230,3 +230,22 @@ def test_blocked_path_not_taken_outside_its_range(monkeypatch):
     t, g = _inputs((64,), 16, 4, seed=15)  # one block: the one-call path
     _compare(t, g, "relu", True)
     assert calls == []
+
+
+def test_autocast_runs_in_the_autocast_dtype(monkeypatch):
+    """Inside torch.autocast the adapter runs like nn.Linear there: operands cast to bf16, the
+    output in bf16, fp32 parameters' gradients in fp32 (they used to raise a dtype mismatch)."""
+    mod, calls = _blocked_mod_or_fail(monkeypatch)
+    t, g = _inputs((300,), 16, 4, seed=16)
+    leaves = [t[n].clone().requires_grad_() for n in NAMES]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = adapter(*leaves, activation="gelu")
+    assert y.dtype == torch.bfloat16 and calls == []  # bf16: the blocked path is fp32/fp64 only
+    go = torch.randn(y.shape, generator=g).to(torch.bfloat16)
+    grads = torch.autograd.grad(y, leaves, go)
+    cast = [t[n].clone().requires_grad_() for n in NAMES]
+    y_ref = adapter(*(c.to(torch.bfloat16) for c in cast), activation="gelu")
+    ref_grads = torch.autograd.grad(y_ref, cast, go)
+    assert torch.equal(y, y_ref)
+    for gr, rg, leaf in zip(grads, ref_grads, leaves):
+        assert gr.dtype == leaf.dtype == torch.float32 and torch.equal(gr, rg)

@@ -113,6 +113,28 @@ def test_half_precision(dtype, lead):
     _compare(t, g, 2.0, frozen=())
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["fp32-x", "bf16-x"])
+def test_autocast_runs_in_the_autocast_dtype(x_dtype):
+    """Inside torch.autocast the layer runs like nn.Linear there: operands cast to bf16, output in
+    bf16, the fp32 factors' gradients in fp32. A bf16 x (the layer before ran under autocast) and
+    fp32 weights used to raise a dtype mismatch."""
+    t, g = _inputs((5, 7), 16, 12, 4, seed=12)
+    names = ("x", "weight", "bias", "lora_a", "lora_b")
+    leaves = [t[n].to(x_dtype if n == "x" else torch.float32).requires_grad_(n != "weight") for n in names]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora_linear(*leaves, 2.0)
+    assert y.dtype == torch.bfloat16
+    go = torch.randn(y.shape, generator=g).to(torch.bfloat16)
+    train = [leaf for leaf in leaves if leaf.requires_grad]
+    grads = torch.autograd.grad(y, train, go)
+    cast = [leaf.detach().clone().requires_grad_(leaf.requires_grad) for leaf in leaves]
+    y_ref = lora_linear(*(c.to(torch.bfloat16) for c in cast), 2.0)
+    ref_grads = torch.autograd.grad(y_ref, [c for c in cast if c.requires_grad], go)
+    assert torch.equal(y, y_ref)
+    for gr, rg, leaf in zip(grads, ref_grads, train):
+        assert gr.dtype == leaf.dtype and torch.equal(gr, rg)
+
+
 def test_gradcheck_float64():
     t, g = _inputs((2, 3), 5, 4, 2, dtype=torch.float64, seed=6)
     for n_tokens, extra in (((2, 3), {}), ((1,), {})):  # merged path and tokens <= r path

@@ -1,5 +1,7 @@
 """A two-stage run on tiny-blip2: the loss falls in each stage and each stage trains
 exactly its parameters."""
+import math
+
 import torch
 
 import ptpeft_fast as pf
@@ -74,3 +76,14 @@ def test_gradient_checkpointing_same_losses(tmp_path):
     la = [e["loss"] for e in events(str(tmp_path / "a"), "train")]
     lb = [e["loss"] for e in events(str(tmp_path / "b"), "train")]
     assert la == lb or all(abs(x - y) < 1e-6 for x, y in zip(la, lb))
+
+
+def test_bf16_autocast_on_cpu_trains_lora_and_adapter(tmp_path):
+    """train.precision=bf16 on CPU runs the steps under torch.autocast: the fused LoRA and adapter
+    layers get bf16 activations beside fp32 weights (a dtype-mismatch error before session 5)."""
+    for method in ("lora", "adapter"):
+        out = str(tmp_path / method)
+        Run(cfg("train.precision=bf16", f"stage2.method={method}", "eval.spectrum=false", "eval.zero_shot=false",
+                "stage2.lr=3e-2"), out).execute()
+        losses = [e["loss"] for e in events(out, "train") if e["stage"] == "stage2"]
+        assert len(losses) == 4 and all(math.isfinite(v) for v in losses), (method, losses)

@@ -1,0 +1,31 @@
+"""Autocast for the fused ops: inside ``torch.autocast`` they run the way ``nn.Linear`` does there.
+
+Autocast casts the operands of a matmul, not those of a custom autograd Function. Without this,
+a LoRA or adapter layer inside ``torch.autocast`` received a bf16/fp16 ``x`` from the layer
+before it and its fp32 weights, and refused the mix. The public ops therefore cast their floating
+operands to the autocast dtype (float64 excepted, as autocast does) and run with autocast off.
+The parameters keep their dtype, and their gradients flow back through the casts in it.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+
+def autocast_dtype(x: Any) -> Optional[torch.dtype]:
+    """The autocast dtype of ``x``'s device when autocast is on there, else None."""
+    if not isinstance(x, torch.Tensor):
+        return None
+    device = x.device.type
+    try:
+        enabled = torch.is_autocast_enabled(device)
+    except RuntimeError:  # a device type autocast does not know (e.g. meta)
+        return None
+    return torch.get_autocast_dtype(device) if enabled else None
+
+
+def cast_operands(dtype: torch.dtype, *values: Any) -> tuple:
+    """``values`` with every floating tensor except float64 cast to ``dtype`` (others untouched)."""
+    return tuple(v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != torch.float64
+                 else v for v in values)

@@ -183,6 +183,27 @@ def test_half_precision(dtype, shared):
     _compare(q, k, v, pk, pv, g, causal=True, attn_mask=_padding_mask(B, L, L, [9, 4], "left", True))
 
 
+def test_autocast_runs_in_the_autocast_dtype():
+    """Inside torch.autocast: bf16 q/k/v (from autocast projections) with fp32 prefix parameters
+    run in bf16, as SDPA does there; the prefix gets fp32 gradients (a dtype error before)."""
+    B, H, Hkv, L, P, D = 2, 4, 2, 6, 3, 16
+    q, k, v, pk, pv, g = _inputs(B, H, Hkv, L, L, P, D, seed=21)
+    q, k, v = (t.to(torch.bfloat16).requires_grad_() for t in (q, k, v))
+    pk, pv = pk.requires_grad_(), pv.requires_grad_()
+    mask = torch.randn(B, 1, L, L, generator=g)  # an additive float mask is cast as well
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = prefix_attention(q, k, v, pk, pv, causal=False, attn_mask=mask)
+    assert out.dtype == torch.bfloat16
+    go = torch.randn(out.shape, generator=g).to(torch.bfloat16)
+    grads = torch.autograd.grad(out, [q, k, v, pk, pv], go)
+    cast = [t.detach().clone().requires_grad_() for t in (q, k, v, pk, pv)]
+    ref = prefix_attention(*(c.to(torch.bfloat16) for c in cast), causal=False, attn_mask=mask.to(torch.bfloat16))
+    ref_grads = torch.autograd.grad(ref, cast, go)
+    assert torch.equal(out, ref)
+    for gr, rg, leaf in zip(grads, ref_grads, (q, k, v, pk, pv)):
+        assert gr.dtype == leaf.dtype and torch.equal(gr, rg)
+
+
 @pytest.mark.parametrize(
     "shape,shared,mask_kind",
     [

@@ -8,9 +8,12 @@ The parameters keep their dtype, and their gradients flow back through the casts
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import functools
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def autocast_dtype(x: Any) -> Optional[torch.dtype]:
@@ -29,3 +32,21 @@ def cast_operands(dtype: torch.dtype, *values: Any) -> tuple:
     """``values`` with every floating tensor except float64 cast to ``dtype`` (others untouched)."""
     return tuple(v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != torch.float64
                  else v for v in values)
+
+
+def in_autocast_dtype(op: F) -> F:
+    """Decorate a public op whose first argument is its input: inside ``torch.autocast`` (on that
+    input's device) it runs with autocast off on operands cast by :func:`cast_operands`, positional
+    and keyword alike; outside, it is called unchanged."""
+
+    @functools.wraps(op)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        dtype = autocast_dtype(args[0]) if args else None
+        if dtype is None:
+            return op(*args, **kwargs)
+        with torch.autocast(args[0].device.type, enabled=False):
+            names = list(kwargs)
+            cast = cast_operands(dtype, *args, *(kwargs[n] for n in names))
+            return op(*cast[:len(args)], **dict(zip(names, cast[len(args):])))
+
+    return wrapper  # type: ignore[return-value]

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import cpu_ext_op, resolve_backend, try_kernel
-from ._autocast import autocast_dtype, cast_operands
+from ._autocast import in_autocast_dtype
 from ._checks import check_dtype_device
 
 __all__ = ["adapter", "ACTIVATIONS"]
@@ -174,6 +174,7 @@ def _validate(x, down_weight, down_bias, up_weight, up_bias, activation, residua
                                             ("up_weight", up_weight), ("up_bias", up_bias)))
 
 
+@in_autocast_dtype
 def adapter(
     x: torch.Tensor,
     down_weight: torch.Tensor,
@@ -201,10 +202,6 @@ def adapter(
     Raises:
         ValueError: on an unknown activation or mismatched shapes, dtypes or devices.
     """
-    dt = autocast_dtype(x)
-    if dt is not None:  # under torch.autocast: its dtype, as nn.Linear there (see _autocast)
-        with torch.autocast(x.device.type, enabled=False):
-            return adapter(*cast_operands(dt, x, down_weight, down_bias, up_weight, up_bias), activation, residual, backend)
     _validate(x, down_weight, down_bias, up_weight, up_bias, activation, residual)
     chosen = resolve_backend("adapter", backend, x, down_weight, down_bias, up_weight, up_bias)
     if chosen == "triton":

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import cpu_ext_op, resolve_backend, try_kernel
-from ._autocast import autocast_dtype, cast_operands
+from ._autocast import in_autocast_dtype
 from ._checks import check_dtype_device
 
 __all__ = ["lora_linear"]
@@ -172,6 +172,7 @@ def _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p) -> None:
         raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p!r}")
 
 
+@in_autocast_dtype
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -202,10 +203,6 @@ def lora_linear(
         ValueError: on mismatched shapes, dtypes or devices, a non-finite ``scaling`` or a
             ``dropout_p`` outside ``[0, 1)``.
     """
-    dt = autocast_dtype(x)
-    if dt is not None:  # under torch.autocast: its dtype, as nn.Linear there (see _autocast)
-        with torch.autocast(x.device.type, enabled=False):
-            return lora_linear(*cast_operands(dt, x, weight, bias, lora_a, lora_b), scaling, dropout_p, backend)
     _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p)
     chosen = resolve_backend("lora_linear", backend, x, weight, bias, lora_a, lora_b)
     if chosen == "triton":

@@ -74,7 +74,7 @@ from typing import Optional
 import torch
 
 from ._backend import cpu_ext_op, forced_backend, resolve_backend, try_kernel
-from ._autocast import autocast_dtype, cast_operands
+from ._autocast import in_autocast_dtype
 from ._checks import check_dtype_device
 
 __all__ = ["prefix_attention"]
@@ -375,6 +375,7 @@ def _finite_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask
 
 
+@in_autocast_dtype
 def prefix_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -411,12 +412,6 @@ def prefix_attention(
     Raises:
         ValueError: on malformed shapes, dtypes, devices, masks, scale or dropout.
     """
-    dt = autocast_dtype(q)
-    if dt is not None:  # under torch.autocast: its dtype, as SDPA there (see _autocast)
-        with torch.autocast(q.device.type, enabled=False):
-            q, k, v, prefix_k, prefix_v, attn_mask = cast_operands(dt, q, k, v, prefix_k, prefix_v, attn_mask)
-            return prefix_attention(q, k, v, prefix_k, prefix_v, causal=causal, attn_mask=attn_mask, scale=scale,
-                                    dropout_p=dropout_p, backend=backend)
     _validate(q, k, v, prefix_k, prefix_v, attn_mask, scale, dropout_p)
     chosen = resolve_backend(
         "prefix_attention", backend, q, k, v, prefix_k, prefix_v, attn_mask, supported=("torch", "triton", "xformers")

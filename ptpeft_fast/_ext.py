@@ -1,5 +1,6 @@
 """Just-in-time build of the ``csrc/`` extension (batched spectrum ops, and the CPU fast paths:
-decode attention, LoRA factor gradients, the prefix block of prefix attention).
+prefix attention by blocks of query rows, decode attention, LoRA factor gradients, the prefix
+block of the masked attention path, the adapter by row blocks).
 
 The extension is compiled once with ninja through :func:`torch.utils.cpp_extension.load`
 into the user cache directory (``$PTPEFT_FAST_CACHE``, else ``$XDG_CACHE_HOME/ptpeft_fast``,
@@ -26,7 +27,7 @@ __all__ = ["csrc_dir", "cache_dir", "load_ext", "ext_error", "has_kernel"]
 logger = logging.getLogger(__name__)
 
 _CPU_SOURCES = ("spectrum_cpu.cpp", "decode_attention_cpu.cpp", "lora_grads_cpu.cpp", "prefix_block_cpu.cpp",
-                "adapter_cpu.cpp")
+                "adapter_cpu.cpp", "prefix_flash_cpu.cpp")
 _CUDA_SOURCES = ("spectrum_cuda.cu", "spectrum_cuda_binding.cpp")
 _HEADERS = ("spectrum_cuda.h", "cpu_math.h")
 
@@ -117,7 +118,8 @@ def _build(src: Path, with_cuda: bool) -> None:
         sources=[str(src / n) for n in names],
         extra_cflags=cflags,
         extra_cuda_cflags=["-O3"],
-        extra_ldflags=["-fopenmp"] if "-fopenmp" in cpu_flags else [],
+        # -ldl: prefix_flash_cpu.cpp looks up torch's sgemm with dlsym (libc has it from glibc 2.34)
+        extra_ldflags=(["-fopenmp"] if "-fopenmp" in cpu_flags else []) + (["-ldl"] if sys.platform.startswith("linux") else []),
         build_directory=str(build_dir),
         with_cuda=with_cuda,
         is_python_module=False,  # the library registers torch ops; it has no Python module

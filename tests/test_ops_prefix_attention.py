@@ -614,6 +614,7 @@ def test_fused_prefix_block_matches_reference(B, H, Hkv, L, S, P, D, transposed,
     pa, ops = _block_ops_or_skip()
     calls = []
     monkeypatch.setattr(pa, "_prefix_block_ops", lambda *a: (calls.append(1), ops)[1])
+    monkeypatch.setattr(pa, "_flash_prefix_ops", lambda *a: None)  # the block serves maskless calls without BLAS
     q, k, v, pk, pv, g = _inputs(B, H, Hkv, L, S, P, D, seed=L + P, transposed=transposed)
     mask, causal = None, False
     if mask_kind == "causal":
@@ -630,6 +631,7 @@ def test_fused_prefix_block_matches_reference(B, H, Hkv, L, S, P, D, transposed,
 def test_fused_prefix_block_only_prefix_trains(monkeypatch):
     """Stage 1 (only the prefix needs grad): no dq from the op, prefix grads still exact."""
     pa, ops = _block_ops_or_skip()
+    monkeypatch.setattr(pa, "_flash_prefix_ops", lambda *a: None)
     q, k, v, pk, pv, g = _inputs(2, 4, 2, 24, 24, 10, 64, seed=5)
     pkr, pvr = pk.clone().requires_grad_(), pv.clone().requires_grad_()
     out = prefix_attention(q, k, v, pkr, pvr, causal=True, backend="torch")
@@ -651,3 +653,110 @@ def test_fused_prefix_block_declines_other_shapes():
     assert pa._prefix_block_ops(q64, torch.zeros(1, 1, 1, 64), torch.zeros(1, 1, 1, 64), q64) is None  # batch prefix
     q64d = q64.double()
     assert pa._prefix_block_ops(q64d, torch.zeros(1, 1, 64).double(), torch.zeros(1, 1, 64).double(), q64d) is None
+
+
+def _flash_ops_or_fail():
+    import importlib
+
+    from ptpeft_fast import _ext
+
+    assert _ext.load_ext(), f"the csrc extension must build here (DESIGN §4): {_ext.ext_error()}"
+    pa = importlib.import_module("ptpeft_fast.ops.prefix_attention")
+    ops = pa._flash_prefix_ops(torch.zeros(1, 1, 1, 64), torch.zeros(1, 1, 64))
+    assert ops is not None, "flash_prefix_forward/backward are unavailable (no BLAS sgemm in torch?)"
+    return pa, ops
+
+
+def _count_flash_calls(monkeypatch, pa, ops) -> list:
+    calls = []
+    monkeypatch.setattr(pa, "_flash_prefix_ops", lambda *a: (calls.append(1), ops)[1])
+    return calls
+
+
+# (B, H, Hkv, L, S, P, D, transposed, causal): partial 64-row blocks, GQA with tasks per key/value
+# head (B·Hkv >= 2 threads) and per query head (summed after), head dims BLAS-only (80, 16), P > 64
+@pytest.mark.parametrize("B,H,Hkv,L,S,P,D,transposed,causal", [
+    (2, 4, 4, 37, 37, 1, 64, False, True),
+    (2, 4, 4, 130, 130, 33, 64, True, True),
+    (3, 8, 2, 65, 65, 100, 128, False, True),
+    (1, 8, 1, 70, 70, 7, 80, True, True),
+    (1, 6, 2, 64, 64, 16, 16, False, True),
+    (2, 4, 2, 20, 90, 5, 32, False, False),
+    (2, 4, 2, 1, 33, 4, 64, True, True),
+], ids=["P1-partial-block", "transformers-layout", "gqa-by-kv-head-P100-D128", "mqa-scratch-D80",
+        "gqa-one-block", "cross-S>L", "one-query"])
+def test_flash_prefix_matches_reference(B, H, Hkv, L, S, P, D, transposed, causal, monkeypatch):
+    """The maskless fp32 path (csrc/prefix_flash_cpu.cpp): forward and every gradient against the
+    float64 reference."""
+    pa, ops = _flash_ops_or_fail()
+    calls = _count_flash_calls(monkeypatch, pa, ops)
+    q, k, v, pk, pv, g = _inputs(B, H, Hkv, L, S, P, D, seed=L + P + D, transposed=transposed)
+    _compare(q, k, v, pk, pv, g, causal=causal)
+    assert calls, "the flash prefix op was not used"
+
+
+@pytest.mark.parametrize("wanted", [("prefix_k", "prefix_v"), ("q", "prefix_v"), ("v",)])
+def test_flash_prefix_gradient_subsets(wanted, monkeypatch):
+    """Only the requested gradients; stage 1 (prefix only) skips the real-key products."""
+    pa, ops = _flash_ops_or_fail()
+    calls = _count_flash_calls(monkeypatch, pa, ops)
+    q, k, v, pk, pv, g = _inputs(2, 6, 3, 70, 70, 9, 64, seed=11)
+    names = ("q", "k", "v", "prefix_k", "prefix_v")
+    leaves = [t.clone().requires_grad_(n in wanted) for n, t in zip(names, (q, k, v, pk, pv))]
+    out = prefix_attention(*leaves, causal=True, backend="torch")
+    go = torch.randn(out.shape, generator=g)
+    got = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], go)
+    ref_leaves = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
+    ref = prefix_attention_reference(*ref_leaves, causal=True)
+    want = torch.autograd.grad(ref, [t for t in ref_leaves if t.requires_grad], go.double())
+    assert calls and _rel(out, ref) <= 1e-5
+    for a, b in zip(got, want):
+        assert _rel(a, b) <= 1e-5
+
+
+def test_flash_prefix_without_autograd_and_with_expanded_grad(monkeypatch):
+    """No-grad calls (evaluation, prefill) take the forward alone; an expanded output gradient
+    (``out.sum().backward()``) is made dense before the op."""
+    pa, ops = _flash_ops_or_fail()
+    calls = _count_flash_calls(monkeypatch, pa, ops)
+    q, k, v, pk, pv, _ = _inputs(2, 4, 2, 40, 40, 6, 64, seed=3)
+    ref = prefix_attention_reference(*(t.double() for t in (q, k, v, pk, pv)), causal=True)
+    with torch.no_grad():
+        out = prefix_attention(q, k, v, pk, pv, causal=True, backend="torch")
+    assert calls and _rel(out, ref) <= 1e-5
+    pkr = pk.clone().requires_grad_()
+    prefix_attention(q, k, v, pkr, pv, causal=True, backend="torch").sum().backward()
+    ref_pk = pk.double().requires_grad_()
+    prefix_attention_reference(q.double(), k.double(), v.double(), ref_pk, pv.double(), causal=True).sum().backward()
+    assert _rel(pkr.grad, ref_pk.grad) <= 1e-5
+
+
+def test_flash_prefix_declines_what_it_does_not_cover(monkeypatch):
+    pa, _ = _flash_ops_or_fail()
+    q = torch.zeros(1, 1, 8, 64)
+    assert pa._flash_prefix_ops(q.double(), torch.zeros(1, 2, 64).double()) is None  # fp64: the ATen path
+    assert pa._flash_prefix_ops(q, torch.zeros(1, 1, 2, 64)) is None  # per-batch prefix
+    assert pa._flash_prefix_ops(q.bfloat16(), torch.zeros(1, 2, 64).bfloat16()) is None
+    monkeypatch.setattr(pa, "FLASH_PREFIX_MAX_KEYS", 9)
+    assert pa._flash_prefix_ops(q, torch.zeros(1, 2, 64)) is None  # P + L = 10 keys
+    # a mask (padding) keeps the ATen flash kernel + prefix block
+    used = _count_flash_calls(monkeypatch, pa, None)
+    qq, k, v, pk, pv, _ = _inputs(2, 2, 2, 6, 6, 2, 64, seed=1)
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()
+    mask[0, ..., :2] = False
+    out = prefix_attention(qq, k, v, pk, pv, causal=True, attn_mask=mask, backend="torch")
+    ref = prefix_attention_reference(*(t.double() for t in (qq, k, v, pk, pv)), causal=True, attn_mask=mask)
+    assert not used and _rel(out, ref) <= 1e-5
+
+
+def test_flash_prefix_op_checks_its_inputs():
+    _flash_ops_or_fail()
+    op = torch.ops.ptpeft_fast.flash_prefix_forward
+    q, k = torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 5, 8)
+    pk = torch.zeros(2, 3, 8)
+    with pytest.raises(RuntimeError, match="causal needs as many queries as keys"):
+        op(q, k, k, pk, pk, True, 1.0)
+    with pytest.raises(RuntimeError, match="prefix_k/v must be"):
+        op(q, k, k, torch.zeros(1, 3, 8), torch.zeros(1, 3, 8), False, 1.0)
+    with pytest.raises(RuntimeError, match="float32"):
+        op(q.double(), k.double(), k.double(), pk.double(), pk.double(), False, 1.0)

@@ -4,7 +4,7 @@
 // For a block of QB query rows (b, h, [m0, m1)) of key/value head g = h / (H / Hkv), with
 // keys [Kp; K] (the P prefix keys first, then the real keys the block can see: all S of them,
 // or the first m1 under the causal mask, L == S) and s = scale:
-//   forward:  S   = s · Q [Kp; K]ᵀ                (two sgemm calls into one [QB, P + n] buffer)
+//   forward:  S   = s · Q [Kp; K]ᵀ (+ M on the real keys)   (two sgemm calls into one [QB, P + n] buffer)
 //             m   = rowmax(S);  E = exp(S - m) (0 above the diagonal);  z = rowsum(E)
 //             O   = (E [Vp; V]) / z;  lse = m + log z
 //   backward: Pr  = exp(S - lse) (S recomputed);  dP = dO [Vp; V]ᵀ;  Δ = rowsum(dO ∘ O)
@@ -15,6 +15,10 @@
 // older path ran over the real keys before merging the prefix in (prefix_block_cpu.cpp),
 // splits the same work into smaller products; this file measured 0.67-0.70x its fwd+bwd time
 // for B=4 H=8 L=512 D=64 with P=32 on top (benchmarks/analysis.md).
+//
+// M is an optional additive float mask over the real keys ([B or 1, H or 1, L or 1, S], finite:
+// padding rows keep the prefix), as transformers passes padding; `causal` may come with it when
+// the mask allows nothing above the diagonal, so the blocks still skip those keys.
 //
 // sgemm is MKL's (or whichever BLAS torch links), looked up in libtorch_cpu at run time: a
 // torch build without it reports flash_prefix_available() == false and Python keeps the older
@@ -79,6 +83,28 @@ struct Rows {
   float* at(int64_t b, int64_t h, int64_t row = 0) const { return base + b * sb + h * sh + row * ld; }
 };
 
+// The optional additive mask over the real keys, broadcast over size-1 dims.
+struct Mask {
+  const float* base = nullptr;
+  int64_t sb = 0, sh = 0, sl = 0;
+  Mask(const c10::optional<at::Tensor>& m) {
+    if (!m.has_value() || !m->defined()) return;
+    base = m->data_ptr<float>();
+    sb = m->size(0) == 1 ? 0 : m->stride(0);
+    sh = m->size(1) == 1 ? 0 : m->stride(1);
+    sl = m->size(2) == 1 ? 0 : m->stride(2);
+  }
+  // adds row (b, h, l0 + i) of the mask to the real-key scores of each block row
+  void add(float* S, int64_t lds, int64_t rows, int64_t nreal, int64_t b, int64_t h, int64_t l0) const {
+    if (base == nullptr) return;
+    for (int64_t i = 0; i < rows; ++i) {
+      const float* m = base + b * sb + h * sh + (l0 + i) * sl;
+      float* s = S + i * lds;
+      for (int64_t j = 0; j < nreal; ++j) s[j] += m[j];
+    }
+  }
+};
+
 // The shape of one call: checked once, shared by forward and backward.
 struct Shape {
   int64_t B, H, L, S, D, Hkv, G, P;
@@ -91,7 +117,7 @@ struct Shape {
 };
 
 void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pk,
-                  const at::Tensor& pv, bool causal) {
+                  const at::Tensor& pv, const c10::optional<at::Tensor>& mask, bool causal) {
   TORCH_CHECK(blas_sgemm() != nullptr, op, ": torch exports no sgemm (see flash_prefix_available)");
   for (const at::Tensor* t : {&q, &k, &v, &pk, &pv})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat, op, ": float32 CPU tensors only");
@@ -106,7 +132,23 @@ void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, cons
   for (const at::Tensor* t : {&q, &k, &v})
     TORCH_CHECK(t->size(2) <= 1 || t->stride(2) >= t->size(3), op, ": q/k/v rows must not overlap");
   TORCH_CHECK(q.numel() < (int64_t{1} << 31) && k.numel() < (int64_t{1} << 31), op, ": tensors too large for 32-bit BLAS");
+  if (mask.has_value() && mask->defined()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.dim() == 4 && m.device().is_cpu() && m.scalar_type() == at::kFloat, op,
+                ": mask must be a 4-D float32 CPU tensor (additive, over the real keys)");
+    const int64_t full[4] = {q.size(0), q.size(1), q.size(2), k.size(2)};
+    for (int d = 0; d < 3; ++d)
+      TORCH_CHECK(m.size(d) == 1 || m.size(d) == full[d], op, ": mask does not broadcast to [B, H, L, S]");
+    TORCH_CHECK(m.size(3) == full[3] && (m.size(3) <= 1 || m.stride(3) == 1), op,
+                ": the mask's last dim must cover the S real keys with unit stride");
+  }
 }
+
+// exp(x) for x <= 0, exactly 0 below -64: a row's largest term is 1, so terms under e^-64 ≈ 1.6e-28
+// cannot change an fp32 sum, and masked keys (score ≈ finfo.min) then give 0, not the clamped
+// e^-87 ≈ 1.6e-38, whose products in the GEMMs are denormal floats (10x slower, measured 14x
+// on a padded batch).
+inline float prob(float x) { return x < -64.0f ? 0.0f : exp_nonpositive(x); }
 
 // Softmax of one block's rows in place: E = exp(S - rowmax), zero where masked; returns via
 // inv_z[i] = 1 / rowsum and lse[i] = rowmax + log(rowsum). Row i sees `P + m0 + i + 1` keys
@@ -117,7 +159,7 @@ void block_softmax(float* S, int64_t lds, int64_t rows, int64_t n, int64_t first
     float* s = S + i * lds;
     const int64_t valid = causal ? first_valid + i : n;
     const float m = ptpeft_cpu::max_of(s, valid);
-    for (int64_t j = 0; j < valid; ++j) s[j] = exp_nonpositive(s[j] - m);
+    for (int64_t j = 0; j < valid; ++j) s[j] = prob(s[j] - m);
     for (int64_t j = valid; j < n; ++j) s[j] = 0.0f;
     const float z = ptpeft_cpu::sum_of(s, valid);
     inv_z[i] = 1.0f / z;
@@ -128,8 +170,10 @@ void block_softmax(float* S, int64_t lds, int64_t rows, int64_t n, int64_t first
 // Returns (out, lse): out [B, H, L, D] in q's memory layout, lse [B, H, L].
 std::tuple<at::Tensor, at::Tensor> flash_prefix_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                         const at::Tensor& prefix_k, const at::Tensor& prefix_v,
-                                                        bool causal, double scale) {
-  check_inputs("flash_prefix_forward", q, k, v, prefix_k, prefix_v, causal);
+                                                        const c10::optional<at::Tensor>& mask, bool causal,
+                                                        double scale) {
+  check_inputs("flash_prefix_forward", q, k, v, prefix_k, prefix_v, mask, causal);
+  const Mask M(mask);
   const Shape sh(q, k, prefix_k, causal);
   at::Tensor out = at::empty_like(q);  // keeps transformers' [B, L, H, D] memory: its transpose back is free
   at::Tensor lse = at::empty({sh.B, sh.H, sh.L}, q.options());
@@ -152,6 +196,7 @@ std::tuple<at::Tensor, at::Tensor> flash_prefix_forward(const at::Tensor& q, con
       const float* q0 = Q.at(b, h, m0);
       gemm(false, true, rows, P, D, s, q0, Q.ld, pkp + g * P * D, D, 0.0f, Sc, lds);
       gemm(false, true, rows, nreal, D, s, q0, Q.ld, K.at(b, g), K.ld, 0.0f, Sc + P, lds);
+      M.add(Sc + P, lds, rows, nreal, b, h, m0);
       block_softmax(Sc, lds, rows, n, P + m0 + 1, sh.causal, inv_z, lp + (b * sh.H + h) * sh.L + m0);
       float* o = O.at(b, h, m0);
       gemm(false, false, rows, D, P, 1.0f, Sc, lds, pvp + g * P * D, D, 0.0f, o, O.ld);
@@ -165,8 +210,8 @@ std::tuple<at::Tensor, at::Tensor> flash_prefix_forward(const at::Tensor& q, con
 
 // The backward of one query head h over all its blocks. dK/dV (rows [0, S) of this key head, or of a
 // per-query-head scratch) and dKp/dVp ([P, D]) are accumulated; dQ is written.
-void backward_head(const Shape& sh, int64_t b, int64_t h, const Rows& dO, const Rows& Q, const Rows& K, const Rows& V,
-                   const Rows& O, const float* lse, const float* pk, const float* pv, float scale, bool need_qkv,
+void backward_head(const Shape& sh, const Mask& M, int64_t b, int64_t h, const Rows& dO, const Rows& Q, const Rows& K,
+                   const Rows& V, const Rows& O, const float* lse, const float* pk, const float* pv, float scale, bool need_qkv,
                    const Rows* dQ, float* dK, int64_t ldk, float* dV, int64_t ldv, float* dKp, float* dVp,
                    std::vector<float>& sbuf, std::vector<float>& dpbuf) {
   const int64_t P = sh.P, D = sh.D, lds = sh.row_width(), g = h / sh.G, qb = query_block(lds);
@@ -183,6 +228,7 @@ void backward_head(const Shape& sh, int64_t b, int64_t h, const Rows& dO, const 
     const float* o0 = O.at(b, h, m0);
     gemm(false, true, rows, P, D, scale, q0, Q.ld, kp, D, 0.0f, Sc, lds);
     gemm(false, true, rows, nreal, D, scale, q0, Q.ld, K.at(b, g), K.ld, 0.0f, Sc + P, lds);
+    M.add(Sc + P, lds, rows, nreal, b, h, m0);
     gemm(false, true, rows, P, D, 1.0f, g0, dO.ld, vp, D, 0.0f, dP, lds);
     gemm(false, true, rows, nreal, D, 1.0f, g0, dO.ld, V.at(b, g), V.ld, 0.0f, dP + P, lds);
     const float* l = lse + (b * sh.H + h) * sh.L + m0;
@@ -193,7 +239,7 @@ void backward_head(const Shape& sh, int64_t b, int64_t h, const Rows& dO, const 
       const float li = l[i];
       const float delta = ptpeft_cpu::dot(g0 + i * dO.ld, o0 + i * O.ld, D);
       for (int64_t j = 0; j < valid; ++j) {
-        const float pr = exp_nonpositive(sp[j] - li);
+        const float pr = prob(sp[j] - li);
         sp[j] = pr;
         dp[j] = pr * (dp[j] - delta);
       }
@@ -214,9 +260,11 @@ void backward_head(const Shape& sh, int64_t b, int64_t h, const Rows& dO, const 
 // (stage 1's first layer: only the prefix trains).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_prefix_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
-    const at::Tensor& prefix_v, const at::Tensor& out, const at::Tensor& lse, bool causal, double scale, bool need_qkv) {
+    const at::Tensor& prefix_v, const c10::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse,
+    bool causal, double scale, bool need_qkv) {
   const char* name = "flash_prefix_backward";
-  check_inputs(name, q, k, v, prefix_k, prefix_v, causal);
+  check_inputs(name, q, k, v, prefix_k, prefix_v, mask, causal);
+  const Mask M(mask);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() && grad_out.scalar_type() == at::kFloat &&
                   out.scalar_type() == at::kFloat && grad_out.device().is_cpu() && out.device().is_cpu(),
               name, ": grad_out and out must be float32 CPU tensors of q's shape");
@@ -271,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_pre
         float* dK = need_qkv ? dKr.at(b, by_kv_head ? t % sh.Hkv : h_first) : nullptr;
         float* dV = need_qkv ? dVr.at(b, by_kv_head ? t % sh.Hkv : h_first) : nullptr;
         for (int64_t h = h_first; h < h_first + h_count; ++h)
-          backward_head(sh, b, h, dO, Q, K, V, O, lp, pkp, pvp, s, need_qkv, dQ, dK, dKr.ld, dV, dVr.ld,
+          backward_head(sh, M, b, h, dO, Q, K, V, O, lp, pkp, pvp, s, need_qkv, dQ, dK, dKr.ld, dV, dVr.ld,
                         dkp + t * P * D, dvp + t * P * D, sbuf, dpbuf);
       }
     });
@@ -297,8 +345,8 @@ bool flash_prefix_available() { return blas_sgemm() != nullptr; }
 
 TORCH_LIBRARY_FRAGMENT(ptpeft_fast, m) {
   m.def("flash_prefix_available() -> bool", &flash_prefix_available);
-  m.def("flash_prefix_forward(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, bool causal, float scale) -> (Tensor, Tensor)");
-  m.def("flash_prefix_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor out, Tensor lse, bool causal, float scale, bool need_qkv) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("flash_prefix_forward(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor? mask, bool causal, float scale) -> (Tensor, Tensor)");
+  m.def("flash_prefix_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor? mask, Tensor out, Tensor lse, bool causal, float scale, bool need_qkv) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(ptpeft_fast, CPU, m) {

@@ -407,20 +407,32 @@ def test_prefix_only_gradients(shared):
     assert _rel(pv1.grad, ref_pv.grad) <= 1e-5
 
 
-def test_causal_padding_mask_uses_kernel_causal_skip(monkeypatch):
-    """A bool mask with nothing above the diagonal runs the kernel with is_causal (same result)."""
+@pytest.mark.parametrize("path", ["flash-prefix", "aten-flash"])
+def test_causal_padding_mask_uses_kernel_causal_skip(path, monkeypatch):
+    """A bool mask with nothing above the diagonal runs the kernel with its causal flag on (it
+    skips the keys above the diagonal; same result)."""
     import importlib
 
     pa = importlib.import_module("ptpeft_fast.ops.prefix_attention")  # the module, not the function
 
     seen = []
-    real = pa._flash_fwd
+    if path == "aten-flash":
+        real = pa._flash_fwd
 
-    def spy(q, k, v, dropout_p, is_causal, **kw):
-        seen.append(is_causal)
-        return real(q, k, v, dropout_p, is_causal, **kw)
+        def spy(q, k, v, dropout_p, is_causal, **kw):
+            seen.append(is_causal)
+            return real(q, k, v, dropout_p, is_causal, **kw)
 
-    monkeypatch.setattr(pa, "_flash_fwd", spy)
+        monkeypatch.setattr(pa, "_flash_fwd", spy)
+        monkeypatch.setattr(pa, "_flash_prefix_ops", lambda *a: None)
+    else:
+        _, (fwd, bwd) = _flash_ops_or_fail()
+
+        def spy_fwd(q, k, v, pk, pv, mask, causal, scale):
+            seen.append(causal)
+            return fwd(q, k, v, pk, pv, mask, causal, scale)
+
+        monkeypatch.setattr(pa, "_flash_prefix_ops", lambda *a: (spy_fwd, bwd))
     B, H, L, P, D = 2, 4, 6, 2, 8
     q, k, v, pk, pv, g = _inputs(B, H, H, L, L, P, D, seed=23)
     causal_pad = _padding_mask(B, L, L, [6, 3], "left", True)
@@ -739,14 +751,7 @@ def test_flash_prefix_declines_what_it_does_not_cover(monkeypatch):
     assert pa._flash_prefix_ops(q.bfloat16(), torch.zeros(1, 2, 64).bfloat16()) is None
     monkeypatch.setattr(pa, "FLASH_PREFIX_MAX_KEYS", 9)
     assert pa._flash_prefix_ops(q, torch.zeros(1, 2, 64)) is None  # P + L = 10 keys
-    # a mask (padding) keeps the ATen flash kernel + prefix block
-    used = _count_flash_calls(monkeypatch, pa, None)
-    qq, k, v, pk, pv, _ = _inputs(2, 2, 2, 6, 6, 2, 64, seed=1)
-    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()
-    mask[0, ..., :2] = False
-    out = prefix_attention(qq, k, v, pk, pv, causal=True, attn_mask=mask, backend="torch")
-    ref = prefix_attention_reference(*(t.double() for t in (qq, k, v, pk, pv)), causal=True, attn_mask=mask)
-    assert not used and _rel(out, ref) <= 1e-5
+    assert pa._flash_prefix_ops(torch.zeros(1, 1, 8, 64, device="meta"), torch.zeros(1, 2, 64, device="meta")) is None
 
 
 def test_flash_prefix_op_checks_its_inputs():
@@ -755,8 +760,55 @@ def test_flash_prefix_op_checks_its_inputs():
     q, k = torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 5, 8)
     pk = torch.zeros(2, 3, 8)
     with pytest.raises(RuntimeError, match="causal needs as many queries as keys"):
-        op(q, k, k, pk, pk, True, 1.0)
+        op(q, k, k, pk, pk, None, True, 1.0)
     with pytest.raises(RuntimeError, match="prefix_k/v must be"):
-        op(q, k, k, torch.zeros(1, 3, 8), torch.zeros(1, 3, 8), False, 1.0)
+        op(q, k, k, torch.zeros(1, 3, 8), torch.zeros(1, 3, 8), None, False, 1.0)
     with pytest.raises(RuntimeError, match="float32"):
-        op(q.double(), k.double(), k.double(), pk.double(), pk.double(), False, 1.0)
+        op(q.double(), k.double(), k.double(), pk.double(), pk.double(), None, False, 1.0)
+    with pytest.raises(RuntimeError, match="does not broadcast"):
+        op(q, k, k, pk, pk, torch.zeros(1, 1, 3, 5), False, 1.0)
+    with pytest.raises(RuntimeError, match="last dim must cover the S real keys"):
+        op(q, k, k, pk, pk, torch.zeros(1, 1, 4, 4), False, 1.0)
+
+
+@pytest.mark.parametrize("mask_kind", ["padding-causal", "padding-only-causal-flag-off", "additive-broadcast",
+                                       "key-padding-row-mask", "causal-S>L", "fully-padded-row"])
+def test_flash_prefix_with_masks(mask_kind, monkeypatch):
+    """Masks over the real keys are added to the block's scores: padding (with and without the
+    causal skip), broadcast additive masks, bottom-right causal with S > L, and a query row whose
+    real keys are all masked (it attends to the prefix only)."""
+    pa, ops = _flash_ops_or_fail()
+    calls = _count_flash_calls(monkeypatch, pa, ops)
+    B, H, Hkv, L, S, P, D = 3, 4, 2, 70, 70, 5, 32
+    if mask_kind == "causal-S>L":
+        S = 90
+    q, k, v, pk, pv, g = _inputs(B, H, Hkv, L, S, P, D, seed=17, transposed=True)
+    causal, mask = True, None
+    if mask_kind == "padding-causal":
+        mask = _padding_mask(B, L, S, [70, 41, 9], "left", True)
+    elif mask_kind == "padding-only-causal-flag-off":
+        mask, causal = _padding_mask(B, L, S, [70, 41, 9], "right", False), False
+    elif mask_kind == "additive-broadcast":
+        mask = torch.randn(1, H, L, S, generator=g)
+    elif mask_kind == "key-padding-row-mask":
+        mask = _padding_mask(B, 1, S, [70, 33, 2], "left", False)  # [B, 1, 1, S]
+    elif mask_kind == "fully-padded-row":
+        mask = _padding_mask(B, L, S, [70, 41, 9], "left", True)
+        mask[1, :, :10] = False  # rows 0-9 of batch 1 see no real key
+    _compare(q, k, v, pk, pv, g, causal=causal, attn_mask=mask)
+    assert calls, "the flash prefix op was not used"
+
+
+def test_flash_prefix_masked_keys_weigh_exactly_zero(monkeypatch):
+    """Padded keys get probability 0, not a tiny e^-87: values of 1e36 behind the mask must not
+    leak into the output or any gradient (a tiny weight would also make the GEMMs run on
+    denormal floats, ≈ 14x slower)."""
+    pa, ops = _flash_ops_or_fail()
+    calls = _count_flash_calls(monkeypatch, pa, ops)
+    B, H, L, P, D = 2, 2, 40, 3, 16
+    q, k, v, pk, pv, g = _inputs(B, H, H, L, L, P, D, seed=29)
+    mask = _padding_mask(B, L, L, [40, 25], "left", True)
+    v = v.clone()
+    v[1, :, :15] = 1e36  # the padded keys of row 1
+    _compare(q, k, v, pk, pv, g, causal=True, attn_mask=mask)
+    assert calls

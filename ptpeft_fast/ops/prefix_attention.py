@@ -14,8 +14,8 @@ encode causality already (that is how transformers passes it) and is applied as 
 
 Torch path (CPU and anything else without Triton)
 -------------------------------------------------
-Block path. fp32 CPU calls with a batch-shared prefix and no mask beyond the causal one
-(training and prefill of unpadded batches), up to ``P + S = FLASH_PREFIX_MAX_KEYS`` keys, run
+Block path. fp32 CPU calls with a batch-shared prefix (padding masks included: the additive
+mask is added to a block's real-key scores), up to ``P + S = FLASH_PREFIX_MAX_KEYS`` keys, run
 ``csrc/prefix_flash_cpu.cpp``: per block of 64 query rows, the scores over ``[Kp; K]`` (the
 prefix keys first, then the real keys the block sees) by BLAS ``sgemm``, one softmax, the
 output by ``sgemm``; ``lse`` is saved and the backward recomputes the block's probabilities
@@ -23,7 +23,7 @@ output by ``sgemm``; ``lse`` is saved and the backward recomputes the block's pr
 ≈ 4K keys ATen's key-blocked flash kernel keeps its scores in cache better, so the general
 path runs there.
 
-General path (masks, fp64/half precision, per-sample prefixes, long sequences).
+General path (fp64/half precision, per-sample prefixes, long sequences, no BLAS).
 Write ``s = scale``, ``S1 = s q Kᵀ + M`` (real keys, mask ``M``), ``S2 = s q Kpᵀ`` (prefix).
 The joint softmax over ``[S2, S1]`` splits exactly into two pieces merged by log-sum-exp::
 
@@ -480,12 +480,14 @@ def prefix_attention(
             if mask is not None and mask.dim() == 2:
                 mask = mask.view(1, 1, L, S)
             return decode(q, k, v, prefix_k.contiguous(), prefix_v.contiguous(), mask, scale)
-    flash = _flash_prefix_ops(q, prefix_k) if mask is None else None
+    flash = _flash_prefix_ops(q, prefix_k)
     if flash is not None:  # one softmax over prefix + real keys by blocks of query rows (C++)
         q, k, v = (_dense_rows(t) for t in (q, k, v))
+        if mask is not None:
+            mask = (mask.view(1, 1, L, S) if mask.dim() == 2 else mask).contiguous()
         if needs_grad:
-            return _FlashPrefixFn.apply(q, k, v, prefix_k, prefix_v, flash_causal, scale)
-        return flash[0](q, k, v, prefix_k, prefix_v, flash_causal, scale)[0]
+            return _FlashPrefixFn.apply(q, k, v, prefix_k, prefix_v, mask, flash_causal, scale)
+        return flash[0](q, k, v, prefix_k, prefix_v, mask, flash_causal, scale)[0]
     if not needs_grad and prefix_k.dim() == 3 and q.dtype in (torch.float32, torch.float64):
         return _inference_forward(q, k, v, prefix_k, prefix_v, mask, flash_causal, scale)
     return _PrefixAttentionFn.apply(q, k, v, prefix_k, prefix_v, mask, flash_causal, scale)
@@ -497,10 +499,11 @@ FLASH_PREFIX_MAX_KEYS = 4096  # P + S up to which the block path runs; beyond, A
 def _flash_prefix_ops(q: torch.Tensor, prefix_k: torch.Tensor):
     """``(forward, backward)`` of ``csrc/prefix_flash_cpu.cpp`` where it applies, else None.
 
-    It applies to fp32 CPU tensors with a batch-shared prefix and no mask beyond the causal one
-    (the caller checks the mask), and needs torch's BLAS ``sgemm`` (every x86 and ARM wheel has
-    one). It replaces ATen's flash kernel plus the prefix block for these calls: 0.67-0.70x their
-    fwd+bwd time at B=4 H=8 L=512 D=64 P=32 (benchmarks/analysis.md).
+    It applies to fp32 CPU tensors with a batch-shared prefix and at most
+    ``FLASH_PREFIX_MAX_KEYS`` keys (a padding or other additive mask over the real keys is added
+    to the block's scores), and needs the BLAS ``sgemm`` that torch exports (MKL's in the x86
+    Linux wheels; without one the general path runs). It replaces ATen's flash kernel plus the
+    prefix block: 0.62x their fwd+bwd time at B=4 H=8 L=512 D=64 P=32 (benchmarks/analysis.md).
     """
     if (
         q.device.type != "cpu"
@@ -536,21 +539,21 @@ class _FlashPrefixFn(torch.autograd.Function):
     recomputes the block's probabilities (flash style: nothing ``[L, S]``-sized is stored)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, causal: bool, scale: float):  # type: ignore[override]
+    def forward(ctx, q, k, v, prefix_k, prefix_v, mask, causal: bool, scale: float):  # type: ignore[override]
         fwd, bwd = _flash_prefix_ops(q, prefix_k)
-        out, lse = fwd(q, k, v, prefix_k, prefix_v, causal, scale)
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse)
+        out, lse = fwd(q, k, v, prefix_k, prefix_v, mask, causal, scale)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, mask, out, lse)
         ctx.bwd, ctx.causal, ctx.scale = bwd, causal, scale
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
-        q, k, v, prefix_k, prefix_v, out, lse = ctx.saved_tensors
+        q, k, v, prefix_k, prefix_v, mask, out, lse = ctx.saved_tensors
         need = ctx.needs_input_grad
-        grads = ctx.bwd(_dense_rows(grad_out.to(q.dtype)), q, k, v, prefix_k, prefix_v, out, lse, ctx.causal,
+        grads = ctx.bwd(_dense_rows(grad_out.to(q.dtype)), q, k, v, prefix_k, prefix_v, mask, out, lse, ctx.causal,
                         ctx.scale, any(need[:3]))
-        return tuple(g if n else None for g, n in zip(grads, need[:5])) + (None, None)
+        return tuple(g if n else None for g, n in zip(grads, need[:5])) + (None, None, None)
 
 
 def _prefix_block_ops(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, out1: torch.Tensor):

@@ -81,4 +81,12 @@ inline float exp_nonpositive(float x) {
 }
 inline double exp_nonpositive(double x) { return std::exp(x); }
 
+// A softmax weight exp(x), x = score - row max <= 0, exactly 0 below -64 in float: the row's largest
+// term is 1, so terms under e^-64 ≈ 1.6e-28 cannot change an fp32 sum, and masked keys (score
+// ≈ finfo.min) then weigh 0 instead of the clamped e^-87 ≈ 1.6e-38, whose products with the values
+// are denormal floats (slow everywhere: a padded batch ran 14x slower through the GEMMs) and
+// let values behind the mask leak in. fp64 keeps exp (its masked terms underflow to 0).
+inline float softmax_weight(float x) { return x < -64.0f ? 0.0f : exp_nonpositive(x); }
+inline double softmax_weight(double x) { return std::exp(x); }
+
 }  // namespace ptpeft_cpu

@@ -23,7 +23,7 @@
 namespace {
 
 using ptpeft_cpu::dot;
-using ptpeft_cpu::exp_nonpositive;
+using ptpeft_cpu::softmax_weight;
 using ptpeft_cpu::sum_of;
 
 template <typename T, typename A>
@@ -72,7 +72,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         w[P + j] = s;
         mx = std::max(mx, s);
       }
-      for (int64_t j = 0; j < P + S; ++j) w[j] = exp_nonpositive(w[j] - mx);
+      for (int64_t j = 0; j < P + S; ++j) w[j] = softmax_weight(w[j] - mx);  // masked keys: exactly 0
       const A denom = sum_of(w.data(), P + S);
       std::fill(acc.begin(), acc.end(), A(0));
       for (int64_t j = 0; j < P; ++j) axpy<T, A>(acc.data(), w[j], pvp + g * pvs[0] + j * pvs[1], D);

@@ -32,7 +32,7 @@ namespace {
 
 using ptpeft_cpu::max_of;
 using ptpeft_cpu::sum_of;
-using ptpeft_cpu::exp_nonpositive;
+using ptpeft_cpu::softmax_weight;
 
 // pointer to row (b, h, l) of a [B, H, L, D] tensor with unit stride in D
 template <typename T>
@@ -87,8 +87,8 @@ inline void scores(const float* const* x, int n, const float* mt, float (*s)[16 
 inline void joint_softmax(float* s, int64_t P, float l1, float scale, float* w1, float* lse) {
   for (int64_t j = 0; j < P; ++j) s[j] *= scale;
   const float m = std::max(l1, max_of(s, P));
-  for (int64_t j = 0; j < P; ++j) s[j] = exp_nonpositive(s[j] - m);
-  const float w = exp_nonpositive(l1 - m);
+  for (int64_t j = 0; j < P; ++j) s[j] = softmax_weight(s[j] - m);
+  const float w = softmax_weight(l1 - m);  // a fully masked row: exactly 0
   const float z = sum_of(s, P) + w;
   const float inv = 1.0f / z;
   for (int64_t j = 0; j < P; ++j) s[j] *= inv;

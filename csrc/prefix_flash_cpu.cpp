@@ -40,7 +40,7 @@
 
 namespace {
 
-using ptpeft_cpu::exp_nonpositive;
+using ptpeft_cpu::softmax_weight;
 
 typedef void (*sgemm_fn)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
                          const int*, const float*, const int*, const float*, float*, const int*);
@@ -144,12 +144,6 @@ void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, cons
   }
 }
 
-// exp(x) for x <= 0, exactly 0 below -64: a row's largest term is 1, so terms under e^-64 ≈ 1.6e-28
-// cannot change an fp32 sum, and masked keys (score ≈ finfo.min) then give 0, not the clamped
-// e^-87 ≈ 1.6e-38, whose products in the GEMMs are denormal floats (10x slower, measured 14x
-// on a padded batch).
-inline float prob(float x) { return x < -64.0f ? 0.0f : exp_nonpositive(x); }
-
 // Softmax of one block's rows in place: E = exp(S - rowmax), zero where masked; returns via
 // inv_z[i] = 1 / rowsum and lse[i] = rowmax + log(rowsum). Row i sees `P + m0 + i + 1` keys
 // under the causal mask, all `n` otherwise.
@@ -159,7 +153,7 @@ void block_softmax(float* S, int64_t lds, int64_t rows, int64_t n, int64_t first
     float* s = S + i * lds;
     const int64_t valid = causal ? first_valid + i : n;
     const float m = ptpeft_cpu::max_of(s, valid);
-    for (int64_t j = 0; j < valid; ++j) s[j] = prob(s[j] - m);
+    for (int64_t j = 0; j < valid; ++j) s[j] = softmax_weight(s[j] - m);
     for (int64_t j = valid; j < n; ++j) s[j] = 0.0f;
     const float z = ptpeft_cpu::sum_of(s, valid);
     inv_z[i] = 1.0f / z;
@@ -239,7 +233,7 @@ void backward_head(const Shape& sh, const Mask& M, int64_t b, int64_t h, const R
       const float li = l[i];
       const float delta = ptpeft_cpu::dot(g0 + i * dO.ld, o0 + i * O.ld, D);
       for (int64_t j = 0; j < valid; ++j) {
-        const float pr = prob(sp[j] - li);
+        const float pr = softmax_weight(sp[j] - li);
         sp[j] = pr;
         dp[j] = pr * (dp[j] - delta);
       }

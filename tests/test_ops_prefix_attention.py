@@ -812,3 +812,22 @@ def test_flash_prefix_masked_keys_weigh_exactly_zero(monkeypatch):
     v[1, :, :15] = 1e36  # the padded keys of row 1
     _compare(q, k, v, pk, pv, g, causal=True, attn_mask=mask)
     assert calls
+
+
+def test_decode_step_masked_keys_weigh_exactly_zero():
+    """The decode op gives padded cache entries weight 0: values of 1e36 behind the mask stay out
+    (a clamped e^-87 weight let them in at 1e-38 of their size, and its products were denormal)."""
+    from ptpeft_fast import _ext
+    from ptpeft_fast.ops import prefix_decode_step
+
+    assert _ext.load_ext(), f"the csrc extension must build here (DESIGN §4): {_ext.ext_error()}"
+    q, k, v, pk, pv, _ = _inputs(2, 4, 2, 1, 20, 3, 32, seed=31)
+    mask = torch.ones(2, 1, 1, 20, dtype=torch.bool)
+    mask[1, ..., :7] = False  # left padding of row 1
+    v = v.clone()
+    v[1, :, :7] = 1e36
+    with torch.no_grad():
+        out = prefix_decode_step(q, k, v, pk, pv, mask, None)
+    assert out is not None
+    ref = prefix_attention_reference(*(t.double() for t in (q, k, v, pk, pv)), causal=False, attn_mask=mask)
+    assert _rel(out, ref) <= 1e-5

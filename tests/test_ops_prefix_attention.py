@@ -674,7 +674,7 @@ def _flash_ops_or_fail():
 
     assert _ext.load_ext(), f"the csrc extension must build here (DESIGN §4): {_ext.ext_error()}"
     pa = importlib.import_module("ptpeft_fast.ops.prefix_attention")
-    ops = pa._flash_prefix_ops(torch.zeros(1, 1, 1, 64), torch.zeros(1, 1, 64))
+    ops = pa._flash_prefix_ops(torch.zeros(1, 1, 1, 64), torch.zeros(1, 1, 1, 64), torch.zeros(1, 1, 64))
     assert ops is not None, "flash_prefix_forward/backward are unavailable (no BLAS sgemm in torch?)"
     return pa, ops
 
@@ -746,12 +746,14 @@ def test_flash_prefix_without_autograd_and_with_expanded_grad(monkeypatch):
 def test_flash_prefix_declines_what_it_does_not_cover(monkeypatch):
     pa, _ = _flash_ops_or_fail()
     q = torch.zeros(1, 1, 8, 64)
-    assert pa._flash_prefix_ops(q.double(), torch.zeros(1, 2, 64).double()) is None  # fp64: the ATen path
-    assert pa._flash_prefix_ops(q, torch.zeros(1, 1, 2, 64)) is None  # per-batch prefix
-    assert pa._flash_prefix_ops(q.bfloat16(), torch.zeros(1, 2, 64).bfloat16()) is None
-    monkeypatch.setattr(pa, "FLASH_PREFIX_MAX_KEYS", 9)
-    assert pa._flash_prefix_ops(q, torch.zeros(1, 2, 64)) is None  # P + L = 10 keys
-    assert pa._flash_prefix_ops(torch.zeros(1, 1, 8, 64, device="meta"), torch.zeros(1, 2, 64, device="meta")) is None
+    assert pa._flash_prefix_ops(q.double(), q.double(), torch.zeros(1, 2, 64).double()) is None  # fp64: the ATen path
+    assert pa._flash_prefix_ops(q, q, torch.zeros(1, 1, 2, 64)) is None  # per-batch prefix
+    assert pa._flash_prefix_ops(q.bfloat16(), q.bfloat16(), torch.zeros(1, 2, 64).bfloat16()) is None
+    meta = torch.zeros(1, 1, 8, 64, device="meta")
+    assert pa._flash_prefix_ops(meta, meta, torch.zeros(1, 2, 64, device="meta")) is None
+    monkeypatch.setattr(pa, "FLASH_PREFIX_MAX_KEYS", 12)
+    assert pa._flash_prefix_ops(q, q, torch.zeros(1, 2, 64)) is not None  # P + S = 10 keys
+    assert pa._flash_prefix_ops(q[:, :, :1], q, torch.zeros(1, 5, 64)) is None  # P + S = 13 (one query, a long cache)
 
 
 def test_flash_prefix_op_checks_its_inputs():

@@ -480,13 +480,13 @@ def prefix_attention(
             if mask is not None and mask.dim() == 2:
                 mask = mask.view(1, 1, L, S)
             return decode(q, k, v, prefix_k.contiguous(), prefix_v.contiguous(), mask, scale)
-    flash = _flash_prefix_ops(q, prefix_k)
+    flash = _flash_prefix_ops(q, k, prefix_k)
     if flash is not None:  # one softmax over prefix + real keys by blocks of query rows (C++)
         q, k, v = (_dense_rows(t) for t in (q, k, v))
         if mask is not None:
             mask = (mask.view(1, 1, L, S) if mask.dim() == 2 else mask).contiguous()
         if needs_grad:
-            return _FlashPrefixFn.apply(q, k, v, prefix_k, prefix_v, mask, flash_causal, scale)
+            return _FlashPrefixFn.apply(q, k, v, prefix_k, prefix_v, mask, flash_causal, scale, flash)
         return flash[0](q, k, v, prefix_k, prefix_v, mask, flash_causal, scale)[0]
     if not needs_grad and prefix_k.dim() == 3 and q.dtype in (torch.float32, torch.float64):
         return _inference_forward(q, k, v, prefix_k, prefix_v, mask, flash_causal, scale)
@@ -496,7 +496,7 @@ def prefix_attention(
 FLASH_PREFIX_MAX_KEYS = 4096  # P + S up to which the block path runs; beyond, ATen's key-blocked kernel is faster
 
 
-def _flash_prefix_ops(q: torch.Tensor, prefix_k: torch.Tensor):
+def _flash_prefix_ops(q: torch.Tensor, k: torch.Tensor, prefix_k: torch.Tensor):
     """``(forward, backward)`` of ``csrc/prefix_flash_cpu.cpp`` where it applies, else None.
 
     It applies to fp32 CPU tensors with a batch-shared prefix and at most
@@ -510,7 +510,7 @@ def _flash_prefix_ops(q: torch.Tensor, prefix_k: torch.Tensor):
         or q.dtype != torch.float32
         or prefix_k.dim() != 3
         or prefix_k.dtype != torch.float32
-        or prefix_k.shape[1] + q.shape[2] > FLASH_PREFIX_MAX_KEYS
+        or prefix_k.shape[1] + k.shape[2] > FLASH_PREFIX_MAX_KEYS
     ):
         return None
     fwd = cpu_ext_op("flash_prefix_forward")
@@ -539,8 +539,8 @@ class _FlashPrefixFn(torch.autograd.Function):
     recomputes the block's probabilities (flash style: nothing ``[L, S]``-sized is stored)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, mask, causal: bool, scale: float):  # type: ignore[override]
-        fwd, bwd = _flash_prefix_ops(q, prefix_k)
+    def forward(ctx, q, k, v, prefix_k, prefix_v, mask, causal: bool, scale: float, ops):  # type: ignore[override]
+        fwd, bwd = ops  # the pair prefix_attention chose (_flash_prefix_ops)
         out, lse = fwd(q, k, v, prefix_k, prefix_v, mask, causal, scale)
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v, mask, out, lse)
         ctx.bwd, ctx.causal, ctx.scale = bwd, causal, scale
@@ -553,7 +553,7 @@ class _FlashPrefixFn(torch.autograd.Function):
         need = ctx.needs_input_grad
         grads = ctx.bwd(_dense_rows(grad_out.to(q.dtype)), q, k, v, prefix_k, prefix_v, mask, out, lse, ctx.causal,
                         ctx.scale, any(need[:3]))
-        return tuple(g if n else None for g, n in zip(grads, need[:5])) + (None, None, None)
+        return tuple(g if n else None for g, n in zip(grads, need[:5])) + (None, None, None, None)
 
 
 def _prefix_block_ops(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, out1: torch.Tensor):

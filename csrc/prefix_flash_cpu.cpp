@@ -117,6 +117,13 @@ struct Shape {
   int64_t row_width() const { return P + S; }
 };
 
+// BLAS reads rows of a [B, H, T, D] tensor with one leading dimension: unit-stride features,
+// rows that do not overlap.
+void check_dense_rows(const char* op, const at::Tensor& t) {
+  TORCH_CHECK(t.size(3) <= 1 || (t.stride(3) == 1 && (t.size(2) <= 1 || t.stride(2) >= t.size(3))), op,
+              ": tensors need a unit-stride head dim and rows that do not overlap");
+}
+
 void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pk,
                   const at::Tensor& pv, const c10::optional<at::Tensor>& mask, bool causal) {
   TORCH_CHECK(blas_sgemm() != nullptr, op, ": torch exports no sgemm (see flash_prefix_available)");
@@ -128,10 +135,7 @@ void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, cons
   TORCH_CHECK(pk.dim() == 3 && pv.sizes() == pk.sizes() && pk.size(0) == k.size(1) && pk.size(2) == q.size(3), op,
               ": prefix_k/v must be [Hkv, P, D]");
   TORCH_CHECK(!causal || q.size(2) == k.size(2), op, ": causal needs as many queries as keys (L == S)");
-  for (const at::Tensor* t : {&q, &k, &v})
-    TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, op, ": q/k/v need a unit-stride head dim");
-  for (const at::Tensor* t : {&q, &k, &v})
-    TORCH_CHECK(t->size(2) <= 1 || t->stride(2) >= t->size(3), op, ": q/k/v rows must not overlap");
+  for (const at::Tensor* t : {&q, &k, &v}) check_dense_rows(op, *t);
   TORCH_CHECK(q.numel() < (int64_t{1} << 31) && k.numel() < (int64_t{1} << 31), op, ": tensors too large for 32-bit BLAS");
   if (mask.has_value() && mask->defined()) {
     const at::Tensor& m = *mask;
@@ -207,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor> flash_prefix_forward(const at::Tensor& q, con
 // per-query-head scratch) and dKp/dVp ([P, D]) are accumulated; dQ is written.
 void backward_head(const Shape& sh, const Mask& M, int64_t b, int64_t h, const Rows& dO, const Rows& Q, const Rows& K,
                    const Rows& V, const Rows& O, const float* lse, const float* pk, const float* pv, float scale, bool need_qkv,
-                   const Rows* dQ, float* dK, int64_t ldk, float* dV, int64_t ldv, float* dKp, float* dVp,
+                   const Rows& dQ, float* dK, int64_t ldk, float* dV, int64_t ldv, float* dKp, float* dVp,
                    std::vector<float>& sbuf, std::vector<float>& dpbuf) {
   const int64_t P = sh.P, D = sh.D, lds = sh.row_width(), g = h / sh.G, qb = query_block(lds);
   const float* kp = pk + g * P * D;
@@ -245,9 +249,9 @@ void backward_head(const Shape& sh, const Mask& M, int64_t b, int64_t h, const R
     if (!need_qkv) continue;
     gemm(true, false, nreal, D, rows, 1.0f, Sc + P, lds, g0, dO.ld, 1.0f, dV, ldv);
     gemm(true, false, nreal, D, rows, scale, dP + P, lds, q0, Q.ld, 1.0f, dK, ldk);
-    float* dq0 = dQ->at(b, h, m0);
-    gemm(false, false, rows, D, P, scale, dP, lds, kp, D, 0.0f, dq0, dQ->ld);
-    gemm(false, false, rows, D, nreal, scale, dP + P, lds, K.at(b, g), K.ld, P > 0 ? 1.0f : 0.0f, dq0, dQ->ld);
+    float* dq0 = dQ.at(b, h, m0);
+    gemm(false, false, rows, D, P, scale, dP, lds, kp, D, 0.0f, dq0, dQ.ld);
+    gemm(false, false, rows, D, nreal, scale, dP + P, lds, K.at(b, g), K.ld, P > 0 ? 1.0f : 0.0f, dq0, dQ.ld);
   }
 }
 
@@ -263,9 +267,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_pre
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() && grad_out.scalar_type() == at::kFloat &&
                   out.scalar_type() == at::kFloat && grad_out.device().is_cpu() && out.device().is_cpu(),
               name, ": grad_out and out must be float32 CPU tensors of q's shape");
-  for (const at::Tensor* t : {&grad_out, &out})
-    TORCH_CHECK(t->size(3) <= 1 || (t->stride(3) == 1 && (t->size(2) <= 1 || t->stride(2) >= t->size(3))), name,
-                ": grad_out/out need a unit-stride head dim and non-overlapping rows");
+  for (const at::Tensor* t : {&grad_out, &out}) check_dense_rows(name, *t);
   TORCH_CHECK(lse.is_contiguous() && lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
                   lse.size(2) == q.size(2) && lse.scalar_type() == at::kFloat,
               name, ": lse must be the forward's contiguous [B, H, L]");
@@ -294,9 +296,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_pre
   at::Tensor dpv_part = at::zeros({tasks, P, D}, q.options());
   if (q.numel() > 0 && sh.S + P > 0) {
     const Rows dO(grad_out), Q(q), K(k), V(v), O(out);
-    const Rows* dQ = nullptr;
-    Rows dq_rows = need_qkv ? Rows(dq) : Rows(q);
-    if (need_qkv) dQ = &dq_rows;
+    // without q/k/v gradients these are never written (backward_head stops before them)
+    const Rows dQ = need_qkv ? Rows(dq) : Rows(q);
     const Rows dKr = need_qkv ? Rows(dk_acc) : Rows(k), dVr = need_qkv ? Rows(dv_acc) : Rows(v);
     const float* lp = lse.data_ptr<float>();
     const float* pkp = pk.data_ptr<float>();

@@ -1,6 +1,6 @@
 """Just-in-time build of the ``csrc/`` extension (batched spectrum ops, and the CPU fast paths:
 prefix attention by blocks of query rows, decode attention, LoRA factor gradients, the prefix
-block of the masked attention path, the adapter by row blocks).
+block of the general attention path, the adapter by row blocks).
 
 The extension is compiled once with ninja through :func:`torch.utils.cpp_extension.load`
 into the user cache directory (``$PTPEFT_FAST_CACHE``, else ``$XDG_CACHE_HOME/ptpeft_fast``,

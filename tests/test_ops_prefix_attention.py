@@ -774,7 +774,7 @@ def test_flash_prefix_op_checks_its_inputs():
 
 
 @pytest.mark.parametrize("mask_kind", ["padding-causal", "padding-only-causal-flag-off", "additive-broadcast",
-                                       "key-padding-row-mask", "causal-S>L", "fully-padded-row"])
+                                       "additive-expanded", "key-padding-row-mask", "causal-S>L", "fully-padded-row"])
 def test_flash_prefix_with_masks(mask_kind, monkeypatch):
     """Masks over the real keys are added to the block's scores: padding (with and without the
     causal skip), broadcast additive masks, bottom-right causal with S > L, and a query row whose
@@ -792,6 +792,8 @@ def test_flash_prefix_with_masks(mask_kind, monkeypatch):
         mask, causal = _padding_mask(B, L, S, [70, 41, 9], "right", False), False
     elif mask_kind == "additive-broadcast":
         mask = torch.randn(1, H, L, S, generator=g)
+    elif mask_kind == "additive-expanded":  # stride-0 dims, read in place
+        mask = torch.randn(B, 1, 1, S, generator=g).expand(B, H, L, S)
     elif mask_kind == "key-padding-row-mask":
         mask = _padding_mask(B, 1, S, [70, 33, 2], "left", False)  # [B, 1, 1, S]
     elif mask_kind == "fully-padded-row":

@@ -455,9 +455,10 @@ def prefix_attention(
     # ATen's CPU kernel kills the process (SIGFPE) when L == 0 or S == 0 and cannot take B == 0:
     # empty sizes take the math path. It also reads q/k/v as if the head dim had unit stride
     # (public SDPA guarantees that; we call the kernel directly), and takes 2-D or 4-D masks only.
+    # The BLAS calls of the block path also need rows that do not overlap (_dense_rows).
     empty = q.shape[0] == 0 or L == 0 or S == 0
     if not empty:
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        q, k, v = (_dense_rows(t) for t in (q, k, v))
     if attn_mask is not None and attn_mask.dim() == 3:
         attn_mask = attn_mask.unsqueeze(0)
     if empty or dropout_p > 0.0 or (attn_mask is not None and attn_mask.requires_grad) or q.device.type != "cpu":
@@ -482,9 +483,9 @@ def prefix_attention(
             return decode(q, k, v, prefix_k.contiguous(), prefix_v.contiguous(), mask, scale)
     flash = _flash_prefix_ops(q, k, prefix_k)
     if flash is not None:  # one softmax over prefix + real keys by blocks of query rows (C++)
-        q, k, v = (_dense_rows(t) for t in (q, k, v))
-        if mask is not None:
-            mask = (mask.view(1, 1, L, S) if mask.dim() == 2 else mask).contiguous()
+        if mask is not None:  # broadcast (size-1 or expanded) dims are read in place; keys need unit stride
+            mask = mask[None, None] if mask.dim() == 2 else mask
+            mask = mask if mask.stride(-1) == 1 else mask.contiguous()
         if needs_grad:
             return _FlashPrefixFn.apply(q, k, v, prefix_k, prefix_v, mask, flash_causal, scale, flash)
         return flash[0](q, k, v, prefix_k, prefix_v, mask, flash_causal, scale)[0]

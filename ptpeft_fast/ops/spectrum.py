@@ -158,6 +158,10 @@ def singular_values(features: torch.Tensor, lengths: torch.Tensor | None = None,
     """
     features, lengths = _validate(features, lengths, check_finite=False)
     if resolve_spectrum_backend(backend, features) == "csrc":
+        if features.is_cuda and features.dtype == torch.float32:
+            # The CUDA kernel has no float64 refinement of rank-deficient samples (the CPU one
+            # has): its float32 Gram misses the fp32 tolerance there, so it solves in float64.
+            return torch.ops.ptpeft_fast.singular_values(features.detach().double(), lengths).float()
         return torch.ops.ptpeft_fast.singular_values(features.detach(), lengths)
     _validate(features, lengths)
     return _torch_singular_values(features.detach(), lengths)
@@ -172,6 +176,8 @@ def spectrum_stats(
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     features, lengths = _validate(features, lengths, check_finite=False)
     if resolve_spectrum_backend(backend, features) == "csrc":
+        if features.is_cuda and features.dtype == torch.float32:
+            features = features.double()  # see singular_values
         return RawSpectrumStats(*torch.ops.ptpeft_fast.spectrum_stats(features.detach(), lengths, float(threshold)))
     _validate(features, lengths)
     s = _torch_singular_values(features.detach(), lengths)

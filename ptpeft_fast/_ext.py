@@ -9,6 +9,13 @@ registers its ops under ``torch.ops.ptpeft_fast``. If no compiler works the buil
 reported by ONE warning and callers use the torch path; nothing here raises.
 
 Set ``PTPEFT_FAST_NO_EXT=1`` to skip the extension entirely (the torch path runs).
+
+Instruction-set variants: the CPU sources are built for one of :data:`CPU_VARIANTS` —
+``avx512`` (AVX-512F/VL; the only build that registers the LoRA factor-gradient and prefix-block
+ops), ``avx2`` (AVX2 + FMA) or ``generic`` (the compiler's baseline). By default the best one
+this CPU executes; ``PTPEFT_FAST_CPU_ISA=<variant>`` selects another at build time (each variant
+has its own cache key), which is how the test suite runs the portable variant on an AVX-512
+host. A variant this CPU cannot execute is refused (the torch path runs), never loaded.
 """
 from __future__ import annotations
 
@@ -16,13 +23,16 @@ import functools
 import hashlib
 import logging
 import os
+import platform
+import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-__all__ = ["csrc_dir", "cache_dir", "load_ext", "ext_error", "has_kernel"]
+__all__ = ["CPU_VARIANTS", "csrc_dir", "cache_dir", "load_ext", "ext_error", "has_kernel", "executable_variants",
+           "requested_variant", "loaded_variant", "compile_variant", "missing_cpu_flags", "ISA_ENV"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +42,17 @@ _CUDA_SOURCES = ("spectrum_cuda.cu", "spectrum_cuda_binding.cpp")
 _HEADERS = ("spectrum_cuda.h", "cpu_math.h")
 
 _error: list[str] = []
+_loaded: list[str] = []  # the variant this process built and loaded (plain value, set once)
+
+#: Instruction-set variants of the CPU build, best first, with their compiler flags.
+CPU_VARIANTS: dict[str, tuple[str, ...]] = {
+    "avx512": ("-mavx2", "-mfma", "-mavx512f", "-mavx512vl"),
+    "avx2": ("-mavx2", "-mfma"),
+    "generic": (),
+}
+# /proc/cpuinfo flags each variant needs (x86-64); "generic" needs none.
+_VARIANT_CPU_FLAGS = {"avx512": ("avx2", "fma", "avx512f", "avx512vl"), "avx2": ("avx2", "fma"), "generic": ()}
+ISA_ENV = "PTPEFT_FAST_CPU_ISA"
 
 
 def csrc_dir() -> Path | None:
@@ -69,17 +90,66 @@ def _want_cuda() -> bool:
     return CUDA_HOME is not None
 
 
-def _cpu_flags() -> list[str]:
-    """SIMD and OpenMP flags for the CPU sources.
+@functools.lru_cache(maxsize=None)
+def _host_flags() -> frozenset[str] | None:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (None where there is none to read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        line = next(ln for ln in text.splitlines() if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        return None
+    return frozenset(line.split(":", 1)[1].split())
 
-    AVX2 + FMA (and AVX-512 where torch reports it) let the decode op's dot products and
-    exponentials and the LoRA kernel's FMAs vectorise (the decode op about 1.5x faster). The
-    build cache is keyed by these flags, so a cache shared with an older CPU never loads
-    these instructions there. OpenMP: ``at::parallel_for`` is a header template that runs
-    serially unless the extension itself is compiled with ``-fopenmp``.
+
+def missing_cpu_flags(variant: str) -> list[str]:
+    """The CPU features ``variant`` needs and this machine lacks (empty: it can execute it)."""
+    if variant == "generic":
+        return []
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ["x86-64"]  # the -m flags exist only for x86-64 compilers
+    have = _host_flags()
+    if have is None:  # no /proc/cpuinfo: trust torch's own capability
+        cap = torch.backends.cpu.get_cpu_capability()
+        have = frozenset(_VARIANT_CPU_FLAGS["avx512" if cap == "AVX512" else "avx2" if cap == "AVX2" else "generic"])
+    return [f for f in _VARIANT_CPU_FLAGS[variant] if f not in have]
+
+
+def executable_variants() -> tuple[str, ...]:
+    """The CPU variants this machine can execute, best first (``generic`` always)."""
+    return tuple(v for v in CPU_VARIANTS if not missing_cpu_flags(v))
+
+
+def requested_variant() -> str:
+    """The variant this process builds: ``$PTPEFT_FAST_CPU_ISA`` when set, else the best executable one.
+
+    Raises:
+        ValueError: an unknown name, or a variant this CPU cannot execute (named with the fix).
     """
-    cap = torch.backends.cpu.get_cpu_capability()
-    flags = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512vl"]}.get(cap, [])
+    want = os.environ.get(ISA_ENV, "").strip().lower()
+    if not want or want == "native":
+        return executable_variants()[0]
+    if want not in CPU_VARIANTS:
+        raise ValueError(f"{ISA_ENV}={want!r} is not one of {sorted(CPU_VARIANTS)} or 'native'")
+    if want not in executable_variants():
+        raise ValueError(f"{ISA_ENV}={want}: this CPU cannot execute that variant (it runs "
+                         f"{', '.join(executable_variants())}); unset {ISA_ENV} to build the best one")
+    return want
+
+
+def loaded_variant() -> str | None:
+    """The variant of the extension this process loaded (None before :func:`load_ext` succeeded)."""
+    return _loaded[0] if _loaded else None
+
+
+def _cpu_flags(variant: str) -> list[str]:
+    """SIMD and OpenMP flags for the CPU sources of ``variant``.
+
+    AVX2 + FMA (and AVX-512) let the decode op's dot products and exponentials and the LoRA
+    kernel's FMAs vectorise (the decode op about 1.5x faster). The build cache is keyed by
+    these flags, so variants never load each other's build. OpenMP: ``at::parallel_for`` is a
+    header template that runs serially unless the extension itself is compiled with ``-fopenmp``.
+    """
+    flags = list(CPU_VARIANTS[variant])
     if _openmp_ok():
         flags.append("-fopenmp")
     return flags
@@ -90,10 +160,8 @@ def _openmp_ok() -> bool:
     return torch.backends.openmp.is_available() and sys.platform.startswith("linux")
 
 
-def _build(src: Path, with_cuda: bool) -> None:
-    from torch.utils.cpp_extension import load
-
-    names = _CPU_SOURCES + (_CUDA_SOURCES if with_cuda else ())
+def _build_tag(src: Path, names: tuple[str, ...], flags: list[str], with_cuda: bool) -> str:
+    """Cache key: the sources, the headers, torch's version and the build flags."""
     digest = hashlib.sha256()
     for name in names + _HEADERS:
         path = src / name
@@ -102,17 +170,24 @@ def _build(src: Path, with_cuda: bool) -> None:
             digest.update(path.read_bytes())
     digest.update(torch.__version__.encode())
     digest.update(str(with_cuda).encode())
-    cpu_flags = _cpu_flags()
-    digest.update(" ".join(cpu_flags).encode())
-    tag = digest.hexdigest()[:16]
+    digest.update(" ".join(flags).encode())
+    return digest.hexdigest()[:16]
+
+
+def _build(src: Path, with_cuda: bool, variant: str) -> None:
+    from torch.utils.cpp_extension import load
+
+    names = _CPU_SOURCES + (_CUDA_SOURCES if with_cuda else ())
+    cpu_flags = _cpu_flags(variant)
     # The module name carries the hash so two versions never collide in one cache or process.
-    name = f"ptpeft_fast_ext_{tag}"
+    name = f"ptpeft_fast_ext_{_build_tag(src, names, cpu_flags, with_cuda)}"
     build_dir = cache_dir() / "ext" / name
     build_dir.mkdir(parents=True, exist_ok=True)
     cflags = ["-O3", *cpu_flags] + (["-DPTPEFT_FAST_WITH_CUDA"] if with_cuda else [])
     if not (build_dir / f"{name}.so").exists():
         # the first call otherwise looks like a hang: a CPU build takes about a minute on 2 cores
-        logger.warning("ptpeft_fast: compiling the C++ extension once (about a minute); cached in %s", build_dir)
+        logger.warning("ptpeft_fast: compiling the C++ extension (%s variant) once (about a minute); cached in %s",
+                       variant, build_dir)
     load(
         name=name,
         sources=[str(src / n) for n in names],
@@ -139,17 +214,23 @@ def load_ext() -> bool:
         _error.append("disabled by PTPEFT_FAST_NO_EXT=1")
         return False
     src = csrc_dir()
+    variant = None
+    try:
+        variant = requested_variant()
+    except ValueError as exc:
+        _error.append(str(exc))
     if src is None:
         _error.append("csrc/ sources not found next to the package")
-    else:
+    elif variant is not None:
         attempts = [True, False] if _want_cuda() else [False]
         for with_cuda in attempts:
             try:
-                _build(src, with_cuda)
+                _build(src, with_cuda, variant)
                 break
             except Exception as exc:  # compiler missing, ninja missing, build error...
                 _error.append(f"{'CUDA' if with_cuda else 'CPU'} build failed: {type(exc).__name__}: {exc}")
     if has_kernel("singular_values", "CPU"):
+        _loaded.append(variant)
         return True
     warnings.warn(
         "ptpeft_fast: the C++ extension (spectrum statistics, CPU attention and LoRA fast paths) is unavailable, "
@@ -163,3 +244,43 @@ def load_ext() -> bool:
 def ext_error() -> str | None:
     """Why the extension did not load (None when it loaded or was never tried)."""
     return "; ".join(_error) if _error else None
+
+
+def compile_variant(variant: str) -> None:
+    """Compile (not load) the CPU sources for ``variant``: the check for a variant this CPU cannot
+    execute. Each source goes through the C++ compiler with the flags of a real build; a success is
+    remembered in the cache (keyed like a build), so a later call returns at once.
+
+    Raises:
+        ValueError: unknown variant.
+        RuntimeError: the sources are missing, or a compile failed (its compiler output included).
+    """
+    if variant not in CPU_VARIANTS:
+        raise ValueError(f"variant {variant!r} is not one of {sorted(CPU_VARIANTS)}")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torch.utils.cpp_extension import include_paths
+
+    src = csrc_dir()
+    if src is None:
+        raise RuntimeError("csrc/ sources not found next to the package")
+    flags = _cpu_flags(variant)
+    stamp = cache_dir() / "compile-check" / f"{variant}-{_build_tag(src, _CPU_SOURCES, flags, False)}.ok"
+    if stamp.is_file():
+        return
+    cxx = os.environ.get("CXX", "c++")
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    base = [cxx, "-c", "-O3", "-std=c++17", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+            "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=ptpeft_fast_compile_check",
+            *[f"-isystem{p}" for p in include_paths()], *flags, "-o", os.devnull]
+
+    def one(name: str) -> str | None:
+        run = subprocess.run([*base, str(src / name)], capture_output=True, text=True)
+        return None if run.returncode == 0 else f"{name}:\n{run.stderr[-3000:]}"
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(_CPU_SOURCES), os.cpu_count() or 1))) as pool:
+        failures = [f for f in pool.map(one, _CPU_SOURCES) if f]
+    if failures:
+        raise RuntimeError(f"the {variant} variant does not compile:\n" + "\n".join(failures))
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(" ".join(base) + "\n")

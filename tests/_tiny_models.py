@@ -94,3 +94,18 @@ def randomize(model, *substrings: str, std: float = 0.5, seed: int = 0) -> None:
         for n, p in model.named_parameters():
             if any(s in n for s in substrings):
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+
+
+def greedy_by_forward(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decoding of one unpadded row ``ids [1, L]`` by full forward passes (no KV cache):
+    the argmax of the last position's logits, appended ``steps`` times; returns ``[1, L + steps]``.
+
+    The oracle for ``generate``: it needs nothing but the model's forward pass, so it does not move
+    when a peer's (or transformers') cache handling changes.
+    """
+    seq = ids
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = model(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    return seq

@@ -92,6 +92,14 @@ def test_ptlora_matches_peft_lora_given_the_same_prefix():
     assert not torch.allclose(a["loss"], plain)
 
 
+def test_decode_tokens_equal_greedy_by_our_forward_and_peft_forward_agrees():
+    """The decode case's oracles: our own stepwise forward for the tokens, PEFT's forward pass
+    (not its ``generate``) for the logits of the sequences generated."""
+    r = _tiny("decode").extra["check"]()
+    assert torch.equal(r["generated"], r["greedy_by_forward"])
+    assert C.rel_err(r["ours_logits"], r["peft_forward_logits"]) <= 1e-5
+
+
 def test_bench_files_name_existing_sides():
     """Every parametrised side of every benchmark test exists in its case."""
     for mod_name, prefix in (("benchmarks.test_bench_ops", "test_"), ("benchmarks.test_bench_models", "test_")):

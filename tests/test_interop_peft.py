@@ -8,7 +8,7 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
-from _tiny_models import batch, blip2_inputs, load, logits, randomize, real
+from _tiny_models import batch, blip2_inputs, greedy_by_forward, load, logits, randomize, real
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 
@@ -128,12 +128,19 @@ def test_prefix_from_peft_dir_same_logits_and_generation(kind, projection, tmp_p
         pm2 = PeftModel.from_pretrained(load(kind), to_peft(ours, tmp_path / "back")).eval()
         assert_close(real(logits(pm2, ids, mask), mask), real(logits(ours, ids, mask), mask))
     elif not projection:
-        ids, mask = batch(3)  # generate numbers left-padded rows from the mask in both
-        kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        # PEFT's prefix `generate` is no oracle: on transformers >= 5.24 its scores disagree with
+        # PEFT's own forward (docs/peers.md). Ours, on a left-padded batch, must equal greedy
+        # decoding by our full forward, row by row; PEFT is compared by its forward pass on the
+        # sequences generated.
+        ids, mask = batch(3)
+        steps = 4
         with torch.no_grad():
-            a = ours.generate(input_ids=ids, attention_mask=mask, **kw)
-            b = pm.generate(input_ids=ids, attention_mask=mask, **kw)
-        assert torch.equal(a, b)
+            out = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0)
+        for row in range(ids.shape[0]):
+            ref = greedy_by_forward(ours, ids[row][mask[row].bool()].unsqueeze(0), steps)
+            assert torch.equal(out[row, -steps:], ref[0, -steps:]), (row, out[row], ref)
+            full = torch.ones_like(ref)
+            assert_close(logits(ours, ref, full), logits(pm, ref, full))
 
 
 def test_prefix_projection_from_peft_model_is_mlp_global_with_same_gradients():

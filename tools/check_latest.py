@@ -63,7 +63,9 @@ def install_failure(pip: str, name: str, version: str) -> str:
     """pip's last error line when installing exactly ``name==version`` into the venv (dry run)."""
     res = _run([pip, "install", "--dry-run", "--quiet", f"{name}=={version}"])
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("ERROR")]
-    return errors[0] if errors else ("installable" if res.returncode == 0 else res.stderr.strip()[-300:])
+    if errors:  # drop pip's list of the versions it did find
+        return re.sub(r" \(from versions: [^)]*\)", "", errors[0])
+    return "installable" if res.returncode == 0 else res.stderr.strip()[-300:]
 
 
 def failed_tests(junit: Path) -> list[str]:

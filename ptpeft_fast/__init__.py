@@ -9,6 +9,10 @@
 """
 __version__ = "0.1.0"
 
+from ._sources import install_checkout_finder
+
+install_checkout_finder()  # ptpeft_fast.kernels from an uninstalled checkout (see _sources)
+
 from .architectures import supported_model_types
 from .checkpoint import load, save
 from .disable import disabled

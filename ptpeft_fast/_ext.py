@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from ._sources import source_dir
+
 __all__ = ["CPU_VARIANTS", "csrc_dir", "cache_dir", "load_ext", "ext_error", "has_kernel", "executable_variants",
            "requested_variant", "loaded_variant", "compile_variant", "missing_cpu_flags", "ISA_ENV"]
 
@@ -57,11 +59,7 @@ ISA_ENV = "PTPEFT_FAST_CPU_ISA"
 
 def csrc_dir() -> Path | None:
     """Directory holding the C++/CUDA sources: inside the installed package, else the repo's ``csrc/``."""
-    here = Path(__file__).resolve().parent
-    for cand in (here / "csrc", here.parent / "csrc"):
-        if (cand / _CPU_SOURCES[0]).is_file():
-            return cand
-    return None
+    return source_dir("csrc", _CPU_SOURCES[0])
 
 
 def cache_dir() -> Path:

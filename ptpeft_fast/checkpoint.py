@@ -158,14 +158,14 @@ def _pre_patch_snapshot(model: nn.Module) -> dict[str, Any]:
 
 def _rollback_patch(model: nn.Module, snapshot: dict[str, Any]) -> None:
     """Undo the ``patch`` that :func:`load` applied, after a failure (best effort)."""
-    from .patching import _set_attn_implementation, _undo
+    from .patching import _undo, set_attention_implementation
 
     state = model.__dict__.get("_ptpeft")
     if state is None:
         return
     _undo(model, state)
     if state.prefix_layers:
-        _set_attn_implementation(model, state.previous_attn_implementation or "sdpa")
+        set_attention_implementation(model, state.previous_attn_implementation or "sdpa", state.prefix_layers)
     del model._ptpeft
     for n, p in model.named_parameters():
         p.requires_grad_(snapshot["requires_grad"].get(n, p.requires_grad))

@@ -90,7 +90,7 @@ def patch(model: nn.Module, config: PTPeftConfig | dict | None = None) -> nn.Mod
     if state.prefix_layers:
         name = attention.register()
         state.previous_attn_implementation = getattr(model.config, "_attn_implementation", None)
-        _set_attn_implementation(model, name)
+        set_attention_implementation(model, name, state.prefix_layers)
     model._ptpeft = state
     from .stages import set_stage
 
@@ -98,11 +98,22 @@ def patch(model: nn.Module, config: PTPeftConfig | dict | None = None) -> nn.Mod
     return model
 
 
-def _set_attn_implementation(model: nn.Module, name: str) -> None:
+def set_attention_implementation(model: nn.Module, name: str, attention_paths=()) -> None:
+    """``model.set_attn_implementation(name)``, and the same on the configs of the attention layers
+    at ``attention_paths`` where that did not reach them.
+
+    Some models copy their config into sub-models (T5's encoder and decoder stacks); transformers
+    5.17 does not update those copies, so the layers kept their attention and a T5 prefix did
+    nothing. Each layer reads ``self.config._attn_implementation``: it is set there directly.
+    """
     setter = getattr(model, "set_attn_implementation", None)
     if setter is None:
         raise ValueError(f"{type(model).__name__} has no set_attn_implementation: is it a transformers 5 model?")
     setter(name)
+    for path in attention_paths:
+        config = getattr(model.get_submodule(path), "config", None)
+        if config is not None and getattr(config, "_attn_implementation", name) != name:
+            config._attn_implementation = name
 
 
 def _undo(model: nn.Module, state: PatchState) -> None:

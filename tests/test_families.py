@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import importlib.util
 import math
 import tempfile
 from collections.abc import Callable
@@ -91,8 +92,10 @@ def _llava_ov_cfg():
 
 def _instructblip_cfg():
     return T.InstructBlipConfig(
+        # the vision config defaults to initializer_range=1e-10 (checkpoints overwrite it): from scratch the
+        # tower's output was ~1e-5 and new pixels moved the logits by 8e-8, so no vision test saw anything
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=16, patch_size=4),
+                           image_size=16, patch_size=4, initializer_range=0.02),
         qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                             encoder_hidden_size=32, vocab_size=VOCAB, pad_token_id=PAD),
         text_config=dict(model_type="llama", **TEXT), num_query_tokens=4, image_token_index=IMG)
@@ -389,6 +392,23 @@ def test_gradients_reach_exactly_the_intended_parameters(spec: Spec, record_prop
         assert got == want, (f"stage {stage}: unexpected {sorted(got - want)[:5]}, "
                              f"missing {sorted(want - got)[:5]}")
         assert all(torch.isfinite(p.grad).all() for n, p in model.named_parameters() if n in got)
+
+
+@pytest.mark.parametrize("spec", PARAMS)
+def test_prefix_alone_changes_the_output_in_every_component(spec: Spec) -> None:
+    """A prefix in one component at a time, nothing else: the logits move. A silent no-op (a layer
+    whose attention never reaches ours, as T5 on transformers 5.17 before the fix) fails here on
+    every stack the suite runs on."""
+    ref_model = base_model(spec)
+    inputs = make_inputs(spec, ref_model)
+    with torch.no_grad():
+        ref = logits_of(ref_model, inputs)
+    for comp in _components(spec, "prefix"):
+        cfg = pf.PTPeftConfig(prefix=pf.PrefixConfig(num_tokens=3, hidden_size=16, init_std=0.5, components=[comp]),
+                              lora=None, adapter=None)
+        model = pf.patch(base_model(spec), cfg).eval()
+        with torch.no_grad():
+            assert rel_err(logits_of(model, inputs), ref) > 1e-4, f"a prefix in {comp} does not change the output"
 
 
 @pytest.mark.parametrize("spec", PARAMS)
@@ -1016,7 +1036,10 @@ def test_processor_without_video_loads_and_names_the_folder_when_it_cannot(tmp_p
     proc.save_pretrained(tmp_path / "m")
     model, loaded = load_local_model(str(tmp_path / "m"))
     assert type(loaded).__name__ == "Qwen2VLProcessor" and isinstance(loaded, T.Qwen2VLProcessor)
-    assert type(loaded.image_processor).__name__ == "Qwen2VLImageProcessorPil"
+    # with torchvision (the oldest stack has it) AutoProcessor builds it, with transformers' choice of
+    # image processor; without, load_local_model's fallback gives the PIL one
+    if importlib.util.find_spec("torchvision") is None:
+        assert type(loaded.image_processor).__name__ == "Qwen2VLImageProcessorPil"
     assert loaded.image_processor.to_dict()["size"] == {"longest_edge": 256, "shortest_edge": 64}  # saved, not defaults
     (tmp_path / "m" / "processor_config.json").write_text('{"processor_class": "Qwen2VLProcessor"}')
     with pytest.raises(ValueError, match=r"m: cannot load the processor Qwen2VLProcessor.*without its video processor"):

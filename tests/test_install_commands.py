@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from check_latest import read_pins  # noqa: E402
 
 PINS = read_pins(ROOT / "constraints" / "tested.txt")
+OLDEST = read_pins(ROOT / "constraints" / "oldest.txt")
 
 
 def _readme_commands() -> list[str]:
@@ -61,11 +62,28 @@ def _declared_requirements() -> list[Requirement]:
 
 
 def test_pins_lie_inside_the_declared_ranges():
-    """Each pin satisfies setup.py's requirement for it: the tested stack is one users may get."""
+    """Each pin of both tested stacks satisfies setup.py's requirement for it."""
     checked = 0
+    for pins in (PINS, OLDEST):
+        for req in _declared_requirements():
+            pin = pins.get(re.sub(r"[-_.]+", "-", req.name).lower())
+            if pin is not None:
+                assert Version(pin) in req.specifier, f"{req.name}=={pin} is outside setup.py's {req.specifier}"
+                checked += 1
+    assert checked >= 30, checked
+
+
+def test_lower_bounds_are_the_oldest_tested_versions():
+    """Declared ranges are tested ranges: every ``>=`` bound is the oldest stack's version."""
     for req in _declared_requirements():
-        pin = PINS.get(re.sub(r"[-_.]+", "-", req.name).lower())
-        if pin is not None:
-            assert Version(pin) in req.specifier, f"{req.name}=={pin} is outside setup.py's {req.specifier}"
-            checked += 1
-    assert checked >= 10, checked
+        pin = OLDEST.get(re.sub(r"[-_.]+", "-", req.name).lower())
+        lows = [Version(spec.version) for spec in req.specifier if spec.operator == ">="]
+        if pin is None or not lows:
+            continue
+        low, have = lows[0], Version(pin)
+        assert have.release[:len(low.release)] == low.release, f"{req.name}>={low} but the oldest stack tests {pin}"
+
+
+def test_oldest_stack_is_the_gpu_machines():
+    for name, version in (("torch", "2.11.0"), ("triton", "3.6.0"), ("transformers", "5.17.0")):
+        assert OLDEST[name] == version, (name, OLDEST[name])

@@ -62,16 +62,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adapter_forward(const at::Tensor&
                                                                const c10::optional<at::Tensor>& down_b,
                                                                const at::Tensor& up_hat_t, c10::string_view activation,
                                                                bool residual, int64_t rows) {
-  check_inputs("adapter_forward", x, {&down_w, &up_hat_t}, rows);
+  check_inputs("adapter_blocked_forward", x, {&down_w, &up_hat_t}, rows);
   const Act act = parse_activation(activation);
   const int64_t n = x.size(0), d = x.size(1), m = down_w.size(0), d_out = up_hat_t.size(1);
-  TORCH_CHECK(down_w.dim() == 2 && down_w.size(1) == d, "adapter_forward: down_w must be [m, d]");
+  TORCH_CHECK(down_w.dim() == 2 && down_w.size(1) == d, "adapter_blocked_forward: down_w must be [m, d]");
   TORCH_CHECK(up_hat_t.dim() == 2 && (up_hat_t.size(0) == m || up_hat_t.size(0) == m + 1),
-              "adapter_forward: up_hat_t must be [m(+1), d_out]");
-  TORCH_CHECK(!residual || d_out == d, "adapter_forward: residual needs d_out == d");
+              "adapter_blocked_forward: up_hat_t must be [m(+1), d_out]");
+  TORCH_CHECK(!residual || d_out == d, "adapter_blocked_forward: residual needs d_out == d");
   const bool has_db = down_b.has_value() && down_b->defined();
   if (has_db) TORCH_CHECK(down_b->dim() == 1 && down_b->size(0) == m && down_b->scalar_type() == x.scalar_type(),
-                          "adapter_forward: down_b must be [m] in x's dtype");
+                          "adapter_blocked_forward: down_b must be [m] in x's dtype");
   const bool has_ub = up_hat_t.size(0) == m + 1;
 
   at::Tensor y = at::empty({n, d_out}, x.options());
@@ -106,17 +106,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_backward(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& a_hat, const at::Tensor& h, const at::Tensor& down_w,
     const at::Tensor& up_w, c10::string_view activation, bool residual, bool need_x, bool need_down, bool need_up,
     int64_t rows) {
-  check_inputs("adapter_backward", x, {&dy, &a_hat, &down_w, &up_w}, rows);
+  check_inputs("adapter_blocked_backward", x, {&dy, &a_hat, &down_w, &up_w}, rows);
   const Act act = parse_activation(activation);
   const int64_t n = x.size(0), d = x.size(1), m = down_w.size(0), d_out = up_w.size(0), m_hat = a_hat.size(1);
-  TORCH_CHECK(dy.dim() == 2 && dy.size(0) == n && dy.size(1) == d_out, "adapter_backward: dy must be [N, d_out]");
+  TORCH_CHECK(dy.dim() == 2 && dy.size(0) == n && dy.size(1) == d_out, "adapter_blocked_backward: dy must be [N, d_out]");
   TORCH_CHECK(down_w.dim() == 2 && down_w.size(1) == d && up_w.dim() == 2 && up_w.size(1) == m,
-              "adapter_backward: down_w [m, d], up_w [d_out, m]");
+              "adapter_blocked_backward: down_w [m, d], up_w [d_out, m]");
   TORCH_CHECK(a_hat.dim() == 2 && a_hat.size(0) == n && (m_hat == m || m_hat == m + 1),
-              "adapter_backward: a_hat must be [N, m(+1)]");
+              "adapter_blocked_backward: a_hat must be [N, m(+1)]");
   TORCH_CHECK(act == Act::kRelu || (h.dim() == 2 && h.size(0) == n && h.size(1) == m && h.scalar_type() == x.scalar_type()),
-              "adapter_backward: gelu/silu need h [N, m]");
-  TORCH_CHECK(!residual || d_out == d, "adapter_backward: residual needs d_out == d");
+              "adapter_blocked_backward: gelu/silu need h [N, m]");
+  TORCH_CHECK(!residual || d_out == d, "adapter_blocked_backward: residual needs d_out == d");
 
   const at::Tensor none = at::empty({0}, x.options());
   at::Tensor dx = need_x ? at::empty({n, d}, x.options()) : none;
@@ -152,13 +152,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_backward(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(ptpeft_fast, m) {
-  m.def("adapter_forward(Tensor x, Tensor down_w, Tensor? down_b, Tensor up_hat_t, str activation, bool residual, "
+  m.def("adapter_blocked_forward(Tensor x, Tensor down_w, Tensor? down_b, Tensor up_hat_t, str activation, bool residual, "
         "int rows) -> (Tensor, Tensor, Tensor)");
-  m.def("adapter_backward(Tensor dy, Tensor x, Tensor a_hat, Tensor h, Tensor down_w, Tensor up_w, str activation, "
+  m.def("adapter_blocked_backward(Tensor dy, Tensor x, Tensor a_hat, Tensor h, Tensor down_w, Tensor up_w, str activation, "
         "bool residual, bool need_x, bool need_down, bool need_up, int rows) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(ptpeft_fast, CPU, m) {
-  m.impl("adapter_forward", &adapter_forward);
-  m.impl("adapter_backward", &adapter_backward);
+  m.impl("adapter_blocked_forward", &adapter_forward);
+  m.impl("adapter_blocked_backward", &adapter_backward);
 }

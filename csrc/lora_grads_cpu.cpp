@@ -184,9 +184,8 @@ TORCH_LIBRARY_FRAGMENT(ptpeft_fast, m) {
   m.def("lora_factor_grads(Tensor x, Tensor dy, Tensor lora_a, Tensor lora_b, float scale) -> (Tensor, Tensor)");
 }
 
-// Only with AVX-512 (32 vector registers: 12 rows per block at r = 16). With AVX2's 16
-// registers a block is 2 rows and the kernel measured 1.1-1.2x BLAS's time; lowered to SSE2,
-// 15x. Without a registered CPU kernel lora_linear keeps its BLAS path.
-#if defined(__AVX512F__)
+// Registered in every build, so every build is tested; lora_linear's dispatch table takes it
+// under "auto" only from the avx512 build (32 vector registers: 12 rows per block at r = 16).
+// With AVX2's 16 registers a block is 2 rows and the kernel measured 1.1-1.2x BLAS's time;
+// lowered to SSE2, 15x.
 TORCH_LIBRARY_IMPL(ptpeft_fast, CPU, m) { m.impl("lora_factor_grads", &lora_factor_grads); }
-#endif

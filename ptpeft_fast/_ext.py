@@ -1,6 +1,6 @@
 """Just-in-time build of the ``csrc/`` extension (batched spectrum ops, and the CPU fast paths:
-prefix attention by blocks of query rows, decode attention, LoRA factor gradients, the prefix
-block of the general attention path, the adapter by row blocks).
+prefix attention by blocks of query rows, decode attention, LoRA factor gradients, the adapter by
+row blocks).
 
 The extension is compiled once with ninja through :func:`torch.utils.cpp_extension.load`
 into the user cache directory (``$PTPEFT_FAST_CACHE``, else ``$XDG_CACHE_HOME/ptpeft_fast``,
@@ -38,8 +38,8 @@ __all__ = ["CPU_VARIANTS", "csrc_dir", "cache_dir", "load_ext", "ext_error", "ha
 
 logger = logging.getLogger(__name__)
 
-_CPU_SOURCES = ("spectrum_cpu.cpp", "decode_attention_cpu.cpp", "lora_grads_cpu.cpp", "prefix_block_cpu.cpp",
-                "adapter_cpu.cpp", "prefix_flash_cpu.cpp")
+_CPU_SOURCES = ("spectrum_cpu.cpp", "decode_attention_cpu.cpp", "lora_grads_cpu.cpp", "adapter_cpu.cpp",
+                "prefix_flash_cpu.cpp")
 _CUDA_SOURCES = ("spectrum_cuda.cu", "spectrum_cuda_binding.cpp")
 _HEADERS = ("spectrum_cuda.h", "cpu_math.h")
 

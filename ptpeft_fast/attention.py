@@ -16,7 +16,7 @@ that have no other long-range path). transformers only passes ``None`` for such 
 the keys fit inside the window, so the bottom-right causal fallback stays exact.
 
 Logit soft-capping (Gemma 2's ``softcap`` kwarg) is honoured on an explicit path
-(:func:`_softcapped_attention`); the cap applies to the prefix logits as well.
+(:func:`ptpeft_fast.ops.softcapped_attention`); the cap applies to the prefix logits as well.
 """
 from __future__ import annotations
 
@@ -67,7 +67,10 @@ def ptpeft_attention_forward(
         # Gemma 2 (and Gemma 3 when configured) cap the logits: tanh(s / c) * c. Neither SDPA nor the
         # fused op can, so such layers take the explicit path, prefix or not.
         prefix = layer_prefix.kv(query.dtype) if layer_prefix is not None else None
-        return _softcapped_attention(module, query, key, value, attention_mask, scaling, dropout, prefix, **kwargs)
+        is_causal = kwargs.get("is_causal")
+        is_causal = bool(getattr(module, "is_causal", False)) if is_causal is None else is_causal
+        return ops.softcapped_attention(query, key, value, attention_mask, scaling, dropout, module.training, prefix,
+                                        kwargs["softcap"], is_causal), None
     if layer_prefix is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -102,50 +105,3 @@ def ptpeft_attention_forward(
     )
     # contiguous, as transformers' SDPA path returns it: some models .view() the result (Florence-2)
     return out.transpose(1, 2).contiguous(), None
-
-
-def _softcapped_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None,
-    dropout: float,
-    prefix: tuple[torch.Tensor, torch.Tensor] | None,
-    softcap: float,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """Attention with logits ``tanh(s/c)·c`` over [prefix; real keys], as Gemma 2's eager path.
-
-    The prefix is never masked; the layer's mask (bool or additive) or, without one, the
-    bottom-right causal mask applies to the real keys. Plain autograd ops (no fused kernel).
-    """
-    B, H, L, D = query.shape
-    S = key.shape[2]
-    is_causal = kwargs.get("is_causal")
-    if is_causal is None:
-        is_causal = bool(getattr(module, "is_causal", False))
-    if prefix is not None:
-        pk, pv = prefix
-        if pk.dim() == 3:
-            pk, pv = pk.unsqueeze(0).expand(B, -1, -1, -1), pv.unsqueeze(0).expand(B, -1, -1, -1)
-        key, value = torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)
-    P = key.shape[2] - S
-    groups = H // key.shape[1]
-    if groups > 1:
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    scale = scaling if scaling is not None else D ** -0.5
-    scores = torch.matmul(query, key.transpose(2, 3)) * scale
-    scores = torch.tanh(scores / softcap) * softcap
-    mask = attention_mask
-    if mask is None and is_causal and L > 1:
-        mask = _bottom_right_causal(L, S, query.device)
-    if mask is not None:
-        mask = mask[..., :S]  # as Gemma 2's eager path slices it
-        real = scores[..., P:]
-        real = real.masked_fill(~mask, torch.finfo(real.dtype).min) if mask.dtype == torch.bool else real + mask
-        scores = torch.cat([scores[..., :P], real], dim=-1)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None

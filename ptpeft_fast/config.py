@@ -17,7 +17,6 @@ REPARAMS = ("mlp", "mlp-global", "none")
 POSITIONS = ("keep", "shift")
 ADAPTER_STYLES = ("pfeiffer", "houlsby", "parallel")
 ACTIVATIONS = ("relu", "gelu", "silu")
-BACKENDS = ("auto", "torch", "triton", "xformers")
 CONFIG_VERSION = 1
 
 
@@ -147,7 +146,9 @@ class PTPeftConfig:
     """Everything ``ptpeft_fast.patch`` needs. Sections set to ``None`` are off.
 
     ``freeze_prefix`` keeps the prefix fixed in stage 2 (the paper trains it: default False).
-    ``backend`` is passed to every op (``"auto"`` picks Triton on CUDA, torch on CPU).
+    ``backend``: ``"auto"`` (each op's dispatch table chooses), or one implementation name
+    (``"torch"``: the reference everywhere; ``"triton"``; ...) that every op which has it runs while
+    the others choose as usual (``ptpeft_fast.ops.backend_names()`` lists them).
     ``targets`` overrides the architecture table for models it does not list:
     ``{"attention": regex, "lora": [names], "ffn_in": name, "ffn_out": name, "attn_out": name}``.
     """
@@ -162,7 +163,9 @@ class PTPeftConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.freeze_prefix, bool):
             raise ValueError(f"freeze_prefix must be true or false, got {self.freeze_prefix!r}")
-        self.backend = _choice(self.backend, "backend", BACKENDS)
+        from .ops import backend_names
+
+        self.backend = _choice(self.backend, "backend", backend_names())
         if self.targets is not None and not isinstance(self.targets, dict):
             raise ValueError("targets must be a mapping such as {'attention': r'layers\\.\\d+\\.attn$', 'lora': ['qkv']}")
         if self.prefix is None and self.lora is None and self.adapter is None:

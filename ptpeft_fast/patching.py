@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import attention
+from . import attention, ops
 from .architectures import ResolvedComponent, attention_geometry, iter_in_scope, resolve_components
 from .config import PTPeftConfig
 from .tuners.adapter import BottleneckAdapter, hook_parallel, hook_sequential
@@ -87,6 +87,7 @@ def patch(model: nn.Module, config: PTPeftConfig | dict | None = None) -> nn.Mod
     except Exception:
         _undo(model, state)
         raise
+    ops.prepare()  # build the extension, import the kernel packages: nothing of that is traced later
     if state.prefix_layers:
         name = attention.register()
         state.previous_attn_implementation = getattr(model.config, "_attn_implementation", None)
@@ -165,7 +166,7 @@ def _add_prefixes(model, config: PTPeftConfig, state: PatchState, modules) -> No
                                  dtype, device, shared=shared, index=index)
             module.add_module(child, prefix)
             module._ptpeft_prefix = child
-            module._ptpeft_backend = config.backend
+            module._ptpeft_backend = ops.backend_for("prefix_attention", config.backend)
             state.prefix_layers[path] = prefix
         if comp.family.positions is not None:
             hook = _positions_from_mask(model, comp)
@@ -263,7 +264,7 @@ def _add_lora(model, config: PTPeftConfig, state: PatchState, modules) -> None:
             dtype, device = _param_dtype_device(layer)
             fin, fout = features(layer)
             attach_lora(layer, f"lora_{comp.name}", LoraWeights(fin, fout, lc.r, lc.alpha, lc.dropout, dtype, device),
-                        config.backend)
+                        ops.backend_for("lora_linear", config.backend))
             state.lora_layers[path] = layer
 
 
@@ -298,7 +299,7 @@ def _add_adapters(model, config: PTPeftConfig, state: PatchState, modules) -> No
             for kind, ffn_in_path, target in points:
                 dtype, device = _param_dtype_device(target)
                 adapter = BottleneckAdapter(_out_features(target), ac.bottleneck, ac.activation, dtype, device)
-                adapter.backend = config.backend
+                adapter.backend = ops.backend_for("adapter", config.backend)
                 child = f"adapter_{comp.name}_{kind}"
                 block.add_module(child, adapter)
                 state.adapters[f"{bname}.{child}"] = adapter

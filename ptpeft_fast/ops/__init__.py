@@ -1,17 +1,24 @@
-"""Autograd ops of ptpeft_fast; the only place that chooses a backend (see ``_backend``).
+"""The ops of ptpeft_fast, each a ``torch.library`` op with one dispatch table (see :mod:`.dispatch`).
 
 - :func:`prefix_attention`: attention over never-masked prefix keys plus the layer's keys.
 - :func:`prefix_decode_step`: its one-query, no-grad CPU case without Python checks (``None``
-  where it does not apply), the entry of the patched attention function.
+  where the table would not choose ``decode_cpp``), the entry of the patched attention function.
 - :func:`lora_linear`: ``x Wᵀ + b + scaling · (drop(x) Aᵀ) Bᵀ``.
 - :func:`adapter`: ``x + up(act(down(x)))``.
-- :func:`singular_values`, :func:`spectrum_stats`: batched feature spectra (``csrc/`` extension).
+- :func:`singular_values`, :func:`spectrum_stats`: batched feature spectra.
+- :func:`softcapped_attention`: Gemma 2's soft-capped logits over [prefix; keys] (plain ops).
+
+:func:`explain` says which implementation a call runs and why the others decline;
+:func:`use_backend` forces one by name for a block of code (``"torch"``: the reference everywhere).
 """
-from ._backend import BACKENDS, resolve_backend, use_backend
 from .adapter import adapter
+from .attention_reference import softcapped_attention
+from .availability import prepare
+from .dispatch import BackendUnsupported, backend_for, backend_names, explain, forced_backend, use_backend
 from .lora_linear import lora_linear
 from .prefix_attention import prefix_attention, prefix_decode_step
 from .spectrum import singular_values, spectrum_stats
 
-__all__ = ["prefix_attention", "prefix_decode_step", "lora_linear", "adapter", "singular_values", "spectrum_stats", "use_backend",
-           "resolve_backend", "BACKENDS"]
+__all__ = ["prefix_attention", "prefix_decode_step", "lora_linear", "adapter", "singular_values", "spectrum_stats",
+           "softcapped_attention", "explain", "use_backend", "forced_backend", "backend_names", "backend_for", "prepare",
+           "BackendUnsupported"]

@@ -20,11 +20,21 @@ Backward::
     dW  = dYᵀ X     only when W requires grad (never computed for a frozen W)
     db  = Σ_rows dY only when b requires grad
 
-On CPU in fp32, for the merged case with ranks 8–32 and both factors needing gradients,
-``T``, ``U``, ``dA`` and ``dB`` come from one C++ op (``csrc/lora_grads_cpu.cpp``) that reads
-each block of rows of ``X`` and ``dY`` once, instead of four BLAS calls that stream ``X`` and
-``dY`` twice each (MKL runs these r-wide GEMMs far below its square-GEMM rate): about 2x faster
-for that part.
+Implementations (:data:`TABLE`, first that applies under ``backend="auto"``):
+
+- ``triton`` (CUDA): one fused kernel per direction (``kernels/lora.py``), dropout in-kernel.
+- ``merged_cpp`` (CPU, fp32, the avx512 build of the extension): the merged forward; in the
+  backward ``T``, ``U``, ``dA`` and ``dB`` come from one C++ op (``csrc/lora_grads_cpu.cpp``)
+  that reads each block of rows of ``X`` and ``dY`` once, instead of four BLAS calls that stream
+  ``X`` and ``dY`` twice each: about 2x faster for that part. Its portable builds compile and are
+  tested, but measured 1.1-1.2x BLAS's time with AVX2's 16 vector registers, so ``auto`` takes it
+  only from the avx512 build.
+- ``merged``: the merged forward and backward above with BLAS (fp32/fp64, no dropout, N > r).
+- ``separate``: the branch kept apart (half precision, dropout), backward written out.
+- ``torch``: the reference, plain autograd ops.
+
+The ops ``ptpeft_fast::lora_linear_forward`` → ``(y, T)`` and ``ptpeft_fast::lora_linear_backward``
+(its autograd formula) have fake kernels: ``torch.compile`` traces a patched layer as one graph.
 
 Saved: ``x`` (the caller's tensor, no copy), the factors, ``T`` when it was computed anyway
 (``[N, r]``) and, with dropout, the bool keep-mask (1 byte per element of ``x``: regenerating
@@ -38,109 +48,212 @@ Half precision runs in the input dtype; CPU GEMMs accumulate in fp32.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
-from ._backend import cpu_ext_op, resolve_backend, try_kernel
+from . import availability as avail
+from . import dispatch
 from ._autocast import in_autocast_dtype
 from ._checks import check_dtype_device
 
-__all__ = ["lora_linear"]
+__all__ = ["lora_linear", "TABLE", "FACTOR_GRAD_RANKS"]
+
+FACTOR_GRAD_RANKS = (8, 16, 24, 32)  # ranks csrc/lora_grads_cpu.cpp has kernels for
 
 
-def _dropout_keep(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """Bool keep-mask (True = kept) for dropout probability ``p``, from torch's default generator.
+class LoraCall(NamedTuple):
+    """What the table needs to know about one call (plain values)."""
 
-    ``rand >= p`` rather than ``bernoulli_``: same distribution, about twice as fast on CPU.
-    """
-    return torch.rand(shape, dtype=torch.float32, device=device) >= p
-
-
-def _merge(x: torch.Tensor, p: float, n: int, r: int) -> bool:
-    """Use the merged weight ``W + s B A``: no dropout, more tokens than rank, and fp32/fp64.
-
-    Half precision keeps the branch separate: rounding ``W'`` to bf16/fp16 would drop LoRA
-    updates smaller than half an ulp of ``W`` (early in training, all of them).
-    """
-    return p == 0.0 and n > r and x.dtype in (torch.float32, torch.float64)
+    device: str
+    dtype: torch.dtype
+    n: int  # rows (tokens)
+    r: int
+    dropout: bool
+    factors_need_grad: bool  # both lora_a and lora_b
 
 
-def _factor_grads_op(x2: torch.Tensor, r: int):
-    """The fused ``(dA, dB)`` op of ``csrc/lora_grads_cpu.cpp`` when it applies, else None."""
-    if x2.device.type != "cpu" or x2.dtype != torch.float32 or r % 8 or not 8 <= r <= 32:
-        return None
-    return cpu_ext_op("lora_factor_grads")
+def _call(x, weight, bias, lora_a, lora_b, scaling=1.0, dropout_p=0.0, **_) -> LoraCall:
+    grad = torch.is_grad_enabled()
+    n = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return LoraCall(x.device.type, x.dtype, n, lora_a.shape[0], dropout_p > 0,
+                    grad and lora_a.requires_grad and lora_b.requires_grad)
 
 
-class _LoraLinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float):  # type: ignore[override]
-        in_f = x.shape[-1]
-        out_f, r = weight.shape[0], lora_a.shape[0]
-        x2 = x.reshape(-1, in_f)
-        n = x2.shape[0]
-        keep = t = None
-        if _merge(x, dropout_p, n, r):
-            # merged weight: the LoRA branch rides along in the one big GEMM
-            y = F.linear(x2, torch.addmm(weight, lora_b, lora_a, alpha=scaling), bias)
+def _first(*checks: tuple[bool, str]) -> Optional[str]:
+    for failed, reason in checks:
+        if failed:
+            return reason
+    return None
+
+
+def _merged_applies(c: LoraCall) -> Optional[str]:
+    # half precision keeps the branch apart: rounding W' to bf16/fp16 would drop LoRA updates
+    # smaller than half an ulp of W (early in training, all of them)
+    return _first((c.dtype not in (torch.float32, torch.float64), f"{c.dtype} (fp32/fp64 only: W' would round)"),
+                  (c.dropout, "LoRA dropout"), (c.n <= c.r, f"{c.n} rows <= rank {c.r}"))
+
+
+def _merged_cpp_applies(c: LoraCall) -> Optional[str]:
+    return _first((c.device != "cpu", "CPU only"), (c.dtype != torch.float32, f"{c.dtype} (fp32 only)"),
+                  (c.r not in FACTOR_GRAD_RANKS, f"rank {c.r} not in {FACTOR_GRAD_RANKS}"),
+                  (not c.factors_need_grad, "the factors need no gradient"),
+                  (not avail.ext_op("lora_factor_grads"), "the C++ extension is unavailable")) or _merged_applies(c)
+
+
+def _merged_cpp_auto(c: LoraCall) -> Optional[str]:
+    return None if avail.ext_variant() == "avx512" else "slower than BLAS outside the avx512 build"
+
+
+def _triton_applies(c: LoraCall) -> Optional[str]:
+    return _first((not avail.triton_ok(), "triton is not installed"),
+                  (c.device == "cpu" and not avail.interpreter_on(),
+                   "CPU tensors: Triton runs on CPU only in its interpreter (TRITON_INTERPRET=1)"),
+                  (c.device not in ("cpu", "cuda"), f"{c.device} tensors"),
+                  (c.dtype not in (torch.float16, torch.bfloat16, torch.float32), f"{c.dtype} (fp16/bf16/fp32 only)"),
+                  (c.r > 256, f"rank {c.r} > 256"))
+
+
+TABLE = dispatch.Table("lora_linear", [
+    dispatch.Impl("triton", _triton_applies, auto=("cuda",), summary="kernels/lora.py"),
+    dispatch.Impl("merged_cpp", _merged_cpp_applies, auto=_merged_cpp_auto, summary="W + sBA; csrc/lora_grads_cpu.cpp"),
+    dispatch.Impl("merged", _merged_applies, summary="W + sBA, BLAS"),
+    dispatch.Impl("separate", lambda c: None, summary="branch apart, backward written out"),
+    dispatch.Impl("torch", lambda c: None, summary="reference: plain autograd ops"),
+])
+dispatch.register(TABLE, _call)
+
+
+# ----------------------------------------------------------------------------- the ops
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+@torch.library.custom_op("ptpeft_fast::lora_linear_forward", mutates_args=())
+def _forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                lora_b: torch.Tensor, keep: Optional[torch.Tensor], seed: Optional[torch.Tensor], scaling: float,
+                dropout_p: float, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y [..., out], T)``: ``T = drop(X) Aᵀ`` where the backward reuses it, else an empty tensor."""
+    x2 = _rows(x)
+    out_f = weight.shape[0]
+    if impl in ("merged", "merged_cpp"):
+        # merged weight: the LoRA branch rides along in the one big GEMM
+        y = F.linear(x2, torch.addmm(weight, lora_b, lora_a, alpha=scaling), bias)
+        t = x2.new_empty(0)
+    elif impl == "separate":
+        if keep is not None:
+            t = (x2 * keep.reshape(x2.shape)) @ lora_a.t()  # the 1/(1-p) goes on the small T
+            t.mul_(1.0 / (1.0 - dropout_p))
         else:
-            if dropout_p > 0.0:
-                keep = _dropout_keep(x2.shape, dropout_p, x.device)
-                t = (x2 * keep) @ lora_a.t()  # the 1/(1-p) goes on the small T
-                t.mul_(1.0 / (1.0 - dropout_p))
-            else:
-                t = x2 @ lora_a.t()
-            y = F.linear(x2, weight, bias)
-            y.addmm_(t, lora_b.t(), alpha=scaling)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, t, keep)
-        ctx.scaling, ctx.dropout_p = scaling, dropout_p
-        ctx.has_bias = bias is not None
-        return y.view(*x.shape[:-1], out_f)
+            t = x2 @ lora_a.t()
+        y = F.linear(x2, weight, bias)
+        y.addmm_(t, lora_b.t(), alpha=scaling)
+    elif impl == "triton":
+        from . import triton_ops
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y):  # type: ignore[override]
-        x, weight, lora_a, lora_b, t, keep = ctx.saved_tensors
-        s, p = ctx.scaling, ctx.dropout_p
-        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-        in_f, out_f = x.shape[-1], weight.shape[0]
-        x2 = x.reshape(-1, in_f)
-        dy = grad_y.reshape(-1, out_f)
-        n, r = x2.shape[0], lora_a.shape[0]
-        merged = _merge(x, p, n, r)
-        inv_keep = 1.0 / (1.0 - p)
+        y, t = triton_ops.lora_linear_forward(x2, weight, bias, lora_a, lora_b, scaling, dropout_p,
+                                              int(seed.item()) if seed is not None else 0)
+    else:
+        raise ValueError(f"lora_linear_forward: no implementation {impl!r}")
+    return y.view(*x.shape[:-1], out_f), t
 
-        dx = dw = db = da = dbb = None
-        fused = _factor_grads_op(x2, r) if (merged and need_a and need_bb) else None
-        if fused is not None and dy.stride(-1) == 1 and x2.stride(-1) == 1:
-            da, dbb = fused(x2, dy, lora_a, lora_b, s)  # both factor gradients in one pass
-            need_a = need_bb = False  # done: the BLAS products below are skipped
 
-        u = dy @ lora_b if (need_a or (need_x and not merged)) else None  # [N, r]
+@_forward_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, keep, seed, scaling, dropout_p, impl):
+    n = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    y = x.new_empty(x.shape[:-1] + (weight.shape[0],))
+    if impl == "separate":
+        return y, x.new_empty((n, lora_a.shape[0]))
+    if impl == "triton":
+        return y, x.new_empty((n, lora_a.shape[0]), dtype=torch.float32)
+    return y, x.new_empty(0)
 
-        if need_x:
-            if merged:
-                dx = dy @ torch.addmm(weight, lora_b, lora_a, alpha=s)
-            elif keep is None:
-                dx = torch.addmm(dy @ weight, u, lora_a, alpha=s)
-            else:
-                dx = torch.addmm((u @ lora_a).mul_(keep), dy, weight, beta=s * inv_keep)
-            dx = dx.view(x.shape)
-        if need_w:
-            dw = dy.t() @ x2
-        if need_b and ctx.has_bias:
-            db = dy.sum(0)
-        # the thin GEMMs are cheapest with the r-sized operand as a contiguous left factor
-        if need_a:
-            xd = x2 if keep is None else x2 * keep
-            da = (u.t().contiguous() @ xd).mul_(s if keep is None else s * inv_keep)
-        if need_bb:
-            if t is None:
-                t = x2 @ lora_a.t()
-            dbb = (t.t().contiguous() @ dy).mul_(s).t()
-        return dx, dw, db, da, dbb, None, None
+
+@torch.library.custom_op("ptpeft_fast::lora_linear_backward", mutates_args=())
+def _backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+                 lora_b: torch.Tensor, t: torch.Tensor, keep: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+                 scaling: float, dropout_p: float, impl: str,
+                 need: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dW, db, dA, dB)``; an input whose ``need`` is False (or an absent bias) gets an empty tensor."""
+    if impl == "triton":
+        from . import triton_ops
+
+        grads = triton_ops.lora_linear_backward(_rows(grad_y), _rows(x), weight, lora_a, lora_b, t, scaling, dropout_p,
+                                                int(seed.item()) if seed is not None else 0, need)
+    else:
+        grads = _blas_backward(grad_y, x, weight, lora_a, lora_b, t, keep, scaling, dropout_p, impl, need)
+    refs = (x, weight, weight[:, 0], lora_a, lora_b)
+    return tuple(g.reshape(r.shape) if n and g is not None else r.new_empty(0) for g, r, n in zip(grads, refs, need))
+
+
+@_backward_op.register_fake
+def _(grad_y, x, weight, lora_a, lora_b, t, keep, seed, scaling, dropout_p, impl, need):
+    refs = (x, weight, weight[:, 0], lora_a, lora_b)
+    return tuple(r.new_empty(r.shape) if n else r.new_empty(0) for r, n in zip(refs, need))
+
+
+def _blas_backward(grad_y, x, weight, lora_a, lora_b, t, keep, s: float, p: float, impl: str, need: list[bool]):
+    need_x, need_w, need_b, need_a, need_bb = need
+    x2, dy = _rows(x), grad_y.reshape(-1, weight.shape[0])
+    merged = impl in ("merged", "merged_cpp")
+    inv_keep = 1.0 / (1.0 - p)
+    keep = None if keep is None else keep.reshape(x2.shape)
+    dx = dw = db = da = dbb = None
+    if impl == "merged_cpp" and need_a and need_bb and dy.stride(-1) == 1 and x2.stride(-1) == 1:
+        da, dbb = torch.ops.ptpeft_fast.lora_factor_grads(x2, dy, lora_a, lora_b, s)  # both in one pass
+        need_a = need_bb = False  # done: the BLAS products below are skipped
+    u = dy @ lora_b if (need_a or (need_x and not merged)) else None  # [N, r]
+    if need_x:
+        if merged:
+            dx = dy @ torch.addmm(weight, lora_b, lora_a, alpha=s)
+        elif keep is None:
+            dx = torch.addmm(dy @ weight, u, lora_a, alpha=s)
+        else:
+            dx = torch.addmm((u @ lora_a).mul_(keep), dy, weight, beta=s * inv_keep)
+    if need_w:
+        dw = dy.t() @ x2
+    if need_b:
+        db = dy.sum(0)
+    # the thin GEMMs are cheapest with the r-sized operand as a contiguous left factor
+    if need_a:
+        xd = x2 if keep is None else x2 * keep
+        da = (u.t().contiguous() @ xd).mul_(s if keep is None else s * inv_keep)
+    if need_bb:
+        if t.numel() == 0:
+            t = x2 @ lora_a.t()
+        dbb = (t.t().contiguous() @ dy).mul_(s).t()
+    return dx, dw, db, da, dbb
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, keep, seed, scaling, dropout_p, impl = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], keep, seed)
+    ctx.scaling, ctx.dropout_p, ctx.impl, ctx.has_bias = scaling, dropout_p, impl, bias is not None
+
+
+def _backward(ctx, grad_y, grad_t):
+    x, weight, lora_a, lora_b, t, keep, seed = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    need = [n[0], n[1], n[2] and ctx.has_bias, n[3], n[4]]
+    dx, dw, db, da, dbb = _backward_op(grad_y, x, weight, lora_a, lora_b, t, keep, seed, ctx.scaling, ctx.dropout_p,
+                                      ctx.impl, need)
+    grads = [g if k else None for g, k in zip((dx, dw, db, da, dbb), need)]
+    return (*grads, None, None, None, None, None)
+
+
+torch.library.register_autograd("ptpeft_fast::lora_linear_forward", _backward, setup_context=_setup_context)
+
+
+def _reference(x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float) -> torch.Tensor:
+    """The ``"torch"`` entry: plain autograd ops (dropout by ``F.dropout``, torch's generator)."""
+    xd = F.dropout(x, dropout_p) if dropout_p > 0 else x
+    return F.linear(x, weight, bias) + scaling * F.linear(F.linear(xd, lora_a), lora_b)
+
+
+# ----------------------------------------------------------------------------- public op
 
 
 def _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p) -> None:
@@ -193,7 +306,7 @@ def lora_linear(
         scaling: LoRA scale (``alpha / r``), a finite Python number.
         dropout_p: dropout on the LoRA branch input only (as PEFT's ``lora_dropout``);
             pass 0 in eval mode.
-        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        backend: ``"auto"`` or an implementation of :data:`TABLE` (``"torch"``: the reference).
 
     Returns:
         ``[..., out]`` in ``x``'s dtype; inside ``torch.autocast`` in the autocast dtype (the
@@ -204,11 +317,15 @@ def lora_linear(
             ``dropout_p`` outside ``[0, 1)``.
     """
     _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p)
-    chosen = resolve_backend("lora_linear", backend, x, weight, bias, lora_a, lora_b)
-    if chosen == "triton":
-        from . import triton_ops
-
-        out = try_kernel(backend, lambda: triton_ops.lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p))
-        if out is not None:
-            return out
-    return _LoraLinearFn.apply(x, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p))
+    impl = TABLE.choose(backend, _call(x, weight, bias, lora_a, lora_b, scaling, dropout_p))
+    scaling, dropout_p = float(scaling), float(dropout_p)
+    if impl == "torch":
+        return _reference(x, weight, bias, lora_a, lora_b, scaling, dropout_p)
+    keep = seed = None
+    if dropout_p > 0:
+        if impl == "triton":
+            seed = torch.randint(0, 2**30, (1,), dtype=torch.int64)
+        else:  # rand >= p: bernoulli's distribution at about half its CPU cost
+            keep = torch.rand(x.shape, dtype=torch.float32, device=x.device) >= dropout_p
+    y, _ = _forward_op(x, weight, bias, lora_a, lora_b, keep, seed, scaling, dropout_p, impl)
+    return y

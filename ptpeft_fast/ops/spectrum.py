@@ -1,26 +1,29 @@
-"""Batched singular values and spectrum statistics: backend choice and the torch reference.
+"""Batched singular values and spectrum statistics: one dispatch table and the torch reference.
 
-Backends:
-- ``"csrc"``: the C++/CUDA extension in ``csrc/`` (Gram matrix of the smaller side +
-  symmetric eigensolver, parallel over the batch, statistics fused in the same call).
-- ``"torch"``: the specification, ``torch.linalg.svdvals`` plus the formulas of DESIGN §1.
-- ``"auto"``: ``csrc`` when the extension has a kernel for the tensors' device, else ``torch``;
-  a surrounding ``ptpeft_fast.ops._backend.use_backend("torch")`` forces the torch path.
+Implementations (:data:`TABLE`): ``"csrc"`` — the C++/CUDA extension in ``csrc/`` (Gram matrix
+of the smaller side + symmetric eigensolver, parallel over the batch, statistics fused in the same
+call); ``"torch"`` — the specification, ``torch.linalg.svdvals`` plus the formulas of DESIGN §1.
+``"auto"`` picks ``csrc`` when the extension has a kernel for the tensors' device.
 
-Inputs are validated here, before any kernel runs; every problem is a ``ValueError`` that
-names it. The ops are not differentiable (analysis only): they run under ``no_grad``.
+``ptpeft_fast::batched_singular_values`` and ``ptpeft_fast::batched_spectrum_stats`` are
+``torch.library`` ops with fake kernels (the statistics' length K depends on ``lengths``: an
+unbacked size). Inputs are validated here, before any kernel runs; every problem is a
+``ValueError`` that names it. The ops are not differentiable (analysis only): they run under
+``no_grad``.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
 from .. import _ext
-from . import _backend
+from . import availability as avail
+from . import dispatch
 
 __all__ = [
     "SPECTRUM_BACKENDS",
+    "TABLE",
     "RawSpectrumStats",
     "resolve_spectrum_backend",
     "singular_values",
@@ -42,20 +45,65 @@ class RawSpectrumStats(NamedTuple):
     effective_rank: torch.Tensor
 
 
+class SpectrumCall(NamedTuple):
+    device: str
+
+
+def _csrc_applies(c: SpectrumCall) -> str | None:
+    if c.device == "cpu":
+        return None if avail.ext_op("singular_values") else (
+            f"the C++ extension is unavailable ({_ext.ext_error() or 'not built'})")
+    if c.device == "cuda":
+        return None if _cuda_kernel() else "the extension was built without a CUDA kernel"
+    return f"{c.device} tensors"
+
+
+@torch.compiler.assume_constant_result
+def _cuda_kernel() -> bool:
+    return _ext.load_ext() and _ext.has_kernel("singular_values", "CUDA")
+
+
+TABLE = dispatch.Table("singular_values", [
+    dispatch.Impl("csrc", _csrc_applies, summary="Gram + ?syevd per sample (csrc/spectrum_*.cpp/.cu)"),
+    dispatch.Impl("torch", lambda c: None, summary="reference: torch.linalg.svdvals"),
+])
+dispatch.register(TABLE, lambda features, *a, **k: SpectrumCall(features.device.type))
+
+
 def resolve_spectrum_backend(requested: str, features: torch.Tensor) -> str:
     """Return ``"csrc"`` or ``"torch"`` for ``features``; ``ValueError`` if ``requested`` cannot run."""
     if requested not in SPECTRUM_BACKENDS:
         raise ValueError(f"backend={requested!r} is not one of {SPECTRUM_BACKENDS}")
-    if requested == "auto" and _backend._forced and _backend._forced[-1] == "torch":
-        requested = "torch"
-    if requested == "torch":
-        return "torch"
-    key = "CUDA" if features.is_cuda else "CPU"
-    available = _ext.load_ext() and _ext.has_kernel("singular_values", key)
-    if requested == "csrc" and not available:
-        why = _ext.ext_error() or f"the extension was built without a {key} kernel"
-        raise ValueError(f"backend='csrc' is unavailable for {key} tensors ({why}); use backend='torch'")
-    return "csrc" if available else "torch"
+    return TABLE.choose(requested, SpectrumCall(features.device.type))
+
+
+@torch.library.custom_op("ptpeft_fast::batched_singular_values", mutates_args=())
+def _svals_op(features: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
+    if features.is_cuda and features.dtype == torch.float32:
+        # The CUDA kernel has no float64 refinement of rank-deficient samples (the CPU one has):
+        # its float32 Gram misses the fp32 tolerance there, so it solves in float64.
+        return torch.ops.ptpeft_fast.singular_values(features.double(), lengths).float()
+    return torch.ops.ptpeft_fast.singular_values(features, lengths)
+
+
+@_svals_op.register_fake
+def _(features, lengths):
+    return features.new_empty((features.shape[0], min(features.shape[1], features.shape[2])))
+
+
+@torch.library.custom_op("ptpeft_fast::batched_spectrum_stats", mutates_args=())
+def _stats_op(features: torch.Tensor, lengths: Optional[torch.Tensor],
+              threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if features.is_cuda and features.dtype == torch.float32:
+        features = features.double()  # see _svals_op
+    return tuple(t.clone() for t in torch.ops.ptpeft_fast.spectrum_stats(features, lengths, threshold))
+
+
+@_stats_op.register_fake
+def _(features, lengths, threshold):
+    K = torch.library.get_ctx().new_dynamic_size() if lengths is not None else min(features.shape[1], features.shape[2])
+    f64 = dict(dtype=torch.float64, device="cpu")
+    return (torch.empty(K, **f64), torch.empty(K, **f64), torch.empty((), **f64), torch.empty((), **f64))
 
 
 def _validate(
@@ -158,11 +206,7 @@ def singular_values(features: torch.Tensor, lengths: torch.Tensor | None = None,
     """
     features, lengths = _validate(features, lengths, check_finite=False)
     if resolve_spectrum_backend(backend, features) == "csrc":
-        if features.is_cuda and features.dtype == torch.float32:
-            # The CUDA kernel has no float64 refinement of rank-deficient samples (the CPU one
-            # has): its float32 Gram misses the fp32 tolerance there, so it solves in float64.
-            return torch.ops.ptpeft_fast.singular_values(features.detach().double(), lengths).float()
-        return torch.ops.ptpeft_fast.singular_values(features.detach(), lengths)
+        return _svals_op(features.detach(), lengths)
     _validate(features, lengths)
     return _torch_singular_values(features.detach(), lengths)
 
@@ -176,9 +220,7 @@ def spectrum_stats(
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     features, lengths = _validate(features, lengths, check_finite=False)
     if resolve_spectrum_backend(backend, features) == "csrc":
-        if features.is_cuda and features.dtype == torch.float32:
-            features = features.double()  # see singular_values
-        return RawSpectrumStats(*torch.ops.ptpeft_fast.spectrum_stats(features.detach(), lengths, float(threshold)))
+        return RawSpectrumStats(*_stats_op(features.detach(), lengths, float(threshold)))
     _validate(features, lengths)
     s = _torch_singular_values(features.detach(), lengths)
     return stats_from_singular_values(s, _ranks(features, lengths), float(threshold))

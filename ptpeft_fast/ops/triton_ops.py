@@ -33,20 +33,23 @@ from ptpeft_fast.kernels import prefix_attention as _pak
 
 __all__ = [
     "TritonUnsupported",
-    "adapter",
+    "adapter_backward",
+    "adapter_forward",
     "attention_dropout_mask",
     "lora_dropout_mask",
-    "lora_linear",
+    "lora_linear_backward",
+    "lora_linear_forward",
     "mask_to_key_range",
     "poison_outputs",
-    "prefix_attention",
+    "prefix_attention_backward",
+    "prefix_attention_forward",
 ]
 
 MAX_HEAD_DIM = 256
 MAX_BOTTLENECK = 256
 
 
-from ._backend import BackendUnsupported
+from .dispatch import BackendUnsupported
 
 
 class TritonUnsupported(BackendUnsupported):
@@ -170,90 +173,53 @@ def _mask_to_key_range(m: torch.Tensor, B: int, H: int, L: int, S: int) -> tuple
 # ------------------------------------------------------------------- prefix attention
 
 
-def _rng_seed(device: torch.device) -> int:
-    # Drawn from torch's (CPU) generator so torch.manual_seed makes Triton dropout reproducible;
-    # < 2**30 leaves room for the per-(batch, head) key offsets added in the kernels.
-    return int(torch.randint(0, 2**30, (1,)).item())
+def _key_ranges(attn_mask, B: int, H: int, L: int, S: int, causal: bool):
+    """``(klo, khi, causal)`` for the kernel: None ranges when nothing is padded."""
+    if attn_mask is None:
+        return None, None, bool(causal)
+    if attn_mask.requires_grad:
+        raise TritonUnsupported("backend='triton' does not differentiate through attn_mask; use backend='torch'")
+    klo, khi, causal, unpadded = _key_range(attn_mask, B, H, L, S)
+    return (None, None, causal) if unpadded else (klo, khi, causal)
 
 
-class _PrefixAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, pk, pv, klo, khi, causal: bool, scale: float, dropout_p: float, seed: int):
-        B, H, L, D = q.shape
-        out = _new((B, H, L, D), q.dtype, q.device)
-        lse2 = _new((B, H, L), torch.float32, q.device)
-        _pak.attn_forward(q, k, v, pk, pv, out, lse2, klo, khi, causal=causal, scale=scale,
-                          dropout_p=dropout_p, seed=seed)
-        ctx.save_for_backward(q, k, v, pk, pv, out, lse2, klo, khi)
-        ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = causal, scale, dropout_p, seed
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, pk, pv, out, lse2, klo, khi = ctx.saved_tensors
-        dq, dk, dv, dpk, dpv = (_new_like(t) for t in (q, k, v, pk, pv))
-        _pak.attn_backward(q, k, v, pk, pv, out, dout, lse2, klo, khi, dq, dk, dv, dpk, dpv,
-                           causal=ctx.causal, scale=ctx.scale, dropout_p=ctx.dropout_p, seed=ctx.seed)
-        return dq, dk, dv, dpk, dpv, None, None, None, None, None, None
+def _check_prefix_attention(q: torch.Tensor) -> None:
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise TritonUnsupported(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported by the Triton kernel")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TritonUnsupported(f"dtype {q.dtype} is not supported (fp16, bf16, fp32)")
 
 
-def prefix_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    prefix_k: torch.Tensor,
-    prefix_v: torch.Tensor,
-    *,
-    causal: bool,
-    attn_mask: Optional[torch.Tensor] = None,
-    scale: Optional[float] = None,
-    dropout_p: float = 0.0,
-    seed: Optional[int] = None,
-) -> torch.Tensor:
-    """Attention of q over [prefix ; real keys] with the Triton flash kernel.
+def prefix_attention_forward(q, k, v, prefix_k, prefix_v, attn_mask, causal: bool, scale: float, dropout_p: float,
+                             seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B,H,L,D], lse [B,H,L] fp32)`` of the Triton flash kernel over [prefix ; real keys].
 
-    Shapes: q ``[B,H,L,D]``; k, v ``[B,Hkv,S,D]``; prefix ``[Hkv,P,D]`` (shared by the batch)
-    or ``[B,Hkv,P,D]``. Returns ``[B,H,L,D]`` in q's dtype. The prefix is always visible; real
-    keys follow ``attn_mask`` if given, else bottom-right causality if ``causal``, else all.
-    ``dropout_p > 0`` drops attention probabilities with an in-kernel RNG keyed by ``seed``
-    (default: drawn from torch's generator); the keep mask is
-    :func:`attention_dropout_mask` ``(B, H, L, P + S, dropout_p, seed)``.
-    Raises :class:`TritonUnsupported` for unsupported masks or head dim > 256.
+    Shapes: q ``[B,H,L,D]``; k, v ``[B,Hkv,S,D]``; prefix ``[Hkv,P,D]`` (shared by the batch) or
+    ``[B,Hkv,P,D]``, all of q's dtype. The prefix is always visible; real keys follow
+    ``attn_mask`` if given, else bottom-right causality if ``causal``, else all. ``dropout_p > 0``
+    drops attention probabilities with an in-kernel RNG keyed by ``seed``; the keep mask is
+    :func:`attention_dropout_mask` ``(B, H, L, P + S, dropout_p, seed)``, regenerated in the backward.
+    Raises :class:`TritonUnsupported` for unsupported masks, dtypes or head dim > 256.
     """
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p={dropout_p} must be in [0, 1)")
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError("q, k, v must be [B,H,L,D] / [B,Hkv,S,D]")
+    _check_prefix_attention(q)
     B, H, L, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
-    if H % Hkv != 0:
-        raise ValueError(f"query heads {H} are not a multiple of key/value heads {Hkv}")
-    if prefix_k.shape != prefix_v.shape or prefix_k.dim() not in (3, 4):
-        raise ValueError("prefix_k and prefix_v must both be [Hkv,P,D] or [B,Hkv,P,D]")
-    if prefix_k.shape[-3] != Hkv or prefix_k.shape[-1] != D or (prefix_k.dim() == 4 and prefix_k.shape[0] != B):
-        raise ValueError(f"prefix {tuple(prefix_k.shape)} does not match k {tuple(k.shape)}")
-    if D > MAX_HEAD_DIM:
-        raise TritonUnsupported(f"head dim {D} > {MAX_HEAD_DIM} is not supported by the Triton kernel")
-    dt = q.dtype
-    if dt not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TritonUnsupported(f"dtype {dt} is not supported (fp16, bf16, fp32)")
-    # One compute dtype for every operand; the casts stay on the autograd graph.
-    k, v, prefix_k, prefix_v = (t.to(dt) for t in (k, v, prefix_k, prefix_v))
-    if scale is None:
-        scale = _pak.default_scale(D)
-    klo = khi = None
-    if attn_mask is not None:
-        if attn_mask.requires_grad:
-            raise TritonUnsupported("backend='triton' does not differentiate through attn_mask; use backend='torch'")
-        klo, khi, causal, unpadded = _key_range(attn_mask, B, H, L, S)
-        if unpadded:
-            klo = khi = None  # nothing padded: skip the range loads
-    if seed is None:
-        seed = _rng_seed(q.device) if dropout_p > 0 else 0
-    return _PrefixAttention.apply(q, k, v, prefix_k, prefix_v, klo, khi, bool(causal), float(scale),
-                                  float(dropout_p), int(seed))
+    klo, khi, causal = _key_ranges(attn_mask, B, H, L, k.shape[2], causal)
+    out = _new((B, H, L, D), q.dtype, q.device)
+    lse2 = _new((B, H, L), torch.float32, q.device)
+    _pak.attn_forward(q, k, v, prefix_k, prefix_v, out, lse2, klo, khi, causal=causal, scale=scale,
+                      dropout_p=dropout_p, seed=seed)
+    return out, lse2
+
+
+def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, causal: bool, scale: float,
+                              dropout_p: float, seed: int) -> tuple[torch.Tensor, ...]:
+    """``(dq, dk, dv, dprefix_k, dprefix_v)`` for :func:`prefix_attention_forward`'s ``(out, lse)``."""
+    B, H, L, D = q.shape
+    klo, khi, causal = _key_ranges(attn_mask, B, H, L, k.shape[2], causal)
+    dq, dk, dv, dpk, dpv = (_new_like(t) for t in (q, k, v, prefix_k, prefix_v))
+    _pak.attn_backward(q, k, v, prefix_k, prefix_v, out, grad_out, lse, klo, khi, dq, dk, dv, dpk, dpv,
+                       causal=causal, scale=scale, dropout_p=dropout_p, seed=seed)
+    return dq, dk, dv, dpk, dpv
 
 
 def attention_dropout_mask(
@@ -268,83 +234,48 @@ def attention_dropout_mask(
 
 
 
-class _LoraLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float, seed: int):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        M, K = x2.shape
-        N, r = weight.shape[0], lora_a.shape[0]
-        y = _new((M, N), x.dtype, x.device)
-        t = _new((M, r), torch.float32, x.device)
-        _lk.lora_forward(x2, weight, bias, lora_a, lora_b, y, t, scaling=scaling, dropout_p=dropout_p, seed=seed)
-        ctx.save_for_backward(x2, weight, lora_a, lora_b, t)
-        ctx.has_bias = bias is not None
-        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.shape = scaling, dropout_p, seed, shape
-        return y.reshape(*shape[:-1], N)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, weight, lora_a, lora_b, t = ctx.saved_tensors
-        N = weight.shape[0]
-        dy2 = dy.reshape(-1, N)
-        need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
-        dx = dw = db = da = dlb = None
-        u = _new((dy2.shape[0], lora_a.shape[0]), torch.float32, dy.device)
-        dx2 = _new(x2.shape, x2.dtype, x2.device) if need_x else None
-        if need_x or need_a:  # u = s·dY B feeds dA; the same kernel writes dX
-            _lk.lora_backward_dx(dy2, weight, lora_a, lora_b, dx2, u, scaling=ctx.scaling,
-                                 dropout_p=ctx.dropout_p, seed=ctx.seed)
-        if need_x:
-            dx = dx2.reshape(ctx.shape)
-        if need_a or need_lb:
-            da = _new(lora_a.shape, lora_a.dtype, lora_a.device)
-            dlb = _new(lora_b.shape, lora_b.dtype, lora_b.device)
-            _lk.lora_backward_ab(x2, dy2, t, u, da, dlb, scaling=ctx.scaling, dropout_p=ctx.dropout_p, seed=ctx.seed)
-        if need_w:
-            # dW = dYᵀX is a plain GEMM with nothing to fuse: cuBLAS is the right tool.
-            dw = (dy2.t() @ x2).to(weight.dtype)
-        if ctx.has_bias and need_b:
-            db = dy2.sum(0, dtype=torch.float32).to(dy.dtype)
-        return dx, dw, db, (da if need_a else None), (dlb if need_lb else None), None, None, None
-
-
-def lora_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    scaling: float,
-    dropout_p: float = 0.0,
-    *,
-    seed: Optional[int] = None,
-) -> torch.Tensor:
-    """``x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ`` with the fused Triton kernel.
-
-    x ``[..., in]``, weight ``[out, in]``, lora_a ``[r, in]``, lora_b ``[out, r]``. Dropout
-    (``dropout_p > 0``) uses an in-kernel RNG seeded by ``seed`` (default: drawn from torch's
-    generator, so ``torch.manual_seed`` makes it reproducible); the keep mask for x viewed as
-    ``[M, in]`` is :func:`lora_dropout_mask` ``((M, in), dropout_p, seed)``, regenerated in
-    the backward, never stored.
-    """
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p={dropout_p} must be in [0, 1)")
-    dt = x.dtype
-    if dt not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TritonUnsupported(f"dtype {dt} is not supported (fp16, bf16, fp32)")
-    K = x.shape[-1]
-    if weight.dim() != 2 or weight.shape[1] != K:
-        raise ValueError(f"weight {tuple(weight.shape)} does not match x {tuple(x.shape)}")
-    if lora_a.dim() != 2 or lora_a.shape[1] != K or lora_b.shape != (weight.shape[0], lora_a.shape[0]):
-        raise ValueError(f"lora_a {tuple(lora_a.shape)} / lora_b {tuple(lora_b.shape)} do not match weight {tuple(weight.shape)}")
+def _check_lora(x: torch.Tensor, lora_a: torch.Tensor) -> None:
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TritonUnsupported(f"dtype {x.dtype} is not supported (fp16, bf16, fp32)")
     if lora_a.shape[0] > 256:
         raise TritonUnsupported(f"LoRA rank {lora_a.shape[0]} > 256 is not supported by the fused kernel")
-    weight, lora_a, lora_b = (t.to(dt) for t in (weight, lora_a, lora_b))
-    bias = bias.to(dt) if bias is not None else None
-    if seed is None:
-        seed = _rng_seed(x.device) if dropout_p > 0 else 0
-    return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p), seed)
+
+
+def lora_linear_forward(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float,
+                        seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Y [M, out], T [M, r] fp32)`` of ``x2 Wᵀ + b + scaling · (dropout(x2) Aᵀ) Bᵀ`` in one kernel.
+
+    x2 ``[M, in]``, weight ``[out, in]``, lora_a ``[r, in]``, lora_b ``[out, r]``, one dtype.
+    Dropout (``dropout_p > 0``) uses an in-kernel RNG seeded by ``seed``; the keep mask of x2 is
+    :func:`lora_dropout_mask` ``((M, in), dropout_p, seed)``, regenerated in the backward.
+    """
+    _check_lora(x2, lora_a)
+    M, N, r = x2.shape[0], weight.shape[0], lora_a.shape[0]
+    y = _new((M, N), x2.dtype, x2.device)
+    t = _new((M, r), torch.float32, x2.device)
+    _lk.lora_forward(x2, weight, bias, lora_a, lora_b, y, t, scaling=scaling, dropout_p=dropout_p, seed=seed)
+    return y, t
+
+
+def lora_linear_backward(dy2, x2, weight, lora_a, lora_b, t, scaling: float, dropout_p: float, seed: int,
+                         need: list[bool]) -> tuple[Optional[torch.Tensor], ...]:
+    """``(dX, dW, db, dA, dB)`` (None where ``need`` is False) for :func:`lora_linear_forward`."""
+    need_x, need_w, need_b, need_a, need_lb = need
+    dx = dw = db = da = dlb = None
+    u = _new((dy2.shape[0], lora_a.shape[0]), torch.float32, dy2.device)
+    if need_x or need_a:  # u = s·dY B feeds dA; the same kernel writes dX
+        dx = _new(x2.shape, x2.dtype, x2.device) if need_x else None
+        _lk.lora_backward_dx(dy2, weight, lora_a, lora_b, dx, u, scaling=scaling, dropout_p=dropout_p, seed=seed)
+    if need_a or need_lb:
+        da = _new(lora_a.shape, lora_a.dtype, lora_a.device)
+        dlb = _new(lora_b.shape, lora_b.dtype, lora_b.device)
+        _lk.lora_backward_ab(x2, dy2, t, u, da, dlb, scaling=scaling, dropout_p=dropout_p, seed=seed)
+    if need_w:
+        # dW = dYᵀX is a plain GEMM with nothing to fuse: cuBLAS is the right tool.
+        dw = (dy2.t() @ x2).to(weight.dtype)
+    if need_b:
+        db = dy2.sum(0, dtype=torch.float32).to(dy2.dtype)
+    return dx, dw, db, (da if need_a else None), (dlb if need_lb else None)
 
 
 def lora_dropout_mask(shape: tuple[int, int], dropout_p: float, seed: int, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
@@ -357,68 +288,41 @@ def lora_dropout_mask(shape: tuple[int, int], dropout_p: float, seed: int, devic
 _ACTS = {"relu": 0, "gelu": 1, "silu": 2}
 
 
-class _Adapter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, wd, bd, wu, bu, act: int, residual: bool):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        M, d = x2.shape
-        h = wd.shape[0]
-        y = _new((M, d), x.dtype, x.device)
-        z = _new((M, h), torch.float32, x.device)
-        _adk.adapter_forward(x2, wd, bd, wu, bu, y, z, act=act, residual=residual)
-        ctx.save_for_backward(x2, wd, wu, z)
-        ctx.act, ctx.residual, ctx.shape = act, residual, shape
-        ctx.has_bd, ctx.has_bu = bd is not None, bu is not None
-        return y.reshape(shape)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, wd, wu, z = ctx.saved_tensors
-        dy2 = dy.reshape(x2.shape)
-        need = ctx.needs_input_grad
-        dx = _new(x2.shape, x2.dtype, x2.device)
-        dz = _new(z.shape, torch.float32, z.device)
-        _adk.adapter_backward_dx(dy2, wd, wu, z, dx, dz, act=ctx.act, residual=ctx.residual)
-        dwd = dbd = dwu = dbu = None
-        if any(need[1:5]):
-            dwd = _new(wd.shape, wd.dtype, wd.device)
-            dwu = _new(wu.shape, wu.dtype, wu.device)
-            dbd32 = _new((wd.shape[0],), torch.float32, wd.device)
-            dbu32 = _new((wu.shape[0],), torch.float32, wu.device)
-            _adk.adapter_backward_w(x2, dy2, z, dz, dwd, dwu, dbd32, dbu32, act=ctx.act)
-            dbd = dbd32.to(wd.dtype) if ctx.has_bd else None
-            dbu = dbu32.to(wu.dtype) if ctx.has_bu else None
-        return (dx.reshape(ctx.shape) if need[0] else None, dwd if need[1] else None, dbd if need[2] else None,
-                dwu if need[3] else None, dbu if need[4] else None, None, None)
+def _check_adapter(x: torch.Tensor, down_weight: torch.Tensor, up_weight: torch.Tensor) -> None:
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TritonUnsupported(f"dtype {x.dtype} is not supported (fp16, bf16, fp32)")
+    if down_weight.shape[0] > MAX_BOTTLENECK:
+        raise TritonUnsupported(f"bottleneck {down_weight.shape[0]} > {MAX_BOTTLENECK} does not fit on chip; "
+                                "use backend='torch'")
+    if up_weight.shape[0] != x.shape[-1]:
+        raise TritonUnsupported("the Triton adapter needs d_out == d (up_weight [d, bottleneck])")
 
 
-def adapter(
-    x: torch.Tensor,
-    down_weight: torch.Tensor,
-    down_bias: Optional[torch.Tensor],
-    up_weight: torch.Tensor,
-    up_bias: Optional[torch.Tensor],
-    activation: str = "relu",
-    residual: bool = True,
-) -> torch.Tensor:
-    """``x + up(act(down(x)))`` (``residual=False`` drops the ``x +``) in one fused kernel.
+def adapter_forward(x2, down_weight, down_bias, up_weight, up_bias, activation: str,
+                    residual: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Y [M, d], Z [M, h] fp32)`` of ``x2 + up(act(down(x2)))`` (no ``x2 +`` without ``residual``)
+    in one kernel; act relu|gelu (exact, erf)|silu; h <= 256 stays on chip."""
+    _check_adapter(x2, down_weight, up_weight)
+    M, d = x2.shape
+    y = _new((M, d), x2.dtype, x2.device)
+    z = _new((M, down_weight.shape[0]), torch.float32, x2.device)
+    _adk.adapter_forward(x2, down_weight, down_bias, up_weight, up_bias, y, z, act=_ACTS[activation], residual=residual)
+    return y, z
 
-    x ``[..., d]``, down_weight ``[h, d]``, up_weight ``[d, h]``; act in relu|gelu (exact,
-    erf)|silu; h <= 256 stays on chip.
-    """
-    if activation not in _ACTS:
-        raise ValueError(f"activation={activation!r} is not one of {tuple(_ACTS)}")
-    dt = x.dtype
-    if dt not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TritonUnsupported(f"dtype {dt} is not supported (fp16, bf16, fp32)")
-    d = x.shape[-1]
-    h = down_weight.shape[0]
-    if down_weight.shape != (h, d) or up_weight.shape != (d, h):
-        raise ValueError(f"down {tuple(down_weight.shape)} / up {tuple(up_weight.shape)} do not match x {tuple(x.shape)}")
-    if h > MAX_BOTTLENECK:
-        raise TritonUnsupported(f"bottleneck {h} > {MAX_BOTTLENECK} does not fit on chip; use backend='torch'")
-    down_weight, up_weight = down_weight.to(dt), up_weight.to(dt)
-    down_bias = down_bias.to(dt) if down_bias is not None else None
-    up_bias = up_bias.to(dt) if up_bias is not None else None
-    return _Adapter.apply(x, down_weight, down_bias, up_weight, up_bias, _ACTS[activation], bool(residual))
+
+def adapter_backward(dy2, x2, down_weight, up_weight, z, activation: str, residual: bool,
+                     need: list[bool]) -> tuple[Optional[torch.Tensor], ...]:
+    """``(dX, dWd, dbd, dWu, dbu)`` (None where ``need`` is False) for :func:`adapter_forward`."""
+    act = _ACTS[activation]
+    dx = _new(x2.shape, x2.dtype, x2.device)
+    dz = _new(z.shape, torch.float32, z.device)
+    _adk.adapter_backward_dx(dy2, down_weight, up_weight, z, dx, dz, act=act, residual=residual)
+    dwd = dbd = dwu = dbu = None
+    if any(need[1:5]):
+        dwd = _new(down_weight.shape, down_weight.dtype, down_weight.device)
+        dwu = _new(up_weight.shape, up_weight.dtype, up_weight.device)
+        dbd32 = _new((down_weight.shape[0],), torch.float32, down_weight.device)
+        dbu32 = _new((up_weight.shape[0],), torch.float32, up_weight.device)
+        _adk.adapter_backward_w(x2, dy2, z, dz, dwd, dwu, dbd32, dbu32, act=act)
+        dbd, dbu = dbd32.to(down_weight.dtype), dbu32.to(up_weight.dtype)
+    return tuple(g if n else None for g, n in zip((dx, dwd, dbd, dwu, dbu), need))

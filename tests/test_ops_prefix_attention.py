@@ -1,4 +1,9 @@
-"""prefix_attention (torch path) against the float64 concatenation reference (DESIGN §2, §5)."""
+"""prefix_attention: every CPU implementation of its dispatch table (block_cpp, lse_merge, chunked,
+decode_cpp, and the torch reference) against the float64 concatenation reference (DESIGN §2, §5).
+
+Each comparison runs every implementation that the table says applies to the call, chosen through
+the public switch (``backend=<name>``), forward and every gradient; the Triton kernel has its own
+file (tests/test_triton_prefix_attention.py)."""
 from __future__ import annotations
 
 import math
@@ -7,10 +12,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ptpeft_fast.ops import prefix_attention, use_backend
+from ptpeft_fast.ops import explain, prefix_attention, use_backend
 from ptpeft_fast.ops._reference import prefix_attention_reference
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}
+CPU_IMPLS = ("block_cpp", "lse_merge", "chunked", "torch")
 
 
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -18,6 +24,11 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     assert out.shape == ref.shape, (out.shape, ref.shape)
     assert torch.isfinite(out).all(), "NaN/inf in output"
     return ((out - ref).norm() / ref.norm()).item()
+
+
+def _runs(impl: str, *tensors, **kw) -> bool:
+    """The table lets ``impl`` run this call (``explain`` with the name asked for)."""
+    return explain(prefix_attention, *tensors, backend=impl, **kw).chosen == impl
 
 
 def _inputs(B, H, Hkv, L, S, P, D, *, shared=True, dtype=torch.float32, seed=0, transposed=False):
@@ -47,34 +58,68 @@ def _padding_mask(B, L, S, lengths, side, causal):
     return mask
 
 
-def _compare(q, k, v, pk, pv, g, *, causal, attn_mask=None, scale=None, tol=None, check_mask_grad=False):
-    """Forward and every gradient of the op vs the float64 reference on the same inputs."""
+def _compare(q, k, v, pk, pv, g, *, causal, attn_mask=None, scale=None, tol=None, check_mask_grad=False,
+             impls=CPU_IMPLS, expect=()):
+    """Forward and every gradient of each implementation in ``impls`` that applies, vs the float64
+    reference on the same inputs. Returns the reference-path output; the implementations that ran
+    must include the one ``"auto"`` picks, the reference and every name in ``expect``."""
     dtype = q.dtype
     tol = TOL[dtype] if tol is None else tol
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, pk, pv)]
-    mask = attn_mask
-    if check_mask_grad:
-        mask = attn_mask.detach().clone().requires_grad_()
-        leaves.append(mask)
-    out = prefix_attention(*leaves[:5], causal=causal, attn_mask=mask, scale=scale, backend="torch")
-    assert out.dtype == dtype and out.shape == q.shape
-    go = torch.randn(out.shape, generator=g, dtype=torch.float64).to(dtype)
-    grads = torch.autograd.grad(out, leaves, go)
-
-    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v, pk, pv)]
     ref_mask = None
     if attn_mask is not None:
-        ref_mask = ref_leaves[5] if check_mask_grad else (attn_mask if attn_mask.dtype == torch.bool else attn_mask.double())
+        ref_mask = attn_mask if attn_mask.dtype == torch.bool else attn_mask.detach().double()
+        if check_mask_grad:
+            ref_mask = ref_mask.requires_grad_()
+            ref_leaves.append(ref_mask)
     ref = prefix_attention_reference(*ref_leaves[:5], causal=causal, attn_mask=ref_mask, scale=scale)
     assert torch.isfinite(ref).all()
-    ref_grads = torch.autograd.grad(ref, ref_leaves, go.double())
-
-    assert _rel(out, ref) <= tol
+    go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, go)
+    ran, outs = [], {}
     names = ["q", "k", "v", "prefix_k", "prefix_v", "attn_mask"]
-    for name, gr, rg in zip(names, grads, ref_grads):
-        assert gr.shape == rg.shape, name
-        assert _rel(gr, rg) <= tol, f"grad of {name}: rel err {_rel(gr, rg):.2e} > {tol}"
-    return out
+    for impl in impls:
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, pk, pv)]
+        mask = attn_mask
+        if check_mask_grad:
+            mask = attn_mask.detach().clone().requires_grad_()
+            leaves.append(mask)
+        if not _runs(impl, *leaves[:5], causal=causal, attn_mask=mask, scale=scale):
+            continue
+        out = prefix_attention(*leaves[:5], causal=causal, attn_mask=mask, scale=scale, backend=impl)
+        assert out.dtype == dtype and out.shape == q.shape, impl
+        grads = torch.autograd.grad(out, leaves, go.to(dtype))
+        assert _rel(out, ref) <= tol, f"{impl}: rel err {_rel(out, ref):.2e} > {tol}"
+        for name, gr, rg in zip(names, grads, ref_grads):
+            assert gr.shape == rg.shape, (impl, name)
+            assert _rel(gr, rg) <= tol, f"{impl}: grad of {name}: rel err {_rel(gr, rg):.2e} > {tol}"
+        ran.append(impl)
+        outs[impl] = out
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, pk, pv)]
+    mask = attn_mask.detach().requires_grad_() if check_mask_grad else attn_mask
+    auto = explain(prefix_attention, *leaves, causal=causal, attn_mask=mask, scale=scale).chosen
+    want = {auto, "torch", *expect} & set(impls) if auto in impls else {"torch", *expect}
+    assert want <= set(ran), f"ran {ran}, expected at least {sorted(want)}"
+    return outs["torch"]
+
+
+def _compare_no_grad(q, k, v, pk, pv, *, causal, attn_mask=None, tol=None,
+                     impls=("decode_cpp",) + CPU_IMPLS, expect=()):
+    """Forward only (evaluation, ``generate``): each implementation that applies vs the reference."""
+    tol = TOL[q.dtype] if tol is None else tol
+    ref_mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.double()
+    ref = prefix_attention_reference(*(t.double() for t in (q, k, v, pk, pv)), causal=causal, attn_mask=ref_mask)
+    ran = []
+    with torch.no_grad():
+        for impl in impls:
+            if not _runs(impl, q, k, v, pk, pv, causal=causal, attn_mask=attn_mask):
+                continue
+            out = prefix_attention(q, k, v, pk, pv, causal=causal, attn_mask=attn_mask, backend=impl)
+            assert out.dtype == q.dtype and out.shape == q.shape, impl
+            assert _rel(out, ref) <= tol, f"{impl}: rel err {_rel(out, ref):.2e}"
+            ran.append(impl)
+    assert set(expect) <= set(ran) and "torch" in ran, ran
+    return ran
 
 
 # (B, H, Hkv, L, S, P, D, causal)
@@ -214,7 +259,8 @@ def test_autocast_runs_in_the_autocast_dtype():
         ((2, 2, 2, 3, 4, 2, 4, False), False, "float"),
     ],
 )
-def test_gradcheck_float64(shape, shared, mask_kind):
+@pytest.mark.parametrize("impl", ["lse_merge", "chunked", "torch"])
+def test_gradcheck_float64(shape, shared, mask_kind, impl):
     B, H, Hkv, L, S, P, D, causal = shape
     q, k, v, pk, pv, g = _inputs(B, H, Hkv, L, S, P, D, shared=shared, dtype=torch.float64, seed=13)
     mask = None
@@ -225,7 +271,7 @@ def test_gradcheck_float64(shape, shared, mask_kind):
     leaves = [t.requires_grad_() for t in (q, k, v, pk, pv)]
 
     def fn(*xs):
-        return prefix_attention(*xs, causal=causal, attn_mask=mask)
+        return prefix_attention(*xs, causal=causal, attn_mask=mask, backend=impl)
 
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
 
@@ -292,6 +338,43 @@ def test_dropout_fp64_and_bf16_run():
         assert out.dtype == dtype and torch.isfinite(out).all()
 
 
+def test_chunked_dropout_equals_reference_with_its_keep_masks():
+    """The chunked path's dropout (CUDA's fallback; seeded, regenerated in the backward): forward and
+    every gradient equal the float64 reference run with the same keep-masks, chunk by chunk."""
+    from ptpeft_fast.ops import attention_chunked as ch
+
+    B, H, Hkv, L, P, D, p = 2, 4, 2, 9, 3, 8, 0.3
+    q, k, v, pk, pv, g = _inputs(B, H, Hkv, L, L, P, D, seed=19)
+    mask = _padding_mask(B, L, L, [9, 5], "left", True)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, pk, pv)]
+    seed = torch.tensor([1234])
+    scale = 1 / math.sqrt(D)
+    out, _ = torch.ops.ptpeft_fast.prefix_attention_forward(*leaves, mask, seed, True, scale, p, "chunked")
+    go = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad(out, leaves, go)
+    # the same masks, drawn as the op draws them (one chunk here), for the reference in float64
+    keep = ch.dropout_keep(1234, 0, (B, Hkv, (H // Hkv) * L, P + L), p, q.device).view(B, H, L, P + L)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v, pk, pv)]
+    ref = _reference_with_keep(*ref_leaves, mask, keep, p, scale)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, go.double())
+    assert _rel(out, ref) <= 1e-5
+    for gr, rg in zip(grads, ref_grads):
+        assert _rel(gr, rg) <= 1e-5
+    again, _ = torch.ops.ptpeft_fast.prefix_attention_forward(q, k, v, pk, pv, mask, seed, True, scale, p, "chunked")
+    assert torch.equal(again, out.detach())  # the seed fixes the masks
+
+
+def _reference_with_keep(q, k, v, pk, pv, mask, keep, p, scale):
+    B, H, L, D = q.shape
+    G = H // k.shape[1]
+    keys = torch.cat([pk.unsqueeze(0).expand(B, -1, -1, -1), k], 2).repeat_interleave(G, 1)
+    vals = torch.cat([pv.unsqueeze(0).expand(B, -1, -1, -1), v], 2).repeat_interleave(G, 1)
+    s = q @ keys.transpose(-1, -2) * scale
+    P = pk.shape[-2]
+    s = torch.cat([s[..., :P], s[..., P:].masked_fill(~mask, float("-inf"))], -1)
+    return (torch.softmax(s, -1) * keep / (1 - p)) @ vals
+
+
 # ---------------------------------------------------------------- memory contract
 
 
@@ -308,39 +391,67 @@ class _RecordShapes(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("use_mask,dropout_p", [(False, 0.0), (True, 0.0), (True, 0.2)],
-                         ids=["causal", "padding-mask", "dropout-math-path"])
-def test_never_expands_prefix_nor_builds_full_mask(use_mask, dropout_p):
-    """No op (forward or backward) outputs a batch-expanded prefix or a [.., P+S] tensor."""
+@pytest.mark.parametrize("impl,use_mask,dropout_p", [("lse_merge", False, 0.0), ("lse_merge", True, 0.0),
+                                                     ("torch", True, 0.2), ("block_cpp", True, 0.0)],
+                         ids=["lse-merge-causal", "lse-merge-padding-mask", "reference-dropout", "block-cpp"])
+def test_never_expands_prefix_nor_builds_full_mask(impl, use_mask, dropout_p):
+    """No op (forward or backward, inside the implementation too) outputs a batch-expanded prefix or
+    a [.., P+S] tensor. The implementations' functions run under the recording mode directly: the
+    torch.library ops are one opaque call to it."""
+    from ptpeft_fast.ops import attention_cpu as cpu
+    from ptpeft_fast.ops.attention_reference import reference_attention
+
     B, H, Hkv, L, S, P, D = 3, 4, 2, 5, 7, 11, 16  # distinctive sizes
     q, k, v, pk, pv, g = _inputs(B, H, Hkv, L, S, P, D, seed=18)
     mask = _padding_mask(B, L, S, [7, 4, 2], "left", True) if use_mask else None
-    leaves = [t.requires_grad_() for t in (q, k, v, pk, pv)]
+    go = torch.randn(B, H, L, D, generator=g)
+    scale = 1 / math.sqrt(D)
     with _RecordShapes() as rec:
-        out = prefix_attention(*leaves, causal=True, attn_mask=mask, dropout_p=dropout_p)
-        out.backward(torch.randn(out.shape, generator=g))
+        if impl == "torch":
+            leaves = [t.requires_grad_() for t in (q, k, v, pk, pv)]
+            reference_attention(*leaves, mask, True, scale, dropout_p).backward(go)
+            dpk = pk.grad
+        else:
+            fwd, bwd = {"lse_merge": (cpu.lse_merge_forward, cpu.lse_merge_backward),
+                        "block_cpp": (cpu.block_forward, cpu.block_backward)}[impl]
+            out, lse = fwd(q, k, v, pk, pv, mask, True, scale)
+            extra = [True] * 5 if impl == "lse_merge" else True
+            dpk = bwd(go, q, k, v, pk, pv, mask, out, lse, True, scale, extra)[3]
     assert rec.shapes, "nothing recorded"
     for func, shape in rec.shapes:
         assert P + S not in shape, f"{func} built a tensor over P+S keys: {shape}"
         assert not (shape[-2:] == (P, D) and math.prod(shape) >= B * Hkv * P * D), (
             f"{func} expanded the prefix over the batch: {shape}"
         )
-    assert pk.grad.shape == (Hkv, P, D) and torch.isfinite(pk.grad).all()
+    assert dpk.shape == (Hkv, P, D) and torch.isfinite(dpk).all()
 
 
 # ---------------------------------------------------------------- backend and validation
 
 
-def test_backend_selection_torch():
+def test_backend_selection_and_explain():
+    from ptpeft_fast.ops import BackendUnsupported
+
     q, k, v, pk, pv, g = _inputs(2, 4, 2, 4, 4, 2, 8, seed=19)
     a = prefix_attention(q, k, v, pk, pv, causal=True, backend="torch")
     with use_backend("torch"):
         b = prefix_attention(q, k, v, pk, pv, causal=True)
+        assert explain(prefix_attention, q, k, v, pk, pv, causal=True).chosen == "torch"
     assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="xformers"):
+    with use_backend("lse_merge"), torch.no_grad():
+        assert explain(prefix_attention, q, k, v, pk, pv, causal=True).chosen == "lse_merge"
+    with pytest.raises(BackendUnsupported, match="xformers.*CUDA only"):
         prefix_attention(q, k, v, pk, pv, causal=True, backend="xformers")
     with pytest.raises(ValueError, match="not one of"):
         prefix_attention(q, k, v, pk, pv, causal=True, backend="cuda-magic")
+    with pytest.raises(ValueError, match="not an implementation of any op"):
+        with use_backend("cuda-magic"):
+            pass
+    e = explain(prefix_attention, q, k, v, pk.requires_grad_(), pv, causal=True)  # training: no decode_cpp
+    assert e.chosen == "block_cpp" and "autograd" in e.declined["decode_cpp"] and e.declined["torch"]
+    assert "block_cpp runs" in str(e)
+    with torch.no_grad():
+        assert explain(prefix_attention, q, k, v, pk, pv, causal=True).chosen == "decode_cpp"  # 4 queries per row
 
 
 def _bad_cases():
@@ -395,50 +506,37 @@ def test_prefix_only_gradients(shared):
     B, H, Hkv, L, P, D = 2, 8, 2, 6, 3, 16
     q, k, v, pk, pv, g = _inputs(B, H, Hkv, L, L, P, D, shared=shared, seed=22)
     mask = _padding_mask(B, L, L, [6, 2], "left", True)
-    pk1, pv1 = pk.clone().requires_grad_(), pv.clone().requires_grad_()
-    out = prefix_attention(q, k, v, pk1, pv1, causal=True, attn_mask=mask)
-    go = torch.randn(out.shape, generator=g)
-    out.backward(go)
+    go = torch.randn(q.shape, generator=g)
     ref_pk, ref_pv = pk.double().requires_grad_(), pv.double().requires_grad_()
     ref = prefix_attention_reference(q.double(), k.double(), v.double(), ref_pk, ref_pv, causal=True, attn_mask=mask)
     ref.backward(go.double())
-    assert _rel(out.detach(), ref.detach()) <= 1e-5
-    assert _rel(pk1.grad, ref_pk.grad) <= 1e-5
-    assert _rel(pv1.grad, ref_pv.grad) <= 1e-5
+    ran = []
+    for impl in CPU_IMPLS:
+        pk1, pv1 = pk.clone().requires_grad_(), pv.clone().requires_grad_()
+        if not _runs(impl, q, k, v, pk1, pv1, causal=True, attn_mask=mask):
+            continue
+        out = prefix_attention(q, k, v, pk1, pv1, causal=True, attn_mask=mask, backend=impl)
+        out.backward(go)
+        assert _rel(out.detach(), ref.detach()) <= 1e-5, impl
+        assert _rel(pk1.grad, ref_pk.grad) <= 1e-5 and _rel(pv1.grad, ref_pv.grad) <= 1e-5, impl
+        ran.append(impl)
+    assert {"lse_merge", "chunked", "torch"} <= set(ran) and ("block_cpp" in ran) == shared
 
 
-@pytest.mark.parametrize("path", ["flash-prefix", "aten-flash"])
-def test_causal_padding_mask_uses_kernel_causal_skip(path, monkeypatch):
-    """A bool mask with nothing above the diagonal runs the kernel with its causal flag on (it
-    skips the keys above the diagonal; same result)."""
-    import importlib
+def test_causal_padding_mask_uses_kernel_causal_skip():
+    """A bool mask with nothing above the diagonal lets the CPU kernels run with their causal flag
+    on (they skip the keys above the diagonal); the result is the same (compared on every path)."""
+    from ptpeft_fast.ops.attention_cpu import kernel_causal
 
-    pa = importlib.import_module("ptpeft_fast.ops.prefix_attention")  # the module, not the function
-
-    seen = []
-    if path == "aten-flash":
-        real = pa._flash_fwd
-
-        def spy(q, k, v, dropout_p, is_causal, **kw):
-            seen.append(is_causal)
-            return real(q, k, v, dropout_p, is_causal, **kw)
-
-        monkeypatch.setattr(pa, "_flash_fwd", spy)
-        monkeypatch.setattr(pa, "_flash_prefix_ops", lambda *a: None)
-    else:
-        _, (fwd, bwd) = _flash_ops_or_fail()
-
-        def spy_fwd(q, k, v, pk, pv, mask, causal, scale):
-            seen.append(causal)
-            return fwd(q, k, v, pk, pv, mask, causal, scale)
-
-        monkeypatch.setattr(pa, "_flash_prefix_ops", lambda *a: (spy_fwd, bwd))
     B, H, L, P, D = 2, 4, 6, 2, 8
     q, k, v, pk, pv, g = _inputs(B, H, H, L, L, P, D, seed=23)
     causal_pad = _padding_mask(B, L, L, [6, 3], "left", True)
-    _compare(q, k, v, pk, pv, g, causal=True, attn_mask=causal_pad)
-    _compare(q, k, v, pk, pv, g, causal=True, attn_mask=_padding_mask(B, L, L, [6, 3], "left", False))
-    assert seen == [True, False]
+    pad_only = _padding_mask(B, L, L, [6, 3], "left", False)
+    assert kernel_causal(causal_pad, True, L, L) and not kernel_causal(pad_only, False, L, L)
+    assert kernel_causal(None, True, L, L) and not kernel_causal(None, True, L, L + 3)  # top-left aligned: S == L only
+    assert not kernel_causal(torch.zeros(B, 1, L, L), True, L, L)  # a float mask is taken as it is
+    _compare(q, k, v, pk, pv, g, causal=True, attn_mask=causal_pad, expect=("block_cpp", "lse_merge"))
+    _compare(q, k, v, pk, pv, g, causal=True, attn_mask=pad_only, expect=("block_cpp", "lse_merge"))
 
 
 def test_non_cpu_tensors_take_the_device_agnostic_path():
@@ -450,10 +548,8 @@ def test_non_cpu_tensors_take_the_device_agnostic_path():
 
 
 @pytest.mark.parametrize("case", range(12))
-def test_inference_path_matches_reference(case):
-    """Without autograd (eval, generate) a shared prefix takes the folded inference path."""
-    from ptpeft_fast.ops._reference import prefix_attention_reference
-
+def test_no_grad_paths_match_reference(case):
+    """Without autograd (eval, generate) every implementation that applies, decode_cpp included."""
     g = torch.Generator().manual_seed(100 + case)
     B, Hkv, G = 1 + case % 3, (1, 2, 4)[case % 3], (1, 2, 4)[(case // 3) % 3]
     L = (1, 3, 7, 1)[case % 4]
@@ -467,27 +563,18 @@ def test_inference_path_matches_reference(case):
         mask = torch.ones(B, 1, L, S, dtype=torch.bool).tril(diagonal=S - L)
         mask[0, ..., : S - 1] = False
     causal = case % 2 == 0
-    with torch.no_grad():
-        out = prefix_attention(q, k, v, pk, pv, causal=causal, attn_mask=mask, backend="torch")
-    ref = prefix_attention_reference(*(t.double() for t in (q, k, v, pk, pv)), causal=causal, attn_mask=mask)
-    assert torch.isfinite(out).all()
-    assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-5
+    _compare_no_grad(q, k, v, pk, pv, causal=causal, attn_mask=mask,
+                     expect=("decode_cpp", "block_cpp", "lse_merge", "chunked"))
 
 
 @pytest.mark.parametrize("case", range(16))
-def test_decode_op_matches_reference(case, monkeypatch):
+def test_decode_op_matches_reference(case):
     """No-grad calls with at most DECODE_MAX_QUERIES queries take the one-pass C++ op
     (csrc/decode_attention_cpu.cpp): float64 reference, GQA, masks of every accepted
     form, strided caches, fp32 and fp64, sizes that split across threads."""
-    import importlib
-
     from ptpeft_fast import _ext
-    pa = importlib.import_module("ptpeft_fast.ops.prefix_attention")
+
     assert _ext.load_ext(), f"the csrc extension must build here (DESIGN §4): {_ext.ext_error()}"
-    calls = []
-    real = pa._decode_op()
-    assert real is not None
-    monkeypatch.setattr(pa, "_decode_op", lambda: (lambda *a: calls.append(1) or real(*a)))
 
     g = torch.Generator().manual_seed(700 + case)
     dtype = torch.float64 if case % 5 == 4 else torch.float32
@@ -516,27 +603,20 @@ def test_decode_op_matches_reference(case, monkeypatch):
         mask, causal = rnd(L, S), False
     else:  # additive float per head
         mask, causal = rnd(B, H, L, S), True
-    with torch.no_grad():
-        out = prefix_attention(q, k, v, pk, pv, causal=causal, attn_mask=mask, backend="torch")
-    assert calls, "the decode op was not used"
-    ref_mask = mask if mask is None or mask.dtype == torch.bool else mask.double()
-    ref = prefix_attention_reference(*(t.double() for t in (q, k, v, pk, pv)), causal=causal, attn_mask=ref_mask)
-    tol = 1e-10 if dtype == torch.float64 else 1e-5
-    assert out.dtype == dtype and out.shape == (B, H, L, D)
-    assert _rel(out, ref) <= tol
+    assert explain(prefix_attention, q, k, v, pk, pv, causal=causal, attn_mask=mask).chosen == "decode_cpp"
+    _compare_no_grad(q, k, v, pk, pv, causal=causal, attn_mask=mask, expect=("decode_cpp",))
 
 
-def test_decode_op_is_not_used_with_autograd_or_many_queries(monkeypatch):
-    import importlib
-    pa = importlib.import_module("ptpeft_fast.ops.prefix_attention")
-    calls = []
-    monkeypatch.setattr(pa, "_decode_op", lambda: calls.append(1))
+def test_decode_op_is_not_used_with_autograd_or_many_queries():
+    from ptpeft_fast.ops.prefix_attention import DECODE_MAX_QUERIES
+
     q, k, v, pk, pv, g = _inputs(2, 4, 2, 1, 9, 3, 16)
-    _compare(q, k, v, pk, pv, g, causal=True)  # training: autograd path
-    q, k, v, pk, pv, g = _inputs(2, 4, 2, pa.DECODE_MAX_QUERIES + 1, 20, 3, 16)
-    with torch.no_grad():
-        prefix_attention(q, k, v, pk, pv, causal=True, backend="torch")  # prefill: flash + merge
-    assert not calls
+    e = explain(prefix_attention, q, k, v, pk.requires_grad_(), pv, causal=True)  # training: autograd
+    assert e.chosen != "decode_cpp" and "autograd" in e.declined["decode_cpp"]
+    q, k, v, pk, pv, g = _inputs(2, 4, 2, DECODE_MAX_QUERIES + 1, 20, 3, 16)
+    with torch.no_grad():  # prefill
+        e = explain(prefix_attention, q, k, v, pk, pv, causal=True)
+    assert e.chosen != "decode_cpp" and "queries per row" in e.declined["decode_cpp"]
 
 
 @pytest.mark.parametrize("case", range(8))
@@ -598,92 +678,13 @@ def test_decode_step_entry_declines_what_it_does_not_cover():
     assert prefix_decode_step(q, k, v, pk.requires_grad_(), pv, None, None) is None  # training
 
 
-def _block_ops_or_skip():
-    import importlib
-
+def _block_cpp_or_fail():
     from ptpeft_fast import _ext
 
     assert _ext.load_ext(), f"the csrc extension must build here (DESIGN §4): {_ext.ext_error()}"
-    if _ext.loaded_variant() != "avx512":
-        pytest.skip(f"the prefix-block op is registered only in the avx512 variant; this run loaded the "
-                    f"{_ext.loaded_variant()} variant, whose ATen path the other tests cover")
-    pa = importlib.import_module("ptpeft_fast.ops.prefix_attention")
-    q = torch.zeros(1, 1, 1, 64)
-    ops = pa._prefix_block_ops(q, torch.zeros(1, 1, 64), torch.zeros(1, 1, 64), q)
-    assert ops is not None, "prefix_block_forward/backward are not registered"
-    return pa, ops
-
-
-@pytest.mark.parametrize("B,H,Hkv,L,S,P,D,transposed,mask_kind", [
-    (2, 4, 2, 37, 37, 1, 64, False, "causal"),
-    (3, 8, 2, 20, 29, 17, 128, True, "bool-padding"),
-    (1, 4, 4, 16, 16, 64, 64, True, "causal"),
-    (2, 6, 3, 5, 12, 33, 64, False, "additive"),
-    (2, 2, 1, 70, 70, 48, 128, False, "none"),
-], ids=["P1", "gqa-bool-mask-D128", "P64-transformers-layout", "additive-mask", "mqa-no-mask"])
-def test_fused_prefix_block_matches_reference(B, H, Hkv, L, S, P, D, transposed, mask_kind, monkeypatch):
-    """The training path's prefix block (csrc/prefix_block_cpu.cpp): forward and every gradient
-    against the float64 reference, with partial row blocks (L not a multiple of 16 or 4)."""
-    pa, ops = _block_ops_or_skip()
-    calls = []
-    monkeypatch.setattr(pa, "_prefix_block_ops", lambda *a: (calls.append(1), ops)[1])
-    monkeypatch.setattr(pa, "_flash_prefix_ops", lambda *a: None)  # the block serves maskless calls without BLAS
-    q, k, v, pk, pv, g = _inputs(B, H, Hkv, L, S, P, D, seed=L + P, transposed=transposed)
-    mask, causal = None, False
-    if mask_kind == "causal":
-        causal = True
-    elif mask_kind == "bool-padding":
-        mask = torch.ones(B, 1, L, S, dtype=torch.bool).tril(diagonal=S - L)
-        mask[0, ..., :5] = False  # left padding of row 0
-    elif mask_kind == "additive":
-        mask = torch.randn(B, 1, L, S, generator=g)
-    _compare(q, k, v, pk, pv, g, causal=causal, attn_mask=mask)
-    assert calls, "the fused prefix block was not used"
-
-
-def test_fused_prefix_block_only_prefix_trains(monkeypatch):
-    """Stage 1 (only the prefix needs grad): no dq from the op, prefix grads still exact."""
-    pa, ops = _block_ops_or_skip()
-    monkeypatch.setattr(pa, "_flash_prefix_ops", lambda *a: None)
-    q, k, v, pk, pv, g = _inputs(2, 4, 2, 24, 24, 10, 64, seed=5)
-    pkr, pvr = pk.clone().requires_grad_(), pv.clone().requires_grad_()
-    out = prefix_attention(q, k, v, pkr, pvr, causal=True, backend="torch")
-    go = torch.randn(out.shape, generator=g)
-    dpk, dpv = torch.autograd.grad(out, [pkr, pvr], go)
-    leaves = [t.double().requires_grad_() for t in (pk, pv)]
-    ref = prefix_attention_reference(q.double(), k.double(), v.double(), *leaves, causal=True)
-    rpk, rpv = torch.autograd.grad(ref, leaves, go.double())
-    assert _rel(out, ref) <= 1e-5 and _rel(dpk, rpk) <= 1e-5 and _rel(dpv, rpv) <= 1e-5
-
-
-def test_fused_prefix_block_declines_other_shapes():
-    import importlib
-
-    pa = importlib.import_module("ptpeft_fast.ops.prefix_attention")
-    q80, q64 = torch.zeros(1, 1, 1, 80), torch.zeros(1, 1, 1, 64)
-    assert pa._prefix_block_ops(q80, torch.zeros(1, 1, 80), torch.zeros(1, 1, 80), q80) is None  # head dim 80
-    assert pa._prefix_block_ops(q64, torch.zeros(1, 65, 64), torch.zeros(1, 65, 64), q64) is None  # P > 64
-    assert pa._prefix_block_ops(q64, torch.zeros(1, 1, 1, 64), torch.zeros(1, 1, 1, 64), q64) is None  # batch prefix
-    q64d = q64.double()
-    assert pa._prefix_block_ops(q64d, torch.zeros(1, 1, 64).double(), torch.zeros(1, 1, 64).double(), q64d) is None
-
-
-def _flash_ops_or_fail():
-    import importlib
-
-    from ptpeft_fast import _ext
-
-    assert _ext.load_ext(), f"the csrc extension must build here (DESIGN §4): {_ext.ext_error()}"
-    pa = importlib.import_module("ptpeft_fast.ops.prefix_attention")
-    ops = pa._flash_prefix_ops(torch.zeros(1, 1, 1, 64), torch.zeros(1, 1, 1, 64), torch.zeros(1, 1, 64))
-    assert ops is not None, "flash_prefix_forward/backward are unavailable (no BLAS sgemm in torch?)"
-    return pa, ops
-
-
-def _count_flash_calls(monkeypatch, pa, ops) -> list:
-    calls = []
-    monkeypatch.setattr(pa, "_flash_prefix_ops", lambda *a: (calls.append(1), ops)[1])
-    return calls
+    q = torch.zeros(1, 1, 4, 64)
+    e = explain(prefix_attention, q, q, q, torch.zeros(1, 2, 64), torch.zeros(1, 2, 64), causal=True, backend="block_cpp")
+    assert e.chosen == "block_cpp", f"block_cpp is unavailable (no BLAS sgemm in torch?): {e}"
 
 
 # (B, H, Hkv, L, S, P, D, transposed, causal): partial 64-row blocks, GQA with tasks per key/value
@@ -698,67 +699,73 @@ def _count_flash_calls(monkeypatch, pa, ops) -> list:
     (2, 4, 2, 1, 33, 4, 64, True, True),
 ], ids=["P1-partial-block", "transformers-layout", "gqa-by-kv-head-P100-D128", "mqa-scratch-D80",
         "gqa-one-block", "cross-S>L", "one-query"])
-def test_flash_prefix_matches_reference(B, H, Hkv, L, S, P, D, transposed, causal, monkeypatch):
-    """The maskless fp32 path (csrc/prefix_flash_cpu.cpp): forward and every gradient against the
-    float64 reference."""
-    pa, ops = _flash_ops_or_fail()
-    calls = _count_flash_calls(monkeypatch, pa, ops)
+def test_flash_prefix_matches_reference(B, H, Hkv, L, S, P, D, transposed, causal):
+    """block_cpp (csrc/prefix_flash_cpu.cpp): forward and every gradient against the float64
+    reference (and every other path that applies)."""
+    _block_cpp_or_fail()
     q, k, v, pk, pv, g = _inputs(B, H, Hkv, L, S, P, D, seed=L + P + D, transposed=transposed)
-    _compare(q, k, v, pk, pv, g, causal=causal)
-    assert calls, "the flash prefix op was not used"
+    _compare(q, k, v, pk, pv, g, causal=causal, expect=("block_cpp",))
 
 
 @pytest.mark.parametrize("wanted", [("prefix_k", "prefix_v"), ("q", "prefix_v"), ("v",)])
-def test_flash_prefix_gradient_subsets(wanted, monkeypatch):
+@pytest.mark.parametrize("impl", ["block_cpp", "lse_merge", "chunked"])
+def test_gradient_subsets(wanted, impl):
     """Only the requested gradients; stage 1 (prefix only) skips the real-key products."""
-    pa, ops = _flash_ops_or_fail()
-    calls = _count_flash_calls(monkeypatch, pa, ops)
+    _block_cpp_or_fail()
     q, k, v, pk, pv, g = _inputs(2, 6, 3, 70, 70, 9, 64, seed=11)
     names = ("q", "k", "v", "prefix_k", "prefix_v")
     leaves = [t.clone().requires_grad_(n in wanted) for n, t in zip(names, (q, k, v, pk, pv))]
-    out = prefix_attention(*leaves, causal=True, backend="torch")
+    out = prefix_attention(*leaves, causal=True, backend=impl)
     go = torch.randn(out.shape, generator=g)
     got = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], go)
     ref_leaves = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
     ref = prefix_attention_reference(*ref_leaves, causal=True)
     want = torch.autograd.grad(ref, [t for t in ref_leaves if t.requires_grad], go.double())
-    assert calls and _rel(out, ref) <= 1e-5
+    assert _rel(out, ref) <= 1e-5
     for a, b in zip(got, want):
         assert _rel(a, b) <= 1e-5
 
 
-def test_flash_prefix_without_autograd_and_with_expanded_grad(monkeypatch):
+@pytest.mark.parametrize("impl", ["block_cpp", "lse_merge", "chunked"])
+def test_without_autograd_and_with_expanded_grad(impl):
     """No-grad calls (evaluation, prefill) take the forward alone; an expanded output gradient
-    (``out.sum().backward()``) is made dense before the op."""
-    pa, ops = _flash_ops_or_fail()
-    calls = _count_flash_calls(monkeypatch, pa, ops)
+    (``out.sum().backward()``) is made dense before the kernels read it."""
+    _block_cpp_or_fail()
     q, k, v, pk, pv, _ = _inputs(2, 4, 2, 40, 40, 6, 64, seed=3)
     ref = prefix_attention_reference(*(t.double() for t in (q, k, v, pk, pv)), causal=True)
     with torch.no_grad():
-        out = prefix_attention(q, k, v, pk, pv, causal=True, backend="torch")
-    assert calls and _rel(out, ref) <= 1e-5
+        out = prefix_attention(q, k, v, pk, pv, causal=True, backend=impl)
+    assert _rel(out, ref) <= 1e-5
     pkr = pk.clone().requires_grad_()
-    prefix_attention(q, k, v, pkr, pv, causal=True, backend="torch").sum().backward()
+    prefix_attention(q, k, v, pkr, pv, causal=True, backend=impl).sum().backward()
     ref_pk = pk.double().requires_grad_()
     prefix_attention_reference(q.double(), k.double(), v.double(), ref_pk, pv.double(), causal=True).sum().backward()
     assert _rel(pkr.grad, ref_pk.grad) <= 1e-5
 
 
-def test_flash_prefix_declines_what_it_does_not_cover(monkeypatch):
-    pa, _ = _flash_ops_or_fail()
-    q = torch.zeros(1, 1, 8, 64)
-    assert pa._flash_prefix_ops(q.double(), q.double(), torch.zeros(1, 2, 64).double()) is None  # fp64: the ATen path
-    assert pa._flash_prefix_ops(q, q, torch.zeros(1, 1, 2, 64)) is None  # per-batch prefix
-    assert pa._flash_prefix_ops(q.bfloat16(), q.bfloat16(), torch.zeros(1, 2, 64).bfloat16()) is None
+def test_block_cpp_declines_what_it_does_not_cover():
+    from ptpeft_fast.ops.prefix_attention import FLASH_PREFIX_MAX_KEYS
+
+    _block_cpp_or_fail()
+    q, pk = torch.zeros(1, 1, 8, 64), torch.zeros(1, 2, 64)
+
+    def reason(q, k, pk):
+        return explain(prefix_attention, q, k, k, pk, pk, causal=False, backend="block_cpp").declined.get("block_cpp")
+
+    assert "fp32 only" in reason(q.double(), q.double(), pk.double())
+    assert "per-sample prefix" in reason(q, q, torch.zeros(1, 1, 2, 64))
+    assert "fp32 only" in reason(q.bfloat16(), q.bfloat16(), pk.bfloat16())
     meta = torch.zeros(1, 1, 8, 64, device="meta")
-    assert pa._flash_prefix_ops(meta, meta, torch.zeros(1, 2, 64, device="meta")) is None
-    monkeypatch.setattr(pa, "FLASH_PREFIX_MAX_KEYS", 12)
-    assert pa._flash_prefix_ops(q, q, torch.zeros(1, 2, 64)) is not None  # P + S = 10 keys
-    assert pa._flash_prefix_ops(q[:, :, :1], q, torch.zeros(1, 5, 64)) is None  # P + S = 13 (one query, a long cache)
+    assert "CPU only" in reason(meta, meta, torch.zeros(1, 2, 64, device="meta"))
+    long = torch.zeros(1, 1, FLASH_PREFIX_MAX_KEYS - 1, 64)
+    assert "keys >" in reason(q, long, pk)
+    with torch.no_grad():  # and auto takes the general path there
+        assert explain(prefix_attention, q.double(), q.double(), q.double(), pk.double(), pk.double(),
+                       causal=False).chosen == "lse_merge"
 
 
 def test_flash_prefix_op_checks_its_inputs():
-    _flash_ops_or_fail()
+    _block_cpp_or_fail()
     op = torch.ops.ptpeft_fast.flash_prefix_forward
     q, k = torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 5, 8)
     pk = torch.zeros(2, 3, 8)
@@ -776,12 +783,11 @@ def test_flash_prefix_op_checks_its_inputs():
 
 @pytest.mark.parametrize("mask_kind", ["padding-causal", "padding-only-causal-flag-off", "additive-broadcast",
                                        "additive-expanded", "key-padding-row-mask", "causal-S>L", "fully-padded-row"])
-def test_flash_prefix_with_masks(mask_kind, monkeypatch):
+def test_flash_prefix_with_masks(mask_kind):
     """Masks over the real keys are added to the block's scores: padding (with and without the
     causal skip), broadcast additive masks, bottom-right causal with S > L, and a query row whose
     real keys are all masked (it attends to the prefix only)."""
-    pa, ops = _flash_ops_or_fail()
-    calls = _count_flash_calls(monkeypatch, pa, ops)
+    _block_cpp_or_fail()
     B, H, Hkv, L, S, P, D = 3, 4, 2, 70, 70, 5, 32
     if mask_kind == "causal-S>L":
         S = 90
@@ -800,23 +806,20 @@ def test_flash_prefix_with_masks(mask_kind, monkeypatch):
     elif mask_kind == "fully-padded-row":
         mask = _padding_mask(B, L, S, [70, 41, 9], "left", True)
         mask[1, :, :10] = False  # rows 0-9 of batch 1 see no real key
-    _compare(q, k, v, pk, pv, g, causal=causal, attn_mask=mask)
-    assert calls, "the flash prefix op was not used"
+    _compare(q, k, v, pk, pv, g, causal=causal, attn_mask=mask, expect=("block_cpp", "lse_merge", "chunked"))
 
 
-def test_flash_prefix_masked_keys_weigh_exactly_zero(monkeypatch):
+def test_masked_keys_weigh_exactly_zero():
     """Padded keys get probability 0, not a tiny e^-87: values of 1e36 behind the mask must not
     leak into the output or any gradient (a tiny weight would also make the GEMMs run on
     denormal floats, ≈ 14x slower)."""
-    pa, ops = _flash_ops_or_fail()
-    calls = _count_flash_calls(monkeypatch, pa, ops)
+    _block_cpp_or_fail()
     B, H, L, P, D = 2, 2, 40, 3, 16
     q, k, v, pk, pv, g = _inputs(B, H, H, L, L, P, D, seed=29)
     mask = _padding_mask(B, L, L, [40, 25], "left", True)
     v = v.clone()
     v[1, :, :15] = 1e36  # the padded keys of row 1
-    _compare(q, k, v, pk, pv, g, causal=True, attn_mask=mask)
-    assert calls
+    _compare(q, k, v, pk, pv, g, causal=True, attn_mask=mask, expect=("block_cpp", "lse_merge", "chunked"))
 
 
 def test_decode_step_masked_keys_weigh_exactly_zero():

@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 __all__ = ["FLASH_PREFIX_MAX_KEYS", "DECODE_MAX_QUERIES", "block_forward", "block_backward", "decode_forward",
-           "lse_merge_forward", "lse_merge_backward", "finite_additive", "dense_rows"]
+           "lse_merge_forward", "lse_merge_backward", "finite_additive", "dense_rows", "kernel_causal"]
 
 FLASH_PREFIX_MAX_KEYS = 4096  # P + S up to which block_cpp runs; beyond, ATen's key-blocked kernel keeps up better
 DECODE_MAX_QUERIES = 8  # queries per row up to which a no-grad call takes decode_cpp
@@ -76,18 +76,31 @@ def _causal_bias(L: int, S: int, dtype: torch.dtype, device: torch.device) -> to
     return torch.zeros(L, S, dtype=dtype, device=device).masked_fill_(j > i + (S - L), torch.finfo(dtype).min)[None, None]
 
 
+def kernel_causal(mask: Optional[torch.Tensor], causal: bool, L: int, S: int) -> bool:
+    """Whether the CPU kernels may run with their causal flag on, which skips the key blocks above
+    the diagonal (both kernels align it top-left, so only when S == L): causality without a mask,
+    or a bool mask with nothing allowed above the diagonal (transformers' causal + padding mask;
+    rows it leaves fully masked get weight 0 anyway)."""
+    if L <= 1 or S != L:
+        return False
+    if mask is None:
+        return bool(causal)
+    if mask.dtype != torch.bool:
+        return False
+    upper = torch.ones(L, S, dtype=torch.bool, device=mask.device).triu_(1)
+    return not bool((mask & upper).any())
+
+
 # ------------------------------------------------------------------------- block_cpp
 
 
 def _block_mask(mask: Optional[torch.Tensor], causal: bool, L: int, S: int, device: torch.device):
-    """``(additive fp32 mask or None, causal flag)`` for the C++ op, which skips causal key blocks
-    only when L == S."""
+    """``(additive fp32 mask or None, causal flag)`` for the C++ op."""
+    flag = kernel_causal(mask, causal, L, S)
     if mask is None:
-        if causal and L != S and L > 1:
-            return _causal_bias(L, S, torch.float32, device), False
-        return None, bool(causal and L > 1)
+        return (_causal_bias(L, S, torch.float32, device) if causal and L > 1 and not flag else None), flag
     m = finite_additive(_mask4(mask), torch.float32)
-    return (m if m.stride(-1) == 1 else m.contiguous()), False
+    return (m if m.stride(-1) == 1 else m.contiguous()), flag
 
 
 def block_forward(q, k, v, prefix_k, prefix_v, mask, causal: bool, scale: float):
@@ -156,18 +169,11 @@ def _mm_reduce(a_t: torch.Tensor, c: torch.Tensor, shared: bool) -> torch.Tensor
 
 
 def _flash_args(q, mask, causal: bool, L: int, S: int):
-    """``(additive mask or None, is_causal)`` for ATen's CPU flash kernel, whose ``is_causal`` is
-    top-left aligned: used only when S == L; a bool mask with nothing above the diagonal
-    (transformers' causal + padding) also turns it on, to skip the upper blocks."""
+    """``(additive mask or None, is_causal)`` for ATen's CPU flash kernel."""
+    flag = kernel_causal(mask, causal, L, S)
     if mask is None:
-        if causal and L > 1 and S != L:
-            return _causal_bias(L, S, q.dtype, q.device), False
-        return None, bool(causal and L > 1)
-    flash_causal = False
-    if mask.dtype == torch.bool and S == L and L > 1:
-        upper = torch.ones(L, S, dtype=torch.bool, device=q.device).triu_(1)
-        flash_causal = not bool((mask & upper).any())
-    return finite_additive(_mask4(mask), q.dtype), flash_causal
+        return (_causal_bias(L, S, q.dtype, q.device) if causal and L > 1 and not flag else None), flag
+    return finite_additive(_mask4(mask), q.dtype), flag
 
 
 def lse_merge_forward(q, k, v, prefix_k, prefix_v, mask, causal: bool, scale: float):

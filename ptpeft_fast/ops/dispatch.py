@@ -62,7 +62,8 @@ class Explanation:
     declined: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        lines = [f"{self.op}: {self.chosen} runs (backend={self.requested!r})"]
+        head = f"{self.chosen} runs" if self.chosen != "none" else "nothing runs: the implementation asked for declines"
+        lines = [f"{self.op}: {head} (backend={self.requested!r})"]
         lines += [f"  {name}: {reason}" for name, reason in self.declined.items()]
         return "\n".join(lines)
 
@@ -125,8 +126,8 @@ class Table:
                 chosen = impl.name
             else:
                 declined[impl.name] = reason or ""
-        if chosen is None:  # a named implementation that cannot run: say so (choose() would raise)
-            chosen = f"none ({requested} declines: {declined.pop(requested, '')})"
+        if chosen is None:  # a named implementation that cannot run (choose() raises): its reason is in declined
+            chosen = "none"
         return Explanation(self.op, backend, chosen, declined)
 
 

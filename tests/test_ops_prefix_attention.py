@@ -759,9 +759,9 @@ def test_block_cpp_declines_what_it_does_not_cover():
     assert "CPU only" in reason(meta, meta, torch.zeros(1, 2, 64, device="meta"))
     long = torch.zeros(1, 1, FLASH_PREFIX_MAX_KEYS - 1, 64)
     assert "keys >" in reason(q, long, pk)
-    with torch.no_grad():  # and auto takes the general path there
-        assert explain(prefix_attention, q.double(), q.double(), q.double(), pk.double(), pk.double(),
-                       causal=False).chosen == "lse_merge"
+    q9 = torch.zeros(1, 1, 9, 64, dtype=torch.float64)  # more queries than decode_cpp takes
+    with torch.no_grad():  # auto takes the general path there
+        assert explain(prefix_attention, q9, q9, q9, pk.double(), pk.double(), causal=False).chosen == "lse_merge"
 
 
 def test_flash_prefix_op_checks_its_inputs():

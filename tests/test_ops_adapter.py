@@ -1,13 +1,14 @@
-"""adapter (torch path) against the float64 reference (DESIGN §5)."""
+"""adapter: every CPU implementation of its dispatch table (blocked_cpp, fused and the torch
+reference), chosen through the public switch, against the float64 reference (DESIGN §5)."""
 from __future__ import annotations
-
-import importlib
 
 import pytest
 import torch
 
-from ptpeft_fast.ops import adapter, use_backend
+from ptpeft_fast.ops import adapter, explain, use_backend
 from ptpeft_fast.ops._reference import adapter_reference
+
+CPU_IMPLS = ("blocked_cpp", "fused", "torch")
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 NAMES = ("x", "down_weight", "down_bias", "up_weight", "up_bias")
@@ -37,23 +38,31 @@ def _inputs(lead, d, m, *, d_out=None, down_bias=True, up_bias=True, dtype=torch
     return t, g
 
 
-def _compare(t, g, activation, residual, *, frozen=(), tol=None):
+def _compare(t, g, activation, residual, *, frozen=(), tol=None, impls=CPU_IMPLS, expect=()):
+    """Forward and gradients of each implementation that applies vs the float64 reference."""
     names = [n for n in NAMES if t[n] is not None]
-    leaves = {n: t[n].detach().clone().requires_grad_(n not in frozen) for n in names}
     dtype = t["x"].dtype
     tol = TOL[dtype] if tol is None else tol
-    y = adapter(*(leaves.get(n) for n in NAMES), activation=activation, residual=residual, backend="torch")
     trainable = [n for n in names if n not in frozen]
-    go = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype)
-    grads = torch.autograd.grad(y, [leaves[n] for n in trainable], go)
     ref_leaves = {n: t[n].detach().double().requires_grad_() for n in names}
     ref = adapter_reference(*(ref_leaves.get(n) for n in NAMES), activation=activation, residual=residual)
-    ref_grads = torch.autograd.grad(ref, [ref_leaves[n] for n in trainable], go.double())
-    assert y.dtype == dtype
-    assert _rel(y, ref) <= tol
-    for n, gr, rg in zip(trainable, grads, ref_grads):
-        assert gr.shape == rg.shape, n
-        assert _rel(gr, rg) <= tol, f"grad of {n}: {_rel(gr, rg):.2e}"
+    go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref, [ref_leaves[n] for n in trainable], go)
+    ran, y = [], None
+    for impl in impls:
+        leaves = {n: t[n].detach().clone().requires_grad_(n not in frozen) for n in names}
+        args = [leaves.get(n) for n in NAMES]
+        if explain(adapter, *args, activation=activation, residual=residual, backend=impl).chosen != impl:
+            continue
+        y = adapter(*args, activation=activation, residual=residual, backend=impl)
+        grads = torch.autograd.grad(y, [leaves[n] for n in trainable], go.to(dtype))
+        assert y.dtype == dtype, impl
+        assert _rel(y, ref) <= tol, f"{impl}: {_rel(y, ref):.2e}"
+        for n, gr, rg in zip(trainable, grads, ref_grads):
+            assert gr.shape == rg.shape, (impl, n)
+            assert _rel(gr, rg) <= tol, f"{impl}: grad of {n}: {_rel(gr, rg):.2e}"
+        ran.append(impl)
+    assert ran and set(expect) <= set(ran), ran
     return y
 
 
@@ -114,7 +123,7 @@ def test_backend_selection_torch():
     with use_backend("torch"):
         b = adapter(*t.values())
     assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="not offered"):
+    with pytest.raises(ValueError, match="not one of"):
         adapter(*t.values(), backend="xformers")
 
 
@@ -139,61 +148,45 @@ def test_bad_inputs_raise_value_error(name, override, message):
         adapter(*(kw[n] for n in NAMES), activation=kw["activation"])
 
 
-# --- the row-blocked C++ path (csrc/adapter_cpu.cpp): CPU fp32/fp64, more rows than one block ---
+# --- the row-blocked C++ path (csrc/adapter_cpu.cpp): CPU fp32/fp64, any rows (auto: its measured range) ---
 
 
-def _blocked_mod_or_fail(monkeypatch):
-    """The adapter module with its blocked ops wrapped to record (forward, backward) calls."""
+def _blocked_or_fail():
     from ptpeft_fast import _ext
 
     assert _ext.load_ext(), f"the csrc extension must build here (DESIGN §4): {_ext.ext_error()}"
-    mod = importlib.import_module("ptpeft_fast.ops.adapter")
-    monkeypatch.setattr(mod, "_BLOCKED_MIN_M", 1)  # small bottlenecks keep the tests fast
-    real = mod._blocked_ops
-    calls = []
-
-    def spy(x2, m, d_out):
-        ops = real(x2, m, d_out)
-        if ops is None:
-            return None
-        fwd, bwd = ops
-        return (lambda *a: calls.append("fwd") or fwd(*a)), (lambda *a: calls.append("bwd") or bwd(*a))
-
-    monkeypatch.setattr(mod, "_blocked_ops", spy)
-    return mod, calls
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
 @pytest.mark.parametrize("residual", [True, False])
 @pytest.mark.parametrize("biases", [(True, True), (False, False), (True, False), (False, True)],
                          ids=["both-bias", "no-bias", "no-up-bias", "no-down-bias"])
-def test_blocked_path_matches_reference(activation, residual, biases, monkeypatch):
-    """300 rows: two full blocks of 128 and a tail of 44, split over the threads."""
-    mod, calls = _blocked_mod_or_fail(monkeypatch)
-    assert mod._BLOCK_ROWS == 128
+def test_blocked_path_matches_reference(activation, residual, biases):
+    """300 rows: two full blocks of 128 and a tail of 44, split over the threads (small bottlenecks,
+    asked for by name, keep the test fast)."""
+    _blocked_or_fail()
     t, g = _inputs((3, 100), 24, 8, d_out=None if residual else 20, down_bias=biases[0], up_bias=biases[1], seed=11)
-    _compare(t, g, activation, residual)
-    assert calls == ["fwd", "bwd"], "the blocked ops were not taken"
+    _compare(t, g, activation, residual, expect=("blocked_cpp", "fused", "torch"))
 
 
 @pytest.mark.parametrize("frozen", [("x",), ("down_weight", "down_bias"), ("up_weight", "up_bias"),
                                     ("x", "up_weight", "up_bias")])
-def test_blocked_path_gradient_subsets(frozen, monkeypatch):
-    _, calls = _blocked_mod_or_fail(monkeypatch)
+def test_blocked_path_gradient_subsets(frozen):
+    _blocked_or_fail()
     t, g = _inputs((260,), 16, 4, seed=12)
-    _compare(t, g, "gelu", True, frozen=frozen)
-    assert calls == ["fwd", "bwd"]
+    _compare(t, g, "gelu", True, frozen=frozen, expect=("blocked_cpp",))
 
 
-def test_blocked_path_strided_rows_and_expanded_grad(monkeypatch):
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_strided_rows_and_expanded_grad(impl):
     """x as a column slice of a wider tensor (row stride != d); an expanded (stride-0) output grad."""
-    _, calls = _blocked_mod_or_fail(monkeypatch)
+    _blocked_or_fail()
     t, _ = _inputs((200,), 16, 4, seed=13)
     wide = torch.randn(200, 23, dtype=torch.float32)
     wide[:, 3:19] = t["x"]
     x = wide[:, 3:19].requires_grad_()
     leaves = [t[n].clone().requires_grad_() for n in NAMES[1:]]
-    y = adapter(x, *leaves, activation="silu")
+    y = adapter(x, *leaves, activation="silu", backend=impl)
     grads = torch.autograd.grad(y.sum(), [x, *leaves])
     ref_leaves = [t[n].double().requires_grad_() for n in NAMES]
     ref = adapter_reference(*ref_leaves, activation="silu", residual=True)
@@ -201,46 +194,44 @@ def test_blocked_path_strided_rows_and_expanded_grad(monkeypatch):
     assert _rel(y, ref) <= TOL[torch.float32]
     for gr, rg in zip(grads, ref_grads):
         assert _rel(gr, rg) <= TOL[torch.float32]
-    assert calls == ["fwd", "bwd"]
 
 
 @pytest.mark.parametrize("activation", ["gelu", "silu"])
-def test_blocked_path_gradcheck_float64(activation, monkeypatch):
-    _, calls = _blocked_mod_or_fail(monkeypatch)
+@pytest.mark.parametrize("impl", ["blocked_cpp", "fused"])
+def test_gradcheck_float64(activation, impl):
+    _blocked_or_fail()
     t, _ = _inputs((130,), 4, 2, dtype=torch.float64, seed=14)
     leaves = [t[n].clone().requires_grad_() for n in NAMES]
 
     def fn(x, dw, db, uw, ub):
-        return adapter(x, dw, db, uw, ub, activation=activation)
+        return adapter(x, dw, db, uw, ub, activation=activation, backend=impl)
 
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
-    assert "fwd" in calls and "bwd" in calls
 
 
-def test_blocked_path_not_taken_outside_its_range(monkeypatch):
-    mod = importlib.import_module("ptpeft_fast.ops.adapter")
-    x = torch.zeros(300, 1024)
-    assert mod._blocked_ops(x, 64, 1024) is not None  # the benchmark shape: inside
-    assert mod._blocked_ops(x, 16, 1024) is None  # bottleneck below _BLOCKED_MIN_M
-    assert mod._blocked_ops(x, 128, 1024) is None  # m·d beyond _BLOCKED_MAX_MD
-    assert mod._blocked_ops(torch.zeros(300, 4096), 64, 4096) is None
-    assert mod._blocked_ops(torch.zeros(128, 1024), 64, 1024) is None  # one block
-    assert mod._blocked_ops(x.half(), 64, 1024) is None
-    _, calls = _blocked_mod_or_fail(monkeypatch)
-    t, g = _inputs((64,), 16, 4, seed=15)  # one block: the one-call path
-    _compare(t, g, "relu", True)
-    assert calls == []
+def test_blocked_path_auto_only_in_its_measured_range():
+    _blocked_or_fail()
+
+    def chosen(n, d, m, dtype=torch.float32):
+        x = torch.zeros(n, d, dtype=dtype)
+        return explain(adapter, x, torch.zeros(m, d, dtype=dtype), None, torch.zeros(d, m, dtype=dtype), None).chosen
+
+    assert chosen(300, 1024, 64) == "blocked_cpp"  # the benchmark shape: inside
+    assert chosen(300, 1024, 16) == "fused"  # bottleneck below BLOCKED_MIN_M
+    assert chosen(300, 1024, 128) == "fused"  # m·d beyond BLOCKED_MAX_MD
+    assert chosen(300, 4096, 64) == "fused"
+    assert chosen(128, 1024, 64) == "fused"  # one block
+    assert chosen(300, 1024, 64, torch.float16) == "fused"
 
 
-def test_autocast_runs_in_the_autocast_dtype(monkeypatch):
+def test_autocast_runs_in_the_autocast_dtype():
     """Inside torch.autocast the adapter runs like nn.Linear there: operands cast to bf16, the
     output in bf16, fp32 parameters' gradients in fp32 (they used to raise a dtype mismatch)."""
-    mod, calls = _blocked_mod_or_fail(monkeypatch)
     t, g = _inputs((300,), 16, 4, seed=16)
     leaves = [t[n].clone().requires_grad_() for n in NAMES]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = adapter(*leaves, activation="gelu")
-    assert y.dtype == torch.bfloat16 and calls == []  # bf16: the blocked path is fp32/fp64 only
+    assert y.dtype == torch.bfloat16
     go = torch.randn(y.shape, generator=g).to(torch.bfloat16)
     grads = torch.autograd.grad(y, leaves, go)
     cast = [t[n].clone().requires_grad_() for n in NAMES]

@@ -1,14 +1,14 @@
-"""lora_linear (torch path) against the float64 reference (DESIGN §5)."""
+"""lora_linear: every CPU implementation of its dispatch table (merged_cpp, merged, separate and the
+torch reference), chosen through the public switch, against the float64 reference (DESIGN §5)."""
 from __future__ import annotations
-
-import importlib
 
 import pytest
 import torch
 
-from ptpeft_fast.ops import lora_linear, use_backend
+from ptpeft_fast.ops import explain, lora_linear, use_backend
 from ptpeft_fast.ops._reference import lora_linear_reference
-from ptpeft_fast.ops.lora_linear import _dropout_keep
+
+CPU_IMPLS = ("merged_cpp", "merged", "separate", "torch")
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
@@ -35,35 +35,39 @@ def _inputs(lead, d_in, d_out, r, *, bias=True, dtype=torch.float32, seed=0):
     ), g
 
 
-def _compare(t, g, scaling, *, dropout_p=0.0, frozen=("weight",), tol=None):
-    """Forward and gradients (of everything not frozen) vs the float64 reference."""
+def _compare(t, g, scaling, *, dropout_p=0.0, frozen=("weight",), tol=None, impls=CPU_IMPLS, expect=()):
+    """Forward and gradients (of everything not frozen) of each implementation that applies, vs the
+    float64 reference. With dropout, the keep-mask is the one the op draws (``rand >= p`` from torch's
+    generator, reseeded before each run); only ``separate`` draws it that way."""
     names = [n for n in ("x", "weight", "bias", "lora_a", "lora_b") if t[n] is not None]
-    leaves = {n: t[n].detach().clone().requires_grad_(n not in frozen) for n in names}
     dtype = t["x"].dtype
     tol = TOL[dtype] if tol is None else tol
-    torch.manual_seed(99)
-    y = lora_linear(leaves["x"], leaves["weight"], leaves.get("bias"), leaves["lora_a"], leaves["lora_b"], scaling,
-                    dropout_p=dropout_p, backend="torch")
     keep = None
-    if dropout_p > 0:  # the keep-mask the op drew: same generator state, same draw
+    if dropout_p > 0:
         torch.manual_seed(99)
-        x2 = t["x"].reshape(-1, t["x"].shape[-1])
-        keep = _dropout_keep(x2.shape, dropout_p, x2.device).view(t["x"].shape)
+        keep = torch.rand(t["x"].shape, dtype=torch.float32) >= dropout_p
+        impls = ("separate",)
     trainable = [n for n in names if n not in frozen]
-    go = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype)
-    grads = torch.autograd.grad(y, [leaves[n] for n in trainable], go)
-    for n in frozen:
-        if n in leaves:
-            assert leaves[n].grad is None
-
     ref_leaves = {n: t[n].detach().double().requires_grad_() for n in names}
     ref = lora_linear_reference(ref_leaves["x"], ref_leaves["weight"], ref_leaves.get("bias"), ref_leaves["lora_a"],
                                 ref_leaves["lora_b"], scaling, keep=keep, dropout_p=dropout_p)
-    ref_grads = torch.autograd.grad(ref, [ref_leaves[n] for n in trainable], go.double())
-    assert y.dtype == dtype
-    assert _rel(y, ref) <= tol
-    for n, gr, rg in zip(trainable, grads, ref_grads):
-        assert _rel(gr, rg) <= tol, f"grad of {n}: {_rel(gr, rg):.2e}"
+    go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref, [ref_leaves[n] for n in trainable], go)
+    ran, y = [], None
+    for impl in impls:
+        leaves = {n: t[n].detach().clone().requires_grad_(n not in frozen) for n in names}
+        args = (leaves["x"], leaves["weight"], leaves.get("bias"), leaves["lora_a"], leaves["lora_b"], scaling)
+        if explain(lora_linear, *args, dropout_p=dropout_p, backend=impl).chosen != impl:
+            continue
+        torch.manual_seed(99)
+        y = lora_linear(*args, dropout_p=dropout_p, backend=impl)
+        grads = torch.autograd.grad(y, [leaves[n] for n in trainable], go.to(dtype)) if trainable else ()
+        assert y.dtype == dtype, impl
+        assert _rel(y, ref) <= tol, f"{impl}: {_rel(y, ref):.2e}"
+        for n, gr, rg in zip(trainable, grads, ref_grads):
+            assert _rel(gr, rg) <= tol, f"{impl}: grad of {n}: {_rel(gr, rg):.2e}"
+        ran.append(impl)
+    assert ran and set(expect) <= set(ran), ran
     return y
 
 
@@ -189,14 +193,18 @@ def test_matches_peft_lora_linear():
     assert _rel(b.grad, layer.lora_B["default"].weight.grad) <= 1e-5
 
 
-def test_backend_selection_torch():
+def test_backend_selection_and_explain():
     t, _ = _inputs((3,), 6, 5, 2, seed=9)
     a = lora_linear(*t.values(), 1.0, backend="torch")
     with use_backend("torch"):
         b = lora_linear(*t.values(), 1.0)
     assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="not offered"):
+    with pytest.raises(ValueError, match="not one of"):
         lora_linear(*t.values(), 1.0, backend="xformers")
+    with use_backend("xformers"):  # an implementation of another op: this one chooses as usual
+        assert explain(lora_linear, *t.values(), 1.0).chosen == "merged"
+    e = explain(lora_linear, *t.values(), 1.0, dropout_p=0.1)
+    assert e.chosen == "separate" and "dropout" in e.declined["merged"]
 
 
 def _bad_cases():
@@ -222,37 +230,28 @@ def test_bad_inputs_raise_value_error(name, override, message):
         lora_linear(kw["x"], kw["weight"], kw["bias"], kw["lora_a"], kw["lora_b"], kw["scaling"], dropout_p=kw["dropout_p"])
 
 
-def _fused_op_or_fail():
+def _factor_grads_or_fail():
     from ptpeft_fast import _ext
 
     assert _ext.load_ext(), f"the csrc extension must build here (DESIGN §4): {_ext.ext_error()}"
-    if _ext.loaded_variant() != "avx512":
-        pytest.skip(f"lora_factor_grads is registered only in the avx512 variant; this run loaded the "
-                    f"{_ext.loaded_variant()} variant, whose BLAS path the other tests cover")
-    mod = importlib.import_module("ptpeft_fast.ops.lora_linear")
-
-    op = mod._factor_grads_op(torch.zeros(1, 1), 16)
-    assert op is not None, "lora_factor_grads is not registered"
-    return mod, op
+    assert _ext.has_kernel("lora_factor_grads", "CPU"), "lora_factor_grads is registered in every build"
+    return torch.ops.ptpeft_fast.lora_factor_grads
 
 
 @pytest.mark.parametrize("n,d_in,d_out,r", [(37, 40, 24, 8), (29, 24, 33, 16), (30, 16, 8, 24), (41, 48, 40, 32),
                                             (10, 8, 8, 8), (300, 72, 56, 16), (2000, 256, 200, 16)],
                          ids=["r8-tail", "r16-odd-out", "r24", "r32", "fewer-rows-than-a-block", "many-blocks", "threads-split-rows"])
-def test_fused_factor_grads_match_reference(n, d_in, d_out, r, monkeypatch):
-    """The C++ (dA, dB) op behind the fp32 backward (merged case: tokens > r), on shapes that
-    leave partial row blocks."""
-    mod, op = _fused_op_or_fail()
-    calls = []
-    monkeypatch.setattr(mod, "_factor_grads_op", lambda x2, rr: (lambda *a: calls.append(rr) or op(*a)))
+def test_fused_factor_grads_match_reference(n, d_in, d_out, r):
+    """merged_cpp's C++ (dA, dB) op (every build has it; auto takes it from the avx512 build only),
+    on shapes that leave partial row blocks."""
+    _factor_grads_or_fail()
     t, g = _inputs((n,), d_in, d_out, r, bias=False, seed=n + r)
-    _compare(t, g, 1.5)
-    assert calls == [r], "the backward did not take the fused op"
+    _compare(t, g, 1.5, expect=("merged_cpp", "merged", "separate"))
 
 
 def test_fused_factor_grads_op_direct_with_strided_rows():
     """Row strides of X and dY (views of wider tensors) are honoured; the result is scaled."""
-    _, op = _fused_op_or_fail()
+    op = _factor_grads_or_fail()
     g = torch.Generator().manual_seed(3)
     xw = torch.randn(50, 70, generator=g, dtype=torch.float64)
     dyw = torch.randn(50, 45, generator=g, dtype=torch.float64)
@@ -266,11 +265,18 @@ def test_fused_factor_grads_op_direct_with_strided_rows():
     assert _rel(da, ref_da) <= 1e-5 and _rel(db, ref_db) <= 1e-5
 
 
-@pytest.mark.parametrize("r", [4, 40])
-def test_fused_factor_grads_not_used_for_other_ranks(r):
-    mod = importlib.import_module("ptpeft_fast.ops.lora_linear")
+def test_merged_cpp_is_chosen_only_where_it_applies_and_pays():
+    from ptpeft_fast import _ext
 
-    assert mod._factor_grads_op(torch.zeros(1, 1), r) is None
-    assert mod._factor_grads_op(torch.zeros(1, 1, dtype=torch.float64), 16) is None
-    t, g = _inputs((20,), 24, 16, r, bias=True, seed=r)
-    _compare(t, g, 0.5)
+    _factor_grads_or_fail()
+    t, _ = _inputs((20,), 24, 16, 16, seed=1)
+    args = [t[n].clone().requires_grad_(n != "weight") for n in ("x", "weight", "bias", "lora_a", "lora_b")]
+    e = explain(lora_linear, *args, 1.0)
+    assert e.chosen == ("merged_cpp" if _ext.loaded_variant() == "avx512" else "merged"), e
+    for r in (4, 40):
+        t, _ = _inputs((20,), 24, 16, r, seed=r)
+        args = [t[n].clone().requires_grad_(n != "weight") for n in ("x", "weight", "bias", "lora_a", "lora_b")]
+        assert "rank" in explain(lora_linear, *args, 1.0, backend="merged_cpp").declined["merged_cpp"]
+    t64, _ = _inputs((20,), 24, 16, 16, dtype=torch.float64, seed=2)
+    args = [t64[n].clone().requires_grad_() for n in ("x", "weight", "bias", "lora_a", "lora_b")]
+    assert "fp32 only" in explain(lora_linear, *args, 1.0, backend="merged_cpp").declined["merged_cpp"]

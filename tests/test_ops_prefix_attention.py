@@ -758,7 +758,8 @@ def test_block_cpp_declines_what_it_does_not_cover():
     meta = torch.zeros(1, 1, 8, 64, device="meta")
     assert "CPU only" in reason(meta, meta, torch.zeros(1, 2, 64, device="meta"))
     long = torch.zeros(1, 1, FLASH_PREFIX_MAX_KEYS - 1, 64)
-    assert "keys >" in reason(q, long, pk)
+    assert reason(q, long, pk) is None  # it runs there when asked for, but auto leaves long keys to lse_merge
+    assert "keys >" in explain(prefix_attention, q, long, long, pk, pk, causal=False).declined["block_cpp"]
     q9 = torch.zeros(1, 1, 9, 64, dtype=torch.float64)  # more queries than decode_cpp takes
     with torch.no_grad():  # auto takes the general path there
         assert explain(prefix_attention, q9, q9, q9, pk.double(), pk.double(), causal=False).chosen == "lse_merge"

@@ -102,11 +102,15 @@ def _first(*checks: tuple[bool, str]) -> Optional[str]:
 def _blocked_applies(c: AdapterCall) -> Optional[str]:
     return _first((c.device != "cpu", "CPU only"),
                   (c.dtype not in (torch.float32, torch.float64), f"{c.dtype} (fp32/fp64 only)"),
-                  (c.n <= BLOCK_ROWS, f"{c.n} rows: one block is the fused path"),
+                  (not avail.ext_op("adapter_blocked_forward"), "the C++ extension is unavailable"))
+
+
+def _blocked_auto(c: AdapterCall) -> Optional[str]:
+    """The measured range (above) where it beats the fused path."""
+    return _first((c.n <= BLOCK_ROWS, f"{c.n} rows: one block is the fused path"),
                   (c.m < BLOCKED_MIN_M, f"bottleneck {c.m} < {BLOCKED_MIN_M} (measured slower)"),
                   (c.m * max(c.d, c.d_out) > BLOCKED_MAX_MD, f"m·d = {c.m * max(c.d, c.d_out)} > {BLOCKED_MAX_MD} "
-                                                              "(measured slower)"),
-                  (not avail.ext_op("adapter_blocked_forward"), "the C++ extension is unavailable"))
+                                                              "(measured slower)"))
 
 
 def _triton_applies(c: AdapterCall) -> Optional[str]:
@@ -121,7 +125,7 @@ def _triton_applies(c: AdapterCall) -> Optional[str]:
 
 TABLE = dispatch.Table("adapter", [
     dispatch.Impl("triton", _triton_applies, auto=("cuda",), summary="kernels/adapter.py"),
-    dispatch.Impl("blocked_cpp", _blocked_applies, summary="csrc/adapter_cpu.cpp"),
+    dispatch.Impl("blocked_cpp", _blocked_applies, auto=_blocked_auto, summary="csrc/adapter_cpu.cpp"),
     dispatch.Impl("fused", lambda c: None, summary="addmm with the bias and residual folded in"),
     dispatch.Impl("torch", lambda c: None, summary="reference: plain autograd ops"),
 ])
@@ -191,7 +195,8 @@ def _backward_op(grad_y: torch.Tensor, x: torch.Tensor, down_w: torch.Tensor, up
             dy.contiguous(), x2, a_hat, h, down_w, up_w, activation, residual, need_x, need_dw or need_db,
             need_uw or need_ub, BLOCK_ROWS)
         # dup_t = Âᵀ·dY [m(+1), d_out]: dWuᵀ, then dbu as the last row
-        grads = (dx, ddw, ddb, dup_t[:m].t() if need_uw else None, dup_t[m] if need_ub else None)
+        # (the bias row is cloned: outputs of a torch.library op may not alias one another)
+        grads = (dx, ddw, ddb, dup_t[:m].t() if need_uw else None, dup_t[m].clone() if need_ub else None)
     elif impl == "fused":
         grads = _fused_backward(dy, x2, down_w, up_w, a_hat, h, activation, residual, need)
     else:
@@ -215,7 +220,7 @@ def _fused_backward(dy, x2, down_w, up_w, a_hat, h, activation: str, residual: b
         # the fast GEMM orientation on CPU
         dw_hat = (a_hat.t().contiguous() @ dy).t()
         duw = dw_hat[:, :m] if need_uw else None
-        dub = dw_hat[:, m] if need_ub else None
+        dub = dw_hat[:, m].clone() if need_ub else None  # outputs of a torch.library op may not alias
     if need_x or need_dw or need_db:
         dh = _act_backward(activation, dy @ up_w, h, a_hat[:, :m])
         if need_x:

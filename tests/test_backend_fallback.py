@@ -1,14 +1,11 @@
-"""Automatic dispatch falls back to the torch path when a kernel refuses its arguments;
-a backend asked for by name reports the refusal."""
+"""What a kernel cannot take: the Triton op runs its chunked path inside the same op for a mask it
+cannot reduce to key ranges (so ``auto`` never fails on CUDA for a valid mask); an implementation
+asked for by name that cannot run a call says why."""
 import pytest
 import torch
 
-import importlib
-
 from ptpeft_fast import ops
-from ptpeft_fast.ops import _backend
-
-pa_module = importlib.import_module("ptpeft_fast.ops.prefix_attention")  # the module, not the function
+from ptpeft_fast.ops._reference import prefix_attention_reference
 
 pytest.importorskip("triton")
 
@@ -20,32 +17,34 @@ def _inputs():
     v = torch.randn(2, 2, 5, 16, generator=g)
     pk = torch.randn(2, 3, 16, generator=g)
     pv = torch.randn(2, 3, 16, generator=g)
-    bias = torch.randn(1, 4, 5, 5, generator=g)  # a general float bias (T5's position bias): Triton refuses it
+    bias = torch.randn(1, 4, 5, 5, generator=g)  # a general float bias (T5's position bias): no key ranges
     return q, k, v, pk, pv, bias
 
 
-def test_auto_falls_back_when_the_kernel_refuses(monkeypatch):
+def test_triton_runs_chunked_inside_the_op_for_a_mask_it_cannot_take():
+    """Forward and every gradient through the Triton op equal the reference, for a general bias and
+    for a sliding window (the kernel only takes padding and bottom-right causality)."""
     q, k, v, pk, pv, bias = _inputs()
-    ref = ops.prefix_attention(q, k, v, pk, pv, causal=False, attn_mask=bias, backend="torch")
-    # make "auto" pick Triton on these CPU tensors, as it does for CUDA tensors
-    real = _backend.resolve_backend
-    monkeypatch.setattr(pa_module, "resolve_backend",
-                        lambda op, req, *t, **kw: "triton" if req == "auto" else real(op, req, *t, **kw))
-    out = ops.prefix_attention(q, k, v, pk, pv, causal=False, attn_mask=bias, backend="auto")
-    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError):
-        ops.prefix_attention(q, k, v, pk, pv, causal=False, attn_mask=bias, backend="triton")
-    with ops.use_backend("triton"), pytest.raises(ValueError):
-        ops.prefix_attention(q, k, v, pk, pv, causal=False, attn_mask=bias)
+    window = torch.ones(5, 5, dtype=torch.bool).tril().triu(-1)  # each query sees itself and one key back
+    for mask in (bias, window):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, pk, pv)]
+        out = ops.prefix_attention(*leaves, causal=False, attn_mask=mask, backend="triton")
+        go = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        grads = torch.autograd.grad(out, leaves, go)
+        ref_leaves = [t.double().requires_grad_() for t in (q, k, v, pk, pv)]
+        ref_mask = mask if mask.dtype == torch.bool else mask.double()
+        ref = prefix_attention_reference(*ref_leaves, causal=False, attn_mask=ref_mask)
+        ref_grads = torch.autograd.grad(ref, ref_leaves, go.double())
+        assert ((out.double() - ref).norm() / ref.norm()) <= 1e-5
+        for a, b in zip(grads, ref_grads):
+            assert ((a.double() - b).norm() / b.norm()) <= 1e-5
 
 
-def test_try_kernel_contract():
-    def refuse():
-        raise _backend.BackendUnsupported("no")
-
-    assert _backend.try_kernel("auto", refuse) is None
-    assert _backend.try_kernel("auto", lambda: 3) == 3
-    with pytest.raises(_backend.BackendUnsupported):
-        _backend.try_kernel("triton", refuse)
-    with ops.use_backend("triton"), pytest.raises(_backend.BackendUnsupported):
-        _backend.try_kernel("auto", refuse)
+def test_named_backend_that_cannot_run_says_why():
+    q, k, v, pk, pv, bias = _inputs()
+    with pytest.raises(ops.BackendUnsupported, match="triton.*mask requires grad"):
+        ops.prefix_attention(q, k, v, pk, pv, causal=False, attn_mask=bias.requires_grad_(), backend="triton")
+    with ops.use_backend("triton"), pytest.raises(ops.BackendUnsupported, match="float64"):
+        ops.prefix_attention(*(t.double() for t in (q, k, v, pk, pv)), causal=True)
+    with pytest.raises(ops.BackendUnsupported, match="decode_cpp.*autograd"):
+        ops.prefix_attention(q.requires_grad_(), k, v, pk, pv, causal=True, backend="decode_cpp")

@@ -1,8 +1,8 @@
 """Every CPU variant of the C++ extension is built and tested on every host.
 
-The extension's sources compile to an ``avx512`` variant (the only one that registers the LoRA
-factor-gradient and prefix-block ops) and a portable ``avx2`` one; users' CPUs decide which
-runs. This process tests the variant of its host (the whole suite); here, every *other* variant
+The extension's sources compile to an ``avx512`` variant and a portable ``avx2`` one (the same ops,
+different code; the LoRA factor-gradient op is chosen automatically only in the first); users' CPUs
+decide which runs. This process tests the variant of its host (the whole suite); here, every *other* variant
 is built and, where this CPU can execute it, the op tests run again in a subprocess with
 ``PTPEFT_FAST_CPU_ISA=<variant>``. A variant this CPU cannot execute is compiled (not loaded)
 and reported as skipped with the reason, in the summary.
@@ -23,13 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CROSS_TESTED = ("avx512", "avx2")
 # The tests that reach the extension's ops directly, each against the float64 reference.
 OP_TESTS = ["tests/test_ops_prefix_attention.py", "tests/test_ops_lora_linear.py", "tests/test_ops_adapter.py",
-            "tests/test_spectrum_op.py", "tests/test_fuzz_ops.py", "tests/test_backend_fallback.py",
+            "tests/test_spectrum_op.py", "tests/test_fuzz_ops.py", "tests/test_backend_fallback.py", "tests/test_dispatch.py",
             "tests/test_cpu_variants.py::test_loaded_extension_is_the_requested_variant"]
-# Ops registered by every variant, and those only the avx512 one registers (16-float vectors kept
-# in 32 registers; with AVX2's 16 they measured slower than the BLAS/ATen paths they replace).
+# Every variant registers every op (the dispatch tables decide where each pays: lora_factor_grads
+# only from the avx512 build, whose 32 vector registers it needs to beat BLAS).
 EVERY_VARIANT = ("singular_values", "spectrum_stats", "flash_prefix_forward", "flash_prefix_backward",
-                 "prefix_decode_attention", "adapter_forward", "adapter_backward")
-AVX512_ONLY = ("lora_factor_grads", "prefix_block_forward", "prefix_block_backward")
+                 "prefix_decode_attention", "adapter_blocked_forward", "adapter_blocked_backward", "lora_factor_grads")
 
 
 def test_loaded_extension_is_the_requested_variant():
@@ -38,8 +37,6 @@ def test_loaded_extension_is_the_requested_variant():
     assert variant == _ext.requested_variant() and variant in _ext.executable_variants()
     for op in EVERY_VARIANT:
         assert _ext.has_kernel(op, "CPU"), f"{op} is not registered in the {variant} variant"
-    for op in AVX512_ONLY:
-        assert _ext.has_kernel(op, "CPU") == (variant == "avx512"), f"{op} in the {variant} variant"
 
 
 def test_unknown_or_unexecutable_variant_is_refused(monkeypatch):

@@ -1,4 +1,5 @@
-"""Backend dispatch of the ops: auto/torch/triton/xformers on CPU and (when present) CUDA."""
+"""The dispatch tables: what ``auto`` picks on CPU and CUDA, named backends, Triton on CPU only in
+its interpreter, and (when present) CUDA against the float64 torch reference."""
 from __future__ import annotations
 
 import os
@@ -10,12 +11,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import importlib
+
 from ptpeft_fast import ops
-from ptpeft_fast.ops import _backend
+from ptpeft_fast.ops import availability
 
 from triton_test_utils import TOL, rel_err
 
-HAS_TRITON = _backend.triton_available()
+HAS_TRITON = availability.triton_ok()
+# the modules (the package's attributes of these names are the public functions)
+attention_mod = importlib.import_module("ptpeft_fast.ops.prefix_attention")
+lora_mod = importlib.import_module("ptpeft_fast.ops.lora_linear")
+adapter_mod = importlib.import_module("ptpeft_fast.ops.adapter")
 CUDA = torch.cuda.is_available()
 
 
@@ -66,7 +73,7 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error():
             try:
                 fn()
             except ValueError as e:
-                assert "TRITON_INTERPRET=1" in str(e) and "backend='torch'" in str(e), str(e)
+                assert "TRITON_INTERPRET=1" in str(e) and "'torch'" in str(e), str(e)
                 print("refused", name)
             else:
                 raise SystemExit(name + " ran on CPU without the interpreter")
@@ -82,38 +89,37 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error():
     assert res.stdout.count("refused") == 3 and "auto ok" in res.stdout
 
 
+FUNCS = {"prefix_attention": ops.prefix_attention, "lora_linear": ops.lora_linear, "adapter": ops.adapter}
+
+
+def _explain(op, backend, inputs):
+    if op == "prefix_attention":
+        return ops.explain(FUNCS[op], *inputs, causal=True, backend=backend)
+    if op == "lora_linear":
+        return ops.explain(FUNCS[op], *inputs, 2.0, backend=backend)
+    return ops.explain(FUNCS[op], *inputs, activation="gelu", backend=backend)
+
+
 @pytest.mark.parametrize("op", list(INPUTS))
-def test_auto_on_cpu_uses_torch(op, monkeypatch):
-    from ptpeft_fast.ops import triton_ops
-
-    def boom(*a, **k):
-        raise AssertionError("auto dispatch reached Triton for CPU tensors")
-
-    monkeypatch.setattr(triton_ops, op, boom)
+def test_auto_on_cpu_never_takes_triton_and_matches_the_reference(op):
     inputs = INPUTS[op]()
+    e = _explain(op, "auto", inputs)
+    assert e.chosen != "triton" and e.declined["triton"]
     out = _call(op, "auto", inputs)
-    ref = _call(op, "torch", inputs)
-    assert torch.equal(out, ref)
+    ref = _call(op, "torch", [t.detach().double() for t in inputs])
+    assert rel_err(out, ref) <= 1e-5
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 @pytest.mark.parametrize("op", list(INPUTS))
-def test_use_backend_triton_routes_to_triton_and_matches_torch(op, monkeypatch):
+def test_use_backend_triton_routes_to_triton_and_matches_torch(op):
     from ptpeft_fast.ops import triton_ops
 
-    calls = []
-    real = getattr(triton_ops, op)
-
-    def spy(*a, **k):
-        calls.append(op)
-        return real(*a, **k)
-
-    monkeypatch.setattr(triton_ops, op, spy)
     inputs = INPUTS[op]()
     with ops.use_backend("triton"), triton_ops.poison_outputs():
+        assert _explain(op, "auto", inputs).chosen == "triton"
         out = _call(op, "auto", inputs)
         grads = torch.autograd.grad(out.sum(), inputs)
-    assert calls == [op]
     ref_in = [t.detach().double().requires_grad_() for t in inputs]
     ref = _call(op, "torch", ref_in)
     ref_grads = torch.autograd.grad(ref.sum(), ref_in)
@@ -121,33 +127,33 @@ def test_use_backend_triton_routes_to_triton_and_matches_torch(op, monkeypatch):
         assert rel_err(a, b) <= 1e-5
 
 
-def test_auto_picks_triton_for_cuda_tensors():
-    fake_cuda = SimpleNamespace(is_cuda=True)
-    expected = "triton" if HAS_TRITON else "torch"
-    assert _backend.resolve_backend("lora_linear", "auto", fake_cuda) == expected
-    assert _backend.resolve_backend("lora_linear", "auto", torch.zeros(1)) == "torch"
+def test_auto_picks_triton_for_cuda_calls():
+    """The tables' CUDA rows, from call records (no CUDA needed): Triton first when installed; without
+    it the chunked attention (never the reference) and the separate LoRA branch in half precision."""
+    attn = attention_mod.AttentionCall("cuda", torch.bfloat16, 2, 8, 2, 64, 64, 8, 128, True, "bool", False, False,
+                                       True)
+    lora = lora_mod.LoraCall("cuda", torch.bfloat16, 128, 8, False, True)
+    adap = adapter_mod.AdapterCall("cuda", torch.bfloat16, 128, 64, 16, 64)
+    if HAS_TRITON:
+        assert attention_mod.TABLE.choose("auto", attn) == "triton"
+        assert lora_mod.TABLE.choose("auto", lora) == "triton"
+        assert adapter_mod.TABLE.choose("auto", adap) == "triton"
+    fp64 = attn._replace(dtype=torch.float64)  # what Triton refuses goes to chunked, not the reference
+    assert attention_mod.TABLE.choose("auto", fp64) == "chunked"
+    assert attention_mod.TABLE.choose("auto", attn._replace(D=320)) == ("chunked")
+    assert lora_mod.TABLE.choose("auto", lora._replace(r=300)) == "separate"
+    assert attention_mod.TABLE.choose("auto", attn._replace(device="cpu", dtype=torch.float32)) == "block_cpp"
 
 
 def test_xformers_refused_on_cpu_and_for_other_ops():
     with pytest.raises(ValueError, match="CUDA"):
         _call("prefix_attention", "xformers", _attn_inputs())
-    with pytest.raises(ValueError, match="not offered"):
+    with pytest.raises(ValueError, match="not one of"):
         _call("lora_linear", "xformers", _lora_inputs())
     from ptpeft_fast.ops import xformers_ops
 
     with pytest.raises(ValueError, match="CUDA"):
         xformers_ops.prefix_attention(*_attn_inputs(), causal=True)
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
-def test_triton_refusals_are_value_errors_through_the_public_op():
-    inputs = _attn_inputs(L=5, S=5)
-    window = torch.ones(5, 5, dtype=torch.bool).tril().triu(-1)
-    with pytest.raises(ValueError, match="backend='torch'"):
-        ops.prefix_attention(*inputs, causal=True, attn_mask=window, backend="triton")
-    bias = torch.randn(5, 5)
-    with pytest.raises(ValueError, match="additive float"):
-        ops.prefix_attention(*inputs, causal=True, attn_mask=bias, backend="triton")
 
 
 # ------------------------------------------------------------------------- CUDA only
@@ -168,7 +174,7 @@ def test_cuda_auto_is_triton_and_matches_torch(op, dtype):
         assert rel_err(a, b) <= TOL[dtype]
 
 
-@pytest.mark.skipif(not (CUDA and _backend.xformers_available()), reason="needs CUDA and xformers")
+@pytest.mark.skipif(not (CUDA and availability.xformers_ok()), reason="needs CUDA and xformers")
 @pytest.mark.parametrize("case", ["causal", "full", "padded", "L_gt_S", "gqa_shared_batch"])
 def test_cuda_xformers_matches_torch(case):
     kw = dict(B=2, H=4, Hkv=2, L=40, S=40, P=5, D=64)

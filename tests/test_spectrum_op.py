@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from ptpeft_fast import _ext
 from ptpeft_fast.ops import spectrum as op
-from ptpeft_fast.ops._backend import use_backend
+from ptpeft_fast.ops import use_backend
 
 BACKENDS = ["csrc", "torch"]
 

@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 from ptpeft_fast.ops import adapter  # noqa: E402
 from ptpeft_fast.ops import triton_ops  # noqa: E402
 
-from triton_test_utils import TOL, fast_interpreter, rel_err  # noqa: E402,F401
+from triton_test_utils import TOL, fast_interpreter, rel_err, triton_adapter, triton_lora_linear, triton_prefix_attention  # noqa: E402,F401
 
 N_RANDOM = 54
 
@@ -37,7 +37,7 @@ def _make(lead, d, h, dtype, has_bd, has_bu, seed):
 def _check(tensors, activation, residual, dtype):
     inputs = [t for t in tensors if t is not None]
     with triton_ops.poison_outputs():
-        y = triton_ops.adapter(*tensors, activation=activation, residual=residual)
+        y = triton_adapter(*tensors, activation=activation, residual=residual)
         dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
         grads = torch.autograd.grad(y, inputs, dy)
     d = [t.detach().double().requires_grad_() if t is not None else None for t in tensors]
@@ -82,9 +82,9 @@ def test_public_op_dispatches_to_triton_and_refuses_wide_bottleneck():
     assert rel_err(y, ref) <= 1e-5
     x, wd, bd, wu, bu = _make((2,), 8, 257, torch.float32, True, True, 1)
     with pytest.raises(ValueError, match="bottleneck"):
-        triton_ops.adapter(x, wd, bd, wu, bu)
+        triton_adapter(x, wd, bd, wu, bu)
     with pytest.raises(ValueError, match="activation"):
-        triton_ops.adapter(x, wd, bd, wu, bu, activation="tanh")
+        triton_adapter(x, wd, bd, wu, bu, activation="tanh")
 
 
 def test_frozen_weights_only_dx():
@@ -92,7 +92,7 @@ def test_frozen_weights_only_dx():
     for t in (wd, bd, wu, bu):
         t.requires_grad_(False)
     with triton_ops.poison_outputs():
-        y = triton_ops.adapter(x, wd, bd, wu, bu, activation="relu")
+        y = triton_adapter(x, wd, bd, wu, bu, activation="relu")
         (dx,) = torch.autograd.grad(y.sum(), [x])
     xd = x.detach().double().requires_grad_()
     ref = adapter(xd, *(t.double() for t in (wd, bd, wu, bu)), activation="relu", backend="torch")

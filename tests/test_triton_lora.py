@@ -16,7 +16,7 @@ from ptpeft_fast.ops import lora_linear  # noqa: E402
 from ptpeft_fast.ops import triton_ops  # noqa: E402
 from ptpeft_fast.ops._reference import lora_linear_reference  # noqa: E402
 
-from triton_test_utils import TOL, fast_interpreter, rel_err  # noqa: E402,F401
+from triton_test_utils import TOL, fast_interpreter, rel_err, triton_adapter, triton_lora_linear, triton_prefix_attention  # noqa: E402,F401
 
 N_RANDOM = 54
 
@@ -38,7 +38,7 @@ def _make(lead, K, N, r, dtype, has_bias, train_w, seed):
 def _check(x, w, b, a, bb, scaling, dropout_p, dtype, seed=1234):
     inputs = [t for t in (x, w, b, a, bb) if t is not None and t.requires_grad]
     with triton_ops.poison_outputs():
-        y = triton_ops.lora_linear(x, w, b, a, bb, scaling, dropout_p, seed=seed)
+        y = triton_lora_linear(x, w, b, a, bb, scaling, dropout_p, seed=seed)
         dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
         grads = torch.autograd.grad(y, inputs, dy)
     d = [t.detach().double().requires_grad_(t.requires_grad) if t is not None else None for t in (x, w, b, a, bb)]
@@ -102,13 +102,13 @@ def test_dropout_mask_statistics_and_determinism():
     # the seed defaults to torch's generator: manual_seed reproduces the output
     x, w, b, a, bb = _make((9,), 20, 12, 4, torch.float32, True, False, 2)
     torch.manual_seed(0)
-    y1 = triton_ops.lora_linear(x, w, b, a, bb, 1.0, 0.5)
+    y1 = triton_lora_linear(x, w, b, a, bb, 1.0, 0.5)
     torch.manual_seed(0)
-    y2 = triton_ops.lora_linear(x, w, b, a, bb, 1.0, 0.5)
+    y2 = triton_lora_linear(x, w, b, a, bb, 1.0, 0.5)
     assert torch.equal(y1, y2)
 
 
 def test_rank_over_256_refused():
     x, w, b, a, bb = _make((2,), 8, 8, 257, torch.float32, False, False, 0)
     with pytest.raises(ValueError, match="rank"):
-        triton_ops.lora_linear(x, w, b, a, bb, 1.0)
+        triton_lora_linear(x, w, b, a, bb, 1.0)

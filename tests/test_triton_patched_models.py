@@ -19,13 +19,13 @@ from triton_test_utils import fast_interpreter, rel_err  # noqa: E402,F401
 def _count_triton_calls(monkeypatch):
     counts = {"prefix_attention": 0, "lora_linear": 0, "adapter": 0}
     for name in counts:
-        real = getattr(triton_ops, name)
+        real = getattr(triton_ops, name + "_forward")
 
         def spy(*a, __real=real, __name=name, **k):
             counts[__name] += 1
             return __real(*a, **k)
 
-        monkeypatch.setattr(triton_ops, name, spy)
+        monkeypatch.setattr(triton_ops, name + "_forward", spy)
     return counts
 
 

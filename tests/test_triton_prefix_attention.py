@@ -17,7 +17,7 @@ from ptpeft_fast.ops import prefix_attention  # noqa: E402
 from ptpeft_fast.ops import triton_ops  # noqa: E402
 from ptpeft_fast.ops._reference import prefix_attention_reference  # noqa: E402
 
-from triton_test_utils import TOL, fast_interpreter, rel_err  # noqa: E402,F401
+from triton_test_utils import TOL, fast_interpreter, rel_err, triton_adapter, triton_lora_linear, triton_prefix_attention  # noqa: E402,F401
 
 N_RANDOM = 52
 
@@ -139,7 +139,7 @@ def test_all_but_one_key_padded_left_and_right(causal):
     # and the oracle agrees on the same mask
     q, k, v, pk, pv = (t.detach().double() for t in inputs)
     ref = prefix_attention_reference(q, k, v, pk, pv, causal=causal, attn_mask=mask)
-    out = triton_ops.prefix_attention(*(t.detach() for t in inputs), causal=causal, attn_mask=mask)
+    out = triton_prefix_attention(*(t.detach() for t in inputs), causal=causal, attn_mask=mask)
     assert rel_err(out, ref) <= 1e-5
 
 
@@ -150,12 +150,12 @@ def test_shared_prefix_gradient_is_summed_over_batch_deterministically():
     _check(inputs, causal=True, dtype=torch.float32)
     runs = []
     for _ in range(2):
-        out = triton_ops.prefix_attention(*inputs, causal=True)
+        out = triton_prefix_attention(*inputs, causal=True)
         runs.append(torch.autograd.grad(out.sum(), inputs[3:]))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
     # equal to the sum of per-sequence gradients of a per-batch copy of the prefix
     per = [t.detach().expand(B, *t.shape).clone().requires_grad_() for t in inputs[3:]]
-    out = triton_ops.prefix_attention(*inputs[:3], *per, causal=True)
+    out = triton_prefix_attention(*inputs[:3], *per, causal=True)
     gp = torch.autograd.grad(out.sum(), per)
     for shared_g, per_g in zip(runs[0], gp):
         assert rel_err(shared_g, per_g.sum(0).double()) <= 1e-5
@@ -171,19 +171,20 @@ def test_mask_conversion_and_refusals():
     # a 2-D causal mask broadcasts
     _, _, causal = triton_ops.mask_to_key_range(torch.ones(L, S, dtype=torch.bool).tril(S - L), B, 4, L, S)
     assert causal
-    inputs = _make(B, 2, 2, L, S, 2, 16, torch.float32, True, 0)
-    window = torch.ones(L, S, dtype=torch.bool).tril(S - L).triu(S - L - 1)  # sliding window: not supported
+    # masks the kernel cannot take are refused by the conversion (the op then runs its chunked path
+    # inside the same op: tests/test_backend_fallback.py)
+    window = torch.ones(L, S, dtype=torch.bool).tril(S - L).triu(S - L - 1)  # sliding window
     with pytest.raises(ValueError, match="key padding"):
-        triton_ops.prefix_attention(*inputs, causal=True, attn_mask=window)
-    bias = torch.randn(L, S)  # ALiBi-like additive bias: not supported
+        triton_ops.mask_to_key_range(window, B, 4, L, S)
     with pytest.raises(ValueError, match="additive float"):
-        triton_ops.prefix_attention(*inputs, causal=True, attn_mask=bias)
-    with pytest.raises(ValueError, match="differentiate"):
-        triton_ops.prefix_attention(*inputs, causal=True, attn_mask=torch.zeros(L, S, requires_grad=True))
+        triton_ops.mask_to_key_range(torch.randn(L, S), B, 4, L, S)  # ALiBi-like additive bias
     holes = causal_pad.clone()
     holes[0, :, :, 4] = False  # two runs of keys in one sequence
     with pytest.raises(ValueError):
-        triton_ops.prefix_attention(*inputs, causal=True, attn_mask=holes)
+        triton_ops.mask_to_key_range(holes, B, 4, L, S)
+    inputs = _make(B, 2, 2, L, S, 2, 16, torch.float32, True, 0)
+    with pytest.raises(ValueError, match="requires grad"):
+        triton_prefix_attention(*inputs, causal=True, attn_mask=torch.zeros(L, S, requires_grad=True))
 
 
 def test_mask_result_is_cached_per_tensor_version():
@@ -210,8 +211,8 @@ def test_strided_inputs_like_hf_transpose():
 
 def test_scale_default_is_inverse_sqrt_head_dim():
     inputs = _make(1, 2, 2, 6, 6, 2, 32, torch.float32, True, 1)
-    a = triton_ops.prefix_attention(*inputs, causal=False)
-    b = triton_ops.prefix_attention(*inputs, causal=False, scale=1 / math.sqrt(32))
+    a = triton_prefix_attention(*inputs, causal=False)
+    b = triton_prefix_attention(*inputs, causal=False, scale=1 / math.sqrt(32))
     assert torch.equal(a, b)
 
 
@@ -250,7 +251,7 @@ def test_dropout_matches_reference_with_the_kernel_mask(B, H, Hkv, L, S, P, D, c
     mask = _padding_mask(B, L, S, [2, 0][:B], [S, S - 3][:B], causal) if padded else None
     seed = 1234
     with triton_ops.poison_outputs():
-        out = triton_ops.prefix_attention(*inputs, causal=causal, attn_mask=mask, dropout_p=p, seed=seed)
+        out = triton_prefix_attention(*inputs, causal=causal, attn_mask=mask, dropout_p=p, seed=seed)
         dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(dtype)
         grads = torch.autograd.grad(out, inputs, dout)
     keep = triton_ops.attention_dropout_mask(B, H, L, P + S, p, seed)
@@ -261,9 +262,9 @@ def test_dropout_matches_reference_with_the_kernel_mask(B, H, Hkv, L, S, P, D, c
     for name, a, b in zip(["out", "dq", "dk", "dv", "dpk", "dpv"], (out,) + grads, (ref,) + ref_grads):
         assert rel_err(a, b) <= TOL[dtype], name
     # same seed, same result; the default seed follows torch.manual_seed
-    again = triton_ops.prefix_attention(*inputs, causal=causal, attn_mask=mask, dropout_p=p, seed=seed)
+    again = triton_prefix_attention(*inputs, causal=causal, attn_mask=mask, dropout_p=p, seed=seed)
     assert torch.equal(out, again)
     torch.manual_seed(3)
-    a = triton_ops.prefix_attention(*inputs, causal=causal, attn_mask=mask, dropout_p=p)
+    a = triton_prefix_attention(*inputs, causal=causal, attn_mask=mask, dropout_p=p)
     torch.manual_seed(3)
-    assert torch.equal(a, triton_ops.prefix_attention(*inputs, causal=causal, attn_mask=mask, dropout_p=p))
+    assert torch.equal(a, triton_prefix_attention(*inputs, causal=causal, attn_mask=mask, dropout_p=p))

@@ -39,3 +39,33 @@ def fast_interpreter():
         return
     yield
     builder.options = old
+
+
+# The Triton implementations through the ops the library runs: the public ops with backend="triton",
+# or, where a test fixes the kernel's dropout seed, the torch.library op itself with that seed.
+def triton_prefix_attention(q, k, v, prefix_k, prefix_v, *, causal, attn_mask=None, scale=None, dropout_p=0.0,
+                            seed=None):
+    from ptpeft_fast import ops
+
+    if seed is None:
+        return ops.prefix_attention(q, k, v, prefix_k, prefix_v, causal=causal, attn_mask=attn_mask, scale=scale,
+                                    dropout_p=dropout_p, backend="triton")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.ops.ptpeft_fast.prefix_attention_forward(q, k, v, prefix_k, prefix_v, attn_mask, torch.tensor([seed]),
+                                                          causal, scale, dropout_p, "triton")[0]
+
+
+def triton_lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, *, seed=None):
+    from ptpeft_fast import ops
+
+    if seed is None or dropout_p == 0:
+        return ops.lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p, backend="triton")
+    return torch.ops.ptpeft_fast.lora_linear_forward(x, weight, bias, lora_a, lora_b, None, torch.tensor([seed]),
+                                                     scaling, dropout_p, "triton")[0]
+
+
+def triton_adapter(x, down_weight, down_bias, up_weight, up_bias, activation="relu", residual=True):
+    from ptpeft_fast import ops
+
+    return ops.adapter(x, down_weight, down_bias, up_weight, up_bias, activation=activation, residual=residual,
+                       backend="triton")

@@ -43,7 +43,7 @@ from . import dispatch
 from ._autocast import in_autocast_dtype
 from ._checks import check_dtype_device
 
-__all__ = ["adapter", "ACTIVATIONS", "TABLE"]
+__all__ = ["adapter", "ACTIVATIONS", "TABLE", "AdapterCall"]
 
 ACTIVATIONS = ("relu", "gelu", "silu")
 

@@ -58,7 +58,7 @@ from . import dispatch
 from ._autocast import in_autocast_dtype
 from ._checks import check_dtype_device
 
-__all__ = ["lora_linear", "TABLE", "FACTOR_GRAD_RANKS"]
+__all__ = ["lora_linear", "TABLE", "LoraCall", "FACTOR_GRAD_RANKS"]
 
 FACTOR_GRAD_RANKS = (8, 16, 24, 32)  # ranks csrc/lora_grads_cpu.cpp has kernels for
 

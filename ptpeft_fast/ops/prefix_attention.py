@@ -54,7 +54,8 @@ from .attention_cpu import (DECODE_MAX_QUERIES, FLASH_PREFIX_MAX_KEYS, block_bac
                             decode_forward, lse_merge_backward, lse_merge_forward)
 from .attention_reference import reference_attention
 
-__all__ = ["prefix_attention", "prefix_decode_step", "TABLE", "DECODE_MAX_QUERIES", "FLASH_PREFIX_MAX_KEYS"]
+__all__ = ["prefix_attention", "prefix_decode_step", "TABLE", "AttentionCall", "DECODE_MAX_QUERIES",
+           "FLASH_PREFIX_MAX_KEYS"]
 
 
 class AttentionCall(NamedTuple):

@@ -196,7 +196,9 @@ def _positions_from_mask(model, comp: ResolvedComponent):
             return None
         bound = signature.bind_partial(*args, **kwargs).arguments
         mask = bound.get("attention_mask")
-        if bound.get("position_ids") is not None or not isinstance(mask, torch.Tensor) or mask.dim() != 2 or bool(mask.all()):
+        # no check "is anything padded?": it would be a data-dependent branch that breaks a compiled
+        # graph; an unpadded mask gives the default positions anyway
+        if bound.get("position_ids") is not None or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
             return None
         tokens = bound.get("input_ids")
         if tokens is None:

@@ -202,7 +202,9 @@ def _backward_op(grad_y: torch.Tensor, x: torch.Tensor, down_w: torch.Tensor, up
     else:
         raise ValueError(f"adapter_backward: no implementation {impl!r}")
     refs = (x, down_w, down_w[:, 0], up_w, up_w[:, 0])
-    return tuple(g.reshape(r.shape) if n and g is not None else r.new_empty(0) for g, r, n in zip(grads, refs, need))
+    # contiguous, as the fake kernel promises (some gradients come out as transposed views)
+    return tuple(g.reshape(r.shape).contiguous() if n and g is not None else r.new_empty(0)
+                 for g, r, n in zip(grads, refs, need))
 
 
 @_backward_op.register_fake

@@ -186,7 +186,9 @@ def _backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lo
     else:
         grads = _blas_backward(grad_y, x, weight, lora_a, lora_b, t, keep, scaling, dropout_p, impl, need)
     refs = (x, weight, weight[:, 0], lora_a, lora_b)
-    return tuple(g.reshape(r.shape) if n and g is not None else r.new_empty(0) for g, r, n in zip(grads, refs, need))
+    # contiguous, as the fake kernel promises (some gradients come out as transposed views)
+    return tuple(g.reshape(r.shape).contiguous() if n and g is not None else r.new_empty(0)
+                 for g, r, n in zip(grads, refs, need))
 
 
 @_backward_op.register_fake

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -522,6 +523,110 @@ def build_decode(B: int = 4, prompt: int = 16, new: int = 64, P: int = 32, seed:
     )
 
 
+def _compiled(step: Callable[[], torch.Tensor], backend: str, times: dict, key: str) -> Callable[[], torch.Tensor]:
+    """``step`` (forward + loss) under ``torch.compile``, backward outside; the first call's time
+    (compilation included) is recorded in ``times[key]``."""
+    fn = torch.compile(step, backend=backend)
+
+    def run():
+        t0 = time.perf_counter()
+        loss = fn()
+        loss.backward()
+        times.setdefault(key, time.perf_counter() - t0)
+        return loss
+
+    return run
+
+
+def build_compiled_train(B: int = 4, L: int = 256, P: int = 32, r: Optional[int] = None, seed: int = 0,
+                         name: Optional[str] = None, llama: Optional[dict] = None, backend: str = "inductor",
+                         rounds: int = 5) -> Case:
+    """A compiled training step: prefix tuning (``r=None``) or PT-LoRA (``r``: prefix + LoRA train),
+    ours and PEFT both under ``torch.compile(backend)``, plus ours eager (compiled ≤ 1.0× eager).
+
+    PEFT's side is its prefix tuning for the prefix step and its LoRA with our prefix fed as a KV
+    cache (how PEFT runs prefix tuning) for PT-LoRA, so both sides compute the same function. The
+    first call of each compiled side (compilation included) is in ``extra["compile_s"]``.
+    """
+    llama = llama or {}
+    base = _freeze(make_llama(seed, max_positions=max(4096, L + P + 8), **llama))
+    peft_model = peft_prefix(copy.deepcopy(base), P)
+    ours_model = ours_prefix(copy.deepcopy(base), P, lora_r=r)
+    copy_prefix_from_peft(ours_model, peft_model)
+    if r is not None:
+        from peft import LoraConfig
+        from peft.tuners.lora import LoraModel  # noqa: F401 (PEFT's LoRA on a second copy)
+        from peft import get_peft_model
+
+        peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=16.0, lora_dropout=0.0,
+                                                                    target_modules=list(LORA_TARGETS)))
+        pf.set_stage(ours_model, "peft")
+    for m in (peft_model, ours_model):
+        m.train()
+    ids = torch.randint(0, base.config.vocab_size, (B, L), generator=torch.Generator().manual_seed(seed + 1))
+    ours_params = [p for p in ours_model.parameters() if p.requires_grad]
+    peft_params = [p for p in peft_model.parameters() if p.requires_grad]
+    times: dict[str, float] = {}
+    if r is None:
+        peft_step = lambda: peft_model(input_ids=ids, labels=ids).loss  # noqa: E731
+    else:
+        from transformers import DynamicCache
+
+        table = ours_prefix_table(ours_model).detach()
+
+        def peft_step():
+            kv = [(table[i, 0].unsqueeze(0).expand(B, -1, -1, -1), table[i, 1].unsqueeze(0).expand(B, -1, -1, -1))
+                  for i in range(table.shape[0])]
+            return peft_model(input_ids=ids, labels=ids, past_key_values=DynamicCache(kv)).loss
+
+    ours_c = _compiled(lambda: ours_model(input_ids=ids, labels=ids).loss, backend, times, "ours")
+    peft_c = _compiled(peft_step, backend, times, "peft")
+
+    def ours():
+        loss = ours_c()
+        _grads_and_clear(ours_params)
+        return loss
+
+    def ours_eager():
+        loss = _train_step(ours_model, input_ids=ids, labels=ids)
+        _grads_and_clear(ours_params)
+        return loss
+
+    def peft():
+        loss = peft_c()
+        _grads_and_clear(peft_params)
+        return loss
+
+    loss_out = lambda res: {"loss": res.detach()}  # noqa: E731
+    what = "prefix tuning" if r is None else f"PT-LoRA r={r}"
+    return Case(
+        name=name or f"compiled_{'prefix' if r is None else 'ptlora'}_L{L}",
+        shape=f"{what}, torch.compile({backend}), B={B} L={L} P={P}; {llama_shape(**llama)}",
+        rounds=rounds, warmup=1,
+        sides={
+            "ours": Side("ours", "ours", f"ptpeft_fast, compiled ({backend})", ours, loss_out),
+            "peft": Side("peft", "peer", f"PEFT {'prefix tuning' if r is None else 'LoRA + our prefix as a cache'}, "
+                         f"compiled ({backend})", peft, loss_out, equivalent=True, target=1.0, target_text="≤ 1.0×",
+                         rtol=1e-4),
+            "ours_eager": Side("ours_eager", "peer", "ptpeft_fast, eager", ours_eager, loss_out, equivalent=True,
+                               target=1.0, target_text="compiled ≤ 1.0× eager", rtol=1e-4),
+        },
+        extra={"compile_s": times},
+    )
+
+
+def build_compiled_prefix_L256(**kw) -> Case:
+    return build_compiled_train(name="compiled_prefix_L256", **kw)
+
+
+def build_compiled_prefix_long(B: int = 1, L: int = 2048, **kw) -> Case:
+    return build_compiled_train(B=B, L=L, name="compiled_prefix_long", rounds=kw.pop("rounds", 4), **kw)
+
+
+def build_compiled_ptlora(r: int = 16, **kw) -> Case:
+    return build_compiled_train(r=r, name="compiled_ptlora", **kw)
+
+
 BUILDERS: dict[str, Callable[..., Case]] = {
     "prefix_attention": build_prefix_attention,
     "lora_linear": build_lora_linear,
@@ -530,6 +635,9 @@ BUILDERS: dict[str, Callable[..., Case]] = {
     "prefix_train_long": build_prefix_train_long,
     "ptlora_train": build_ptlora_train,
     "decode": build_decode,
+    "compiled_prefix_L256": build_compiled_prefix_L256,
+    "compiled_prefix_long": build_compiled_prefix_long,
+    "compiled_ptlora": build_compiled_ptlora,
 }
 
 # Tiny shapes for tests/test_benchmark_cases.py (same code, seconds instead of minutes).
@@ -543,4 +651,9 @@ TINY: dict[str, dict[str, Any]] = {
     "prefix_train_long": dict(B=1, L=24, P=4, llama=TINY_LLAMA),
     "ptlora_train": dict(B=2, L=12, P=4, r=4, llama=TINY_LLAMA),
     "decode": dict(B=2, prompt=5, new=6, P=4, llama=TINY_LLAMA),
+    # backend "eager": dynamo traces the same graphs, without AOT and code generation (the compiled
+    # loss and gradients themselves are checked in tests/test_compile.py)
+    "compiled_prefix_L256": dict(B=2, L=12, P=4, llama=TINY_LLAMA, backend="eager"),
+    "compiled_prefix_long": dict(B=1, L=24, P=4, llama=TINY_LLAMA, backend="eager"),
+    "compiled_ptlora": dict(B=2, L=12, P=4, r=4, llama=TINY_LLAMA, backend="eager"),
 }

@@ -104,6 +104,8 @@ def run_side(benchmark, case_name: str, side_name: str) -> None:
         info["paired_ratio"] = {n: statistics.median(r) for n, r in per_round.items()}
         info["paired_iqr"] = {n: quartiles(r) for n, r in per_round.items()}
         info["paired_rounds"] = rounds
+    if "compile_s" in case.extra:  # first call of each compiled side, compilation included
+        info["compile_s"] = dict(case.extra["compile_s"])
     info["loadavg_end"] = os.getloadavg()[0]
     stats = getattr(benchmark, "stats", None)
     if stats is not None and getattr(stats, "stats", None) is not None:

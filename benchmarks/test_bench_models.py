@@ -22,3 +22,18 @@ def test_ptlora_train(benchmark, side):
 @pytest.mark.parametrize("side", ["ours", "no_prefix", "peft_prefix"])
 def test_decode(benchmark, side):
     run_side(benchmark, "decode", side)
+
+
+@pytest.mark.parametrize("side", ["ours", "peft", "ours_eager"])
+def test_compiled_prefix_L256(benchmark, side):
+    run_side(benchmark, "compiled_prefix_L256", side)
+
+
+@pytest.mark.parametrize("side", ["ours", "peft", "ours_eager"])
+def test_compiled_prefix_long(benchmark, side):
+    run_side(benchmark, "compiled_prefix_long", side)
+
+
+@pytest.mark.parametrize("side", ["ours", "peft", "ours_eager"])
+def test_compiled_ptlora(benchmark, side):
+    run_side(benchmark, "compiled_ptlora", side)

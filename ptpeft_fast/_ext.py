@@ -26,6 +26,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -55,6 +56,7 @@ CPU_VARIANTS: dict[str, tuple[str, ...]] = {
 # /proc/cpuinfo flags each variant needs (x86-64); "generic" needs none.
 _VARIANT_CPU_FLAGS = {"avx512": ("avx2", "fma", "avx512f", "avx512vl"), "avx2": ("avx2", "fma"), "generic": ()}
 ISA_ENV = "PTPEFT_FAST_CPU_ISA"
+STALE_LOCK_S = 900  # a build lock older than this is left over from a killed build (builds take ~1-2 min)
 
 
 def csrc_dir() -> Path | None:
@@ -182,10 +184,24 @@ def _build(src: Path, with_cuda: bool, variant: str) -> None:
     build_dir = cache_dir() / "ext" / name
     build_dir.mkdir(parents=True, exist_ok=True)
     cflags = ["-O3", *cpu_flags] + (["-DPTPEFT_FAST_WITH_CUDA"] if with_cuda else [])
-    if not (build_dir / f"{name}.so").exists():
-        # the first call otherwise looks like a hang: a CPU build takes about a minute on 2 cores
-        logger.warning("ptpeft_fast: compiling the C++ extension (%s variant) once (about a minute); cached in %s",
-                       variant, build_dir)
+    so = build_dir / f"{name}.so"
+    if so.exists():
+        # Built before (the name hashes sources and flags): load it without torch's build lock, which
+        # a process killed during an earlier load leaves behind and every later load() waits on forever.
+        try:
+            torch.ops.load_library(str(so))
+            return
+        except OSError as exc:  # a partial file from a killed link: rebuild
+            logger.warning("ptpeft_fast: the cached extension %s does not load (%s); rebuilding", so, exc)
+            so.unlink()
+    lock = build_dir / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        logger.warning("ptpeft_fast: removing a build lock left %d minutes ago by a build that did not finish (%s)",
+                       (time.time() - lock.stat().st_mtime) // 60, lock)
+        lock.unlink(missing_ok=True)
+    # the first call otherwise looks like a hang: a CPU build takes about a minute on 2 cores
+    logger.warning("ptpeft_fast: compiling the C++ extension (%s variant) once (about a minute); cached in %s",
+                   variant, build_dir)
     load(
         name=name,
         sources=[str(src / n) for n in names],

@@ -412,3 +412,22 @@ def test_benchmark_cases_agree_on_tiny_shapes(spectrum_ext, shape):
         assert float(r.remaining_rank_ratio) == float(results["svdvals"].remaining_rank_ratio), name
     # The timing helper the csrc case uses for peers filtered out by -k.
     assert len(bench._time(bench.case_gram_eigh, x, 2)) == 2
+
+
+def test_cached_build_loads_despite_a_leftover_build_lock(tmp_path):
+    """A process killed while torch's extension loader held its build lock leaves ``lock`` behind, and
+    every later ``load()`` waited on it forever (seen: the suite hung). A cached build loads without
+    the lock."""
+    import shutil
+
+    assert _ext.load_ext()
+    so = next(p for p in map(str, torch.ops.loaded_libraries) if "ptpeft_fast_ext_" in p)
+    build = tmp_path / "ext" / os.path.basename(os.path.dirname(so))
+    build.mkdir(parents=True)
+    shutil.copy(so, build)
+    (build / "lock").write_text("")  # fresh: as a killed process leaves it
+    env = dict(os.environ, PTPEFT_FAST_CACHE=str(tmp_path))
+    env.pop("PTPEFT_FAST_NO_EXT", None)
+    code = "from ptpeft_fast import _ext; assert _ext.load_ext(), _ext.ext_error(); print('OK')"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-2000:]

@@ -88,6 +88,8 @@ DEFAULTS: dict[str, Any] = {
         "log_every": 10,
         "progress": True,
         "num_threads": 0,              # 0: torch default
+        "compile": False,              # torch.compile the model for training (both stages)
+        "compile_backend": "inductor", # torch.compile backend (inductor | aot_eager | ...)
         "interrupt_after_steps": None, # testing: act as if Ctrl-C came after N optimizer steps
     },
     # a multi-run experiment (classification): methods x variants x per_class x seeds,

@@ -610,6 +610,10 @@ class Run:
         if world > 1 and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
             fwd = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.cfg["train"]["compile"]:
+            # one graph per stage (the stage changes which parameters need gradients); the patched
+            # ops add no graph break (tests/test_compile.py)
+            fwd = torch.compile(fwd, backend=self.cfg["train"]["compile_backend"])
         self.log(f"{stage} ({mode}): {self.trainable_counts[stage]:,} trainable parameters, {total} steps "
                  f"× {G} samples ({n} train samples, {world} process(es))")
         bar = None

@@ -87,3 +87,15 @@ def test_bf16_autocast_on_cpu_trains_lora_and_adapter(tmp_path):
                 "stage2.lr=3e-2"), out).execute()
         losses = [e["loss"] for e in events(out, "train") if e["stage"] == "stage2"]
         assert len(losses) == 4 and all(math.isfinite(v) for v in losses), (method, losses)
+
+
+def test_train_compile_gives_the_eager_losses_in_both_stages(tmp_path):
+    """train.compile=true runs both stages under torch.compile (backend aot_eager here: the same
+    graphs as inductor, without its code generation) with the eager losses."""
+    extra = ("stage1.max_steps=2", "stage2.max_steps=2", "eval.spectrum=false", "eval.zero_shot=false")
+    Run(cfg(*extra), str(tmp_path / "a")).execute()
+    Run(cfg(*extra, "train.compile=true", "train.compile_backend=aot_eager"), str(tmp_path / "b")).execute()
+    la = [(e["stage"], e["loss"]) for e in events(str(tmp_path / "a"), "train")]
+    lb = [(e["stage"], e["loss"]) for e in events(str(tmp_path / "b"), "train")]
+    assert [s for s, _ in la] == [s for s, _ in lb] and {s for s, _ in la} == {"stage1", "stage2"}
+    assert all(abs(x - y) <= 1e-5 * max(1.0, abs(y)) for (_, x), (_, y) in zip(lb, la)), (la, lb)

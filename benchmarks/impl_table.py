@@ -69,12 +69,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
+    ap.add_argument("--only", choices=("training", "decode"), help="only the fwd+bwd shapes or only decode")
     a = ap.parse_args(argv)
     shapes = [(4, 8, L, L, 32, 64) for L in ((128, 512) if a.quick else (128, 512, 2048, 4096))]
     print("| shape | dtype | mask | implementation | median ms | vs next in table |")
     print("|---|---|---|---|---|---|")
     cases = [(s, dt, pad, True) for s in shapes for dt in (torch.float32, torch.bfloat16) for pad in (False, True)]
     cases += [((4, 8, 1, S, 32, 64), dt, pad, False) for S in (512, 2048) for dt in (torch.float32,) for pad in (False, True)]
+    if a.only:
+        cases = [c for c in cases if c[3] == (a.only == "training")]
     for (B, H, L, S, P, D), dt, pad, grad in cases:
         if dt == torch.bfloat16 and L >= 2048 and a.quick:
             continue

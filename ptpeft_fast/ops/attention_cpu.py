@@ -4,7 +4,7 @@ table in :mod:`.prefix_attention` says when each runs).
 ``block_cpp`` — ``csrc/prefix_flash_cpu.cpp``: per (batch, head, 64 query rows) the scores over
 ``[Kp; K]`` (prefix keys first, then the real keys the block sees) by BLAS ``sgemm``, one softmax,
 the output by ``sgemm``; ``lse`` is kept and the backward recomputes the block's probabilities
-(flash style). fp32, a batch-shared prefix, up to :data:`FLASH_PREFIX_MAX_KEYS` keys; an additive
+(flash style). fp32, a batch-shared prefix (``auto``: up to :data:`FLASH_PREFIX_MAX_KEYS` keys); an additive
 mask over the real keys (transformers' padding) is added to the block's scores.
 
 ``decode_cpp`` — ``csrc/decode_attention_cpu.cpp``: one pass per (batch, head, query) for calls
@@ -38,7 +38,11 @@ import torch
 __all__ = ["FLASH_PREFIX_MAX_KEYS", "DECODE_MAX_QUERIES", "block_forward", "block_backward", "decode_forward",
            "lse_merge_forward", "lse_merge_backward", "finite_additive", "dense_rows", "kernel_causal"]
 
-FLASH_PREFIX_MAX_KEYS = 4096  # P + S up to which block_cpp runs; beyond, ATen's key-blocked kernel keeps up better
+# P + S up to which "auto" takes block_cpp (it runs any length when asked for by name). Measured
+# fwd+bwd against lse_merge, paired (benchmarks/impl_table.py, B=4 H=8 D=64 P=32, 2 threads):
+# 0.75-0.82x at 160 keys, 0.71-0.77x at 544; 0.78x at 1056 keys (B=2 H=32 Hkv=8 D=128, session 6);
+# 0.97-1.06x at 2080 and 1.17x at 4128: ATen's key-blocked kernel keeps its scores in cache better.
+FLASH_PREFIX_MAX_KEYS = 1600
 DECODE_MAX_QUERIES = 8  # queries per row up to which a no-grad call takes decode_cpp
 
 _flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu

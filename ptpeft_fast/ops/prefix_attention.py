@@ -22,14 +22,16 @@ decode_cpp no autograd, ≤ 8 queries per row, fp32/fp64, shared prefix (C++)   
 triton     Triton flash kernel over [prefix ; keys], fp16/bf16/fp32, head dim      CUDA
            ≤ 256, dropout in-kernel; a mask it cannot reduce to padding/causal
            ranges runs ``chunked`` inside the same op
-block_cpp  fp32, shared prefix, P + S ≤ 4096: blocks of 64 query rows by sgemm (C++) CPU
+block_cpp  fp32, shared prefix (auto: P + S ≤ 1600): blocks of 64 query rows by   CPU
+           sgemm (C++)
 lse_merge  ATen's CPU flash kernel over the real keys + the prefix merged by        CPU
-           log-sum-exp (every dtype, any length)
+           log-sum-exp (every dtype, any length; auto: half precision only
+           beyond 512×544 scores per head)
 chunked    chunks of queries in tensor ops, backward written out (any device,       CUDA
            dtype, mask; dropout): never builds [B, H, L, P + S] scores
 xformers   xformers' memory-efficient attention over the concatenated prefix        by name
 torch      the reference (plain autograd ops): dropout on CPU, a trainable float     always
-           mask (T5's position bias), empty sizes
+           mask (T5's position bias), empty sizes, short half-precision calls
 ========== ======================================================================= ==========
 
 The ops: ``ptpeft_fast::prefix_attention_forward`` → ``(out, lse)`` and
@@ -127,9 +129,23 @@ def _block_applies(c: AttentionCall) -> Optional[str]:
 
 
 def _block_auto(c: AttentionCall) -> Optional[str]:
-    """Measured: beyond ≈ 4K keys ATen's key-blocked flash kernel (lse_merge) keeps its scores in
-    cache better (1.17x at L = 8000)."""
-    return f"{c.P + c.S} keys > {FLASH_PREFIX_MAX_KEYS}" if c.P + c.S > FLASH_PREFIX_MAX_KEYS else None
+    """Where it was measured faster than lse_merge (see ``FLASH_PREFIX_MAX_KEYS``)."""
+    if c.P + c.S > FLASH_PREFIX_MAX_KEYS:
+        return f"{c.P + c.S} keys > {FLASH_PREFIX_MAX_KEYS} (lse_merge measured as fast or faster)"
+    return None
+
+
+# lse_merge in half precision: ATen's CPU flash kernel converts per block; up to about this many
+# scores per head the reference's few large matmuls are faster (measured fwd+bwd, bf16, B=4 H=8
+# D=64 P=32: 1.8x the reference's time at L=128, 1.07x at L=512; beyond, the reference's
+# [B, H, L, P+S] scores cost more memory than the time they save).
+HALF_REFERENCE_MAX_SCORES = 512 * 544
+
+
+def _lse_merge_auto(c: AttentionCall) -> Optional[str]:
+    if c.dtype in (torch.float16, torch.bfloat16) and c.L * (c.P + c.S) <= HALF_REFERENCE_MAX_SCORES:
+        return f"{c.dtype} with {c.L}x{c.P + c.S} scores per head: the reference was measured faster"
+    return None
 
 
 def _lse_merge_applies(c: AttentionCall) -> Optional[str]:
@@ -149,7 +165,7 @@ TABLE = dispatch.Table("prefix_attention", [
     dispatch.Impl("decode_cpp", _decode_applies, summary="csrc/decode_attention_cpu.cpp, no autograd"),
     dispatch.Impl("triton", _triton_applies, auto=("cuda",), summary="kernels/prefix_attention.py"),
     dispatch.Impl("block_cpp", _block_applies, auto=_block_auto, summary="csrc/prefix_flash_cpu.cpp"),
-    dispatch.Impl("lse_merge", _lse_merge_applies, summary="ATen CPU flash + log-sum-exp merge"),
+    dispatch.Impl("lse_merge", _lse_merge_applies, auto=_lse_merge_auto, summary="ATen CPU flash + log-sum-exp merge"),
     dispatch.Impl("chunked", _chunked_applies, auto=("cuda",), summary="query chunks in tensor ops"),
     dispatch.Impl("xformers", _xformers_applies, auto=False, summary="xformers memory_efficient_attention"),
     dispatch.Impl("torch", lambda c: None, summary="reference: plain autograd ops"),

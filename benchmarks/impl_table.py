@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     print("| shape | dtype | mask | implementation | median ms | vs next in table |")
     print("|---|---|---|---|---|---|")
     cases = [(s, dt, pad, True) for s in shapes for dt in (torch.float32, torch.bfloat16) for pad in (False, True)]
-    cases += [((4, 8, 1, S, 32, 64), dt, pad, False) for S in (512, 2048) for dt in (torch.float32,) for pad in (False, True)]
+    cases += [((4, 8, 1, S, 32, 64), dt, pad, False) for S in (64, 512, 2048) for dt in (torch.float32,) for pad in (False, True)]
     if a.only:
         cases = [c for c in cases if c[3] == (a.only == "training")]
     for (B, H, L, S, P, D), dt, pad, grad in cases:

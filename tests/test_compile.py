@@ -164,7 +164,8 @@ def test_no_graph_break_text_families(kind, methods, tmp_path):
     assert _breaks(model, _text_inputs(kind)) == 0
 
 
-@pytest.mark.parametrize("arch,stages", [("blip2", tuple(METHODS)), ("llava", ("prefix+adapter",))])
+@pytest.mark.parametrize("arch,stages", [("blip2", tuple(METHODS)), ("llava", ("prefix+adapter",)),
+                                         ("qwen2_vl", ("prefix+lora",))])
 def test_multimodal_graph_breaks_are_transformers_own(arch, stages):
     """Only the unpatched model's own breaks (image-token merging, data-dependent checks): patching
     adds none. (Every family in every stage: the table in docs/kernels.md; here a subset, each

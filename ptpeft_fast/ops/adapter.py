@@ -47,6 +47,8 @@ __all__ = ["adapter", "ACTIVATIONS", "TABLE", "AdapterCall"]
 
 ACTIVATIONS = ("relu", "gelu", "silu")
 
+_first = dispatch.first_reason
+
 
 def _act(name: str, h: torch.Tensor, out: torch.Tensor) -> None:
     if name == "relu":
@@ -92,13 +94,6 @@ def _call(x, down_weight, down_bias, up_weight, up_bias, activation="relu", resi
     return AdapterCall(x.device.type, x.dtype, n, x.shape[-1], down_weight.shape[0], up_weight.shape[0])
 
 
-def _first(*checks: tuple[bool, str]) -> Optional[str]:
-    for failed, reason in checks:
-        if failed:
-            return reason
-    return None
-
-
 def _blocked_applies(c: AdapterCall) -> Optional[str]:
     return _first((c.device != "cpu", "CPU only"),
                   (c.dtype not in (torch.float32, torch.float64), f"{c.dtype} (fp32/fp64 only)"),
@@ -114,11 +109,7 @@ def _blocked_auto(c: AdapterCall) -> Optional[str]:
 
 
 def _triton_applies(c: AdapterCall) -> Optional[str]:
-    return _first((not avail.triton_ok(), "triton is not installed"),
-                  (c.device == "cpu" and not avail.interpreter_on(),
-                   "CPU tensors: Triton runs on CPU only in its interpreter (TRITON_INTERPRET=1)"),
-                  (c.device not in ("cpu", "cuda"), f"{c.device} tensors"),
-                  (c.dtype not in (torch.float16, torch.bfloat16, torch.float32), f"{c.dtype} (fp16/bf16/fp32 only)"),
+    return avail.triton_declines(c.device, c.dtype) or _first(
                   (c.m > 256, f"bottleneck {c.m} > 256 does not fit on chip"),
                   (c.d_out != c.d, "d_out != d"))
 

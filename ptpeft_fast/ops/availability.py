@@ -14,7 +14,7 @@ import os
 
 import torch
 
-__all__ = ["ext_op", "ext_variant", "triton_ok", "xformers_ok", "interpreter_on", "flash_prefix_blas", "prepare"]
+__all__ = ["ext_op", "ext_variant", "triton_ok", "xformers_ok", "interpreter_on", "flash_prefix_blas", "triton_declines", "prepare"]
 
 _facts: dict[str, object] = {}
 
@@ -62,40 +62,47 @@ def flash_prefix_blas() -> bool:
     return bool(_fact("flash_prefix_blas", compute))
 
 
+def _imports(module: str) -> bool:
+    """``module`` imports (a broken install counts as absent)."""
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        return False
+    try:
+        importlib.import_module(module)
+    except Exception:
+        return False
+    return True
+
+
 @torch.compiler.assume_constant_result
 def triton_ok() -> bool:
     """The ``triton`` package imports."""
-    def compute() -> bool:
-        if importlib.util.find_spec("triton") is None:
-            return False
-        try:
-            import triton  # noqa: F401
-        except Exception:  # a broken install counts as absent
-            return False
-        return True
-
-    return bool(_fact("triton", compute))
+    return bool(_fact("triton", lambda: _imports("triton")))
 
 
 @torch.compiler.assume_constant_result
 def xformers_ok() -> bool:
     """``xformers.ops`` imports."""
-    def compute() -> bool:
-        if importlib.util.find_spec("xformers") is None:
-            return False
-        try:
-            import xformers.ops  # noqa: F401
-        except Exception:
-            return False
-        return True
-
-    return bool(_fact("xformers", compute))
+    return bool(_fact("xformers", lambda: _imports("xformers.ops")))
 
 
 @torch.compiler.assume_constant_result
 def interpreter_on() -> bool:
     """Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``, read once)."""
     return bool(_fact("interpreter", lambda: os.environ.get("TRITON_INTERPRET", "0") == "1"))
+
+
+def triton_declines(device: str, dtype: torch.dtype) -> "str | None":
+    """Why a Triton kernel cannot run on tensors of this device type and dtype (None if it can):
+    Triton present; CUDA, or CPU under the interpreter; fp16/bf16/fp32."""
+    if not triton_ok():
+        return "triton is not installed"
+    if device == "cpu" and not interpreter_on():
+        return "CPU tensors: Triton runs on CPU only in its interpreter (TRITON_INTERPRET=1)"
+    if device not in ("cpu", "cuda"):
+        return f"{device} tensors"
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"{dtype} (fp16/bf16/fp32 only)"
+    return None
 
 
 def prepare() -> None:

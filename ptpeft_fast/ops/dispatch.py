@@ -19,7 +19,16 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 __all__ = ["BackendUnsupported", "Impl", "Table", "Explanation", "use_backend", "forced_backend", "explain",
-           "register", "backend_names", "backend_for"]
+           "register", "backend_names", "backend_for", "first_reason"]
+
+
+def first_reason(*checks: tuple[bool, str]) -> Optional[str]:
+    """The reason of the first ``(failed, reason)`` pair that failed, else None: how an
+    ``applies`` condition lists what it needs, in order."""
+    for failed, reason in checks:
+        if failed:
+            return reason
+    return None
 
 
 class BackendUnsupported(ValueError):

@@ -62,6 +62,8 @@ __all__ = ["lora_linear", "TABLE", "LoraCall", "FACTOR_GRAD_RANKS"]
 
 FACTOR_GRAD_RANKS = (8, 16, 24, 32)  # ranks csrc/lora_grads_cpu.cpp has kernels for
 
+_first = dispatch.first_reason
+
 
 class LoraCall(NamedTuple):
     """What the table needs to know about one call (plain values)."""
@@ -79,13 +81,6 @@ def _call(x, weight, bias, lora_a, lora_b, scaling=1.0, dropout_p=0.0, **_) -> L
     n = x.numel() // x.shape[-1] if x.shape[-1] else 0
     return LoraCall(x.device.type, x.dtype, n, lora_a.shape[0], dropout_p > 0,
                     grad and lora_a.requires_grad and lora_b.requires_grad)
-
-
-def _first(*checks: tuple[bool, str]) -> Optional[str]:
-    for failed, reason in checks:
-        if failed:
-            return reason
-    return None
 
 
 def _merged_applies(c: LoraCall) -> Optional[str]:
@@ -107,11 +102,7 @@ def _merged_cpp_auto(c: LoraCall) -> Optional[str]:
 
 
 def _triton_applies(c: LoraCall) -> Optional[str]:
-    return _first((not avail.triton_ok(), "triton is not installed"),
-                  (c.device == "cpu" and not avail.interpreter_on(),
-                   "CPU tensors: Triton runs on CPU only in its interpreter (TRITON_INTERPRET=1)"),
-                  (c.device not in ("cpu", "cuda"), f"{c.device} tensors"),
-                  (c.dtype not in (torch.float16, torch.bfloat16, torch.float32), f"{c.dtype} (fp16/bf16/fp32 only)"),
+    return avail.triton_declines(c.device, c.dtype) or _first(
                   (c.r > 256, f"rank {c.r} > 256"))
 
 

@@ -59,6 +59,8 @@ from .attention_reference import reference_attention
 __all__ = ["prefix_attention", "prefix_decode_step", "TABLE", "AttentionCall", "DECODE_MAX_QUERIES",
            "FLASH_PREFIX_MAX_KEYS"]
 
+_first = dispatch.first_reason
+
 
 class AttentionCall(NamedTuple):
     """What the table needs to know about one call (plain values)."""
@@ -88,13 +90,6 @@ def _call(q, k, v, prefix_k, prefix_v, *, causal: bool = False, attn_mask=None, 
                          attn_mask is not None and attn_mask.requires_grad, dropout_p > 0, needs_grad)
 
 
-def _first(*checks: tuple[bool, str]) -> Optional[str]:
-    for failed, reason in checks:
-        if failed:
-            return reason
-    return None
-
-
 def _empty(c: AttentionCall) -> bool:
     return c.B == 0 or c.L == 0 or c.S == 0
 
@@ -110,11 +105,7 @@ def _decode_applies(c: AttentionCall) -> Optional[str]:
 
 
 def _triton_applies(c: AttentionCall) -> Optional[str]:
-    return _first((not avail.triton_ok(), "triton is not installed"),
-                  (c.device == "cpu" and not avail.interpreter_on(),
-                   "CPU tensors: Triton runs on CPU only in its interpreter (TRITON_INTERPRET=1)"),
-                  (c.device not in ("cpu", "cuda"), f"{c.device} tensors"),
-                  (c.dtype not in (torch.float16, torch.bfloat16, torch.float32), f"{c.dtype} (fp16/bf16/fp32 only)"),
+    return avail.triton_declines(c.device, c.dtype) or _first(
                   (c.D > 256, f"head dim {c.D} > 256"), (c.mask_grad, "the mask requires grad"),
                   (c.B == 0 or c.L == 0, "an empty size"))
 

@@ -612,7 +612,10 @@ class Run:
             fwd = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if self.cfg["train"]["compile"]:
             # one graph per stage (the stage changes which parameters need gradients); the patched
-            # ops add no graph break (tests/test_compile.py)
+            # ops add no graph break (tests/test_compile.py). Traced afresh per stage: torch 2.11
+            # reused stage 1's graph in stage 2 (its guards missed the requires_grad change, so the
+            # LoRA factors got no gradient and stage 2's losses drifted from eager)
+            torch._dynamo.reset()
             fwd = torch.compile(fwd, backend=self.cfg["train"]["compile_backend"])
         self.log(f"{stage} ({mode}): {self.trainable_counts[stage]:,} trainable parameters, {total} steps "
                  f"× {G} samples ({n} train samples, {world} process(es))")

@@ -160,8 +160,12 @@ def _breaks(model, inputs) -> int:
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "bert", "t5"])
 @pytest.mark.parametrize("methods", list(METHODS))
 def test_no_graph_break_text_families(kind, methods, tmp_path):
+    """0 on the tested stack; where transformers itself breaks the graph (T5 on 5.17: 4
+    ``copy.deepcopy`` calls), no more than the unpatched model."""
+    inputs = _text_inputs(kind)
+    own = _breaks(getattr(tiny, kind)(tmp_path), inputs)
     model = _patch(getattr(tiny, kind)(tmp_path), methods)
-    assert _breaks(model, _text_inputs(kind)) == 0
+    assert _breaks(model, inputs) <= own
 
 
 @pytest.mark.parametrize("arch,stages", [("blip2", tuple(METHODS)), ("llava", ("prefix+adapter",)),

@@ -153,8 +153,14 @@ def _loss(model, inputs) -> torch.Tensor:
 
 
 def _breaks(model, inputs) -> int:
+    return _break_sites(model, inputs)[0]
+
+
+def _break_sites(model, inputs) -> tuple[int, set]:
+    """(graph breaks, the user-code lines where they happen)."""
     torch._dynamo.reset()
-    return torch._dynamo.explain(lambda **kw: _loss(model, kw))(**inputs).graph_break_count
+    ex = torch._dynamo.explain(lambda **kw: _loss(model, kw))(**inputs)
+    return ex.graph_break_count, {(f.filename, f.lineno) for b in ex.break_reasons for f in b.user_stack[-1:]}
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "bert", "t5"])
@@ -163,7 +169,7 @@ def test_no_graph_break_text_families(kind, methods, tmp_path):
     """0 on the tested stack; where transformers itself breaks the graph (T5 on 5.17: 4
     ``copy.deepcopy`` calls), no more than the unpatched model."""
     inputs = _text_inputs(kind)
-    own = _breaks(getattr(tiny, kind)(tmp_path), inputs)
+    own = _breaks(getattr(tiny, kind)(tmp_path).train(), inputs)  # the mode a patched model trains in
     model = _patch(getattr(tiny, kind)(tmp_path), methods)
     assert _breaks(model, inputs) <= own
 
@@ -185,9 +191,13 @@ def test_multimodal_graph_breaks_are_transformers_own(arch, stages):
     else:
         new = lambda: tf.base_model(spec)  # noqa: E731
         inputs = tf.make_inputs(spec, new())
-    own = _breaks(new(), inputs)
+    # the mode a patched model trains in (transformers 5.17's OPT breaks on its LayerDrop draw there)
+    own, own_sites = _break_sites(new().train(), inputs)
     for methods in stages:
-        assert _breaks(_patch(new(), methods), inputs) <= own, methods
+        count, sites = _break_sites(_patch(new(), methods), inputs)
+        # no break of ours: none where transformers has none, else only transformers' own lines (a
+        # break inside a module called from our hooks can count once more: 7 against 6 on 5.17)
+        assert sites <= own_sites and (count == 0 if own == 0 else True), (methods, count, own, sites - own_sites)
 
 
 # ---------------------------------------------------------------------------- compiled = eager
@@ -202,12 +212,15 @@ def _params(model):
     ("llama", "prefix+adapter", "aot_eager"), ("bert", "prefix+lora", "aot_eager"), ("t5", "prefix+adapter", "aot_eager"),
 ])
 def test_fullgraph_compile_gives_eager_loss_and_grads(kind, methods, backend, tmp_path):
-    model = _patch(getattr(tiny, kind)(tmp_path), methods).eval()  # eval: no dropout draws to differ
+    """fullgraph=True wherever the unpatched model compiles as one graph (every family on the tested
+    stack; transformers 5.17's T5 breaks in copy.deepcopy, so there the graphs may break)."""
     inputs = _text_inputs(kind)
+    fullgraph = _breaks(getattr(tiny, kind)(tmp_path).eval(), inputs) == 0
+    model = _patch(getattr(tiny, kind)(tmp_path), methods).eval()  # eval: no dropout draws to differ
     loss0 = _loss(model, inputs)
     grads0 = torch.autograd.grad(loss0, _params(model))
     torch._dynamo.reset()
-    compiled = torch.compile(lambda kw: _loss(model, kw), fullgraph=True, backend=backend)
+    compiled = torch.compile(lambda kw: _loss(model, kw), fullgraph=fullgraph, backend=backend)
     loss1 = compiled(inputs)
     grads1 = torch.autograd.grad(loss1, _params(model))
     assert _rel(loss1, loss0) <= 1e-5

@@ -34,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_reporting_stops(run) -> int:
-    """Run; an interruption (resumable, exit 130) or a non-finite loss (exit 3) is reported on stderr."""
-    from .runner import Interrupted, NonFinite
+    """Run; an interruption (resumable, exit 130), a non-finite loss (exit 3) or damaged saved state (exit 2) is reported on stderr."""
+    from .runner import DamagedState, Interrupted, NonFinite
     try:
         run()
     except Interrupted as e:
@@ -44,6 +44,9 @@ def _run_reporting_stops(run) -> int:
     except NonFinite as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except DamagedState as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

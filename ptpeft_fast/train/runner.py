@@ -43,6 +43,51 @@ class Interrupted(Exception):
     """Training stopped on request (Ctrl-C); a resumable checkpoint was written."""
 
 
+class DamagedState(Exception):
+    """A run folder's saved state cannot be used; the message names the file and the fix."""
+
+
+STATE_FORMAT = 2  # 1: trainer.pt (a pickle; read only with weights_only=True), 2: trainer.json + .safetensors
+
+
+def _read_tensors(path: str) -> dict[str, torch.Tensor]:
+    """A safetensors file, or :class:`DamagedState` naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError, ValueError) as e:
+        raise DamagedState(f"{path} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def _read_state(path: str) -> dict:
+    """The trainer state of one state folder; never unpickles anything but plain data."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from ..state_files import StateFormatError, decode
+    meta_path = os.path.join(path, "trainer.json")
+    if not os.path.exists(meta_path):
+        legacy = os.path.join(path, "trainer.pt")
+        if not os.path.exists(legacy):
+            raise DamagedState(f"{path} holds no trainer.json")
+        import pickle
+        try:  # written by an older ptpeft_fast: plain tensors and numbers, so weights_only suffices
+            return torch.load(legacy, weights_only=True)
+        except pickle.UnpicklingError:
+            raise DamagedState(f"{legacy} holds objects other than tensors and numbers; it was not loaded, since "
+                               "unpickling them could run code") from None
+        except Exception as e:
+            raise DamagedState(f"{legacy} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    try:
+        meta = json.loads(open(meta_path, encoding="utf-8").read())
+        tensors = load_file(os.path.join(path, "trainer.safetensors"))
+        state = decode(meta["state"], tensors)
+        return {"stage": str(meta["stage"]), "step": int(meta["step"]), "fsdp": bool(meta.get("fsdp")), **state}
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError, StateFormatError) as e:
+        raise DamagedState(f"{path}'s trainer state cannot be read ({type(e).__name__}: {e})") from None
+
+
 # ----------------------------------------------------------------------------- utilities
 def _atomic_write_text(path: str, text: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -53,20 +98,70 @@ def _atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_dir(final: str, write: Callable[[str], None]) -> None:
+MANIFEST = "COMPLETE"          # written last into an atomically written folder: the SHA-256 of every file
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_dir(final: str, write: Callable[[str], None], keep_previous: bool = False) -> None:
     """Write a folder via ``write(tmp)`` and swap it in: the old copy stays valid until the
-    new one is complete, so a kill at any moment leaves one complete checkpoint."""
+    new one is complete, so a kill at any moment leaves one complete checkpoint. The folder's
+    ``COMPLETE`` file, written last, lists the SHA-256 of every file (checked on reading).
+    ``keep_previous``: the copy it replaces stays as ``<final>.prev`` (a fallback if the new
+    one is later found damaged). A failed write removes its temporary folder."""
     tmp = f"{final}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    write(tmp)
-    _atomic_write_text(os.path.join(tmp, "COMPLETE"), "ok\n")
-    old = f"{final}.old"
+    try:
+        os.makedirs(tmp)
+        write(tmp)
+        sums = {os.path.relpath(os.path.join(base, f), tmp): _sha256(os.path.join(base, f))
+                for base, _, files in os.walk(tmp) for f in sorted(files)}
+        _atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps({"sha256": sums}, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = f"{final}.prev" if keep_previous else f"{final}.old"
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(final):
         os.replace(final, old)
     os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    if not keep_previous:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def folder_damage(folder: str) -> str | None:
+    """What is wrong with an atomically written folder (None: complete and every file matches
+    its checksum). A ``COMPLETE`` file of older versions (no checksums) counts as complete."""
+    manifest = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(manifest):
+        return f"{folder} is incomplete (no {MANIFEST} file)"
+    try:
+        text = open(manifest, encoding="utf-8").read()
+    except OSError as e:
+        return f"{manifest} cannot be read ({e.strerror})"
+    except ValueError:
+        return f"{manifest} is damaged (not the checksum list ptpeft_fast writes)"
+    if text.strip() == "ok":
+        return None
+    try:
+        sums = json.loads(text)["sha256"]
+        assert isinstance(sums, dict)
+    except (ValueError, KeyError, TypeError, AssertionError):
+        return f"{manifest} is damaged (not the checksum list ptpeft_fast writes)"
+    for name, digest in sums.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{path} is missing"
+        if _sha256(path) != digest:
+            return f"{path} is damaged (its checksum does not match {MANIFEST})"
+    return None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -103,11 +198,16 @@ def remove_stale_temporaries(root: str) -> list[str]:
 
 
 def _complete_dir(final: str) -> str | None:
-    """The complete copy of an atomically written folder (the new one, else the old one)."""
-    for d in (final, f"{final}.old"):
-        if os.path.isfile(os.path.join(d, "COMPLETE")):
+    """The complete, undamaged copy of an atomically written folder (the newest first), else None."""
+    for d in _copies(final):
+        if folder_damage(d) is None:
             return d
     return None
+
+
+def _copies(final: str) -> list[str]:
+    """The copies of an atomically written folder that exist, newest first."""
+    return [d for d in (final, f"{final}.old", f"{final}.prev") if os.path.isdir(d)]
 
 
 @dataclass
@@ -213,6 +313,25 @@ class Run:
         if self.di.main:
             with open(os.path.join(self.out, "metrics.jsonl"), "a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
+
+    def _forget_train_records(self, stage: str, after_step: int) -> None:
+        """Drop ``stage``'s training records past ``after_step`` from ``metrics.jsonl``: a run
+        killed after logging them resumes from an earlier state and logs those steps again."""
+        path = os.path.join(self.out, "metrics.jsonl")
+        if not self.di.main or not os.path.exists(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+
+        def stale(line: str) -> bool:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                return False
+            return rec.get("event") == "train" and rec.get("stage") == stage and int(rec.get("step", 0)) > after_step
+        kept = [line for line in lines if not stale(line)]
+        if len(kept) != len(lines):
+            _atomic_write_text(path, "".join(kept))
 
     def _autocast_dtype(self, precision: str) -> torch.dtype | None:
         if precision == "fp32":
@@ -456,9 +575,13 @@ class Run:
         _atomic_dir(path, write)
 
     def _load_stage_checkpoint(self, stage: str) -> None:
-        path = _complete_dir(os.path.join(self.out, "checkpoints", stage))
+        final = os.path.join(self.out, "checkpoints", stage)
+        path = _complete_dir(final)
         if path is None:
-            raise RuntimeError(f"{self.out}: stage {stage} is marked done but its checkpoint is missing")
+            copies = _copies(final)
+            what = folder_damage(copies[0]) if copies else f"{final} is missing"
+            raise DamagedState(f"{self.out}: {stage} is marked done but {what}: restore it, or start the run again "
+                               "in a new output folder")
         if self.patched and os.path.exists(os.path.join(path, "ptpeft_config.json")):
             import ptpeft_fast as pf
             pf.load(self.model, path)
@@ -473,7 +596,10 @@ class Run:
         self.log(f"resumed: {stage} loaded from {path}")
 
     def _save_state(self, stage: str, step: int, opt, sched, scaler) -> None:
-        """Mid-stage checkpoint: trainable tensors, optimizer, scheduler, RNG, position."""
+        """Mid-stage checkpoint: trainable tensors, optimizer, scheduler, RNG, position.
+
+        Safetensors and JSON only (no pickle: a run folder may come from anyone); the copy it
+        replaces stays as ``state.prev``, the fallback if this one is later found damaged."""
         if self.fsdp:  # gathered whole on rank 0 (collectives: every rank)
             params = gather_named(self._trainable(), keep=self.di.main)
             optim = optimizer_state(self.model, opt)
@@ -485,24 +611,49 @@ class Run:
             return
         from safetensors.torch import save_file
 
+        from ..state_files import encode
+        tensors: dict[str, torch.Tensor] = {}
+        body = encode({"optimizer": optim, "scheduler": sched.state_dict(),
+                       "scaler": scaler.state_dict() if scaler else None,
+                       "rng_torch": torch.get_rng_state(), "rng_python": random.getstate()}, tensors)
+
         def write(tmp: str) -> None:
             save_file(params, os.path.join(tmp, "trainable.safetensors"))
-            torch.save({"stage": stage, "step": step, "optimizer": optim, "fsdp": self.fsdp,
-                        "scheduler": sched.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                        "rng_torch": torch.get_rng_state(), "rng_python": random.getstate()},
-                       os.path.join(tmp, "trainer.pt"))
-        _atomic_dir(os.path.join(self.out, STATE), write)
+            save_file(tensors, os.path.join(tmp, "trainer.safetensors"))
+            _atomic_write_text(os.path.join(tmp, "trainer.json"), json.dumps(
+                {"format": STATE_FORMAT, "stage": stage, "step": step, "fsdp": self.fsdp, "state": body}))
+        _atomic_dir(os.path.join(self.out, STATE), write, keep_previous=True)
         _barrier(self.di)
 
     def _load_state(self, stage: str):
-        path = _complete_dir(os.path.join(self.out, STATE))
-        if path is None:
+        """The newest undamaged mid-stage state of ``stage`` (None: start the stage from step 0).
+
+        A damaged newest copy falls back to the previous one, saying which file was damaged;
+        with no usable copy the run stops (:class:`DamagedState`) naming the file and the fix."""
+        final = os.path.join(self.out, STATE)
+        problems = []
+        for path in _copies(final):
+            problem = folder_damage(path)
+            if problem is None:
+                try:
+                    st = _read_state(path)
+                    sd = _read_tensors(os.path.join(path, "trainable.safetensors"))
+                except DamagedState as e:
+                    problem = str(e)
+            if problem is not None:
+                problems.append(problem)
+                continue
+            if st["stage"] != stage:
+                return None
+            if problems:
+                self.log(f"warning: {problems[0]}; continuing {stage} from step {st['step']} with the previous "
+                         f"state ({path})")
+            break
+        else:
+            if problems:
+                raise DamagedState(f"{problems[0]}: delete {final} (and {final}.prev) to restart {stage} from "
+                                   "its start, or restore the file")
             return None
-        st = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
-        if st["stage"] != stage:
-            return None
-        from safetensors.torch import load_file
-        sd = load_file(os.path.join(path, "trainable.safetensors"))
         params = dict(self._trainable())
         if set(sd) != set(params):
             raise RuntimeError(f"{path}: the saved trainable parameters do not match this run's stage {stage}")
@@ -606,6 +757,8 @@ class Run:
             torch.set_rng_state(st["rng_torch"])
             random.setstate(st["rng_python"])
             start = st["step"]
+        if self.resume:
+            self._forget_train_records(stage, after_step=start)
         fwd = self.model
         if world > 1 and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -696,7 +849,8 @@ class Run:
         self._save_stage_checkpoint(stage)
         if self.di.main:
             shutil.rmtree(os.path.join(self.out, STATE), ignore_errors=True)
-            shutil.rmtree(os.path.join(self.out, STATE + ".old"), ignore_errors=True)
+            for extra in (".old", ".prev"):
+                shutil.rmtree(os.path.join(self.out, STATE + extra), ignore_errors=True)
         self.log(f"{stage}: done, final loss {loss_val:.4f}; checkpoint {os.path.join(self.out, 'checkpoints', stage)}")
         _barrier(self.di)
 

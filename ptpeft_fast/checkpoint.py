@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .config import PTPeftConfig, _check_version
+from .config import PTPeftConfig, check_version
 from .patching import get_state, patch
 from .stages import parameter_groups
 
@@ -70,6 +70,8 @@ def save(model: nn.Module, path: str | os.PathLike, extra_meta: dict[str, Any] |
     if tensors is None:
         tensors = ptpeft_state_dict(model)
     tensors = {n: t.contiguous().cpu() for n, t in tensors.items()}
+    _refuse_non_finite(tensors, "not saved: the previous checkpoint (if any) is kept; find where training diverged "
+                                "(a lower learning rate, or train.precision=fp32)")
     blob = st_save(tensors, metadata={"format": "pt"})
     meta = {
         "format": FORMAT,
@@ -85,6 +87,13 @@ def save(model: nn.Module, path: str | os.PathLike, extra_meta: dict[str, Any] |
     atomic_write_bytes(path / WEIGHTS_NAME, blob)
     atomic_write_bytes(path / CONFIG_NAME, json.dumps(meta, indent=2).encode())
     return path
+
+
+def _refuse_non_finite(tensors: dict[str, torch.Tensor], consequence: str) -> None:
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"tensor {name} holds {bad} NaN/Inf value(s) of {t.numel()}; {consequence}")
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
@@ -126,11 +135,12 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         tensors = st_load(blob)
     except (SafetensorError, Exception) as e:  # safetensors raises its own error type for bad headers
         raise ValueError(f"{weights} is not a readable safetensors file ({e})") from None
+    _refuse_non_finite(tensors, f"{weights} was not loaded (it was saved from a diverged model)")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if meta.get("model_type") != model_type:
         raise ValueError(f"checkpoint {path} was saved from model_type {meta.get('model_type')!r}, "
                          f"but this model is {model_type!r}")
-    _check_version(meta["config"], path / CONFIG_NAME)  # a config written by a newer ptpeft_fast
+    check_version(meta["config"], path / CONFIG_NAME)  # a config written by a newer ptpeft_fast
     saved_config = PTPeftConfig.from_dict(meta["config"])
     if getattr(model, "_ptpeft", None) is None:
         snapshot = _pre_patch_snapshot(model)

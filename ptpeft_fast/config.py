@@ -23,6 +23,8 @@ CONFIG_VERSION = 1
 def _components(value: Any, key: str) -> tuple[str, ...]:
     if isinstance(value, str):
         value = (value,)
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{key} must be a list of component names such as ['language'], got {value!r}")
     value = tuple(value)
     if not value:
         raise ValueError(f"{key} is empty; give at least one of {COMPONENTS}")
@@ -108,6 +110,9 @@ class LoraConfig:
         if self.targets is not None:
             if isinstance(self.targets, str):
                 self.targets = (self.targets,)
+            if not isinstance(self.targets, (list, tuple)):
+                raise ValueError(f"lora.targets must be a list of module names such as ['q_proj', 'v_proj'], "
+                                 f"got {self.targets!r}")
             self.targets = tuple(self.targets)
             if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
                 raise ValueError(f"lora.targets must be a non-empty list of module names, got {self.targets!r}")
@@ -178,6 +183,7 @@ class PTPeftConfig:
         if not isinstance(d, dict):
             raise ValueError(f"config must be a mapping, got {type(d).__name__}")
         d = dict(d)
+        check_version(d, "config")
         d.pop("version", None)
         allowed = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - allowed
@@ -214,7 +220,7 @@ class PTPeftConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "PTPeftConfig":
         d = json.loads(Path(path).read_text())
-        _check_version(d, path)
+        check_version(d, path)
         return cls.from_dict(d)
 
     @classmethod
@@ -222,16 +228,20 @@ class PTPeftConfig:
         import yaml
 
         d = yaml.safe_load(Path(path).read_text()) or {}
-        _check_version(d, path)
+        check_version(d, path)
         return cls.from_dict(d)
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
 
-def _check_version(d: Any, path: Any) -> None:
-    if isinstance(d, dict) and isinstance(d.get("version"), int) and d["version"] > CONFIG_VERSION:
-        raise ValueError(
-            f"{path}: config version {d['version']} is newer than this ptpeft_fast understands "
-            f"({CONFIG_VERSION}); upgrade ptpeft_fast"
-        )
+def check_version(d: Any, path: Any) -> None:
+    """Refuse a config whose ``version`` this ptpeft_fast does not read (absent: the current one)."""
+    if not isinstance(d, dict) or "version" not in d:
+        return
+    v = d["version"]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{path}: version must be a positive integer (this ptpeft_fast writes {CONFIG_VERSION}), got {v!r}")
+    if v > CONFIG_VERSION:
+        raise ValueError(f"{path}: config version {v} is newer than this ptpeft_fast understands "
+                         f"(it reads version {CONFIG_VERSION}); upgrade ptpeft_fast")

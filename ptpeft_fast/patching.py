@@ -1,9 +1,11 @@
 """``patch(model, config)``: add prefixes, LoRA and adapters to a Hugging Face model in place."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,7 +93,14 @@ def patch(model: nn.Module, config: PTPeftConfig | dict | None = None) -> nn.Mod
     if state.prefix_layers:
         name = attention.register()
         state.previous_attn_implementation = getattr(model.config, "_attn_implementation", None)
-        set_attention_implementation(model, name, state.prefix_layers)
+        try:
+            set_attention_implementation(model, name, state.prefix_layers)
+        except Exception:
+            _undo(model, state)
+            if state.previous_attn_implementation is not None:
+                with contextlib.suppress(Exception):
+                    set_attention_implementation(model, state.previous_attn_implementation, state.prefix_layers)
+            raise
     model._ptpeft = state
     from .stages import set_stage
 
@@ -111,6 +120,13 @@ def set_attention_implementation(model: nn.Module, name: str, attention_paths=()
     if setter is None:
         raise ValueError(f"{type(model).__name__} has no set_attn_implementation: is it a transformers 5 model?")
     setter(name)
+    current = getattr(getattr(model, "config", None), "_attn_implementation", name)
+    if current != name:  # transformers only warns when a model keeps its own attention code (Falcon)
+        raise ValueError(
+            f"{type(model).__name__} cannot take a prefix: its attention does not go through transformers' "
+            f"AttentionInterface (after set_attn_implementation({name!r}) it still uses {current!r}), so a "
+            "prefix would never act. Use LoRA or adapters only (prefix: null), or a model class that supports "
+            "the attention interface")
     for path in attention_paths:
         config = getattr(model.get_submodule(path), "config", None)
         if config is not None and getattr(config, "_attn_implementation", name) != name:
@@ -219,16 +235,26 @@ def _shift_positions(model, comp: ResolvedComponent, num_tokens: int):
     found = [m for n, m in model.named_modules() if n.startswith(prefix) and regex.search(n[len(prefix):])]
     if len(found) != 1:
         raise ValueError(f"positions='shift': expected one position module {pattern!r} in {comp.name!r}, found {len(found)}")
+    table = found[0].num_embeddings if isinstance(found[0], nn.Embedding) else None
+    if table is not None and num_tokens >= table:
+        raise ValueError(f"prefix.num_tokens={num_tokens} with positions='shift' needs more positions than the model has: "
+                         f"real tokens take positions {num_tokens}..{num_tokens}+L-1, and {comp.name!r} has a table of "
+                         f"{table}. Use positions='keep', or at most {table - 1} prefix tokens (P + L <= {table})")
 
     def hook(_module, args, kwargs):
         if model._ptpeft.disabled:
             return None
         if kwargs.get(name) is not None:
-            kwargs = {**kwargs, name: kwargs[name] + num_tokens}
+            ids = kwargs[name]
+            kwargs = {**kwargs, name: ids + num_tokens}
         elif len(args) > index and args[index] is not None:
-            args = args[:index] + (args[index] + num_tokens,) + args[index + 1:]
+            ids = args[index]
+            args = args[:index] + (ids + num_tokens,) + args[index + 1:]
         else:
             raise RuntimeError(f"positions='shift': {pattern} was called without position ids")
+        if table is not None and ids.shape[-1] + num_tokens > table:  # shapes only: no data-dependent branch
+            raise ValueError(f"{ids.shape[-1]} tokens after {num_tokens} prefix positions exceed the model's "
+                             f"{table} positions (positions='shift'); shorten the input to {table - num_tokens} tokens")
         return args, kwargs
 
     return found[0].register_forward_pre_hook(hook, with_kwargs=True)
@@ -244,6 +270,10 @@ def _is_linear(module: nn.Module) -> bool:
 
 def _add_lora(model, config: PTPeftConfig, state: PatchState, modules) -> None:
     lc = config.lora
+    # names the user gave (lora.targets, or a hand-given targets["lora"]): each must match something
+    given = tuple(lc.targets or (config.targets or {}).get("lora") or ())
+    matched: set[str] = set()
+    linear_names: set[str] = set()
     for comp in _components_of(model, lc.components, config):
         targets = lc.targets
         found: list[tuple[str, nn.Module]] = []
@@ -252,8 +282,14 @@ def _add_lora(model, config: PTPeftConfig, state: PatchState, modules) -> None:
         if comp.family is not None:
             targets = targets or comp.family.lora
             for bname, block in comp.blocks:
-                found += [(f"{bname}.{rel}", m) for rel, m in iter_in_scope(block, comp.family)
-                          if _is_linear(m) and _matches(rel, targets)]
+                for rel, m in iter_in_scope(block, comp.family):
+                    if not _is_linear(m):
+                        continue
+                    linear_names.add(rel.split(".")[-1])
+                    hits = [t for t in targets if _matches(rel, (t,))]
+                    if hits:
+                        matched.update(hits)
+                        found.append((f"{bname}.{rel}", m))
         if not found:
             names = sorted({rel.split(".")[-1] for _, b in comp.blocks for rel, m in b.named_modules() if _is_linear(m)})
             raise ValueError(f"lora.targets {list(targets or ())} match no linear layer in component {comp.name!r}; "
@@ -268,6 +304,10 @@ def _add_lora(model, config: PTPeftConfig, state: PatchState, modules) -> None:
             attach_lora(layer, f"lora_{comp.name}", LoraWeights(fin, fout, lc.r, lc.alpha, lc.dropout, dtype, device),
                         ops.backend_for("lora_linear", config.backend))
             state.lora_layers[path] = layer
+    unmatched = [t for t in given if t not in matched and linear_names]
+    if unmatched:
+        raise ValueError(f"lora.targets {unmatched} match no linear layer in components {list(lc.components)}; "
+                         f"their linear layers are named: {sorted(linear_names)}")
 
 
 def _out_features(module: nn.Module) -> int:
@@ -281,6 +321,7 @@ def _out_features(module: nn.Module) -> int:
 
 def _add_adapters(model, config: PTPeftConfig, state: PatchState, modules) -> None:
     ac = config.adapter
+    warned: set[int] = set()
     for comp in _components_of(model, ac.components, config):
         fam = comp.family
         has_ffn = fam is not None and fam.ffn_out is not None
@@ -300,7 +341,14 @@ def _add_adapters(model, config: PTPeftConfig, state: PatchState, modules) -> No
                 points.append(("attn", None, block.get_submodule(fam.attn_out)))
             for kind, ffn_in_path, target in points:
                 dtype, device = _param_dtype_device(target)
-                adapter = BottleneckAdapter(_out_features(target), ac.bottleneck, ac.activation, dtype, device)
+                width = _out_features(target)
+                if ac.bottleneck >= width and width not in warned:
+                    warned.add(width)
+                    warnings.warn(f"adapter.bottleneck={ac.bottleneck} is not smaller than the hidden size {width} of "
+                                  f"{comp.name!r}: the adapter is no bottleneck and trains more parameters than the "
+                                  f"layer it adapts; a value well below {width} (e.g. {max(1, width // 8)}) is usual",
+                                  stacklevel=3)
+                adapter = BottleneckAdapter(width, ac.bottleneck, ac.activation, dtype, device)
                 adapter.backend = ops.backend_for("adapter", config.backend)
                 child = f"adapter_{comp.name}_{kind}"
                 block.add_module(child, adapter)

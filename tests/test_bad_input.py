@@ -1,0 +1,116 @@
+"""Bad input gets one clear ValueError that names the problem and the fix, and leaves the model as it
+was: a prefix that could not act, LoRA targets that match nothing, wrong config types, a prefix longer
+than the position table, non-finite weights."""
+import json
+import warnings
+
+import pytest
+import torch
+
+import ptpeft_fast as pf
+from ptpeft_fast.config import PTPeftConfig
+
+import tiny
+
+
+def _unpatched(model, before):
+    assert not hasattr(model, "_ptpeft")
+    assert [n for n, _ in model.named_parameters()] == before
+
+
+def test_a_model_whose_attention_cannot_take_a_prefix_is_refused():
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    model = FalconForCausalLM(FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           new_decoder_architecture=False)).eval()
+    ids = torch.randint(0, 64, (1, 6))
+    ref = model(ids).logits
+    before = [n for n, _ in model.named_parameters()]
+    cfg = PTPeftConfig.from_dict({"prefix": {"num_tokens": 4}, "lora": None, "targets": {
+        "layers": r"transformer\.h\.\d+", "attention": ["self_attention"]}})
+    with pytest.raises(ValueError, match="FalconForCausalLM cannot take a prefix.*AttentionInterface") as e:
+        pf.patch(model, cfg)
+    assert "prefix: null" in str(e.value)
+    _unpatched(model, before)
+    assert torch.equal(model(ids).logits, ref)
+    # LoRA alone does not need the attention interface
+    pf.patch(model, {"prefix": None, "lora": {"r": 2, "targets": ["query_key_value"]},
+                     "targets": {"layers": r"transformer\.h\.\d+", "attention": ["self_attention"]}})
+    assert len(model._ptpeft.lora_layers) == 2
+
+
+def test_every_lora_target_that_matches_nothing_is_named(tmp_path):
+    model = tiny.llama(tmp_path)
+    before = [n for n, _ in model.named_parameters()]
+    with pytest.raises(ValueError) as e:
+        pf.patch(model, {"lora": {"targets": ["q_proj", "v_prj", "k_prj"]}})
+    msg = str(e.value)
+    assert "['v_prj', 'k_prj']" in msg and "'v_proj'" in msg and "'q_proj'" in msg.split("named:")[1]
+    _unpatched(model, before)
+
+
+@pytest.mark.parametrize("section,value,key", [
+    ({"prefix": {"components": 3}}, None, "prefix.components"),
+    ({"lora": {"targets": 5}}, None, "lora.targets"),
+    ({"lora": {"components": {"a": 1}}}, None, "lora.components"),
+    ({"adapter": {"components": 1.5}}, None, "adapter.components"),
+    ({"prefix": {"num_tokens": "8"}}, None, "prefix.num_tokens"),
+    ({"version": 99}, None, "newer than this ptpeft_fast"),
+    ({"version": "1"}, None, "version must be a positive integer"),
+    ({"prefix": [1]}, None, "prefix must be a mapping"),
+])
+def test_wrong_config_types_name_the_key(section, value, key):
+    with pytest.raises(ValueError) as e:
+        PTPeftConfig.from_dict(section)
+    assert key in str(e.value) and not isinstance(e.value, TypeError)
+
+
+def test_an_adapter_wider_than_its_layer_warns(tmp_path):
+    model = tiny.llama(tmp_path)  # hidden 64
+    with pytest.warns(UserWarning, match="adapter.bottleneck=64 is not smaller than the hidden size 64"):
+        pf.patch(model, {"prefix": None, "lora": None, "adapter": {"bottleneck": 64}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pf.patch(tiny.llama(tmp_path), {"prefix": None, "lora": None, "adapter": {"bottleneck": 16}})
+
+
+def test_a_prefix_longer_than_the_position_table_is_refused(tmp_path):
+    model = tiny.gpt2(tmp_path)  # n_positions 128
+    before = [n for n, _ in model.named_parameters()]
+    with pytest.raises(ValueError, match=r"num_tokens=128 .*table of 128.*at most 127"):
+        pf.patch(model, {"prefix": {"num_tokens": 128, "positions": "shift"}, "lora": None})
+    _unpatched(model, before)
+    pf.patch(model, {"prefix": {"num_tokens": 100, "positions": "shift"}, "lora": None})
+    model(torch.randint(0, tiny.VOCAB, (1, 28)))  # 100 + 28 = 128 positions: fits
+    with pytest.raises(ValueError, match="29 tokens after 100 prefix positions exceed the model's 128 positions"):
+        model(torch.randint(0, tiny.VOCAB, (1, 29)))
+    # positions="keep" has no such limit from the prefix
+    pf.patch(tiny.gpt2(tmp_path), {"prefix": {"num_tokens": 200, "positions": "keep"}, "lora": None})
+
+
+def test_non_finite_weights_are_neither_saved_nor_loaded(tmp_path):
+    model = pf.patch(tiny.llama(tmp_path), {"prefix": {"num_tokens": 4, "reparam": "none"}})
+    good = tmp_path / "good"
+    pf.save(model, good)
+    name, param = next((n, p) for n, p in model.named_parameters() if "prefix" in n)
+    with torch.no_grad():
+        param.view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match=rf"tensor {name} holds 1 NaN/Inf value\(s\)"):
+        pf.save(model, good)
+    fresh = pf.load(tiny.llama(tmp_path), good)  # the earlier checkpoint is intact
+    assert all(torch.isfinite(p).all() for p in fresh.parameters())
+    # a file with NaN written by someone else: refused on load
+    from safetensors.torch import load_file, save
+
+    import hashlib
+    tensors = load_file(good / "ptpeft.safetensors")
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[3] = float("inf")
+    blob = save(tensors, metadata={"format": "pt"})
+    (good / "ptpeft.safetensors").write_bytes(blob)
+    meta = json.loads((good / "ptpeft_config.json").read_text())
+    meta["weights_sha256"] = hashlib.sha256(blob).hexdigest()
+    (good / "ptpeft_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=rf"tensor {name} holds 1 NaN/Inf .*was not loaded"):
+        pf.load(tiny.llama(tmp_path), good)

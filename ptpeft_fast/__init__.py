@@ -19,7 +19,7 @@ from .disable import disabled
 from .config import AdapterConfig, LoraConfig, PrefixConfig, PTPeftConfig
 from .interop import PeftInteropError, from_peft, load_static_prefix, save_merged, to_peft
 from .merging import merge, unmerge
-from .patching import patch
+from .patching import patch, unpatch
 from .stages import mark_trainable, parameter_groups, set_stage, trainable_parameters
 
 __all__ = [
@@ -43,4 +43,5 @@ __all__ = [
     "to_peft",
     "trainable_parameters",
     "unmerge",
+    "unpatch",
 ]

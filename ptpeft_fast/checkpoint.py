@@ -113,12 +113,57 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+# Config keys that change a patched model's outputs; the others (dropout, init_std, freeze_prefix,
+# backend) only matter while training or for speed, and may differ between a checkpoint and a model.
+OUTPUT_KEYS = {
+    "prefix": ("num_tokens", "reparam", "hidden_size", "components", "positions"),
+    "lora": ("r", "alpha", "targets", "components"),
+    "adapter": ("bottleneck", "style", "activation", "components"),
+}
+
+
+def config_differences(saved: PTPeftConfig, current: PTPeftConfig) -> list[str]:
+    """``"key: saved value != model value"`` for every key where the two configs give different outputs.
+
+    A static prefix (``reparam="none"``) saved from a merged model fits a model whose prefix is
+    reparameterised: :func:`load` makes the model's prefixes static first."""
+    out = []
+    for section, keys in OUTPUT_KEYS.items():
+        a, b = getattr(saved, section), getattr(current, section)
+        if (a is None) != (b is None):
+            out.append(f"{section}: {'on' if a is not None else 'off'} in the checkpoint, "
+                       f"{'on' if b is not None else 'off'} in the model")
+            continue
+        if a is None:
+            continue
+        for key in keys:
+            va, vb = getattr(a, key), getattr(b, key)
+            if section == "prefix" and key == "reparam" and va == "none":
+                continue
+            if section == "prefix" and key == "hidden_size" and "none" in (a.reparam, b.reparam):
+                continue  # no MLP on one side: its width is moot
+            if va != vb:
+                out.append(f"{section}.{key}: {_show(va)} in the checkpoint, {_show(vb)} in the model")
+    if (saved.targets or None) != (current.targets or None):
+        out.append(f"targets: {saved.targets!r} in the checkpoint, {current.targets!r} in the model")
+    return out
+
+
+def _show(v: Any) -> str:
+    return repr(list(v)) if isinstance(v, tuple) else repr(v)
+
+
+def load(model: nn.Module, path: str | os.PathLike, reconfigure: bool = False) -> nn.Module:
     """Load a checkpoint written by :func:`save` into ``model`` and return it.
 
-    An unpatched model is patched with the saved config first. The model type, every
-    tensor name and every shape are checked; a mismatch raises ``ValueError`` naming the
-    tensor and both shapes.
+    An unpatched model is patched with the saved config first. A patched model must have been
+    patched with a config that gives the same outputs (LoRA ``r``/``alpha``/targets, the prefix's
+    length, reparameterisation, positions and components, the adapter's shape and activation): a
+    difference raises ``ValueError`` listing every differing key with both values, unless
+    ``reconfigure=True``, which removes the model's PT-PEFT modules and patches it again with the
+    saved config. The model type, every tensor name and every shape are checked. A model whose LoRA
+    is merged stays merged, with the loaded weights; checkpoints of merged and unmerged models load
+    into either.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load as st_load
@@ -154,6 +199,16 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         except BaseException:
             _rollback_patch(model, snapshot)  # do not leave a half-loaded, patched model behind
             raise
+    differences = config_differences(saved_config, get_state(model).config)
+    if differences and not reconfigure:
+        raise ValueError(f"checkpoint {path} was saved with another config than this model's: " + "; ".join(differences)
+                         + ". Patch the model with the checkpoint's config (or load into an unpatched model), or "
+                         "pass reconfigure=True to rebuild its PT-PEFT modules from the checkpoint")
+    if differences:
+        from .patching import unpatch
+
+        unpatch(model)
+        return load(model, path)  # patched with the saved config, like any unpatched model
     if saved_config.prefix is not None and saved_config.prefix.reparam == "none" and get_state(model).config.prefix is not None \
             and get_state(model).config.prefix.reparam != "none":
         from .merging import merge_prefixes
@@ -168,15 +223,11 @@ def _pre_patch_snapshot(model: nn.Module) -> dict[str, Any]:
 
 def _rollback_patch(model: nn.Module, snapshot: dict[str, Any]) -> None:
     """Undo the ``patch`` that :func:`load` applied, after a failure (best effort)."""
-    from .patching import _undo, set_attention_implementation
+    from .patching import unpatch
 
-    state = model.__dict__.get("_ptpeft")
-    if state is None:
+    if model.__dict__.get("_ptpeft") is None:
         return
-    _undo(model, state)
-    if state.prefix_layers:
-        set_attention_implementation(model, state.previous_attn_implementation or "sdpa", state.prefix_layers)
-    del model._ptpeft
+    unpatch(model)
     for n, p in model.named_parameters():
         p.requires_grad_(snapshot["requires_grad"].get(n, p.requires_grad))
     model.train(snapshot["training"])
@@ -193,17 +244,17 @@ def _load_into(model: nn.Module, path: Path, meta: dict[str, Any], tensors: dict
         if tuple(t.shape) != tuple(own[name].shape):
             raise ValueError(f"tensor {name}: checkpoint shape {tuple(t.shape)} != model shape {tuple(own[name].shape)} "
                              "(was the checkpoint saved from a model of another size or architecture?)")
+    from .tuners.lora import lora_of, merge_lora, unmerge_lora
+
+    # LoRA factors are kept after a merge, so a checkpoint is the same whether its model was merged;
+    # a merged model's base weights hold its own B·A: take that out, load, fold the new one in
+    merged = [layer for layer in get_state(model).lora_layers.values() if lora_of(layer).merged]
+    for layer in merged:
+        unmerge_lora(layer)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, t in tensors.items():
             params[name].copy_(t.to(params[name].dtype))
-    state = get_state(model)
-    want_merged = bool(meta.get("lora_merged"))
-    from .tuners.lora import lora_of
-
-    for layer in state.lora_layers.values():
-        lora = lora_of(layer)
-        if lora.merged != want_merged:
-            raise ValueError(f"checkpoint {path} has lora_merged={want_merged} but the model's LoRA merged={lora.merged}; "
-                             "load into an unmerged model and merge afterwards")
+    for layer in merged:
+        merge_lora(layer)
     return model

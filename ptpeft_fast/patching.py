@@ -133,6 +133,21 @@ def set_attention_implementation(model: nn.Module, name: str, attention_paths=()
             config._attn_implementation = name
 
 
+def unpatch(model: nn.Module) -> nn.Module:
+    """Remove every PT-PEFT module from a patched ``model`` (merged LoRA is subtracted from the base
+    weights first) and restore its attention implementation; returns the plain model."""
+    state = get_state(model)
+    from .tuners.lora import unmerge_lora
+
+    for layer in state.lora_layers.values():
+        unmerge_lora(layer)
+    _undo(model, state)
+    if state.prefix_layers:
+        set_attention_implementation(model, state.previous_attn_implementation or "sdpa", state.prefix_layers)
+    del model._ptpeft
+    return model
+
+
 def _undo(model: nn.Module, state: PatchState) -> None:
     """Best-effort removal of what a failed ``patch`` added, so the model is left as it was."""
     for h in state.hooks:

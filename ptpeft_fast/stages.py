@@ -42,6 +42,13 @@ def set_stage(model: nn.Module, stage: str) -> nn.Module:
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r} is not one of {STAGES}")
     state = get_state(model)
+    if stage in ("peft", "full") and state.lora_layers:
+        from .tuners.lora import lora_of
+
+        if any(lora_of(layer).merged for layer in state.lora_layers.values()):
+            raise ValueError(f"set_stage(model, {stage!r}): the LoRA update is merged into the base weights "
+                             "(ptpeft_fast.merge), so its factors would get no gradient; call "
+                             "ptpeft_fast.unmerge(model) first")
     freeze_prefix = state.config.freeze_prefix
     train = {
         "prefix": {"prefix", "extra"},

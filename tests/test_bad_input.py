@@ -114,3 +114,94 @@ def test_non_finite_weights_are_neither_saved_nor_loaded(tmp_path):
     (good / "ptpeft_config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=rf"tensor {name} holds 1 NaN/Inf .*was not loaded"):
         pf.load(tiny.llama(tmp_path), good)
+
+
+# ------------------------------------------------------------------ checkpoints carry their meaning
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _trained(tmp_path, cfg):
+    """A patched tiny Llama whose LoRA/prefix are random (so a wrong scaling shows in the logits)."""
+    torch.manual_seed(1)
+    model = pf.patch(tiny.llama(tmp_path), cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora" in n or "prefix" in n:
+                p.normal_(0, 0.2)
+    return model
+
+
+IDS = torch.randint(0, tiny.VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("change,key", [
+    ({"lora": {"r": 4, "alpha": 64}}, "lora.alpha: 16.0 in the checkpoint, 64.0 in the model"),
+    ({"prefix": {"num_tokens": 4, "positions": "shift"}}, "prefix.positions: 'keep' in the checkpoint, 'shift'"),
+    ({"lora": {"r": 4, "targets": ["q_proj"]}}, "lora.targets: None in the checkpoint, ['q_proj'] in the model"),
+    ({"adapter": {"bottleneck": 8, "activation": "gelu"}}, "adapter: off in the checkpoint, on in the model"),
+])
+def test_load_refuses_a_config_that_changes_outputs(tmp_path, change, key):
+    base = {"prefix": {"num_tokens": 4}, "lora": {"r": 4, "alpha": 16}}
+    saved = _trained(tmp_path, base)
+    pf.save(saved, tmp_path / "ck")
+    other = {**base, **change}
+    model = pf.patch(tiny.llama(tmp_path), other).eval()
+    with pytest.raises(ValueError, match="another config") as e:
+        pf.load(model, tmp_path / "ck")
+    assert key in str(e.value) and "reconfigure=True" in str(e.value)
+    pf.load(model, tmp_path / "ck", reconfigure=True)
+    assert torch.allclose(_logits(model, IDS), _logits(saved, IDS), atol=1e-6)
+    assert pf.PTPeftConfig.to_dict(model._ptpeft.config) == saved._ptpeft.config.to_dict()
+
+
+def test_training_only_keys_may_differ(tmp_path):
+    saved = _trained(tmp_path, {"prefix": {"num_tokens": 4}, "lora": {"r": 4}})
+    pf.save(saved, tmp_path / "ck")
+    model = pf.patch(tiny.llama(tmp_path), {"prefix": {"num_tokens": 4, "dropout": 0.1, "init_std": 0.5},
+                                            "lora": {"r": 4, "dropout": 0.2}, "freeze_prefix": True}).eval()
+    pf.load(model, tmp_path / "ck")
+    assert torch.allclose(_logits(model, IDS), _logits(saved, IDS), atol=1e-6)
+
+
+def test_merge_is_a_state_that_checkpoints_and_stages_respect(tmp_path):
+    cfg = {"prefix": {"num_tokens": 4}, "lora": {"r": 4}}
+    a = _trained(tmp_path, cfg)
+    ref_a = _logits(a, IDS)
+    pf.merge(a)
+    assert torch.allclose(_logits(a, IDS), ref_a, atol=1e-5)
+    with pytest.raises(ValueError, match=r"merged into the base weights.*ptpeft_fast.unmerge\(model\) first"):
+        pf.set_stage(a, "peft")
+    pf.save(a, tmp_path / "merged")
+    # into a fresh model: same outputs
+    fresh = pf.load(tiny.llama(tmp_path), tmp_path / "merged").eval()
+    assert torch.allclose(_logits(fresh, IDS), ref_a, atol=1e-5)
+    # into another merged model (other weights folded in): its own B·A is replaced, not kept
+    torch.manual_seed(5)
+    b = _trained(tmp_path, cfg)
+    pf.merge(b)
+    pf.load(b, tmp_path / "merged")
+    assert torch.allclose(_logits(b, IDS), ref_a, atol=1e-5)
+    pf.unmerge(b)
+    assert torch.allclose(_logits(b, IDS), ref_a, atol=1e-5)
+    pf.set_stage(b, "peft")  # allowed again after unmerge
+    # an unmerged checkpoint into a merged model
+    c = _trained(tmp_path, cfg)
+    pf.save(pf.unmerge(a), tmp_path / "unmerged")
+    pf.merge(c)
+    pf.load(c, tmp_path / "unmerged")
+    assert torch.allclose(_logits(c, IDS), ref_a, atol=1e-5)
+
+
+def test_unpatch_restores_the_plain_model(tmp_path):
+    plain = tiny.llama(tmp_path)
+    ref = _logits(plain, IDS)
+    names = [n for n, _ in plain.named_parameters()]
+    model = _trained(tmp_path, {"prefix": {"num_tokens": 4}, "lora": {"r": 4}, "adapter": {"bottleneck": 8}})
+    pf.merge(model)
+    pf.unpatch(model)
+    assert [n for n, _ in model.named_parameters()] == names and not hasattr(model, "_ptpeft")
+    assert torch.allclose(_logits(model, IDS), ref, atol=1e-5)

@@ -50,6 +50,48 @@ def _run_reporting_stops(run) -> int:
     return 0
 
 
+def _os_error(e: OSError) -> str:
+    """One line for an operating-system fault, with what to do about it."""
+    import errno
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        return (f"no space left on the device{where}; the last complete checkpoint is kept: free space, then "
+                "continue with --resume <output folder>")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"not allowed to write{where}: {e.strerror}; choose another --output or fix the folder's permissions"
+    return f"{e.strerror or e}{where}"
+
+
+def _check_output_dir(out: str) -> None:
+    """The output folder is a folder that this process can write, before any work starts."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"output folder {out!r} is a file; give a folder path with --output")
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".ptpeft-write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"cannot write to output folder {out!r} ({e.strerror}); choose another --output") from None
+
+
+def _not_a_run(path: str) -> str:
+    """Why ``path`` cannot be resumed, saying what it is when that can be told."""
+    if not os.path.exists(path):
+        return "no such folder"
+    if not os.path.isdir(path):
+        return "a file, not a run folder"
+    if os.path.isfile(os.path.join(path, "ptpeft_config.json")):
+        return (f"a checkpoint written by ptpeft_fast.save, not a run folder: load it with "
+                f"ptpeft_fast.load(model, {path!r})")
+    runs = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "config.yaml")))
+    if runs:
+        return (f"a folder of runs ({', '.join(runs)}; the demo writes one per method): resume one with --resume "
+                f"{os.path.join(path, runs[0])}, or rerun the same command with --output {path} to continue them all")
+    return "no config.yaml there (not a ptpeft_fast run folder)"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = build_parser().parse_args(argv)
@@ -66,12 +108,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.print_config:
                 print(dump_config(demo_config(args.quick, overrides)), end="")
                 return 0
+            if args.output:
+                _check_output_dir(args.output)
             run_demo(quick=args.quick, out_dir=args.output, user_overrides=overrides)
             return 0
         if args.resume:
             saved = os.path.join(args.resume, "config.yaml")
             if not os.path.exists(saved):
-                raise ConfigError(f"--resume {args.resume}: no config.yaml there (not a ptpeft_fast run folder)")
+                raise ConfigError(f"--resume {args.resume}: {_not_a_run(args.resume)}")
             cfg = load_config(saved)
             cfg["train"]["interrupt_after_steps"] = None  # a test hook, not part of the run
             for o in overrides:
@@ -85,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(dump_config(cfg), end="")
             return 0
+        _check_output_dir(out)
         if cfg["experiment"]["methods"]:
             # a multi-run experiment: each run resumes from its own sub-folder, so running the
             # same command again (or --resume DIR) continues where it stopped
@@ -107,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the environment, not the config: a full disk, a read-only folder, ...
+        print(f"error: {_os_error(e)}", file=sys.stderr)
+        return 1
     except Exception as e:
         from ..data import DataError
         if isinstance(e, DataError):

@@ -157,9 +157,12 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"--config: file not found: {path}")
         with open(path, encoding="utf-8") as f:
             try:
-                user = yaml.safe_load(f) or {}
+                user = yaml.safe_load(f)
             except yaml.YAMLError as e:
                 raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if user is None:
+            raise ConfigError(f"{path} is empty: give the sections to change (model, data, stage1, stage2, eval, "
+                              "output, train), or run without --config for the demo")
         if not isinstance(user, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         _merge(cfg, user)

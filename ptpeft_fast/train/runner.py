@@ -286,6 +286,10 @@ class Run:
         dev = tc["device"]
         if dev == "auto":
             dev = "cuda" if torch.cuda.is_available() else "cpu"
+        elif torch.device(dev).type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"train.device={dev}, but this torch sees no CUDA device "
+                              f"({'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'}); "
+                              "use train.device=cpu or auto")
         self.di = init_distributed(torch.device(dev).type)
         if torch.device(dev).type == "cuda" and self.di.world > 1:
             dev = f"cuda:{self.di.local_rank}"

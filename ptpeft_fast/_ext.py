@@ -35,7 +35,8 @@ import torch
 from ._sources import source_dir
 
 __all__ = ["CPU_VARIANTS", "csrc_dir", "cache_dir", "load_ext", "ext_error", "has_kernel", "executable_variants",
-           "requested_variant", "loaded_variant", "compile_variant", "missing_cpu_flags", "ISA_ENV"]
+           "requested_variant", "loaded_variant", "compile_variant", "missing_cpu_flags", "ISA_ENV",
+           "build_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -160,30 +161,42 @@ def _openmp_ok() -> bool:
     return torch.backends.openmp.is_available() and sys.platform.startswith("linux")
 
 
-def _build_tag(src: Path, names: tuple[str, ...], flags: list[str], with_cuda: bool) -> str:
-    """Cache key: the sources, the headers, torch's version and the build flags."""
+def build_name(src: Path, variant: str, with_cuda: bool) -> str:
+    """The extension's module and cache-folder name: a hash of every source and header, torch's
+    version and every compiler flag. Two checkouts of the same sources share one build; changed
+    sources, another ISA variant or other flags get their own, so they never rebuild each other's."""
     digest = hashlib.sha256()
-    for name in names + _HEADERS:
+    for name in _sources(with_cuda) + _HEADERS:
         path = src / name
         if path.is_file():
             digest.update(name.encode())
             digest.update(path.read_bytes())
     digest.update(torch.__version__.encode())
-    digest.update(str(with_cuda).encode())
-    digest.update(" ".join(flags).encode())
-    return digest.hexdigest()[:16]
+    digest.update(" ".join(_cflags(variant, with_cuda) + _ldflags(variant)).encode())
+    return f"ptpeft_fast_ext_{digest.hexdigest()[:16]}"
+
+
+def _sources(with_cuda: bool) -> tuple[str, ...]:
+    return _CPU_SOURCES + (_CUDA_SOURCES if with_cuda else ())
+
+
+def _cflags(variant: str, with_cuda: bool) -> list[str]:
+    return ["-O3", *_cpu_flags(variant)] + (["-DPTPEFT_FAST_WITH_CUDA"] if with_cuda else [])
+
+
+def _ldflags(variant: str) -> list[str]:
+    # -ldl: prefix_flash_cpu.cpp looks up torch's sgemm with dlsym (libc has it from glibc 2.34)
+    return (["-fopenmp"] if "-fopenmp" in _cpu_flags(variant) else []) + (["-ldl"] if sys.platform.startswith("linux") else [])
 
 
 def _build(src: Path, with_cuda: bool, variant: str) -> None:
     from torch.utils.cpp_extension import load
 
-    names = _CPU_SOURCES + (_CUDA_SOURCES if with_cuda else ())
-    cpu_flags = _cpu_flags(variant)
+    names = _sources(with_cuda)
     # The module name carries the hash so two versions never collide in one cache or process.
-    name = f"ptpeft_fast_ext_{_build_tag(src, names, cpu_flags, with_cuda)}"
+    name = build_name(src, variant, with_cuda)
     build_dir = cache_dir() / "ext" / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    cflags = ["-O3", *cpu_flags] + (["-DPTPEFT_FAST_WITH_CUDA"] if with_cuda else [])
     so = build_dir / f"{name}.so"
     if so.exists():
         # Built before (the name hashes sources and flags): load it without torch's build lock, which
@@ -205,10 +218,9 @@ def _build(src: Path, with_cuda: bool, variant: str) -> None:
     load(
         name=name,
         sources=[str(src / n) for n in names],
-        extra_cflags=cflags,
+        extra_cflags=_cflags(variant, with_cuda),
         extra_cuda_cflags=["-O3"],
-        # -ldl: prefix_flash_cpu.cpp looks up torch's sgemm with dlsym (libc has it from glibc 2.34)
-        extra_ldflags=(["-fopenmp"] if "-fopenmp" in cpu_flags else []) + (["-ldl"] if sys.platform.startswith("linux") else []),
+        extra_ldflags=_ldflags(variant),
         build_directory=str(build_dir),
         with_cuda=with_cuda,
         is_python_module=False,  # the library registers torch ops; it has no Python module

@@ -126,7 +126,16 @@ def test_resume_keeps_one_record_per_step(interrupted, tmp_path, capsys):
     assert all(e["loss"] != 9.0 for e in events(str(out), "train"))
 
 
-def test_stage_checkpoints_are_verified(interrupted, tmp_path):
+def test_stage_checkpoints_are_verified(interrupted, tmp_path, capsys):
+    out = _copy(interrupted, tmp_path / "copy")
+    cfg = out / "checkpoints" / "stage1" / "ptpeft_config.json"
+    text = cfg.read_text()
+    assert '"num_tokens": 4' in text
+    cfg.write_text(text.replace('"num_tokens": 4', '"num_tokens": 5'))
+    capsys.readouterr()
+    assert main(["--resume", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"stage1 is marked done but {cfg} is damaged" in err[0] and "restore it" in err[0], err
     ckpt = interrupted / "checkpoints" / "stage1"
     assert folder_damage(str(ckpt)) is None
     copy = tmp_path / "stage1"

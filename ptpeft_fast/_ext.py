@@ -291,7 +291,7 @@ def compile_variant(variant: str) -> None:
     if src is None:
         raise RuntimeError("csrc/ sources not found next to the package")
     flags = _cpu_flags(variant)
-    stamp = cache_dir() / "compile-check" / f"{variant}-{_build_tag(src, _CPU_SOURCES, flags, False)}.ok"
+    stamp = cache_dir() / "compile-check" / f"{variant}-{build_name(src, variant, False)}.ok"
     if stamp.is_file():
         return
     cxx = os.environ.get("CXX", "c++")

@@ -179,24 +179,23 @@ _TRAIN = ["model.pretrained=false", "data.train.n=16", "data.val.n=4", "stage1.m
 # Runs the training CLI; the second mid-stage checkpoint write stops halfway through its
 # trainer.pt (half the bytes on disk, fsync'ed), says so, and waits to be SIGKILLed.
 _KILL_DRIVER = r"""
-import io, os, sys, time, torch
-real_save = torch.save
+import os, sys, time
+import safetensors.torch as st
+real_save = st.save_file
 calls = [0]
-def save(obj, f, *a, **kw):
-    if isinstance(f, (str, os.PathLike)) and os.path.basename(str(f)) == "trainer.pt":
+def save_file(tensors, f, *a, **kw):
+    if os.path.basename(str(f)) == "trainer.safetensors":
         calls[0] += 1
         if calls[0] == 2:
-            buf = io.BytesIO()
-            real_save(obj, buf)
-            data = buf.getvalue()
+            data = st.save(tensors)
             with open(f, "wb") as fh:
                 fh.write(data[: len(data) // 2])
                 fh.flush()
                 os.fsync(fh.fileno())
             print("MID-WRITE", flush=True)
             time.sleep(600)
-    return real_save(obj, f, *a, **kw)
-torch.save = save
+    return real_save(tensors, f, *a, **kw)
+st.save_file = save_file
 from ptpeft_fast.train import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -152,8 +152,10 @@ def folder_damage(folder: str) -> str | None:
         return None
     try:
         sums = json.loads(text)["sha256"]
-        assert isinstance(sums, dict)
-    except (ValueError, KeyError, TypeError, AssertionError):
+    except (ValueError, KeyError, TypeError):
+        sums = None
+    if not isinstance(sums, dict) or any(not isinstance(n, str) or os.path.isabs(n) or ".." in n.split(os.sep)
+                                         for n in sums):
         return f"{manifest} is damaged (not the checksum list ptpeft_fast writes)"
     for name, digest in sums.items():
         path = os.path.join(folder, name)

@@ -7,7 +7,7 @@
     pf.set_stage(model, "peft")            # stage 2: LoRA/Adapter (+ prefix) train
     pf.save(model, "ckpt/")
 """
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401 (ptpeft_fast.__version__)
 
 from ._sources import install_checkout_finder
 

@@ -11,9 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
+from .version import __version__
 from .config import PTPeftConfig, check_version
-from .patching import get_state, patch
+from .patch_state import get_state
+from .patching import patch, unpatch
 from .stages import parameter_groups
 
 WEIGHTS_NAME = "ptpeft.safetensors"
@@ -205,8 +206,6 @@ def load(model: nn.Module, path: str | os.PathLike, reconfigure: bool = False) -
                          + ". Patch the model with the checkpoint's config (or load into an unpatched model), or "
                          "pass reconfigure=True to rebuild its PT-PEFT modules from the checkpoint")
     if differences:
-        from .patching import unpatch
-
         unpatch(model)
         return load(model, path)  # patched with the saved config, like any unpatched model
     if saved_config.prefix is not None and saved_config.prefix.reparam == "none" and get_state(model).config.prefix is not None \
@@ -223,8 +222,6 @@ def _pre_patch_snapshot(model: nn.Module) -> dict[str, Any]:
 
 def _rollback_patch(model: nn.Module, snapshot: dict[str, Any]) -> None:
     """Undo the ``patch`` that :func:`load` applied, after a failure (best effort)."""
-    from .patching import unpatch
-
     if model.__dict__.get("_ptpeft") is None:
         return
     unpatch(model)

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from .patching import get_state
+from .patch_state import get_state
 
 
 @contextlib.contextmanager

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .patching import get_state
+from .patch_state import get_state
 from .tuners.lora import merge_lora, unmerge_lora
 from .tuners.prefix import GlobalPrefixMLP
 

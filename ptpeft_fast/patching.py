@@ -6,8 +6,6 @@ import copy
 import inspect
 import re
 import warnings
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -15,34 +13,11 @@ from torch import nn
 from . import attention, ops
 from .architectures import ResolvedComponent, attention_geometry, iter_in_scope, resolve_components
 from .config import PTPeftConfig
+from .patch_state import PatchState, get_state
+from .stages import set_stage
 from .tuners.adapter import BottleneckAdapter, hook_parallel, hook_sequential
 from .tuners.lora import LoraWeights, attach_lora, features, is_conv1d
 from .tuners.prefix import GlobalPrefixMLP, LayerPrefix
-
-GROUPS = ("prefix", "lora", "adapter", "extra", "base")
-
-
-@dataclass
-class PatchState:
-    """What ``patch`` did to a model (kept as ``model._ptpeft``)."""
-
-    config: PTPeftConfig
-    prefix_layers: dict[str, LayerPrefix] = field(default_factory=dict)  # attention path -> prefix
-    lora_layers: dict[str, nn.Module] = field(default_factory=dict)  # linear path -> patched layer
-    adapters: dict[str, BottleneckAdapter] = field(default_factory=dict)
-    hooks: list = field(default_factory=list)
-    extra_trainable: list[str] = field(default_factory=list)  # e.g. a task head that trains in every stage
-    previous_attn_implementation: Any = None
-    stage: str | None = None
-    disabled: bool = False  # inside ptpeft_fast.disabled(model): every PT-PEFT module is bypassed
-
-
-def get_state(model: nn.Module) -> PatchState:
-    """The model's :class:`PatchState`; ``ValueError`` if ``patch`` was not called."""
-    state = getattr(model, "_ptpeft", None)
-    if state is None:
-        raise ValueError("this model is not patched: call ptpeft_fast.patch(model, config) first")
-    return state
 
 
 def _param_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
@@ -102,8 +77,6 @@ def patch(model: nn.Module, config: PTPeftConfig | dict | None = None) -> nn.Mod
                     set_attention_implementation(model, state.previous_attn_implementation, state.prefix_layers)
             raise
     model._ptpeft = state
-    from .stages import set_stage
-
     set_stage(model, "prefix" if state.prefix_layers else "peft")
     return model
 

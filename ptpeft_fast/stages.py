@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .patching import GROUPS, get_state
+from .patch_state import GROUPS, get_state
 from .tuners.adapter import BottleneckAdapter
 from .tuners.lora import LoraWeights
 from .tuners.prefix import GlobalPrefixMLP, LayerPrefix

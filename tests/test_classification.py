@@ -52,7 +52,7 @@ def _method_cfg(method: str, out: str) -> dict:
 
 
 def _groups(model) -> dict:
-    from ptpeft_fast.patching import get_state
+    from ptpeft_fast.patch_state import get_state
     from ptpeft_fast.stages import parameter_groups
     try:
         get_state(model)

@@ -11,7 +11,7 @@ import torch
 
 from ptpeft_fast.state_files import StateFormatError, decode, encode
 from ptpeft_fast.train import main
-from ptpeft_fast.train.runner import MANIFEST, _atomic_dir, folder_damage
+from ptpeft_fast.train.checkpointing import MANIFEST, atomic_dir, folder_damage, sha256_file
 
 from _train_helpers import events, write_yaml
 
@@ -48,8 +48,7 @@ def _copy(run, tmp_path):
 
 def _reseal(folder):
     """Rewrite the checksum list to match the files, as an attacker who edits a folder would."""
-    from ptpeft_fast.train.runner import _sha256
-    sums = {p.name: _sha256(str(p)) for p in folder.iterdir() if p.name != MANIFEST}
+    sums = {p.name: sha256_file(str(p)) for p in folder.iterdir() if p.name != MANIFEST}
     (folder / MANIFEST).write_text(json.dumps({"sha256": sums}))
 
 
@@ -154,7 +153,7 @@ def test_a_failed_folder_write_leaves_nothing_behind(tmp_path):
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError):
-        _atomic_dir(str(final), write)
+        atomic_dir(str(final), write)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from ..config import PrefixConfig, PTPeftConfig
-from ..patching import get_state, patch
+from ..patch_state import get_state
+from ..patching import patch
 from ..tuners.adapter import BottleneckAdapter
 from ..tuners.lora import LoraWeights, is_conv1d, lora_of
 from ..tuners.prefix import GlobalPrefixMLP, LayerPrefix

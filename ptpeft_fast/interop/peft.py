@@ -40,7 +40,8 @@ from ..architectures import (
     resolve_components,
 )
 from ..config import LoraConfig, PrefixConfig, PTPeftConfig
-from ..patching import get_state, patch
+from ..patch_state import get_state
+from ..patching import patch
 from ..tuners.lora import is_conv1d, lora_of
 from ..tuners.prefix import GlobalPrefixMLP, LayerPrefix
 

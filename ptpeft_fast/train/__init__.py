@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_reporting_stops(run) -> int:
     """Run; an interruption (resumable, exit 130), a non-finite loss (exit 3) or damaged saved state (exit 2) is reported on stderr."""
-    from .runner import DamagedState, Interrupted, NonFinite
+    from .checkpointing import DamagedState
+    from .runner import Interrupted, NonFinite
     try:
         run()
     except Interrupted as e:
@@ -134,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             # a multi-run experiment: each run resumes from its own sub-folder, so running the
             # same command again (or --resume DIR) continues where it stopped
             from .experiment import run_experiment
-            from .runner import _atomic_write_text
+            from .checkpointing import atomic_write_text
             os.makedirs(out, exist_ok=True)
-            _atomic_write_text(os.path.join(out, "config.yaml"), dump_config(cfg))
+            atomic_write_text(os.path.join(out, "config.yaml"), dump_config(cfg))
             return _run_reporting_stops(lambda: run_experiment(cfg, out))
         from .classification import make_run
         if not args.resume and os.path.exists(os.path.join(out, "progress.json")) and not cfg["output"]["overwrite"]:

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 
 from . import report
 from .config import ConfigError
-from .runner import Run, _atomic_dir, _atomic_write_text, _barrier
+from .checkpointing import atomic_dir, atomic_write_text
+from .distributed import barrier
+from .runner import Run
 
 HEAD = "classifier"
 _CORPUS_CACHE: dict[tuple, dict] = {}
@@ -189,7 +191,7 @@ class ClassificationRun(Run):
         path = os.path.join(self.out, "checkpoints", stage)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         # unpatched: the trained tensors (the head for a linear probe, everything for full FT)
-        _atomic_dir(path, lambda tmp: save_file(
+        atomic_dir(path, lambda tmp: save_file(
             {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters() if p.requires_grad},
             os.path.join(tmp, "full_model.safetensors")))
 
@@ -261,7 +263,7 @@ class ClassificationRun(Run):
                    "spectrum": spec, "trainable": self.trainable_counts.get(stage, 0),
                    "python": self.python_version, "seconds": round(time.time() - t, 2)}
             os.makedirs(os.path.join(self.out, "predictions"), exist_ok=True)
-            _atomic_write_text(os.path.join(self.out, "predictions", f"{phase}.json"),
+            atomic_write_text(os.path.join(self.out, "predictions", f"{phase}.json"),
                                "[" + ",".join(str(p) for p in pred) + "]")
             self._event(row)
             shown = f"accuracy {metrics['accuracy']:.2f}, macro-F1 {metrics['macro-F1']:.2f}"
@@ -269,7 +271,7 @@ class ClassificationRun(Run):
                 shown += (f", rank ratio {spec['remaining_rank_ratio']:.3f}, eff. rank {spec['effective_rank']:.2f}"
                           f" ({spec['n_samples']} windows of {spec['window']} tokens)")
             self.log(f"eval {row['method']}: {shown} ({row['seconds']}s)")
-        _barrier(self.di)
+        barrier(self.di)
 
     def write_report(self, rows: list[dict]) -> None:
         from .runner import write_report

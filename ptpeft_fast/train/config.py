@@ -95,7 +95,7 @@ DEFAULTS: dict[str, Any] = {
     # a multi-run experiment (classification): methods x variants x per_class x seeds,
     # aggregated into one results.md; empty methods = one run of the config as it is
     "experiment": {
-        "methods": [],                 # names from ptpeft_fast.train.experiment.METHODS
+        "methods": [],                 # names from ptpeft_fast.train.methods.METHODS
         "seeds": [0],
         "per_class": [],               # values of data.per_class to sweep (empty: the config's)
         "variants": {},                # label -> list of "key=value" overrides
@@ -281,7 +281,7 @@ def validate(cfg: dict) -> None:
     if any(not isinstance(s, int) or s < 1 for s in ex["per_class"]):
         raise ConfigError(f"experiment.per_class must be positive integers, got {ex['per_class']!r}")
     if ex["methods"]:
-        from .experiment import METHODS
+        from .methods import METHODS
         bad = [m for m in ex["methods"] if m not in METHODS]
         if bad:
             raise ConfigError(f"experiment.methods: unknown {bad}; choose from {sorted(METHODS)}")

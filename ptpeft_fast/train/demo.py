@@ -15,7 +15,7 @@ from typing import Callable
 
 from . import report
 from .config import apply_override, validate
-from .runner import Run, write_report
+from .runner import Run, ensure_tiny_pretrained, write_report
 
 # Learning rates picked per method on the val split (LoRA diverges at the adapter's rate);
 # a PT- method uses the same stage-2 rate as its single-stage counterpart.
@@ -50,7 +50,6 @@ def demo_config(quick: bool, user_overrides: list[str] | None = None) -> dict:
 def run_demo(quick: bool = False, out_dir: str | None = None, user_overrides: list[str] | None = None,
              log: Callable[[str], None] = print) -> dict:
     """Run the whole comparison; returns ``{"rows", "results", "png", "seconds"}``."""
-    from .pretrain import ensure_tiny_pretrained
 
     t0 = time.time()
     base = demo_config(quick, user_overrides)

@@ -17,6 +17,7 @@ from typing import Callable
 
 from . import report
 from .config import apply_override, validate
+from .methods import METHODS
 
 def _budget(stage: dict) -> str:
     if not stage["enabled"]:
@@ -24,20 +25,6 @@ def _budget(stage: dict) -> str:
     return f"{stage['max_steps']} steps" if stage["max_steps"] else f"{stage['epochs']} epoch(s)"
 
 
-_SINGLE = ["eval.zero_shot=false", "eval.after_each_stage=false"]
-# name -> (row label, overrides); the same stage budgets for every method come from the config
-METHODS: dict[str, tuple[str, list[str]]] = {
-    "pretrained": ("pre-trained (random head)", ["stage1.enabled=false", "stage2.enabled=false",
-                                                 "eval.zero_shot=true"]),
-    "linear-probe": ("Linear probe", ["stage1.enabled=false", "stage2.enabled=true", "stage2.method=head", *_SINGLE]),
-    "prefix": ("Prefix", ["stage1.enabled=true", "stage2.enabled=false", *_SINGLE]),
-    "lora": ("LoRA", ["stage1.enabled=false", "stage2.enabled=true", "stage2.method=lora", *_SINGLE]),
-    "adapter": ("Adapter", ["stage1.enabled=false", "stage2.enabled=true", "stage2.method=adapter", *_SINGLE]),
-    "full": ("Full FT", ["stage1.enabled=false", "stage2.enabled=true", "stage2.method=full", *_SINGLE]),
-    "pt-lora": ("PT-LoRA", ["stage1.enabled=true", "stage2.enabled=true", "stage2.method=lora", *_SINGLE]),
-    "pt-adapter": ("PT-Adapter", ["stage1.enabled=true", "stage2.enabled=true", "stage2.method=adapter", *_SINGLE]),
-    "pt-full": ("PT-Full", ["stage1.enabled=true", "stage2.enabled=true", "stage2.method=full", *_SINGLE]),
-}
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -99,13 +86,13 @@ def run_experiment(base: dict, out: str, log: Callable[[str], None] = print) -> 
 
 
 def _atomic_json(path: str, obj) -> None:
-    from .runner import _atomic_write_text
-    _atomic_write_text(path, json.dumps(obj, indent=1))
+    from .checkpointing import atomic_write_text
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def write_experiment_report(out: str, groups: list[dict], base: dict, py: str, seconds: float) -> tuple[str, str | None]:
     """``results.md`` (mean ± std over seeds) and ``spectrum.png`` (mean curves)."""
-    from .runner import _atomic_write_text
+    from .checkpointing import atomic_write_text
     ex, ev = base["experiment"], base["eval"]
     multi_pc = len({g["per_class"] for g in groups}) > 1
     multi_var = len({g["variant"] for g in groups}) > 1
@@ -154,5 +141,5 @@ def write_experiment_report(out: str, groups: list[dict], base: dict, py: str, s
         md += (f"\n{skipped_note} Remaining-rank ratio: smallest k/K whose cumulative normalised singular-value "
                f"mass ≥ {ev['tau']}; effective rank: exp(entropy) of the mean normalised spectrum.\n\n"
                "![spectrum](spectrum.png)\n")
-    _atomic_write_text(os.path.join(out, "results.md"), md)
+    atomic_write_text(os.path.join(out, "results.md"), md)
     return os.path.join(out, "results.md"), png

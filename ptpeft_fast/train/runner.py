@@ -18,8 +18,7 @@ import random
 import shutil
 import signal
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +27,10 @@ from ..checkpoint import full_value
 from ..data import RecordDataset, load_split
 from ..metrics import compute_metrics
 from . import report
+from .checkpointing import (STATE_FORMAT, DamagedState, atomic_dir, atomic_write_text, complete_dir, folder_copies,
+                            folder_damage, read_state, read_tensors, remove_stale_temporaries)
 from .config import ConfigError, dump_config, peft_config_dict
+from .distributed import all_reduce, barrier, init_distributed
 from .fsdp import gather_named, load_full, load_optimizer_state, optimizer_state, root_unsharded, shard
 
 STATE = "state"               # mid-stage checkpoint folder inside the output dir
@@ -41,220 +43,6 @@ class NonFinite(Exception):
 
 class Interrupted(Exception):
     """Training stopped on request (Ctrl-C); a resumable checkpoint was written."""
-
-
-class DamagedState(Exception):
-    """A run folder's saved state cannot be used; the message names the file and the fix."""
-
-
-STATE_FORMAT = 2  # 1: trainer.pt (a pickle; read only with weights_only=True), 2: trainer.json + .safetensors
-
-
-def _read_tensors(path: str) -> dict[str, torch.Tensor]:
-    """A safetensors file, or :class:`DamagedState` naming it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    try:
-        return load_file(path)
-    except (OSError, SafetensorError, ValueError) as e:
-        raise DamagedState(f"{path} cannot be read ({type(e).__name__}: {e})") from None
-
-
-def _read_state(path: str) -> dict:
-    """The trainer state of one state folder; never unpickles anything but plain data."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from ..state_files import StateFormatError, decode
-    meta_path = os.path.join(path, "trainer.json")
-    if not os.path.exists(meta_path):
-        legacy = os.path.join(path, "trainer.pt")
-        if not os.path.exists(legacy):
-            raise DamagedState(f"{path} holds no trainer.json")
-        import pickle
-        try:  # written by an older ptpeft_fast: plain tensors and numbers, so weights_only suffices
-            return torch.load(legacy, weights_only=True)
-        except pickle.UnpicklingError:
-            raise DamagedState(f"{legacy} holds objects other than tensors and numbers; it was not loaded, since "
-                               "unpickling them could run code") from None
-        except Exception as e:
-            raise DamagedState(f"{legacy} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    try:
-        meta = json.loads(open(meta_path, encoding="utf-8").read())
-        tensors = load_file(os.path.join(path, "trainer.safetensors"))
-        state = decode(meta["state"], tensors)
-        return {"stage": str(meta["stage"]), "step": int(meta["step"]), "fsdp": bool(meta.get("fsdp")), **state}
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError, StateFormatError) as e:
-        raise DamagedState(f"{path}'s trainer state cannot be read ({type(e).__name__}: {e})") from None
-
-
-# ----------------------------------------------------------------------------- utilities
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-MANIFEST = "COMPLETE"          # written last into an atomically written folder: the SHA-256 of every file
-
-
-def _sha256(path: str) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_dir(final: str, write: Callable[[str], None], keep_previous: bool = False) -> None:
-    """Write a folder via ``write(tmp)`` and swap it in: the old copy stays valid until the
-    new one is complete, so a kill at any moment leaves one complete checkpoint. The folder's
-    ``COMPLETE`` file, written last, lists the SHA-256 of every file (checked on reading).
-    ``keep_previous``: the copy it replaces stays as ``<final>.prev`` (a fallback if the new
-    one is later found damaged). A failed write removes its temporary folder."""
-    tmp = f"{final}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        os.makedirs(tmp)
-        write(tmp)
-        sums = {os.path.relpath(os.path.join(base, f), tmp): _sha256(os.path.join(base, f))
-                for base, _, files in os.walk(tmp) for f in sorted(files)}
-        _atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps({"sha256": sums}, indent=1))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = f"{final}.prev" if keep_previous else f"{final}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(final):
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if not keep_previous:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def folder_damage(folder: str) -> str | None:
-    """What is wrong with an atomically written folder (None: complete and every file matches
-    its checksum). A ``COMPLETE`` file of older versions (no checksums) counts as complete."""
-    manifest = os.path.join(folder, MANIFEST)
-    if not os.path.isfile(manifest):
-        return f"{folder} is incomplete (no {MANIFEST} file)"
-    try:
-        text = open(manifest, encoding="utf-8").read()
-    except OSError as e:
-        return f"{manifest} cannot be read ({e.strerror})"
-    except ValueError:
-        return f"{manifest} is damaged (not the checksum list ptpeft_fast writes)"
-    if text.strip() == "ok":
-        return None
-    try:
-        sums = json.loads(text)["sha256"]
-    except (ValueError, KeyError, TypeError):
-        sums = None
-    if not isinstance(sums, dict) or any(not isinstance(n, str) or os.path.isabs(n) or ".." in n.split(os.sep)
-                                         for n in sums):
-        return f"{manifest} is damaged (not the checksum list ptpeft_fast writes)"
-    for name, digest in sums.items():
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            return f"{path} is missing"
-        if _sha256(path) != digest:
-            return f"{path} is damaged (its checksum does not match {MANIFEST})"
-    return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def remove_stale_temporaries(root: str) -> list[str]:
-    """Delete the ``*.tmp-<pid>`` files and folders that a killed writer left under ``root``
-    (its own output directory: ``state``, ``checkpoints/…``, ``progress.json``); a writer
-    that is still running keeps its own. Returns what was removed."""
-    import re
-    removed = []
-    pattern = re.compile(r"\.tmp-(\d+)$")
-    for base, dirs, files in os.walk(root):
-        for name in list(dirs) + files:
-            m = pattern.search(name)
-            if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
-                continue
-            path = os.path.join(base, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-                dirs.remove(name)
-            else:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-            removed.append(path)
-    return removed
-
-
-def _complete_dir(final: str) -> str | None:
-    """The complete, undamaged copy of an atomically written folder (the newest first), else None."""
-    for d in _copies(final):
-        if folder_damage(d) is None:
-            return d
-    return None
-
-
-def _copies(final: str) -> list[str]:
-    """The copies of an atomically written folder that exist, newest first."""
-    return [d for d in (final, f"{final}.old", f"{final}.prev") if os.path.isdir(d)]
-
-
-@dataclass
-class DistInfo:
-    """Process-group facts; ``world == 1`` means a plain single-process run."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_kind: str) -> DistInfo:
-    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def _all_reduce(t: torch.Tensor, di: DistInfo, op: str = "sum") -> torch.Tensor:
-    if di.world > 1:
-        import torch.distributed as dist
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return t
-
-
-def _barrier(di: DistInfo) -> None:
-    if di.world > 1:
-        import torch.distributed as dist
-        dist.barrier()
-
-
-def cache_dir() -> str:
-    """Where built-in assets (the pre-trained tiny-blip2) are cached."""
-    d = os.environ.get("PTPEFT_FAST_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ptpeft_fast")
-    os.makedirs(d, exist_ok=True)
-    return d
 
 
 class TrainView:
@@ -337,7 +125,7 @@ class Run:
             return rec.get("event") == "train" and rec.get("stage") == stage and int(rec.get("step", 0)) > after_step
         kept = [line for line in lines if not stale(line)]
         if len(kept) != len(lines):
-            _atomic_write_text(path, "".join(kept))
+            atomic_write_text(path, "".join(kept))
 
     def _autocast_dtype(self, precision: str) -> torch.dtype | None:
         if precision == "fp32":
@@ -373,7 +161,6 @@ class Run:
         if mc["name"] == "tiny-blip2":
             path = mc["pretrained_path"]
             if path is None and mc["pretrained"]:
-                from .pretrain import ensure_tiny_pretrained
                 path = ensure_tiny_pretrained("full", log=self.log) if self.di.main else None
                 if self.di.world > 1:
                     import torch.distributed as dist
@@ -465,8 +252,8 @@ class Run:
     def _mark_done(self, phase: str) -> None:
         if self.di.main:
             done = self._progress() + [phase]
-            _atomic_write_text(os.path.join(self.out, PROGRESS), json.dumps({"done": done}))
-        _barrier(self.di)
+            atomic_write_text(os.path.join(self.out, PROGRESS), json.dumps({"done": done}))
+        barrier(self.di)
 
     def phases(self) -> list[str]:
         """The phases of this run, in order."""
@@ -496,13 +283,13 @@ class Run:
     def execute(self) -> list[dict]:
         """Run (or continue) every phase; returns the evaluation rows."""
         os.makedirs(self.out, exist_ok=True) if self.di.main else None
-        _barrier(self.di)
+        barrier(self.di)
         if self.di.main:
             stale = remove_stale_temporaries(self.out)
             if stale:
                 self.log(f"removed {len(stale)} half-written file(s) of an earlier killed run "
                          f"(e.g. {os.path.relpath(stale[0], self.out)}); the complete copies are kept")
-            _atomic_write_text(os.path.join(self.out, "config.yaml"), dump_config(self.cfg))
+            atomic_write_text(os.path.join(self.out, "config.yaml"), dump_config(self.cfg))
         self._seed(0)
         self._load_data()
         self._load_model()
@@ -543,7 +330,7 @@ class Run:
         if self.di.main:
             self.write_report(rows)
             self.log(f"done in {time.time() - t0:.0f}s; results: {os.path.join(self.out, 'results.md')}")
-        _barrier(self.di)
+        barrier(self.di)
         return rows
 
     def _unpatched(self):
@@ -578,13 +365,13 @@ class Run:
             if full is not None:
                 from safetensors.torch import save_file
                 save_file(full, os.path.join(tmp, "full_model.safetensors"))
-        _atomic_dir(path, write)
+        atomic_dir(path, write)
 
     def _load_stage_checkpoint(self, stage: str) -> None:
         final = os.path.join(self.out, "checkpoints", stage)
-        path = _complete_dir(final)
+        path = complete_dir(final)
         if path is None:
-            copies = _copies(final)
+            copies = folder_copies(final)
             what = folder_damage(copies[0]) if copies else f"{final} is missing"
             raise DamagedState(f"{self.out}: {stage} is marked done but {what}: restore it, or start the run again "
                                "in a new output folder")
@@ -613,7 +400,7 @@ class Run:
             params = gather_named(self._trainable(), keep=True)
             optim = opt.state_dict()
         if not self.di.main:
-            _barrier(self.di)
+            barrier(self.di)
             return
         from safetensors.torch import save_file
 
@@ -626,10 +413,10 @@ class Run:
         def write(tmp: str) -> None:
             save_file(params, os.path.join(tmp, "trainable.safetensors"))
             save_file(tensors, os.path.join(tmp, "trainer.safetensors"))
-            _atomic_write_text(os.path.join(tmp, "trainer.json"), json.dumps(
+            atomic_write_text(os.path.join(tmp, "trainer.json"), json.dumps(
                 {"format": STATE_FORMAT, "stage": stage, "step": step, "fsdp": self.fsdp, "state": body}))
-        _atomic_dir(os.path.join(self.out, STATE), write, keep_previous=True)
-        _barrier(self.di)
+        atomic_dir(os.path.join(self.out, STATE), write, keep_previous=True)
+        barrier(self.di)
 
     def _load_state(self, stage: str):
         """The newest undamaged mid-stage state of ``stage`` (None: start the stage from step 0).
@@ -638,12 +425,12 @@ class Run:
         with no usable copy the run stops (:class:`DamagedState`) naming the file and the fix."""
         final = os.path.join(self.out, STATE)
         problems = []
-        for path in _copies(final):
+        for path in folder_copies(final):
             problem = folder_damage(path)
             if problem is None:
                 try:
-                    st = _read_state(path)
-                    sd = _read_tensors(os.path.join(path, "trainable.safetensors"))
+                    st = read_state(path)
+                    sd = read_tensors(os.path.join(path, "trainable.safetensors"))
                 except DamagedState as e:
                     problem = str(e)
             if problem is not None:
@@ -798,7 +585,7 @@ class Run:
                     lo = a * micro * world + self.di.rank * micro
                     batches.append(self.train_collate([self.train_ds[i] for i in gidx[lo:lo + micro]]))
                 ntok = torch.tensor(float(sum(self._batch_count(b) for b in batches)))
-                ntok = _all_reduce(ntok, self.di).clamp_min(1.0)
+                ntok = all_reduce(ntok, self.di).clamp_min(1.0)
                 loss_total = torch.zeros(())
                 for a, b in enumerate(batches):
                     last = a == accum - 1
@@ -815,7 +602,7 @@ class Run:
                 grad_norm = full_value(torch.nn.utils.clip_grad_norm_([p for _, p in named], max_norm))
                 # fp16's loss scaler skips non-finite steps by design; elsewhere they mean divergence
                 bad = not bool(torch.isfinite(loss_total)) or (scaler is None and not bool(torch.isfinite(grad_norm)))
-                if bool(_all_reduce(torch.tensor(float(bad)), self.di, "max")):
+                if bool(all_reduce(torch.tensor(float(bad)), self.di, "max")):
                     what = "loss" if not bool(torch.isfinite(loss_total)) else "gradient norm"
                     raise NonFinite(
                         f"{stage}: non-finite {what} at step {step + 1}/{total}; the stage stopped before applying it, "
@@ -830,7 +617,7 @@ class Run:
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 self.steps_this_process += 1
-                loss_val = float(_all_reduce(loss_total, self.di)) / world
+                loss_val = float(all_reduce(loss_total, self.di)) / world
                 samples_since += G
                 if bar is not None:
                     dt = max(1e-9, time.time() - t_last)
@@ -840,7 +627,7 @@ class Run:
                     self._event({"event": "train", "stage": stage, "step": step + 1, "loss": loss_val, "lr": lr})
                     t_last, samples_since = time.time(), 0
                 stop = self.interrupt_requested or (stop_after is not None and self.steps_this_process >= stop_after)
-                stop = bool(_all_reduce(torch.tensor(float(stop)), self.di, "max"))
+                stop = bool(all_reduce(torch.tensor(float(stop)), self.di, "max"))
                 if stop and step + 1 < total:
                     self._save_state(stage, step + 1, opt, sched, scaler)
                     raise Interrupted(f"interrupted in {stage} at step {step + 1}/{total}; "
@@ -858,7 +645,7 @@ class Run:
             for extra in (".old", ".prev"):
                 shutil.rmtree(os.path.join(self.out, STATE + extra), ignore_errors=True)
         self.log(f"{stage}: done, final loss {loss_val:.4f}; checkpoint {os.path.join(self.out, 'checkpoints', stage)}")
-        _barrier(self.di)
+        barrier(self.di)
 
     def _on_sigint(self, signum, frame) -> None:
         if self.interrupt_requested:  # second Ctrl-C: stop now (the last checkpoint stays valid)
@@ -952,14 +739,14 @@ class Run:
                    "spectrum": spec, "trainable": self.trainable_counts.get(stage, 0),
                    "seconds": round(time.time() - t, 2)}
             os.makedirs(os.path.join(self.out, "predictions"), exist_ok=True)
-            _atomic_write_text(os.path.join(self.out, "predictions", f"{phase}.json"), json.dumps(preds, indent=1))
+            atomic_write_text(os.path.join(self.out, "predictions", f"{phase}.json"), json.dumps(preds, indent=1))
             self._event(row)
             shown = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                               for k, v in row["metrics"].items() if k in report.metric_names(self.task))
             if spec:
                 shown += f", rank ratio {spec['remaining_rank_ratio']:.3f}, eff. rank {spec['effective_rank']:.2f}"
             self.log(f"eval {row['method']}: {shown} ({row['seconds']}s)")
-        _barrier(self.di)
+        barrier(self.di)
 
     # -- report -----------------------------------------------------------------------------
     def rows(self) -> list[dict]:
@@ -980,6 +767,45 @@ class Run:
                      title=f"{self.cfg['model']['name']} on {self.cfg['data']['format']} ({self.task})")
 
 
+def ensure_tiny_pretrained(name: str = "full", cache: str | None = None,
+                           log: Callable[[str], None] = print, progress: bool = True) -> str:
+    """Path of the caption-pretrained tiny-blip2 for recipe ``name``; trains it if absent."""
+    from .config import load_config
+    from .pretrain import RECIPES, recipe_path
+
+    final = recipe_path(name, cache)
+    if os.path.isfile(os.path.join(final, "config.json")):
+        return final
+    r = RECIPES[name]
+    log(f"pre-training tiny-blip2 on synthetic-shapes captions ({name} recipe, {r['steps']} steps); "
+        f"cached at {final}")
+    work = f"{final}.work-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    cfg = load_config(None, [
+        "model.name=tiny-blip2", "model.pretrained=false", "data.task=caption",
+        f"data.train.n={r['n_train']}", "data.val.n=100", "stage1.enabled=false",
+        "stage2.method=full", f"stage2.max_steps={r['steps']}", f"stage2.batch_size={r['batch_size']}",
+        f"stage2.lr={r['lr']}", "stage2.warmup_ratio=0.05", "eval.zero_shot=false", "eval.spectrum=false",
+        "eval.use_java=false", "eval.max_new_tokens=12", f"train.seed={r['seed']}", "train.log_every=50",
+        f"train.progress={str(progress).lower()}",
+        # the tiny model's ops are too small to gain from intra-op threads; one thread avoids
+        # the thread hand-off cost (and is far faster on a busy machine)
+        "train.num_threads=1",
+    ])
+    run = Run(cfg, os.path.join(work, "run"), log=log)
+    run.execute()
+    model_dir = os.path.join(work, "model")
+    run.model.save_pretrained(model_dir)
+    run.processor.save_pretrained(model_dir)
+    shutil.copy(os.path.join(work, "run", "results.md"), os.path.join(model_dir, "pretrain_results.md"))
+    if os.path.exists(final):  # another process finished first
+        shutil.rmtree(work, ignore_errors=True)
+        return final
+    os.replace(model_dir, final)
+    shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
 def write_report(out: str, rows: list[dict], task: str, tau: float, title: str) -> tuple[str, str | None]:
     """Write ``results.md`` (and ``spectrum.png`` when rows carry spectra); returns paths."""
     md = f"# {title}\n\n" + report.results_table(rows, report.metric_names(task))
@@ -990,7 +816,7 @@ def write_report(out: str, rows: list[dict], task: str, tau: float, title: str) 
         md += f"\nRemaining-rank ratio: smallest k/K whose cumulative normalised singular-value mass ≥ {tau}; " \
               "effective rank: exp(entropy) of the mean normalised spectrum (last-layer language features " \
               "of the evaluation inputs).\n\n![spectrum](spectrum.png)\n"
-    _atomic_write_text(os.path.join(out, "results.md"), md)
+    atomic_write_text(os.path.join(out, "results.md"), md)
     return os.path.join(out, "results.md"), png
 
 

@@ -1,0 +1,94 @@
+"""The package's import graph: no cycles, and no private name imported from another module (a
+helper another module needs is public where it lives). Read from the source with ``ast``, imports
+inside functions included, so a lazy import cannot hide a cycle."""
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "ptpeft_fast"
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]):
+    """(modules this one imports, private names it takes from other package modules)."""
+    edges, private = set(), []
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            edges.update(a.name for a in node.names if a.name in modules)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            if not base.startswith("ptpeft_fast"):
+                continue
+            subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in modules]
+            edges.update(subs)
+            if len(subs) < len(node.names) and base in modules:
+                edges.add(base)  # names defined in the module itself
+            private += [(base, a.name) for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__") and f"{base}.{a.name}" not in modules]
+    edges.discard(name)
+    return edges, private
+
+
+def _graph():
+    modules = _modules()
+    return {n: _imports(n, p, modules) for n, p in modules.items()}
+
+
+def _cycles(edges: dict[str, set]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in edges:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles():
+    graph = _graph()
+    cycles = _cycles({n: e for n, (e, _) in graph.items()})
+    assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def test_no_private_names_across_modules():
+    bad = [f"{n} imports {base}.{name}" for n, (_, private) in _graph().items() for base, name in private]
+    assert not bad, bad
+
+
+def test_the_checker_sees_a_cycle_and_a_private_import():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    graph = _graph()
+    assert "ptpeft_fast.patch_state" in graph["ptpeft_fast.stages"][0]  # lazy and top-level imports are both read
+    assert "ptpeft_fast.train.checkpointing" in graph["ptpeft_fast.train"][0]

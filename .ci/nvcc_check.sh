@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compile-check every CUDA source in csrc/ for sm_80 and sm_90 with warnings as errors.
-# The .cu files are torch-free (DESIGN §3), so plain nvcc is enough; no GPU is needed.
+# The .cu files are torch-free (design §3), so plain nvcc is enough; no GPU is needed.
 # Skips (exit 0) with a message when nvcc is not installed.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

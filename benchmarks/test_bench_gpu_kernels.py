@@ -7,7 +7,7 @@ with pytest-benchmark and, in the same run on the same inputs, the peer, recordi
 ``peer_ms`` and ``speedup = peer / ours`` in ``extra_info``:
 
 - prefix attention: flash-attn (``causal=True`` aligns bottom-right when seqlen_k > seqlen_q,
-  so [prefix; keys] is exactly DESIGN §2), xformers (our ``xformers_ops``), and SDPA with
+  so [prefix; keys] is exactly design §2), xformers (our ``xformers_ops``), and SDPA with
   ``causal_lower_right`` over [prefix; keys] (all three must concatenate the prefix);
 - LoRA: PEFT's unfused ``linear(x, W, b) + s · lora_B(lora_A(dropout(x)))``;
 - Adapter: the unfused torch module chain ``x + up(act(down(x)))``.

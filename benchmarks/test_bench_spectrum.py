@@ -2,7 +2,7 @@
 
 Run: ``pytest benchmarks/test_bench_spectrum.py --benchmark-only``.
 
-Every case computes the same thing, the statistics of DESIGN §1 (mean normalised spectrum,
+Every case computes the same thing, the statistics of design §1 (mean normalised spectrum,
 accumulated curve, remaining-rank ratio, effective rank) of fp32 features ``[B, L, d]``:
 
 - ``svdvals``: ``torch.linalg.svdvals`` + the formulas (the obvious route);

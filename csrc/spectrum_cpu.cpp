@@ -1,5 +1,5 @@
 // Batched singular values and fused spectrum statistics (CPU), registered as torch ops
-// `ptpeft_fast::singular_values` and `ptpeft_fast::spectrum_stats` (DESIGN §1, issue 4).
+// `ptpeft_fast::singular_values` and `ptpeft_fast::spectrum_stats` (design §1, issue 4).
 //
 // Per sample b with n_b = lengths[b] valid rows of F_b ∈ R^{n_b×d}:
 //   G = F F^T (n_b ≤ d) or F^T F (n_b > d)  -- the smaller Gram matrix, lower triangle only
@@ -156,7 +156,7 @@ int solve_sample(const S* f, int rows, int d, Workspace<T>& ws, T* out) {
 //   - the singular-value estimate sqrt(Σ_big (γ/2s_i)²) / ‖s‖ > kValueTol.
 // Calibrated on 480 random samples with n ≥ 33 (Gaussian, rank-deficient, decaying, prescribed
 // log spectra down to 1e-5, outlier columns, a common offset): the worst relative error
-// ‖s − s_ref‖/‖s_ref‖ of the op was 1.9e-6, inside the float32 tolerance of 1e-5 (DESIGN §5),
+// ‖s − s_ref‖/‖s_ref‖ of the op was 1.9e-6, inside the float32 tolerance of 1e-5 (design §5),
 // while the benchmark features (decaying, [128, 768] and [577, 1024]) stay in float32.
 constexpr int kAlwaysWideRows = 32;
 constexpr double kCurveTol = 1e-3;
@@ -284,7 +284,7 @@ at::Tensor singular_values_cpu(const at::Tensor& features, const c10::optional<a
   return svals;
 }
 
-// Statistics of DESIGN §1 from descending singular values, fused with the solve.
+// Statistics of design §1 from descending singular values, fused with the solve.
 // Returns (mean normalised spectrum [K], accumulated curve [K], remaining-rank ratio, mean
 // effective rank), all float64, with K = max_b min(lengths[b], d).
 template <typename T>

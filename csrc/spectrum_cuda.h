@@ -1,6 +1,6 @@
 /* C ABI of the CUDA spectrum kernels (csrc/spectrum_cuda.cu).
  *
- * Free of torch and CUDA headers so the kernels compile with plain nvcc (DESIGN §3/§4);
+ * Free of torch and CUDA headers so the kernels compile with plain nvcc (design §3/§4);
  * the torch binding (spectrum_cuda_binding.cpp) passes raw device pointers and the current
  * stream. All pointers are device pointers. Return value: a cudaError_t (0 = success).
  */

@@ -23,7 +23,7 @@ def compute_in_f32(dtype: torch.dtype) -> bool:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision: exact fp32 for fp32 inputs (DESIGN §5 asks 1e-5)."""
+    """``tl.dot`` input precision: exact fp32 for fp32 inputs (design §5 asks 1e-5)."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 

@@ -3,7 +3,7 @@
 Keys are the P prefix keys followed by the S real keys, read from their own pointers (no
 concatenation). Visibility is computed, never loaded:
 
-- prefix columns: always visible (DESIGN §2);
+- prefix columns: always visible (design §2);
 - real column j for query i: ``klo[b] <= j < khi[b]`` (key padding, left or right) and,
   when causal, ``j <= i + S - L`` (bottom-right aligned).
 

@@ -1,4 +1,4 @@
-"""Representation-space analysis from the command line (DESIGN §1, issue 4).
+"""Representation-space analysis from the command line (design §1, issue 4).
 
     python -m ptpeft_fast.analyze --model M --checkpoints A B ... --data D --out DIR
 

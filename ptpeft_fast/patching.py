@@ -181,7 +181,7 @@ def _add_prefixes(model, config: PTPeftConfig, state: PatchState, modules) -> No
 
 
 def _positions_from_mask(model, comp: ResolvedComponent):
-    """Real tokens of a left-padded row keep positions 0..L-1 (DESIGN §2), as ``generate`` gives them.
+    """Real tokens of a left-padded row keep positions 0..L-1 (design §2), as ``generate`` gives them.
 
     Prefix keys are not rotated, so unlike plain RoPE attention the result depends on absolute
     positions: without this a left-padded training batch (no ``position_ids``) would place its

@@ -1,4 +1,4 @@
-"""Two-stage control: which parameters train in which stage (DESIGN §1)."""
+"""Two-stage control: which parameters train in which stage (design §1)."""
 from __future__ import annotations
 
 from torch import nn

@@ -35,7 +35,7 @@ def tiny_llama(tmp_path_factory):
 
 
 def python_stats(samples: list[torch.Tensor], tau: float = 0.9):
-    """DESIGN §1 in plain Python floats, from per-sample float64 svdvals."""
+    """design §1 in plain Python floats, from per-sample float64 svdvals."""
     spectra = [torch.linalg.svdvals(s.double()).tolist() for s in samples]
     K = max(len(s) for s in spectra)
     mean = [0.0] * K

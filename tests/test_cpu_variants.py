@@ -32,7 +32,7 @@ EVERY_VARIANT = ("singular_values", "spectrum_stats", "flash_prefix_forward", "f
 
 
 def test_loaded_extension_is_the_requested_variant():
-    assert _ext.load_ext(), f"the csrc extension must build here (DESIGN §4): {_ext.ext_error()}"
+    assert _ext.load_ext(), f"the csrc extension must build here (design §4): {_ext.ext_error()}"
     variant = _ext.loaded_variant()
     assert variant == _ext.requested_variant() and variant in _ext.executable_variants()
     for op in EVERY_VARIANT:

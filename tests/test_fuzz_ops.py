@@ -3,7 +3,7 @@
 Shapes (GQA/MQA, L != S, tiny and empty dimensions), dtypes, masks (bool and additive,
 broadcast shapes, fully masked rows), causal flags, shared and per-batch prefixes, strided
 and non-contiguous inputs. The contract: the result matches the reference within the
-dtype's tolerance (DESIGN §5), or the op raises a ``ValueError`` with a message; it never
+dtype's tolerance (design §5), or the op raises a ``ValueError`` with a message; it never
 returns wrong numbers, NaN or a wrong shape.
 """
 from __future__ import annotations

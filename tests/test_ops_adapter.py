@@ -1,5 +1,5 @@
 """adapter: every CPU implementation of its dispatch table (blocked_cpp, fused and the torch
-reference), chosen through the public switch, against the float64 reference (DESIGN §5)."""
+reference), chosen through the public switch, against the float64 reference (design §5)."""
 from __future__ import annotations
 
 import pytest
@@ -154,7 +154,7 @@ def test_bad_inputs_raise_value_error(name, override, message):
 def _blocked_or_fail():
     from ptpeft_fast import _ext
 
-    assert _ext.load_ext(), f"the csrc extension must build here (DESIGN §4): {_ext.ext_error()}"
+    assert _ext.load_ext(), f"the csrc extension must build here (design §4): {_ext.ext_error()}"
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])

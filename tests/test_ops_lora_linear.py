@@ -1,5 +1,5 @@
 """lora_linear: every CPU implementation of its dispatch table (merged_cpp, merged, separate and the
-torch reference), chosen through the public switch, against the float64 reference (DESIGN §5)."""
+torch reference), chosen through the public switch, against the float64 reference (design §5)."""
 from __future__ import annotations
 
 import pytest
@@ -233,7 +233,7 @@ def test_bad_inputs_raise_value_error(name, override, message):
 def _factor_grads_or_fail():
     from ptpeft_fast import _ext
 
-    assert _ext.load_ext(), f"the csrc extension must build here (DESIGN §4): {_ext.ext_error()}"
+    assert _ext.load_ext(), f"the csrc extension must build here (design §4): {_ext.ext_error()}"
     assert _ext.has_kernel("lora_factor_grads", "CPU"), "lora_factor_grads is registered in every build"
     return torch.ops.ptpeft_fast.lora_factor_grads
 

@@ -1,5 +1,5 @@
 """prefix_attention: every CPU implementation of its dispatch table (block_cpp, lse_merge, chunked,
-decode_cpp, and the torch reference) against the float64 concatenation reference (DESIGN §2, §5).
+decode_cpp, and the torch reference) against the float64 concatenation reference (design §2, §5).
 
 Each comparison runs every implementation that the table says applies to the call, chosen through
 the public switch (``backend=<name>``), forward and every gradient; the Triton kernel has its own
@@ -574,7 +574,7 @@ def test_decode_op_matches_reference(case):
     form, strided caches, fp32 and fp64, sizes that split across threads."""
     from ptpeft_fast import _ext
 
-    assert _ext.load_ext(), f"the csrc extension must build here (DESIGN §4): {_ext.ext_error()}"
+    assert _ext.load_ext(), f"the csrc extension must build here (design §4): {_ext.ext_error()}"
 
     g = torch.Generator().manual_seed(700 + case)
     dtype = torch.float64 if case % 5 == 4 else torch.float32
@@ -627,7 +627,7 @@ def test_decode_step_entry_matches_reference(case):
     from ptpeft_fast import _ext
     from ptpeft_fast.ops import prefix_decode_step
 
-    assert _ext.load_ext(), f"the csrc extension must build here (DESIGN §4): {_ext.ext_error()}"
+    assert _ext.load_ext(), f"the csrc extension must build here (design §4): {_ext.ext_error()}"
     g = torch.Generator().manual_seed(900 + case)
     dtype = torch.float64 if case % 3 == 2 else torch.float32
     B, Hkv, G, S, D, P = 1 + case % 3, (1, 2)[case % 2], (1, 4)[(case // 2) % 2], (1, 33)[case % 2], (64, 24)[case % 2], 7
@@ -681,7 +681,7 @@ def test_decode_step_entry_declines_what_it_does_not_cover():
 def _block_cpp_or_fail():
     from ptpeft_fast import _ext
 
-    assert _ext.load_ext(), f"the csrc extension must build here (DESIGN §4): {_ext.ext_error()}"
+    assert _ext.load_ext(), f"the csrc extension must build here (design §4): {_ext.ext_error()}"
     q = torch.zeros(1, 1, 4, 64)
     e = explain(prefix_attention, q, q, q, torch.zeros(1, 2, 64), torch.zeros(1, 2, 64), causal=True, backend="block_cpp")
     assert e.chosen == "block_cpp", f"block_cpp is unavailable (no BLAS sgemm in torch?): {e}"
@@ -829,7 +829,7 @@ def test_decode_step_masked_keys_weigh_exactly_zero():
     from ptpeft_fast import _ext
     from ptpeft_fast.ops import prefix_decode_step
 
-    assert _ext.load_ext(), f"the csrc extension must build here (DESIGN §4): {_ext.ext_error()}"
+    assert _ext.load_ext(), f"the csrc extension must build here (design §4): {_ext.ext_error()}"
     q, k, v, pk, pv, _ = _inputs(2, 4, 2, 1, 20, 3, 32, seed=31)
     mask = torch.ones(2, 1, 1, 20, dtype=torch.bool)
     mask[1, ..., :7] = False  # left padding of row 1

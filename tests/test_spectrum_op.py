@@ -24,7 +24,7 @@ def spectrum_ext() -> bool:
     if os.environ.get("PTPEFT_FAST_NO_EXT") == "1":
         return False
     ok = _ext.load_ext()
-    assert ok, f"the csrc extension must build here (DESIGN §4): {_ext.ext_error()}"
+    assert ok, f"the csrc extension must build here (design §4): {_ext.ext_error()}"
     return ok
 
 
@@ -53,7 +53,7 @@ def ref_singular_values(x: torch.Tensor, lengths: list[int] | None = None) -> to
 
 
 def ref_stats(x: torch.Tensor, lengths: list[int] | None = None, tau: float = 0.9):
-    """The formulas of DESIGN §1 in plain Python floats (float64)."""
+    """The formulas of design §1 in plain Python floats (float64)."""
     s = ref_singular_values(x, lengths).tolist()
     d = x.shape[2]
     lengths = lengths or [x.shape[1]] * x.shape[0]
@@ -141,7 +141,7 @@ def test_rank_deficient_float32_curve_within_1e4(backend):
 @pytest.mark.parametrize("L,d", [(3, 3), (8, 16), (16, 8), (40, 5), (5, 40), (33, 65), (96, 64), (130, 200)])
 @pytest.mark.parametrize("family", ["rank1", "rank_half", "rank_all_but_one", "near_deficient", "decaying", "outlier"])
 def test_float32_singular_values_within_1e5_on_every_shape(backend, L, d, family):
-    """The fp32 tolerance of DESIGN §5 (‖s − s_ref‖/‖s_ref‖ ≤ 1e-5 against float64 svdvals of the
+    """The fp32 tolerance of design §5 (‖s − s_ref‖/‖s_ref‖ ≤ 1e-5 against float64 svdvals of the
     same fp32 input) on small, rank-deficient, nearly deficient and tall/wide batches: a float32
     Gram alone misses it by up to 2e-4 on such samples (zeros come out near √eps·s_max)."""
     gen = torch.Generator().manual_seed(L * 1000 + d + len(family))

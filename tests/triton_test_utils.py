@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-# DESIGN §5: relative error ‖out − ref‖ / ‖ref‖ per dtype; NaN never passes.
+# design §5: relative error ‖out − ref‖ / ‖ref‖ per dtype; NaN never passes.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 

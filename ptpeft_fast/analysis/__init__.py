@@ -1,4 +1,4 @@
-"""Representation-space analysis: singular-value spectra of features (DESIGN §1).
+"""Representation-space analysis: singular-value spectra of features (design §1).
 
     from ptpeft_fast.analysis import extract_features, SpectrumAccumulator, compare, plot
 """

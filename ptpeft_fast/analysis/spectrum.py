@@ -1,4 +1,4 @@
-"""Singular-value spectrum statistics of features (DESIGN §1).
+"""Singular-value spectrum statistics of features (design §1).
 
 Per sample: features F (L tokens × d), singular values s, normalised p = s / Σ s. Spectra are
 averaged over samples (zero-padded to K = max_i min(L_i, d)) and accumulated:

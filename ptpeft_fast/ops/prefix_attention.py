@@ -1,4 +1,4 @@
-r"""Attention over ``P`` prefix keys/values plus the layer's own keys (DESIGN §2), as
+r"""Attention over ``P`` prefix keys/values plus the layer's own keys (design §2), as
 ``torch.library`` ops with one dispatch table.
 
 Layout: ``q [B, H, L, D]``, ``k, v [B, Hkv, S, D]`` (``H % Hkv == 0``: MHA, GQA, MQA),

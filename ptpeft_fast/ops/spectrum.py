@@ -2,7 +2,7 @@
 
 Implementations (:data:`TABLE`): ``"csrc"`` — the C++/CUDA extension in ``csrc/`` (Gram matrix
 of the smaller side + symmetric eigensolver, parallel over the batch, statistics fused in the same
-call); ``"torch"`` — the specification, ``torch.linalg.svdvals`` plus the formulas of DESIGN §1.
+call); ``"torch"`` — the specification, ``torch.linalg.svdvals`` plus the formulas of design §1.
 ``"auto"`` picks ``csrc`` when the extension has a kernel for the tensors' device.
 
 ``ptpeft_fast::batched_singular_values`` and ``ptpeft_fast::batched_spectrum_stats`` are
@@ -177,7 +177,7 @@ def curve_statistics(mean_spectrum: torch.Tensor, threshold: float) -> tuple[tor
 
 
 def stats_from_singular_values(svals: torch.Tensor, ranks: torch.Tensor, threshold: float) -> RawSpectrumStats:
-    """Statistics of DESIGN §1 from descending singular values [B, ≥K] (torch ops, float64).
+    """Statistics of design §1 from descending singular values [B, ≥K] (torch ops, float64).
 
     ``ranks[b]`` = min(length_b, d); K = max(ranks). Raises ``ValueError`` for an all-zero sample.
     """

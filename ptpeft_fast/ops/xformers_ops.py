@@ -63,7 +63,7 @@ def prefix_attention(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """Same contract as :func:`ptpeft_fast.ops.prefix_attention` (see DESIGN §2), on xformers.
+    """Same contract as :func:`ptpeft_fast.ops.prefix_attention` (see design §2), on xformers.
 
     q ``[B,H,L,D]``; k, v ``[B,Hkv,S,D]``; prefix ``[Hkv,P,D]`` or ``[B,Hkv,P,D]``. Returns
     ``[B,H,L,D]``. Raises ``ValueError`` on CPU tensors or when xformers is missing.

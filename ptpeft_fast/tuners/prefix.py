@@ -1,6 +1,6 @@
 """Prefix key/value producers, one per patched attention layer.
 
-Variants (DESIGN §1):
+Variants (design §1):
 - ``mlp``: E_l ∈ R^{P×d} → Linear(d,h) → tanh → Linear(h, 2·Hkv·D), split into K and V
   (seed 2's deep-share: K and V come from one embedding, so they share structure).
 - ``mlp-global``: one embedding and one MLP for all layers of a component, the last

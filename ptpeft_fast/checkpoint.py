@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 
 from .version import __version__
+from .atomic_files import atomic_write_bytes
 from .config import PTPeftConfig, check_version
 from .patch_state import get_state
 from .patching import patch, unpatch
@@ -20,23 +20,6 @@ from .stages import parameter_groups
 WEIGHTS_NAME = "ptpeft.safetensors"
 CONFIG_NAME = "ptpeft_config.json"
 FORMAT = 1
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and a rename,
-    so a crash leaves either the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def ptpeft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

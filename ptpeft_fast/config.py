@@ -12,12 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .ops.adapter import ACTIVATIONS
+
 COMPONENTS = ("language", "vision", "qformer", "projector", "encoder", "decoder", "cross")
 REPARAMS = ("mlp", "mlp-global", "none")
 POSITIONS = ("keep", "shift")
 ADAPTER_STYLES = ("pfeiffer", "houlsby", "parallel")
-ACTIVATIONS = ("relu", "gelu", "silu")
 CONFIG_VERSION = 1
+
+
+def lora_scaling(alpha: float, r: int) -> float:
+    """The factor of LoRA's update ``W + scaling · B A``: ``alpha / r`` (the one place that says so)."""
+    return alpha / r
 
 
 def _components(value: Any, key: str) -> tuple[str, ...]:
@@ -120,7 +126,7 @@ class LoraConfig:
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.r
+        return lora_scaling(self.alpha, self.r)
 
 
 @dataclass

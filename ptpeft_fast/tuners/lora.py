@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..config import lora_scaling
 
 
 class LoraWeights(nn.Module):
@@ -22,7 +23,7 @@ class LoraWeights(nn.Module):
                  dtype: torch.dtype, device=None) -> None:
         super().__init__()
         dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-        self.r, self.scaling, self.dropout_p = r, alpha / r, dropout
+        self.r, self.scaling, self.dropout_p = r, lora_scaling(alpha, r), dropout
         self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as PEFT does

@@ -111,14 +111,26 @@ class LayerPrefix(nn.Module):
         return self._cache[1], self._cache[2]
 
     @torch.no_grad()
+    def static_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V ``[Hkv, P, D]`` as evaluation computes them (no dropout), detached; the
+        module (and a shared MLP) keep their training mode."""
+        modules = [self] + list(self._shared)
+        modes = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        try:
+            k, v = self._compute()
+        finally:
+            for m, mode in zip(modules, modes):
+                m.train(mode)
+        return k.detach(), v.detach()
+
+    @torch.no_grad()
     def to_static(self) -> None:
         """Replace any reparameterisation by static K/V parameters (the MLP is dropped)."""
         if self.reparam == "none":
             return
-        was_training = self.training
-        self.eval()  # no dropout in the merged values
-        k, v = self._compute()
-        self.train(was_training)
+        k, v = self.static_kv()
         dtype = _param_dtype(k.dtype)
         for name in ("embedding", "mlp_in", "mlp_out", "dropout"):
             if hasattr(self, name):

@@ -139,7 +139,8 @@ def write_experiment_report(out: str, groups: list[dict], base: dict, py: str, s
     if curves and ex["spectrum"]:
         png = report.plot_spectra(curves, os.path.join(out, "spectrum.png"), ev["tau"])
         md += (f"\n{skipped_note} Remaining-rank ratio: smallest k/K whose cumulative normalised singular-value "
-               f"mass ≥ {ev['tau']}; effective rank: exp(entropy) of the mean normalised spectrum.\n\n"
+               f"mass ≥ {ev['tau']}; effective rank: exp(entropy) of each sample's normalised spectrum, "
+               "averaged over samples.\n\n"
                "![spectrum](spectrum.png)\n")
     atomic_write_text(os.path.join(out, "results.md"), md)
     return os.path.join(out, "results.md"), png

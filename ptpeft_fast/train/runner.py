@@ -815,8 +815,8 @@ def write_report(out: str, rows: list[dict], task: str, tau: float, title: str) 
     if curves:
         png = report.plot_spectra(curves, os.path.join(out, "spectrum.png"), tau)
         md += f"\nRemaining-rank ratio: smallest k/K whose cumulative normalised singular-value mass ≥ {tau}; " \
-              "effective rank: exp(entropy) of the mean normalised spectrum (last-layer language features " \
-              "of the evaluation inputs).\n\n![spectrum](spectrum.png)\n"
+              "effective rank: exp(entropy) of each sample's normalised spectrum, averaged over samples " \
+              "(last-layer language features of the evaluation inputs).\n\n![spectrum](spectrum.png)\n"
     atomic_write_text(os.path.join(out, "results.md"), md)
     return os.path.join(out, "results.md"), png
 

@@ -12,17 +12,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-# Names of the integer (not pointer) scalar arguments, per kernel family.
-INTS = {
-    "attn": ("B", "H", "HKV", "L", "S", "P", "D", "GROUP", "NKEYS", "ROW_LEN", "COL_OFF"),
-    "lora": ("M", "N", "K", "R"),
-    "adapter": ("M", "D", "H"),
-}
-FP32_PTRS = ("LSE2", "DELTA", "T", "U", "Z", "DZ", "DBD", "DBU")
-FLOATS = ("qk_scale", "scale", "scaling", "p_drop")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _jobs(dtype: str):
@@ -59,27 +53,12 @@ def _jobs(dtype: str):
 
 
 def _compile(jit, dtype: str, consts: dict, cap: int):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
+    # the signature rules live in tools/compile_matrix.py (imported here, in the subprocess only:
+    # importing it clears TRITON_INTERPRET)
+    sys.path.insert(0, str(ROOT / "tools"))
+    from compile_matrix import compile_kernel
 
-    fn = jit
-    while not isinstance(fn, JITFunction):  # unwrap the autotuner
-        fn = fn.fn
-    ints = INTS[fn.__name__.split("_")[1]]
-    sig = {}
-    for name in fn.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in FLOATS:
-            sig[name] = "fp32"
-        elif name[0].isupper() and not name.startswith("stride") and name not in ints:
-            sig[name] = "*" + ("fp32" if name in FP32_PTRS else "i32" if name in ("KLO", "KHI") else dtype)
-        else:
-            sig[name] = "i32"
-    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", cap, 32),
-                          options={"num_warps": 4, "num_stages": 3})
+    return compile_kernel(jit, consts, dtype, cap, num_warps=4, num_stages=3)
 
 
 def main(argv: list[str]) -> int:

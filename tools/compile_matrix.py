@@ -93,19 +93,21 @@ def variants(dtype: str, block_d: int, first_config_only: bool):
                           f"{tiles},w={cfg.num_warps},s={cfg.num_stages}")
 
 
-def compile_variant(v: Variant, dtype: str, cap: int):
+def compile_kernel(jit, consts: dict, dtype: str, cap: int, num_warps: int = 4, num_stages: int = 3):
+    """Lower ``jit`` (a kernel or its autotuner) with constexprs ``consts`` to cubin for ``sm_<cap>``;
+    pointer arguments take ``dtype`` unless :data:`FP32_PTRS` says otherwise."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
-    fn = v.jit
+    fn = jit
     while not isinstance(fn, JITFunction):  # unwrap the autotuner
         fn = fn.fn
     ints = INTS[fn.__name__.split("_")[1]]
     sig = {}
     for name in fn.arg_names:
-        if name in v.consts:
+        if name in consts:
             sig[name] = "constexpr"
         elif name in FLOATS:
             sig[name] = "fp32"
@@ -113,8 +115,12 @@ def compile_variant(v: Variant, dtype: str, cap: int):
             sig[name] = "*" + ("fp32" if name in FP32_PTRS else "i32" if name in ("KLO", "KHI") else dtype)
         else:
             sig[name] = "i32"
-    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=dict(v.consts)), target=GPUTarget("cuda", cap, 32),
-                          options={"num_warps": v.num_warps, "num_stages": v.num_stages})
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=dict(consts)), target=GPUTarget("cuda", cap, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def compile_variant(v: Variant, dtype: str, cap: int):
+    return compile_kernel(v.jit, v.consts, dtype, cap, v.num_warps, v.num_stages)
 
 
 def cuobjdump() -> str:

@@ -1,7 +1,7 @@
 """Nested training state (optimizer, scheduler, scaler, RNG) as safetensors + JSON: no pickle.
 
-``torch.save``/``torch.load(weights_only=False)`` run whatever a pickle names, and a run folder is
-something users download and share. :func:`encode` splits a nested value into plain JSON and a
+A pickle (what ``torch.save`` writes) can name any callable to run while it is read, and a run
+folder is something users download and share. :func:`encode` splits a nested value into plain JSON and a
 flat ``{key: tensor}`` dict (for safetensors); :func:`decode` puts it back. Supported: dicts (any
 str/int/float/bool/None keys), lists, tuples, tensors, str, int, float, bool, None; anything else
 is refused when saving, so a state that cannot be restored is never written.

@@ -36,9 +36,6 @@ def read_tensors(path: str) -> dict[str, torch.Tensor]:
 
 def read_state(path: str) -> dict:
     """The trainer state of one state folder; never unpickles anything but plain data."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     from ..state_files import StateFormatError, decode
     meta_path = os.path.join(path, "trainer.json")
     if not os.path.exists(meta_path):
@@ -55,10 +52,10 @@ def read_state(path: str) -> dict:
             raise DamagedState(f"{legacy} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     try:
         meta = json.loads(open(meta_path, encoding="utf-8").read())
-        tensors = load_file(os.path.join(path, "trainer.safetensors"))
+        tensors = read_tensors(os.path.join(path, "trainer.safetensors"))
         state = decode(meta["state"], tensors)
         return {"stage": str(meta["stage"]), "step": int(meta["step"]), "fsdp": bool(meta.get("fsdp")), **state}
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError, StateFormatError) as e:
+    except (OSError, ValueError, KeyError, TypeError, StateFormatError) as e:
         raise DamagedState(f"{path}'s trainer state cannot be read ({type(e).__name__}: {e})") from None
 
 

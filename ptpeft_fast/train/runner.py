@@ -642,9 +642,8 @@ class Run:
                 signal.signal(signal.SIGINT, prev)
         self._save_stage_checkpoint(stage)
         if self.di.main:
-            shutil.rmtree(os.path.join(self.out, STATE), ignore_errors=True)
-            for extra in (".old", ".prev"):
-                shutil.rmtree(os.path.join(self.out, STATE + extra), ignore_errors=True)
+            for folder in folder_copies(os.path.join(self.out, STATE)):  # the state and its older copies
+                shutil.rmtree(folder, ignore_errors=True)
         self.log(f"{stage}: done, final loss {loss_val:.4f}; checkpoint {os.path.join(self.out, 'checkpoints', stage)}")
         barrier(self.di)
 

@@ -65,21 +65,21 @@ def _groups(model) -> dict:
 def test_each_method_trains_only_its_parameters(method, tmp_path):
     import json
 
-    from ptpeft_fast.train.classification import ClassificationRun
+    from ptpeft_fast.train.tasks import make_run
     cfg = _method_cfg(method, str(tmp_path))
-    run = ClassificationRun(cfg, str(tmp_path))
+    run = make_run(cfg, str(tmp_path))
     os.makedirs(tmp_path, exist_ok=True)
-    run._load_data()
+    run.load_data()
     assert len(run.train_ds) == 10  # 2 per class x 5 families: every step sees the same batch
-    run._load_model()
+    run.load_model()
     for m in run.model.modules():  # no dropout noise: the loss on a fixed batch must fall
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-    run._make_collators()
-    run._patch()
+    run.make_collators()
+    run.patch()
     before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
     for stage in [s for s in ("stage1", "stage2") if cfg[s]["enabled"]]:
-        run._train_stage(stage)
+        run.train_stage(stage)
     groups = _groups(run.model)
     after = dict(run.model.named_parameters())
     changed = {n for n in after if n in before and not torch.equal(before[n], after[n].detach())}

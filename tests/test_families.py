@@ -1010,7 +1010,7 @@ def test_text_only_model_refuses_image_data_and_vice_versa(tmp_path) -> None:
     """A text-only folder with image data (and an image-text folder with text-only data) is
     a ConfigError naming data.train before any training step."""
     from ptpeft_fast.train.config import ConfigError, load_config
-    from ptpeft_fast.train.runner import Run
+    from ptpeft_fast.train.tasks import make_run
 
     for arch, fmt, msg in (("qwen3", "synthetic-shapes", "text-only model"),
                            ("llava", "synthetic-text", "image-text model")):
@@ -1020,7 +1020,7 @@ def test_text_only_model_refuses_image_data_and_vice_versa(tmp_path) -> None:
         c = load_config(None, [f"model.name={tmp_path / arch}", f"data.format={fmt}", "data.train={n: 2}",
                                "data.val={n: 1}", "train.progress=false"])
         with pytest.raises(ConfigError, match=f"data.train.*{msg}"):
-            Run(c, str(tmp_path / f"run_{arch}")).execute()
+            make_run(c, str(tmp_path / f"run_{arch}")).execute()
         assert not (tmp_path / f"run_{arch}" / "checkpoints").exists()
 
 

@@ -252,10 +252,10 @@ def test_kill_9_during_checkpoint_write_then_resume(tmp_path, capsys):
 def load_model_for_run(out):
     """The run's tiny-blip2 base model, rebuilt from its saved config."""
     from ptpeft_fast.train.config import load_config
-    from ptpeft_fast.train.runner import Run
+    from ptpeft_fast.train.tasks import make_run
 
-    run = Run(load_config(str(out / "config.yaml")), str(out))
-    run._load_model()
+    run = make_run(load_config(str(out / "config.yaml")), str(out))
+    run.load_model()
     return run.model
 
 

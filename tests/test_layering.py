@@ -91,4 +91,4 @@ def test_the_checker_sees_a_cycle_and_a_private_import():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     graph = _graph()
     assert "ptpeft_fast.patch_state" in graph["ptpeft_fast.stages"][0]  # lazy and top-level imports are both read
-    assert "ptpeft_fast.train.checkpointing" in graph["ptpeft_fast.train"][0]
+    assert "ptpeft_fast.train.checkpointing" in graph["ptpeft_fast.train.cli"][0]

@@ -48,9 +48,9 @@ def test_missing_data_file_is_named(tmp_path, capsys):
 
 
 def test_fsdp_needs_several_processes(tmp_path):
-    from ptpeft_fast.train.runner import Run
+    from ptpeft_fast.train.tasks import make_run
     with pytest.raises(ConfigError, match="fsdp shards the model across processes.*torchrun"):
-        Run(load_config(None, ["train.strategy=fsdp", "train.device=cpu"]), str(tmp_path))
+        make_run(load_config(None, ["train.strategy=fsdp", "train.device=cpu"]), str(tmp_path))
 
 
 def _example(name):

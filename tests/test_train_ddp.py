@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ptpeft_fast.train.runner import Run
+from ptpeft_fast.train.tasks import make_run
 
 from _train_helpers import cfg, checkpoint_tensors, events, write_yaml
 
@@ -44,7 +44,7 @@ def _assert_same_checkpoints(one, two):
 
 def test_torchrun_two_processes_match_one(tmp_path):
     one = str(tmp_path / "one")
-    Run(cfg(*EXTRA), one).execute()
+    make_run(cfg(*EXTRA), one).execute()
 
     two = str(tmp_path / "two")
     r = _torchrun(write_yaml(tmp_path / "c.yaml", *EXTRA), two)
@@ -68,7 +68,7 @@ def test_fsdp_two_processes_match_one_and_resume(tmp_path):
     (synced generate), the spectrum forwards run on every rank, and a mid-stage interrupt
     resumes from the gathered checkpoint to the same parameters."""
     one = str(tmp_path / "one")
-    Run(cfg(*FSDP[:-1]), one).execute()
+    make_run(cfg(*FSDP[:-1]), one).execute()
 
     conf = write_yaml(tmp_path / "c.yaml", *FSDP)
     two = str(tmp_path / "two")
@@ -90,7 +90,7 @@ def test_fsdp_two_processes_match_one_and_resume(tmp_path):
 def test_fsdp_full_finetune_gathers_the_whole_model(tmp_path):
     extra = ("stage1.enabled=false", "stage2.method=full", "stage2.lr=1e-3", "eval.zero_shot=false")
     one = str(tmp_path / "one")
-    Run(cfg(*FSDP[:-1], *extra), one).execute()
+    make_run(cfg(*FSDP[:-1], *extra), one).execute()
     two = str(tmp_path / "two")
     r = _torchrun(write_yaml(tmp_path / "c.yaml", *FSDP, *extra), two)
     assert r.returncode == 0, r.stderr[-3000:]

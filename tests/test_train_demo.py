@@ -2,7 +2,7 @@
 and the pre-trained tiny-blip2 is cached and reused."""
 import os
 
-from ptpeft_fast.train import main, pretrain, runner
+from ptpeft_fast.train import main, pretrain
 
 SMALL = ["data.train.n=24", "data.val.n=3", "stage1.max_steps=3", "stage2.max_steps=3", "stage1.batch_size=8",
          "stage2.batch_size=8", "eval.spectrum_samples=6", "eval.batch_size=16", "train.progress=false",
@@ -26,5 +26,5 @@ def test_quick_demo(tmp_path, monkeypatch, capsys):
     cached = pretrain.recipe_path("quick")
     assert os.path.isfile(os.path.join(cached, "config.json"))
     mtime = os.path.getmtime(os.path.join(cached, "config.json"))
-    assert runner.ensure_tiny_pretrained("quick") == cached        # reused, not retrained
+    assert pretrain.ensure_tiny_pretrained("quick") == cached        # reused, not retrained
     assert os.path.getmtime(os.path.join(cached, "config.json")) == mtime

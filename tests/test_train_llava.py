@@ -5,7 +5,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from ptpeft_fast.data import synthetic
 from ptpeft_fast.models.tiny_blip2 import build_tokenizer
-from ptpeft_fast.train.runner import Run
+from ptpeft_fast.train.tasks import make_run
 
 from _train_helpers import cfg, events
 
@@ -36,7 +36,7 @@ def test_local_llava_folder_two_stages(tmp_path):
     out = str(tmp_path / "run")
     c = cfg(f"model.name={tmp_path / 'llava'}", "data.prompt=user : <image> {question} assistant :",
             "stage2.method=adapter", "stage1.lr=3e-2", "stage2.lr=3e-2", "eval.after_each_stage=false")
-    rows = Run(c, out).execute()
+    rows = make_run(c, out).execute()
     assert [r["method"] for r in rows] == ["zero-shot", "PT-Adapter"]
     ev = events(out, "train")
     for stage in ("stage1", "stage2"):

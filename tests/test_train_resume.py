@@ -9,7 +9,7 @@ import torch
 
 from ptpeft_fast.models import MMCollator
 from ptpeft_fast.train import main
-from ptpeft_fast.train.runner import Run
+from ptpeft_fast.train.tasks import make_run
 
 from _train_helpers import cfg, checkpoint_tensors, events, write_yaml
 
@@ -19,7 +19,7 @@ EXTRA = ("stage1.max_steps=4", "stage2.max_steps=5", "eval.zero_shot=false", "ev
 
 def test_ctrl_c_then_resume_matches_uninterrupted(tmp_path, monkeypatch):
     ref_out = str(tmp_path / "ref")
-    ref_rows = Run(cfg(*EXTRA), ref_out).execute()
+    ref_rows = make_run(cfg(*EXTRA), ref_out).execute()
 
     out = str(tmp_path / "run")
     conf = write_yaml(tmp_path / "c.yaml", *EXTRA)

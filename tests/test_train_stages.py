@@ -6,13 +6,14 @@ import torch
 
 import ptpeft_fast as pf
 from ptpeft_fast.train.runner import Run
+from ptpeft_fast.train.tasks import make_run
 
 from _train_helpers import cfg, checkpoint_tensors, events
 
 
 def _run_tracking_changes(c, out, monkeypatch):
     changed = {}
-    orig = Run._train_stage
+    orig = Run.train_stage
 
     def tracked(self, stage):
         before = {n: p.detach().clone() for n, p in self.model.named_parameters()}
@@ -20,8 +21,8 @@ def _run_tracking_changes(c, out, monkeypatch):
         changed[stage] = {n for n, p in self.model.named_parameters() if not torch.equal(before[n], p.detach())}
         self._groups = pf.parameter_groups(self.model) if self.patched else {}
 
-    monkeypatch.setattr(Run, "_train_stage", tracked)
-    run = Run(c, out)
+    monkeypatch.setattr(Run, "train_stage", tracked)
+    run = make_run(c, out)
     rows = run.execute()
     return run, rows, changed
 
@@ -69,8 +70,8 @@ def test_adapter_with_frozen_prefix_and_full(tmp_path, monkeypatch):
 
 def test_gradient_checkpointing_same_losses(tmp_path):
     extra = ("stage1.enabled=false", "stage2.max_steps=2", "eval.spectrum=false", "eval.zero_shot=false")
-    Run(cfg(*extra), str(tmp_path / "a")).execute()
-    run = Run(cfg(*extra, "model.gradient_checkpointing=true"), str(tmp_path / "b"))
+    make_run(cfg(*extra), str(tmp_path / "a")).execute()
+    run = make_run(cfg(*extra, "model.gradient_checkpointing=true"), str(tmp_path / "b"))
     run.execute()
     assert getattr(run.model, "is_activation_checkpointing", None) or run.model.is_gradient_checkpointing
     la = [e["loss"] for e in events(str(tmp_path / "a"), "train")]
@@ -83,7 +84,7 @@ def test_bf16_autocast_on_cpu_trains_lora_and_adapter(tmp_path):
     layers get bf16 activations beside fp32 weights (a dtype-mismatch error before session 5)."""
     for method in ("lora", "adapter"):
         out = str(tmp_path / method)
-        Run(cfg("train.precision=bf16", f"stage2.method={method}", "eval.spectrum=false", "eval.zero_shot=false",
+        make_run(cfg("train.precision=bf16", f"stage2.method={method}", "eval.spectrum=false", "eval.zero_shot=false",
                 "stage2.lr=3e-2"), out).execute()
         losses = [e["loss"] for e in events(out, "train") if e["stage"] == "stage2"]
         assert len(losses) == 4 and all(math.isfinite(v) for v in losses), (method, losses)
@@ -93,8 +94,8 @@ def test_train_compile_gives_the_eager_losses_in_both_stages(tmp_path):
     """train.compile=true runs both stages under torch.compile (backend aot_eager here: the same
     graphs as inductor, without its code generation) with the eager losses."""
     extra = ("stage1.max_steps=2", "stage2.max_steps=2", "eval.spectrum=false", "eval.zero_shot=false")
-    Run(cfg(*extra), str(tmp_path / "a")).execute()
-    Run(cfg(*extra, "train.compile=true", "train.compile_backend=aot_eager"), str(tmp_path / "b")).execute()
+    make_run(cfg(*extra), str(tmp_path / "a")).execute()
+    make_run(cfg(*extra, "train.compile=true", "train.compile_backend=aot_eager"), str(tmp_path / "b")).execute()
     la = [(e["stage"], e["loss"]) for e in events(str(tmp_path / "a"), "train")]
     lb = [(e["stage"], e["loss"]) for e in events(str(tmp_path / "b"), "train")]
     assert [s for s, _ in la] == [s for s, _ in lb] and {s for s, _ in la} == {"stage1", "stage2"}

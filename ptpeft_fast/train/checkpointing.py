@@ -49,7 +49,8 @@ def read_state(path: str) -> dict:
             raise DamagedState(f"{legacy} holds objects other than tensors and numbers; it was not loaded, since "
                                "unpickling them could run code") from None
         except Exception as e:
-            raise DamagedState(f"{legacy} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+            first = str(e).splitlines()[0][:200] if str(e) else ""
+            raise DamagedState(f"{legacy} cannot be read ({type(e).__name__}: {first})") from None
     try:
         meta = json.loads(open(meta_path, encoding="utf-8").read())
         tensors = read_tensors(os.path.join(path, "trainer.safetensors"))

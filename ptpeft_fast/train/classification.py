@@ -12,16 +12,14 @@ skipped and counted, so every sample's feature matrix has the same shape.
 from __future__ import annotations
 
 import os
-import time
+from typing import Any, Callable
+
 import torch
 import torch.nn.functional as F
 
 from . import report
 from .config import ConfigError
-from ..atomic_files import atomic_write_text
-from .checkpointing import atomic_dir
-from .distributed import barrier
-from .runner import Run
+from .task import EvalResult, RunContext, TaskData, method_label
 
 HEAD = "classifier"
 _CORPUS_CACHE: dict[tuple, dict] = {}
@@ -71,12 +69,14 @@ def classify(model: torch.nn.Module, input_ids, attention_mask, output_hidden: b
 def accuracy_f1(pred: list[int], gold: list[int], n_labels: int) -> dict:
     """Accuracy and macro-F1 (both ×100; a class never predicted nor present counts as F1 0)."""
     n = len(gold)
-    acc = 100.0 * sum(p == g for p, g in zip(pred, gold)) / max(1, n)
+    if len(pred) != n:
+        raise ValueError(f"{len(pred)} predictions for {n} gold labels")
+    acc = 100.0 * sum(p == g for p, g in zip(pred, gold, strict=True)) / max(1, n)
     f1s = []
     for c in range(n_labels):
-        tp = sum(p == c and g == c for p, g in zip(pred, gold))
-        fp = sum(p == c and g != c for p, g in zip(pred, gold))
-        fn = sum(p != c and g == c for p, g in zip(pred, gold))
+        tp = sum(p == c and g == c for p, g in zip(pred, gold, strict=True))
+        fp = sum(p == c and g != c for p, g in zip(pred, gold, strict=True))
+        fn = sum(p != c and g == c for p, g in zip(pred, gold, strict=True))
         f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
     return {"accuracy": acc, "macro-F1": 100.0 * sum(f1s) / n_labels, "n": n}
 
@@ -108,128 +108,101 @@ class TextCollator:
                 "labels": torch.tensor([e.label for e in examples], dtype=torch.long)}
 
 
-class ClassificationRun(Run):
-    """:class:`Run` for ``data.task: classification`` (same phases, checkpoints, resume)."""
+class ClassificationTask:
+    """``data.task: classification`` (the phases, checkpoints and resume of every run)."""
 
-    def __init__(self, cfg: dict, out_dir: str, resume: bool = False, log=None):
-        super().__init__(cfg, out_dir, resume=resume, log=log)
-        if self.di.world > 1:
+    kind = "classification"
+    head = HEAD
+
+    def __init__(self) -> None:
+        from ..data.stdlib_docstrings import label_names, python_version
+        self.label_names = label_names()
+        self.python_version = python_version()
+
+    def check(self, run: RunContext) -> None:
+        if run.di.world > 1:
             # the head runs outside the encoder's forward, so DDP would not all-reduce its gradient
             raise ConfigError("data.task=classification runs in one process; DDP (torchrun with more than one "
                               "process) is not supported for it yet")
 
-    def _load_data(self) -> None:
-        from ..data.stdlib_docstrings import label_names, limit_per_class, python_version
-        dc = self.cfg["data"]
+    def load_data(self, run: RunContext) -> TaskData:
+        from ..data.stdlib_docstrings import limit_per_class
+        cfg = run.cfg
+        dc = cfg["data"]
         corpus = load_corpus(dc["split_seed"])
-        self.label_names = label_names()
-        self.task = "classification"
-        self.prompt = ""
-        self.python_version = python_version()
         train = corpus["train"]
         if dc["per_class"]:
-            train = limit_per_class(train, int(dc["per_class"]), int(self.cfg["train"]["seed"]))
+            train = limit_per_class(train, int(dc["per_class"]), int(cfg["train"]["seed"]))
         if dc["max_train_samples"]:
             train = train[: dc["max_train_samples"]]
-        need_train = self.cfg["stage1"]["enabled"] or self.cfg["stage2"]["enabled"]
-        self.train_ds = _Examples(train) if need_train else None
-        ev = self.cfg["eval"]
+        need_train = cfg["stage1"]["enabled"] or cfg["stage2"]["enabled"]
+        ev = cfg["eval"]
         cap = ev["max_samples"] or dc["max_eval_samples"]
-        self.eval_ds = _Examples(corpus[ev["split"]][:cap] if cap else corpus[ev["split"]])
+        return TaskData(_Examples(train) if need_train else None,
+                        _Examples(corpus[ev["split"]][:cap] if cap else corpus[ev["split"]]))
 
-    def _load_model(self) -> None:
-        mc = self.cfg["model"]
+    def load_model(self, run: RunContext) -> tuple[torch.nn.Module, Any]:
+        mc = run.cfg["model"]
         model, tok = load_encoder(mc["name"], getattr(torch, mc["dtype"]))
-        self._seed(2)  # the head's init depends on train.seed only
+        run.seed(2)  # the head's init depends on train.seed only
         head = torch.nn.Linear(model.config.hidden_size, len(self.label_names)).to(model.dtype)
         model.add_module(HEAD, head)
         if mc["gradient_checkpointing"]:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model = model.to(self.device)
-        self.processor = tok
+        return model, tok
 
-    def _make_collators(self) -> None:
-        self.train_collate = TextCollator(self.processor, int(self.cfg["data"]["max_length"]))
-        self.gen_collate = self.train_collate
+    def collators(self, run: RunContext) -> tuple[Callable[[list], dict], Callable[[list], dict]]:
+        collate = TextCollator(run.processor, int(run.cfg["data"]["max_length"]))
+        return collate, collate
 
-    def _patch(self) -> None:
-        super()._patch()
-        if self.patched:
-            import ptpeft_fast as pf
-            pf.mark_trainable(self.model, HEAD)
+    def batch_count(self, batch: dict) -> int:
+        return int(batch["labels"].numel())
 
-    def _train_unpatched(self, stage: str) -> None:
-        head_only = self.cfg["stage2"]["method"] == "head"
-        for n, p in self.model.named_parameters():
-            p.requires_grad_(not head_only or n == HEAD or n.startswith(HEAD + "."))
-        self.model.train()
+    def batch_loss(self, run: RunContext, forward: Callable[..., Any], batch: dict) -> torch.Tensor:
+        with run.autocast():
+            logits = classify(run.model, batch["input_ids"].to(run.device), batch["attention_mask"].to(run.device))
+        return F.cross_entropy(logits.float(), batch["labels"].to(run.device), reduction="sum")
 
-    def _param_groups(self, stage: str, named: list) -> list[dict]:
-        """The head at ``stageN.head_lr`` (when set), everything else at ``stageN.lr``."""
-        hl = self.cfg[stage]["head_lr"]
-        if hl is None:
-            return super()._param_groups(stage, named)
-        is_head = [n == HEAD or n.startswith(HEAD + ".") for n, _ in named]
-        body = [p for (_, p), h in zip(named, is_head) if not h]
-        head = [p for (_, p), h in zip(named, is_head) if h]
-        return ([{"params": body}] if body else []) + ([{"params": head, "lr": float(hl)}] if head else [])
-
-    def _batch_count(self, b: dict) -> int:
-        return int(b["labels"].numel())
-
-    def _batch_loss(self, fwd, b: dict) -> torch.Tensor:
-        with self._autocast():
-            logits = classify(self.model, b["input_ids"].to(self.device),
-                              b["attention_mask"].to(self.device))
-        return F.cross_entropy(logits.float(), b["labels"].to(self.device), reduction="sum")
-
-    def _save_stage_checkpoint(self, stage: str) -> None:
-        if self.patched:
-            return super()._save_stage_checkpoint(stage)
-        if not self.di.main:
-            return
-        from safetensors.torch import save_file
-        path = os.path.join(self.out, "checkpoints", stage)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        # unpatched: the trained tensors (the head for a linear probe, everything for full FT)
-        atomic_dir(path, lambda tmp: save_file(
-            {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters() if p.requires_grad},
-            os.path.join(tmp, "full_model.safetensors")))
-
-    def method_label(self, phase: str) -> str:
+    def method_label(self, cfg: dict, phase: str) -> str:
         if phase == "zero_shot":
             return "pre-trained (random head)"
-        if phase == "eval_stage2" and self.cfg["stage2"]["method"] == "head":
+        if phase == "eval_stage2" and cfg["stage2"]["method"] == "head":
             return "Linear probe"
-        return super().method_label(phase)
+        return method_label(cfg, phase)
+
+    def report_title(self, cfg: dict) -> str:
+        return f"{cfg['model']['name']} on stdlib-docstrings (classification, Python {self.python_version})"
 
     @torch.no_grad()
-    def predict(self) -> tuple[list[int], list[int]]:
-        bs = self.cfg["eval"]["batch_size"]
+    def predict(self, run: RunContext) -> tuple[list[int], list[int]]:
+        """Predicted and gold labels of the evaluation split."""
+        bs = run.cfg["eval"]["batch_size"]
+        items = run.data.eval
         pred, gold = [], []
-        for s in range(0, len(self.eval_ds), bs):
-            b = self.gen_collate([self.eval_ds[i] for i in range(s, min(s + bs, len(self.eval_ds)))])
-            with self._autocast():
-                logits = classify(self.model, b["input_ids"].to(self.device), b["attention_mask"].to(self.device))
+        for s in range(0, len(items), bs):
+            b = run.eval_collate([items[i] for i in range(s, min(s + bs, len(items)))])
+            with run.autocast():
+                logits = classify(run.model, b["input_ids"].to(run.device), b["attention_mask"].to(run.device))
             pred += logits.argmax(-1).cpu().tolist()
             gold += b["labels"].tolist()
         return pred, gold
 
     @torch.no_grad()
-    def features(self, n: int) -> tuple[list[torch.Tensor], list[int]]:
+    def features(self, run: RunContext, n: int) -> tuple[list[torch.Tensor], int]:
         """Last-layer features of the first ``eval.spectrum_window`` word-piece tokens of up to
-        ``n`` evaluation sentences that have that many (others skipped; see ``self.spectrum_skipped``)."""
-        W = int(self.cfg["eval"]["spectrum_window"])
-        bs = self.cfg["eval"]["batch_size"]
+        ``n`` evaluation sentences that have that many, and how many shorter ones were skipped."""
+        W = int(run.cfg["eval"]["spectrum_window"])
+        bs = run.cfg["eval"]["batch_size"]
+        items = run.data.eval
         feats: list[torch.Tensor] = []
         skipped = 0
-        for s in range(0, len(self.eval_ds), bs):
+        for s in range(0, len(items), bs):
             if len(feats) >= n:
                 break
-            b = self.gen_collate([self.eval_ds[i] for i in range(s, min(s + bs, len(self.eval_ds)))])
-            with self._autocast():
-                h = self.model(input_ids=b["input_ids"].to(self.device),
-                               attention_mask=b["attention_mask"].to(self.device)).last_hidden_state
+            b = run.eval_collate([items[i] for i in range(s, min(s + bs, len(items)))])
+            with run.autocast():
+                h = run.model(input_ids=b["input_ids"].to(run.device),
+                              attention_mask=b["attention_mask"].to(run.device)).last_hidden_state
             h = h.float().cpu()
             real = b["attention_mask"].sum(1) - 2  # word pieces between [CLS] and [SEP]
             for i in range(h.shape[0]):
@@ -239,52 +212,25 @@ class ClassificationRun(Run):
                     skipped += 1
                     continue
                 feats.append(h[i, 1:1 + W])
-        self.spectrum_skipped = skipped
-        self.spectrum_seen = skipped + len(feats)
-        return feats, [W] * len(feats)
+        return feats, skipped
 
-    def _eval_phase(self, phase: str) -> None:
-        self._set_eval()
-        ev = self.cfg["eval"]
-        t = time.time()
-        if self.di.main:
-            pred, gold = self.predict()
-            metrics = accuracy_f1(pred, gold, len(self.label_names))
-            spec = None
-            if ev["spectrum"]:
-                feats, _ = self.features(ev["spectrum_samples"])
-                if feats:
-                    spec = report.spectrum_summary(feats, tau=ev["tau"])
-                    spec["window"] = int(ev["spectrum_window"])
-                    spec["skipped_short"] = self.spectrum_skipped
-                    spec["considered"] = self.spectrum_seen
-            stage = phase.replace("eval_", "")
-            row = {"event": "eval", "phase": phase, "method": self.method_label(phase),
-                   "metrics": {k: v for k, v in metrics.items() if k != "n"}, "n": metrics["n"],
-                   "spectrum": spec, "trainable": self.trainable_counts.get(stage, 0),
-                   "python": self.python_version, "seconds": round(time.time() - t, 2)}
-            os.makedirs(os.path.join(self.out, "predictions"), exist_ok=True)
-            atomic_write_text(os.path.join(self.out, "predictions", f"{phase}.json"),
-                               "[" + ",".join(str(p) for p in pred) + "]")
-            self._event(row)
-            shown = f"accuracy {metrics['accuracy']:.2f}, macro-F1 {metrics['macro-F1']:.2f}"
-            if spec:
-                shown += (f", rank ratio {spec['remaining_rank_ratio']:.3f}, eff. rank {spec['effective_rank']:.2f}"
-                          f" ({spec['n_samples']} windows of {spec['window']} tokens)")
-            self.log(f"eval {row['method']}: {shown} ({row['seconds']}s)")
-        barrier(self.di)
-
-    def write_report(self, rows: list[dict]) -> None:
-        from .runner import write_report
-        write_report(self.out, rows, "classification", self.cfg["eval"]["tau"],
-                     title=f"{self.cfg['model']['name']} on stdlib-docstrings (classification, "
-                           f"Python {self.python_version})")
+    def evaluate(self, run: RunContext, phase: str) -> EvalResult | None:
+        if not run.di.main:
+            return None
+        ev = run.cfg["eval"]
+        pred, gold = self.predict(run)
+        metrics = accuracy_f1(pred, gold, len(self.label_names))
+        spec, note = None, ""
+        if ev["spectrum"]:
+            feats, skipped = self.features(run, ev["spectrum_samples"])
+            if feats:
+                spec = report.spectrum_summary(feats, tau=ev["tau"])
+                spec["window"] = int(ev["spectrum_window"])
+                spec["skipped_short"] = skipped
+                spec["considered"] = skipped + len(feats)
+                note = f" ({spec['n_samples']} windows of {spec['window']} tokens)"
+        return EvalResult(metrics, "[" + ",".join(str(p) for p in pred) + "]", spec,
+                          extra={"python": self.python_version}, note=note)
 
 
-def make_run(cfg: dict, out_dir: str, resume: bool = False, log=None) -> Run:
-    """The run class for ``cfg``'s task."""
-    cls = ClassificationRun if cfg["data"]["task"] == "classification" else Run
-    return cls(cfg, out_dir, resume=resume, log=log)
-
-
-__all__ = ["ClassificationRun", "make_run", "classify", "mean_pool", "accuracy_f1", "load_encoder", "load_corpus"]
+__all__ = ["ClassificationTask", "classify", "mean_pool", "accuracy_f1", "load_encoder", "load_corpus", "HEAD"]

@@ -15,7 +15,9 @@ from typing import Callable
 
 from . import report
 from .config import apply_override, validate
-from .runner import Run, ensure_tiny_pretrained, write_report
+from .evaluation import write_report
+from .pretrain import ensure_tiny_pretrained, recipe_path
+from .tasks import make_run
 
 # Learning rates picked per method on the val split (LoRA diverges at the adapter's rate);
 # a PT- method uses the same stage-2 rate as its single-stage counterpart.
@@ -56,7 +58,6 @@ def run_demo(quick: bool = False, out_dir: str | None = None, user_overrides: li
     out = out_dir or base["output"]["dir"] or os.path.join("runs", "demo-quick" if quick else "demo")
     os.makedirs(out, exist_ok=True)
     if base["model"]["name"] == "tiny-blip2" and base["model"]["pretrained_path"] is None:
-        from .pretrain import recipe_path
         full = recipe_path("full")
         if quick and os.path.isfile(os.path.join(full, "config.json")):
             base["model"]["pretrained_path"] = full  # the better model is free once cached
@@ -73,7 +74,7 @@ def run_demo(quick: bool = False, out_dir: str | None = None, user_overrides: li
         cfg["output"]["dir"] = sub
         log(f"--- {label} ---")
         t = time.time()
-        run_rows = Run(cfg, sub, resume=os.path.exists(os.path.join(sub, "progress.json")), log=log).execute()
+        run_rows = make_run(cfg, sub, resume=os.path.exists(os.path.join(sub, "progress.json")), log=log).execute()
         final = dict(run_rows[-1])
         final["method"] = {"zero-shot": "zero-shot (pre-trained)", "prefix": "Prefix", "lora": "LoRA",
                            "pt-lora": "PT-LoRA", "adapter": "Adapter", "pt-adapter": "PT-Adapter"}[label]

@@ -44,7 +44,7 @@ def run_experiment(base: dict, out: str, log: Callable[[str], None] = print) -> 
     """Run every (per_class, variant, method, seed) of ``base['experiment']`` under ``out``;
     returns ``{"groups", "results", "png", "seconds"}``."""
     from ..data.stdlib_docstrings import python_version
-    from .classification import make_run
+    from .tasks import make_run
     t0 = time.time()
     ex = base["experiment"]
     os.makedirs(out, exist_ok=True)
@@ -90,7 +90,8 @@ def _atomic_json(path: str, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1))
 
 
-def write_experiment_report(out: str, groups: list[dict], base: dict, py: str, seconds: float) -> tuple[str, str | None]:
+def write_experiment_report(out: str, groups: list[dict], base: dict, py: str,
+                            seconds: float) -> tuple[str, str | None]:
     """``results.md`` (mean ± std over seeds) and ``spectrum.png`` (mean curves)."""
     from ..atomic_files import atomic_write_text
     ex, ev = base["experiment"], base["eval"]

@@ -1,0 +1,118 @@
+"""Evaluation: generation and last-layer features of a (patched) model, the recorded result
+row of a phase, and the report built from the rows."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from ..atomic_files import atomic_write_text
+from ..stages import set_stage
+from . import report
+from .fsdp import root_unsharded
+from .task import EvalResult, RunContext
+
+__all__ = ["set_eval", "generate", "lm_features", "record_eval", "eval_rows", "write_report"]
+
+
+def set_eval(model: torch.nn.Module, patched: bool) -> None:
+    """Inference mode: nothing requires gradients, dropout off."""
+    if patched:
+        set_stage(model, "eval")
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+
+
+@torch.no_grad()
+def generate(run: RunContext, records_idx: list[int]) -> dict[str, str]:
+    """Greedy/beam generation for the evaluation records ``records_idx``; ``{record id: text}``."""
+    ev = run.cfg["eval"]
+    tok = run.eval_collate.tok
+    preds: dict[str, str] = {}
+    for s in range(0, len(records_idx), ev["batch_size"]):
+        items = [run.data.eval[i] for i in records_idx[s:s + ev["batch_size"]]]
+        batch = run.eval_collate(items)
+        inp = run.model_inputs(batch)
+        # FSDP: ranks stop together (synced_gpus) so each runs the same sharded forwards
+        with run.autocast(), root_unsharded(run.model):
+            out = run.model.generate(**inp, max_new_tokens=ev["max_new_tokens"], num_beams=ev["num_beams"],
+                                     do_sample=False, pad_token_id=tok.pad_token_id, synced_gpus=run.fsdp)
+        ids = inp["input_ids"]
+        if out.shape[1] >= ids.shape[1] and torch.equal(out[:, :ids.shape[1]].cpu(), ids.cpu()):
+            out = out[:, ids.shape[1]:]  # decoder-only generate returns prompt + continuation
+        for rid, text in zip(batch["record_ids"], tok.batch_decode(out, skip_special_tokens=True), strict=True):
+            preds[rid] = text.strip()
+    return preds
+
+
+@torch.no_grad()
+def lm_features(run: RunContext, n: int) -> list[torch.Tensor]:
+    """Last-layer language-model hidden states of the first ``n`` evaluation inputs (image +
+    prompt, padding removed). For an encoder-decoder language model (Florence-2) these are the
+    ENCODER's last hidden states: the encoder is what reads image + prompt (the decoder would
+    only see its start token here)."""
+    feats = []
+    bs = run.cfg["eval"]["batch_size"]
+    idx = list(range(min(n, len(run.data.eval))))
+    for s in range(0, len(idx), bs):
+        batch = run.eval_collate([run.data.eval[i] for i in idx[s:s + bs]])
+        inp = run.model_inputs(batch)
+        with run.autocast():
+            out = run.model(**inp, output_hidden_states=True)
+        lm = getattr(out, "language_model_outputs", None)
+        if getattr(out, "encoder_last_hidden_state", None) is not None:
+            hs = out.encoder_last_hidden_state.float().cpu()
+        else:
+            hs = (lm.hidden_states if lm is not None and getattr(lm, "hidden_states", None) is not None
+                  else out.hidden_states)[-1].float().cpu()
+        mask = inp["attention_mask"].bool().cpu()
+        for h, m in zip(hs, mask, strict=True):
+            feats.append(h[m[-h.shape[0]:]])
+    return feats
+
+
+def record_eval(out: str, phase: str, label: str, kind: str, result: EvalResult, trainable: int,
+                seconds: float) -> tuple[dict, str]:
+    """Write ``predictions/<phase>.json``; returns the result row (for ``metrics.jsonl``) and the
+    log line that shows it."""
+    row = {"event": "eval", "phase": phase, "method": label,
+           "metrics": {k: v for k, v in result.metrics.items() if k != "n"}, "n": result.metrics.get("n"),
+           "spectrum": result.spectrum, "trainable": trainable, **result.extra, "seconds": round(seconds, 2)}
+    os.makedirs(os.path.join(out, "predictions"), exist_ok=True)
+    atomic_write_text(os.path.join(out, "predictions", f"{phase}.json"), result.predictions)
+    shown = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                      for k, v in row["metrics"].items() if k in report.metric_names(kind))
+    spec = result.spectrum
+    if spec:
+        shown += f", rank ratio {spec['remaining_rank_ratio']:.3f}, eff. rank {spec['effective_rank']:.2f}"
+    return row, f"eval {label}: {shown}{result.note} ({row['seconds']}s)"
+
+
+def eval_rows(out: str, phases: list[str]) -> list[dict]:
+    """The evaluation rows of ``out/metrics.jsonl`` (the latest per phase, in phase order)."""
+    p = os.path.join(out, "metrics.jsonl")
+    by_phase: dict[str, dict] = {}
+    if os.path.exists(p):
+        with open(p, encoding="utf-8") as f:
+            for line in f:
+                rec = json.loads(line)
+                if rec.get("event") == "eval":
+                    by_phase[rec["phase"]] = rec
+    return [by_phase[ph] for ph in phases if ph in by_phase]
+
+
+def write_report(out: str, rows: list[dict], task: str, tau: float, title: str) -> tuple[str, str | None]:
+    """Write ``results.md`` (and ``spectrum.png`` when rows carry spectra); returns their paths."""
+    md = f"# {title}\n\n" + report.results_table(rows, report.metric_names(task))
+    curves = {r["method"]: r["spectrum"]["curve"] for r in rows if r.get("spectrum")}
+    png = None
+    if curves:
+        png = report.plot_spectra(curves, os.path.join(out, "spectrum.png"), tau)
+        md += f"\nRemaining-rank ratio: smallest k/K whose cumulative normalised singular-value mass ≥ {tau}; " \
+              "effective rank: exp(entropy) of each sample's normalised spectrum, averaged over samples " \
+              "(last-layer language features of the evaluation inputs).\n\n![spectrum](spectrum.png)\n"
+    atomic_write_text(os.path.join(out, "results.md"), md)
+    return os.path.join(out, "results.md"), png

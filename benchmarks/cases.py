@@ -140,8 +140,8 @@ def build_prefix_attention(B: int = 4, H: int = 8, L: int = 512, D: int = 64, P:
 def build_lora_linear(N: int = 4096, d_in: int = 1024, d_out: int = 1024, r: int = 16, alpha: float = 32.0,
                       seed: int = 0) -> Case:
     """LoRA linear fwd+bwd with a frozen base weight; grads to x, A and B."""
-    from peft.tuners.lora import Linear as PeftLoraLinear
     from peft import LoraConfig
+    from peft.tuners.lora import Linear as PeftLoraLinear
 
     g = torch.Generator().manual_seed(seed)
     base = torch.nn.Linear(d_in, d_out, bias=False)
@@ -554,9 +554,8 @@ def build_compiled_train(B: int = 4, L: int = 256, P: int = 32, r: Optional[int]
     ours_model = ours_prefix(copy.deepcopy(base), P, lora_r=r)
     copy_prefix_from_peft(ours_model, peft_model)
     if r is not None:
-        from peft import LoraConfig
+        from peft import LoraConfig, get_peft_model
         from peft.tuners.lora import LoraModel  # noqa: F401 (PEFT's LoRA on a second copy)
-        from peft import get_peft_model
 
         peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=16.0, lora_dropout=0.0,
                                                                     target_modules=list(LORA_TARGETS)))

@@ -10,12 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .version import __version__
 from .atomic_files import atomic_write_bytes
 from .config import PTPeftConfig, check_version
 from .patch_state import get_state
 from .patching import patch, unpatch
 from .stages import parameter_groups
+from .version import __version__
 
 WEIGHTS_NAME = "ptpeft.safetensors"
 CONFIG_NAME = "ptpeft_config.json"

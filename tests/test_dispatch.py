@@ -2,6 +2,7 @@
 its interpreter, and (when present) CUDA against the float64 torch reference."""
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -10,8 +11,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-import importlib
 
 from ptpeft_fast import ops
 from ptpeft_fast.ops import availability

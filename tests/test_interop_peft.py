@@ -8,13 +8,14 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
-from _tiny_models import batch, blip2_inputs, greedy_by_forward, load, logits, randomize, real
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 
 import ptpeft_fast as pf
 from ptpeft_fast.interop import PeftInteropError, from_peft, to_peft
 from ptpeft_fast.tuners.lora import lora_of
+
+from _tiny_models import batch, blip2_inputs, greedy_by_forward, load, logits, randomize, real
 
 TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
 

@@ -9,9 +9,9 @@ import shutil
 import pytest
 import torch
 
+from ptpeft_fast.atomic_files import sha256_file
 from ptpeft_fast.state_files import StateFormatError, decode, encode
 from ptpeft_fast.train import main
-from ptpeft_fast.atomic_files import sha256_file
 from ptpeft_fast.train.checkpointing import MANIFEST, atomic_dir, folder_damage
 
 from _train_helpers import events, write_yaml

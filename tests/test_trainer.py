@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tiny_models import VOCAB, load
 
 import ptpeft_fast as pf
 from ptpeft_fast.stages import parameter_groups
+
+from _tiny_models import VOCAB, load
 
 
 class TinyLM(torch.utils.data.Dataset):

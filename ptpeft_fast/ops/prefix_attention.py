@@ -52,8 +52,15 @@ from . import availability as avail
 from . import dispatch
 from ._autocast import in_autocast_dtype
 from ._checks import check_dtype_device
-from .attention_cpu import (DECODE_MAX_QUERIES, FLASH_PREFIX_MAX_KEYS, block_backward, block_forward,
-                            decode_forward, lse_merge_backward, lse_merge_forward)
+from .attention_cpu import (
+    DECODE_MAX_QUERIES,
+    FLASH_PREFIX_MAX_KEYS,
+    block_backward,
+    block_forward,
+    decode_forward,
+    lse_merge_backward,
+    lse_merge_forward,
+)
 from .attention_reference import reference_attention
 
 __all__ = ["prefix_attention", "prefix_decode_step", "TABLE", "AttentionCall", "DECODE_MAX_QUERIES",

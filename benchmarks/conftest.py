@@ -17,13 +17,10 @@ Environment knobs: ``BENCH_SCALE`` multiplies the number of rounds (default 1);
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

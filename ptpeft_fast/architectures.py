@@ -194,7 +194,9 @@ def _projector(block: str, linears: tuple[str, ...], out: str, roots: tuple[str,
 def _mm(vision: str, language: str, projector: Component | None, qformer: str | None = None) -> dict[str, Component]:
     """An image-text model whose vision tower, Q-Former and language model are looked up by
     their own sub-config's ``model_type`` (so LLaVA with a SigLIP tower or a Qwen2 LM just works)."""
-    roots = lambda p: (f"model.{p}", p)
+    def roots(p):
+        return (f"model.{p}", p)
+
     out = {"vision": Component(roots=roots(vision), delegate="vision_config"),
            "language": Component(roots=roots(language), delegate="text_config")}
     if qformer is not None:
@@ -328,7 +330,9 @@ def family_from_targets(t: dict[str, Any]) -> Family:
         raise ValueError(f"targets: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
     if "layers" not in t or "attention" not in t:
         raise ValueError("targets needs at least 'layers' (regex of the blocks) and 'attention' (paths inside a block)")
-    as_tuple = lambda v: (v,) if isinstance(v, str) else tuple(v)
+    def as_tuple(v):
+        return (v,) if isinstance(v, str) else tuple(v)
+
     return Family(
         layers=t["layers"],
         attention=as_tuple(t["attention"]),

@@ -63,7 +63,7 @@ def save(model: nn.Module, path: str | os.PathLike, extra_meta: dict[str, Any] |
         "model_type": getattr(getattr(model, "config", None), "model_type", None),
         "config": state.config.to_dict(),
         "extra_trainable": list(state.extra_trainable),
-        "lora_merged": any(getattr(l, l._ptpeft_lora).merged for l in state.lora_layers.values()),
+        "lora_merged": any(getattr(lin, lin._ptpeft_lora).merged for lin in state.lora_layers.values()),
         "shapes": {n: list(t.shape) for n, t in tensors.items()},
         "weights_sha256": hashlib.sha256(blob).hexdigest(),
         **(extra_meta or {}),

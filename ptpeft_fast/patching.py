@@ -125,7 +125,7 @@ def _undo(model: nn.Module, state: PatchState) -> None:
     """Best-effort removal of what a failed ``patch`` added, so the model is left as it was."""
     for h in state.hooks:
         h.remove()
-    for path, layer in state.lora_layers.items():
+    for layer in state.lora_layers.values():
         name = layer._ptpeft_lora
         delattr(layer, name)
         layer.__class__ = layer._ptpeft_base_class

@@ -57,7 +57,7 @@ def blip2_inputs(model, seed: int = 0) -> dict:
     return {"pixel_values": torch.randn(2, 3, 32, 32, generator=g), "input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def batch(seed: int = 0, b: int = 2, l: int = 6, pad: str = "left"):
+def batch(seed: int = 0, b: int = 2, l: int = 6, pad: str = "left"):  # noqa: E741 (callers pass l=)
     """``(input_ids, attention_mask)`` with two padding tokens in the second row.
 
     ``pad="right"`` for comparisons with PEFT's prefix tuning under ``positions="shift"``:

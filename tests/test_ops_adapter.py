@@ -198,7 +198,7 @@ def test_strided_rows_and_expanded_grad(impl):
 
 @pytest.mark.parametrize("activation", ["gelu", "silu"])
 @pytest.mark.parametrize("impl", ["blocked_cpp", "fused"])
-def test_gradcheck_float64(activation, impl):
+def test_gradcheck_float64_blocked_and_fused(activation, impl):
     _blocked_or_fail()
     t, _ = _inputs((130,), 4, 2, dtype=torch.float64, seed=14)
     leaves = [t[n].clone().requires_grad_() for n in NAMES]

@@ -141,7 +141,7 @@ def test_autocast_runs_in_the_autocast_dtype(x_dtype):
 
 def test_gradcheck_float64():
     t, g = _inputs((2, 3), 5, 4, 2, dtype=torch.float64, seed=6)
-    for n_tokens, extra in (((2, 3), {}), ((1,), {})):  # merged path and tokens <= r path
+    for n_tokens in ((2, 3), (1,)):  # merged path and tokens <= r path
         x = torch.randn(*n_tokens, 5, generator=g, dtype=torch.float64).requires_grad_()
         leaves = [x] + [t[n].clone().requires_grad_() for n in ("weight", "bias", "lora_a", "lora_b")]
 

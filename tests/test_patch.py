@@ -11,9 +11,9 @@ from tiny import randomise_peft, rel_err
 TEXT = ["llama", "gpt2", "opt", "mistral", "qwen2"]
 
 
-def _ids(b=2, l=7, seed=1):
+def _ids(b=2, length=7, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, tiny.VOCAB - 1, (b, l), generator=g)
+    return torch.randint(1, tiny.VOCAB - 1, (b, length), generator=g)
 
 
 def _forward(model, kind, **kw):

@@ -12,9 +12,9 @@ from tiny import rel_err
 peft = pytest.importorskip("peft")
 
 
-def _ids(b=2, l=9):
+def _ids(b=2, length=9):
     g = torch.Generator().manual_seed(11)
-    return torch.randint(1, tiny.VOCAB - 1, (b, l), generator=g)
+    return torch.randint(1, tiny.VOCAB - 1, (b, length), generator=g)
 
 
 @pytest.mark.parametrize("kind, targets", [("llama", ["q_proj", "v_proj", "o_proj"]), ("gpt2", ["c_attn"])])

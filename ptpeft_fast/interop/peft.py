@@ -352,7 +352,7 @@ def _copy_static(model, prefixes, weights, P, n_layers, heads, head_dim) -> None
     if tuple(emb.shape) != want:
         raise PeftInteropError(f"from_peft: prompt_embeddings has shape {tuple(emb.shape)}, expected {want}")
     kv = emb.reshape(P, n_layers, 2, heads, head_dim).permute(1, 2, 3, 0, 4)  # [layers, 2, Hkv, P, D]
-    for index, (path, prefix) in enumerate(prefixes):
+    for index, (_path, prefix) in enumerate(prefixes):
         if prefix.reparam != "none":
             prefix.to_static()
         with torch.no_grad():

@@ -31,6 +31,8 @@ from ptpeft_fast.kernels import adapter as _adk
 from ptpeft_fast.kernels import lora as _lk
 from ptpeft_fast.kernels import prefix_attention as _pak
 
+from .dispatch import BackendUnsupported
+
 __all__ = [
     "TritonUnsupported",
     "adapter_backward",
@@ -47,9 +49,6 @@ __all__ = [
 
 MAX_HEAD_DIM = 256
 MAX_BOTTLENECK = 256
-
-
-from .dispatch import BackendUnsupported
 
 
 class TritonUnsupported(BackendUnsupported):

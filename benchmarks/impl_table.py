@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         what = f"B={B} H={H} L={L} S={S} P={P} D={D} {'fwd+bwd' if grad else 'fwd (decode)'}"
         for n, i in enumerate(impls):
             nxt = impls[n + 1] if n + 1 < len(impls) else None
-            ratio = (f"{statistics.median([x / y for x, y in zip(times[i], times[nxt])]):.2f}× {nxt}" if nxt else "")
+            ratio = (f"{statistics.median([x / y for x, y in zip(times[i], times[nxt], strict=True)]):.2f}× {nxt}" if nxt else "")
             print(f"| {what} | {str(dt).split('.')[-1]} | {'padding' if pad else 'causal'} | {i} | "
                   f"{med[i] * 1e3:.1f} | {ratio} |", flush=True)
     return 0

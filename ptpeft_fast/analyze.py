@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     samples = read_samples(args.data, tokenizer_name=args.tokenizer or args.model, text_field=args.text_field,
                            max_samples=args.max_samples, max_length=args.max_length)
     stats = {}
-    for name, ckpt in zip(names, [None, *args.checkpoints]):
+    for name, ckpt in zip(names, [None, *args.checkpoints], strict=True):
         model = _load_model(args.model, dtype, args.device)
         if ckpt is not None:
             ptpeft_fast.load(model, ckpt)  # patches the fresh model with the saved config, then loads

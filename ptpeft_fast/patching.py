@@ -163,7 +163,7 @@ def _add_prefixes(model, config: PTPeftConfig, state: PatchState, modules) -> No
                                      pc.init_std, dtype, device)
             root = model.get_submodule(comp.root) if comp.root else model
             root.add_module(child, shared)
-        for index, ((path, module), (h, hkv, d)) in enumerate(zip(layers, geometry)):
+        for index, ((path, module), (h, hkv, d)) in enumerate(zip(layers, geometry, strict=True)):
             if hasattr(module, "_ptpeft_prefix"):
                 raise ValueError(f"{path} already has a prefix ({module._ptpeft_prefix}); components overlap")
             prefix = LayerPrefix(pc.reparam, pc.num_tokens, hkv, d, h * d, pc.hidden_size, pc.dropout, pc.init_std,

@@ -225,7 +225,7 @@ def test_fullgraph_compile_gives_eager_loss_and_grads(kind, methods, backend, tm
     grads1 = torch.autograd.grad(loss1, _params(model))
     assert _rel(loss1, loss0) <= 1e-5
     assert len(grads1) == len(grads0) > 0
-    for a, b in zip(grads1, grads0):
+    for a, b in zip(grads1, grads0, strict=True):
         assert _rel(a, b) <= 1e-5
 
 
@@ -240,7 +240,7 @@ def test_compiled_blip2_gives_eager_loss_and_grads():
     loss1 = torch.compile(lambda kw: _loss(model, kw), backend="aot_eager")(inputs)
     grads1 = torch.autograd.grad(loss1, _params(model))
     assert _rel(loss1, loss0) <= 1e-5
-    for a, b in zip(grads1, grads0):
+    for a, b in zip(grads1, grads0, strict=True):
         assert _rel(a, b) <= 1e-5
 
 

@@ -121,7 +121,7 @@ def test_use_backend_triton_routes_to_triton_and_matches_torch(op):
     ref_in = [t.detach().double().requires_grad_() for t in inputs]
     ref = _call(op, "torch", ref_in)
     ref_grads = torch.autograd.grad(ref.sum(), ref_in)
-    for a, b in zip((out,) + grads, (ref,) + ref_grads):
+    for a, b in zip((out,) + grads, (ref,) + ref_grads, strict=True):
         assert rel_err(a, b) <= 1e-5
 
 
@@ -168,7 +168,7 @@ def test_cuda_auto_is_triton_and_matches_torch(op, dtype):
     ref_in = [t.detach().double().requires_grad_() for t in inputs]
     ref = _call(op, "torch", ref_in)
     ref_grads = torch.autograd.grad(ref.sum(), ref_in)
-    for a, b in zip((out,) + grads, (ref,) + ref_grads):
+    for a, b in zip((out,) + grads, (ref,) + ref_grads, strict=True):
         assert rel_err(a, b) <= TOL[dtype]
 
 
@@ -190,5 +190,5 @@ def test_cuda_xformers_matches_torch(case):
     ref_in = [t.detach().double().requires_grad_() for t in inputs]
     ref = ops.prefix_attention(*ref_in, causal=causal, attn_mask=mask, backend="torch")
     ref_grads = torch.autograd.grad(ref.sum(), ref_in)
-    for a, b in zip((out,) + grads, (ref,) + ref_grads):
+    for a, b in zip((out,) + grads, (ref,) + ref_grads, strict=True):
         assert rel_err(a, b) <= TOL[torch.float16]

@@ -69,7 +69,7 @@ def check(call, reference, dtype, inputs, grads: bool) -> None:
         g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         out.backward(g.to(dtype))
         ref.backward(g)
-        for i, (a, b) in enumerate(zip(leaves, ref_in)):
+        for i, (a, b) in enumerate(zip(leaves, ref_in, strict=True)):
             if a is None or not a.is_floating_point():
                 continue
             ga = a.grad if a.grad is not None else torch.zeros_like(a)

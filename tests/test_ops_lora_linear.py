@@ -64,7 +64,7 @@ def _compare(t, g, scaling, *, dropout_p=0.0, frozen=("weight",), tol=None, impl
         grads = torch.autograd.grad(y, [leaves[n] for n in trainable], go.to(dtype)) if trainable else ()
         assert y.dtype == dtype, impl
         assert _rel(y, ref) <= tol, f"{impl}: {_rel(y, ref):.2e}"
-        for n, gr, rg in zip(trainable, grads, ref_grads):
+        for n, gr, rg in zip(trainable, grads, ref_grads, strict=True):
             assert _rel(gr, rg) <= tol, f"{impl}: grad of {n}: {_rel(gr, rg):.2e}"
         ran.append(impl)
     assert ran and set(expect) <= set(ran), ran
@@ -135,7 +135,7 @@ def test_autocast_runs_in_the_autocast_dtype(x_dtype):
     y_ref = lora_linear(*(c.to(torch.bfloat16) for c in cast), 2.0)
     ref_grads = torch.autograd.grad(y_ref, [c for c in cast if c.requires_grad], go)
     assert torch.equal(y, y_ref)
-    for gr, rg, leaf in zip(grads, ref_grads, train):
+    for gr, rg, leaf in zip(grads, ref_grads, train, strict=True):
         assert gr.dtype == leaf.dtype and torch.equal(gr, rg)
 
 

@@ -90,7 +90,7 @@ def _compare(q, k, v, pk, pv, g, *, causal, attn_mask=None, scale=None, tol=None
         assert out.dtype == dtype and out.shape == q.shape, impl
         grads = torch.autograd.grad(out, leaves, go.to(dtype))
         assert _rel(out, ref) <= tol, f"{impl}: rel err {_rel(out, ref):.2e} > {tol}"
-        for name, gr, rg in zip(names, grads, ref_grads):
+        for name, gr, rg in zip(names, grads, ref_grads, strict=False):
             assert gr.shape == rg.shape, (impl, name)
             assert _rel(gr, rg) <= tol, f"{impl}: grad of {name}: rel err {_rel(gr, rg):.2e} > {tol}"
         ran.append(impl)
@@ -245,7 +245,7 @@ def test_autocast_runs_in_the_autocast_dtype():
     ref = prefix_attention(*(c.to(torch.bfloat16) for c in cast), causal=False, attn_mask=mask.to(torch.bfloat16))
     ref_grads = torch.autograd.grad(ref, cast, go)
     assert torch.equal(out, ref)
-    for gr, rg, leaf in zip(grads, ref_grads, (q, k, v, pk, pv)):
+    for gr, rg, leaf in zip(grads, ref_grads, (q, k, v, pk, pv), strict=True):
         assert gr.dtype == leaf.dtype and torch.equal(gr, rg)
 
 
@@ -306,7 +306,7 @@ def test_dropout_seeded_equals_reference(shared):
     ref = prefix_attention_reference(*ref_leaves, causal=True, attn_mask=mask, dropout_p=0.3)
     ref_grads = torch.autograd.grad(ref, ref_leaves, go.double())
     assert _rel(out, ref) <= 1e-5
-    for gr, rg in zip(grads, ref_grads):
+    for gr, rg in zip(grads, ref_grads, strict=True):
         assert _rel(gr, rg) <= 1e-5
     # dropout really dropped something: differs from the no-dropout output
     plain = prefix_attention(q, k, v, pk, pv, causal=True, attn_mask=mask)
@@ -358,7 +358,7 @@ def test_chunked_dropout_equals_reference_with_its_keep_masks():
     ref = _reference_with_keep(*ref_leaves, mask, keep, p, scale)
     ref_grads = torch.autograd.grad(ref, ref_leaves, go.double())
     assert _rel(out, ref) <= 1e-5
-    for gr, rg in zip(grads, ref_grads):
+    for gr, rg in zip(grads, ref_grads, strict=True):
         assert _rel(gr, rg) <= 1e-5
     again, _ = torch.ops.ptpeft_fast.prefix_attention_forward(q, k, v, pk, pv, mask, seed, True, scale, p, "chunked")
     assert torch.equal(again, out.detach())  # the seed fixes the masks
@@ -714,7 +714,7 @@ def test_gradient_subsets(wanted, impl):
     _block_cpp_or_fail()
     q, k, v, pk, pv, g = _inputs(2, 6, 3, 70, 70, 9, 64, seed=11)
     names = ("q", "k", "v", "prefix_k", "prefix_v")
-    leaves = [t.clone().requires_grad_(n in wanted) for n, t in zip(names, (q, k, v, pk, pv))]
+    leaves = [t.clone().requires_grad_(n in wanted) for n, t in zip(names, (q, k, v, pk, pv), strict=True)]
     out = prefix_attention(*leaves, causal=True, backend=impl)
     go = torch.randn(out.shape, generator=g)
     got = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], go)
@@ -722,7 +722,7 @@ def test_gradient_subsets(wanted, impl):
     ref = prefix_attention_reference(*ref_leaves, causal=True)
     want = torch.autograd.grad(ref, [t for t in ref_leaves if t.requires_grad], go.double())
     assert _rel(out, ref) <= 1e-5
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         assert _rel(a, b) <= 1e-5
 
 

@@ -61,7 +61,7 @@ def ref_stats(x: torch.Tensor, lengths: list[int] | None = None, tau: float = 0.
     K = max(ks)
     mean = [0.0] * K
     eranks = []
-    for row, k in zip(s, ks):
+    for row, k in zip(s, ks, strict=True):
         total = sum(row[:k])
         p = [v / total for v in row[:k]]
         for i, v in enumerate(p):

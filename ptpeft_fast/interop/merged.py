@@ -140,7 +140,7 @@ def save_merged(model: nn.Module, out_dir: str | os.PathLike, **save_pretrained_
         prefixes = list(state.prefix_layers.items())
         ks, vs = static_kv(prefixes)
         tensors = {}
-        for (path, _), k, v in zip(prefixes, ks, vs):
+        for (path, _), k, v in zip(prefixes, ks, vs, strict=True):
             tensors[f"{path}.key"] = k.contiguous()
             tensors[f"{path}.value"] = v.contiguous()
         static = dataclasses.replace(pc, reparam="none")

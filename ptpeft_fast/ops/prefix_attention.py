@@ -245,12 +245,12 @@ def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     else:
         raise ValueError(f"prefix_attention_backward: no implementation {impl!r}")
     refs = (q, k, v, prefix_k, prefix_v)
-    return tuple(_like(g, r) if n and g is not None else r.new_empty(0) for g, r, n in zip(grads, refs, need))
+    return tuple(_like(g, r) if n and g is not None else r.new_empty(0) for g, r, n in zip(grads, refs, need, strict=True))
 
 
 @_backward_op.register_fake
 def _(grad_out, q, k, v, prefix_k, prefix_v, attn_mask, seed, out, lse, causal, scale, dropout_p, impl, need):
-    return tuple(torch.empty_like(r) if n else r.new_empty(0) for r, n in zip((q, k, v, prefix_k, prefix_v), need))
+    return tuple(torch.empty_like(r) if n else r.new_empty(0) for r, n in zip((q, k, v, prefix_k, prefix_v), need, strict=True))
 
 
 def _setup_context(ctx, inputs, output):
@@ -265,7 +265,7 @@ def _backward(ctx, grad_out, grad_lse):
     need = list(ctx.needs_input_grad[:5])
     grads = _backward_op(grad_out, q, k, v, prefix_k, prefix_v, attn_mask, seed, out, lse, ctx.causal, ctx.scale,
                          ctx.dropout_p, ctx.impl, need)
-    return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 6
+    return tuple(g if n else None for g, n in zip(grads, need, strict=True)) + (None,) * 6
 
 
 torch.library.register_autograd("ptpeft_fast::prefix_attention_forward", _backward, setup_context=_setup_context)
@@ -344,7 +344,7 @@ def _validate(q, k, v, prefix_k, prefix_v, attn_mask, scale, dropout_p) -> None:
         if attn_mask.device != q.device:
             raise ValueError(f"prefix_attention: attn_mask is on {attn_mask.device} but q is on {q.device}")
         full = (B, H, L, k.shape[2])
-        ok = 2 <= attn_mask.dim() <= 4 and all(m in (1, f) for m, f in zip(attn_mask.shape[::-1], full[::-1]))
+        ok = 2 <= attn_mask.dim() <= 4 and all(m in (1, f) for m, f in zip(attn_mask.shape[::-1], full[::-1], strict=False))
         if not ok:
             raise ValueError(
                 f"prefix_attention: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [B, H, L, S] = "

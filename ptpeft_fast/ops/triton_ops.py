@@ -324,4 +324,4 @@ def adapter_backward(dy2, x2, down_weight, up_weight, z, activation: str, residu
         dbu32 = _new((up_weight.shape[0],), torch.float32, up_weight.device)
         _adk.adapter_backward_w(x2, dy2, z, dz, dwd, dwu, dbd32, dbu32, act=act)
         dbd, dbu = dbd32.to(down_weight.dtype), dbu32.to(up_weight.dtype)
-    return tuple(g if n else None for g, n in zip((dx, dwd, dbd, dwu, dbu), need))
+    return tuple(g if n else None for g, n in zip((dx, dwd, dbd, dwu, dbu), need, strict=True))

@@ -121,7 +121,7 @@ class LayerPrefix(nn.Module):
         try:
             k, v = self._compute()
         finally:
-            for m, mode in zip(modules, modes):
+            for m, mode in zip(modules, modes, strict=True):
                 m.train(mode)
         return k.detach(), v.detach()
 

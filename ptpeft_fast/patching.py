@@ -29,7 +29,8 @@ def _param_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
 
 def _check_not_wrapped(model: nn.Module) -> None:
     if hasattr(model, "_ptpeft"):
-        raise ValueError("this model is already patched by ptpeft_fast; patch a fresh model, or use ptpeft_fast.load to restore weights")
+        raise ValueError("this model is already patched by ptpeft_fast; patch a fresh model, or use ptpeft_fast.load "
+                         "to restore weights")
     if type(model).__name__.startswith("Peft") or hasattr(model, "peft_config"):
         raise ValueError(
             "this model is wrapped by PEFT; patch the base model instead (model.get_base_model() after "
@@ -157,7 +158,8 @@ def _add_prefixes(model, config: PTPeftConfig, state: PatchState, modules) -> No
         shared = None
         if pc.reparam == "mlp-global":
             if len(set(geometry)) != 1:
-                raise ValueError(f"prefix.reparam='mlp-global' needs equal head geometry in every layer of {comp.name!r}")
+                raise ValueError("prefix.reparam='mlp-global' needs equal head geometry in every layer of "
+                                 f"{comp.name!r}")
             h, hkv, d = geometry[0]
             shared = GlobalPrefixMLP(len(layers), pc.num_tokens, hkv, d, h * d, pc.hidden_size, pc.dropout,
                                      pc.init_std, dtype, device)
@@ -222,12 +224,14 @@ def _shift_positions(model, comp: ResolvedComponent, num_tokens: int):
     regex = re.compile(r"(^|\.)" + pattern + "$")
     found = [m for n, m in model.named_modules() if n.startswith(prefix) and regex.search(n[len(prefix):])]
     if len(found) != 1:
-        raise ValueError(f"positions='shift': expected one position module {pattern!r} in {comp.name!r}, found {len(found)}")
+        raise ValueError(f"positions='shift': expected one position module {pattern!r} in {comp.name!r}, found "
+                         f"{len(found)}")
     table = found[0].num_embeddings if isinstance(found[0], nn.Embedding) else None
     if table is not None and num_tokens >= table:
-        raise ValueError(f"prefix.num_tokens={num_tokens} with positions='shift' needs more positions than the model has: "
-                         f"real tokens take positions {num_tokens}..{num_tokens}+L-1, and {comp.name!r} has a table of "
-                         f"{table}. Use positions='keep', or at most {table - 1} prefix tokens (P + L <= {table})")
+        raise ValueError(f"prefix.num_tokens={num_tokens} with positions='shift' needs more positions than the model "
+                         f"has: real tokens take positions {num_tokens}..{num_tokens}+L-1, and {comp.name!r} has a "
+                         f"table of {table}. Use positions='keep', or at most {table - 1} prefix tokens "
+                         f"(P + L <= {table})")
 
     def hook(_module, args, kwargs):
         if model._ptpeft.disabled:

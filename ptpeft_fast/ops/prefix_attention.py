@@ -294,8 +294,8 @@ def _validate(q, k, v, prefix_k, prefix_v, attn_mask, scale, dropout_p) -> None:
     for name in ("q", "k", "v"):
         if names[name].dim() != 4:
             raise ValueError(
-                f"prefix_attention: {name} must be 4-D [B, heads, tokens, head_dim]; got shape {tuple(names[name].shape)} "
-                "(transformers' [B, tokens, heads, head_dim] tensors need .transpose(1, 2))"
+                f"prefix_attention: {name} must be 4-D [B, heads, tokens, head_dim]; got shape "
+                f"{tuple(names[name].shape)} (transformers' [B, tokens, heads, head_dim] tensors need .transpose(1, 2))"
             )
     if not q.is_floating_point():
         raise ValueError(f"prefix_attention: q must be floating point, got {q.dtype}")
@@ -315,7 +315,8 @@ def _validate(q, k, v, prefix_k, prefix_v, attn_mask, scale, dropout_p) -> None:
         raise ValueError(f"prefix_attention: head_dim of k/v is {k.shape[3]} but q's is {D}; they must match")
     if prefix_k.shape != prefix_v.shape:
         raise ValueError(
-            f"prefix_attention: prefix_k {tuple(prefix_k.shape)} and prefix_v {tuple(prefix_v.shape)} must have the same shape"
+            f"prefix_attention: prefix_k {tuple(prefix_k.shape)} and prefix_v {tuple(prefix_v.shape)} "
+            "must have the same shape"
         )
     if prefix_k.dim() == 3:
         lead, want = tuple(prefix_k.shape[:1]), (Hkv,)
@@ -326,7 +327,8 @@ def _validate(q, k, v, prefix_k, prefix_v, attn_mask, scale, dropout_p) -> None:
     if lead is None or lead != want or prefix_k.shape[-1] != D:
         raise ValueError(
             f"prefix_attention: prefix_k/prefix_v must be [Hkv, P, D] = [{Hkv}, P, {D}] (shared by the batch) or "
-            f"[B, Hkv, P, D] = [{B}, {Hkv}, P, {D}]; got {tuple(prefix_k.shape)} (prefixes are sized by the key/value heads)"
+            f"[B, Hkv, P, D] = [{B}, {Hkv}, P, {D}]; got {tuple(prefix_k.shape)} "
+            "(prefixes are sized by the key/value heads)"
         )
     if prefix_k.shape[-2] < 1:
         raise ValueError(
@@ -339,7 +341,8 @@ def _validate(q, k, v, prefix_k, prefix_v, attn_mask, scale, dropout_p) -> None:
             raise ValueError(f"prefix_attention: attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
             raise ValueError(
-                f"prefix_attention: attn_mask must be bool (True = attend) or an additive float mask, got {attn_mask.dtype}"
+                "prefix_attention: attn_mask must be bool (True = attend) or an additive float mask, got "
+                f"{attn_mask.dtype}"
             )
         if attn_mask.device != q.device:
             raise ValueError(f"prefix_attention: attn_mask is on {attn_mask.device} but q is on {q.device}")

@@ -148,7 +148,8 @@ def _add_prefixes(model, config: PTPeftConfig, state: PatchState, modules) -> No
     pc = config.prefix
     for comp in _components_of(model, pc.components, config):
         layers = [] if comp.family is None else [
-            (f"{bname}.{rel}", block.get_submodule(rel)) for bname, block in comp.blocks for rel in comp.family.attention]
+            (f"{bname}.{rel}", block.get_submodule(rel))
+            for bname, block in comp.blocks for rel in comp.family.attention]
         if not layers:
             raise ValueError(f"component {comp.name!r} has no attention layers, so it takes no prefix "
                              "(it can take LoRA or an adapter); remove it from prefix.components")
@@ -283,7 +284,8 @@ def _add_lora(model, config: PTPeftConfig, state: PatchState, modules) -> None:
                         matched.update(hits)
                         found.append((f"{bname}.{rel}", m))
         if not found:
-            names = sorted({rel.split(".")[-1] for _, b in comp.blocks for rel, m in b.named_modules() if _is_linear(m)})
+            names = sorted({rel.split(".")[-1] for _, b in comp.blocks
+                            for rel, m in b.named_modules() if _is_linear(m)})
             raise ValueError(f"lora.targets {list(targets or ())} match no linear layer in component {comp.name!r}; "
                              f"its linear layers are named: {names}")
         for path, layer in found:

@@ -64,7 +64,8 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error():
         calls = {
             "prefix_attention": lambda: ops.prefix_attention(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16),
                 torch.randn(1, 2, 3, 16), torch.randn(2, 1, 16), torch.randn(2, 1, 16), causal=True, backend="triton"),
-            "lora_linear": lambda: ops.lora_linear(x, torch.randn(4, 8), None, torch.randn(2, 8), torch.randn(4, 2), 1.0, backend="triton"),
+            "lora_linear": lambda: ops.lora_linear(x, torch.randn(4, 8), None, torch.randn(2, 8), torch.randn(4, 2),
+                                                   1.0, backend="triton"),
             "adapter": lambda: ops.adapter(x, torch.randn(2, 8), None, torch.randn(8, 2), None, backend="triton"),
         }
         for name, fn in calls.items():

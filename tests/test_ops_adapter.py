@@ -113,7 +113,8 @@ def test_gradcheck_float64(activation, residual):
 def test_identity_at_zero_up_init():
     """An adapter whose up-projection is zero (its usual init) returns x exactly."""
     t, _ = _inputs((3, 4), 8, 2, seed=6)
-    y = adapter(t["x"], t["down_weight"], t["down_bias"], torch.zeros_like(t["up_weight"]), torch.zeros_like(t["up_bias"]))
+    y = adapter(t["x"], t["down_weight"], t["down_bias"], torch.zeros_like(t["up_weight"]),
+                torch.zeros_like(t["up_bias"]))
     assert torch.equal(y, t["x"])
 
 

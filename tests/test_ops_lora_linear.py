@@ -227,7 +227,8 @@ def test_bad_inputs_raise_value_error(name, override, message):
     kw = dict(t, scaling=1.0, dropout_p=0.0)
     kw.update(override)
     with pytest.raises(ValueError, match=message):
-        lora_linear(kw["x"], kw["weight"], kw["bias"], kw["lora_a"], kw["lora_b"], kw["scaling"], dropout_p=kw["dropout_p"])
+        lora_linear(kw["x"], kw["weight"], kw["bias"], kw["lora_a"], kw["lora_b"], kw["scaling"],
+                    dropout_p=kw["dropout_p"])
 
 
 def _factor_grads_or_fail():
@@ -240,7 +241,8 @@ def _factor_grads_or_fail():
 
 @pytest.mark.parametrize("n,d_in,d_out,r", [(37, 40, 24, 8), (29, 24, 33, 16), (30, 16, 8, 24), (41, 48, 40, 32),
                                             (10, 8, 8, 8), (300, 72, 56, 16), (2000, 256, 200, 16)],
-                         ids=["r8-tail", "r16-odd-out", "r24", "r32", "fewer-rows-than-a-block", "many-blocks", "threads-split-rows"])
+                         ids=["r8-tail", "r16-odd-out", "r24", "r32", "fewer-rows-than-a-block", "many-blocks",
+                              "threads-split-rows"])
 def test_fused_factor_grads_match_reference(n, d_in, d_out, r):
     """merged_cpp's C++ (dA, dB) op (every build has it; auto takes it from the avx512 build only),
     on shapes that leave partial row blocks."""

@@ -630,7 +630,8 @@ def test_decode_step_entry_matches_reference(case):
     assert _ext.load_ext(), f"the csrc extension must build here (design §4): {_ext.ext_error()}"
     g = torch.Generator().manual_seed(900 + case)
     dtype = torch.float64 if case % 3 == 2 else torch.float32
-    B, Hkv, G, S, D, P = 1 + case % 3, (1, 2)[case % 2], (1, 4)[(case // 2) % 2], (1, 33)[case % 2], (64, 24)[case % 2], 7
+    B, Hkv, G = 1 + case % 3, (1, 2)[case % 2], (1, 4)[(case // 2) % 2]
+    S, D, P = (1, 33)[case % 2], (64, 24)[case % 2], 7
     H = Hkv * G
 
     def rnd(*shape):
@@ -683,7 +684,8 @@ def _block_cpp_or_fail():
 
     assert _ext.load_ext(), f"the csrc extension must build here (design §4): {_ext.ext_error()}"
     q = torch.zeros(1, 1, 4, 64)
-    e = explain(prefix_attention, q, q, q, torch.zeros(1, 2, 64), torch.zeros(1, 2, 64), causal=True, backend="block_cpp")
+    e = explain(prefix_attention, q, q, q, torch.zeros(1, 2, 64), torch.zeros(1, 2, 64), causal=True,
+                backend="block_cpp")
     assert e.chosen == "block_cpp", f"block_cpp is unavailable (no BLAS sgemm in torch?): {e}"
 
 

@@ -39,7 +39,8 @@ def _changed_groups(model, before) -> dict[str, bool]:
 
 
 def _patched(stage: str):
-    model = pf.patch(load(), pf.PTPeftConfig(prefix=pf.PrefixConfig(num_tokens=4, hidden_size=16), lora=pf.LoraConfig(r=4)))
+    model = pf.patch(load(), pf.PTPeftConfig(prefix=pf.PrefixConfig(num_tokens=4, hidden_size=16),
+                                             lora=pf.LoraConfig(r=4)))
     pf.set_stage(model, stage)
     return model
 

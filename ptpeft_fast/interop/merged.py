@@ -148,7 +148,8 @@ def save_merged(model: nn.Module, out_dir: str | os.PathLike, **save_pretrained_
         meta = {
             "format": str(PREFIX_FORMAT),
             "model_type": str(getattr(config, "model_type", None)),
-            "prefix_config": json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(static).items()}),
+            "prefix_config": json.dumps({k: list(v) if isinstance(v, tuple) else v
+                                         for k, v in dataclasses.asdict(static).items()}),
             "targets": json.dumps(state.config.targets),
         }
         from safetensors.torch import save_file

@@ -77,7 +77,8 @@ class PeftInteropError(ValueError):
 # --------------------------------------------------------------------------------------
 # reading a PEFT source
 # --------------------------------------------------------------------------------------
-def _read_source(source: Any, adapter_name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+def _read_source(source: Any,
+                 adapter_name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """(adapter config dict, saved-format weights, prompt-encoder MLP state or None)."""
     if isinstance(source, (str, os.PathLike)):
         return _read_dir(Path(source))
@@ -247,7 +248,8 @@ def _component_of_paths(model: nn.Module, paths: list[str]) -> tuple[tuple[str, 
     return components, targets
 
 
-def _load_lora(model: nn.Module, cfg: dict[str, Any], weights: dict[str, torch.Tensor], config: PTPeftConfig | None) -> nn.Module:
+def _load_lora(model: nn.Module, cfg: dict[str, Any], weights: dict[str, torch.Tensor],
+               config: PTPeftConfig | None) -> nn.Module:
     _check_lora_options(cfg)
     paths = _lora_paths(weights)
     ranks = {ab["A"].shape[0] for ab in paths.values()}
@@ -270,7 +272,8 @@ def _load_lora(model: nn.Module, cfg: dict[str, Any], weights: dict[str, torch.T
         if config is None:
             components, targets = _component_of_paths(model, sorted(paths))
             config = PTPeftConfig(prefix=None, adapter=None,
-                                  lora=LoraConfig(r=r, alpha=scaling * r, dropout=float(cfg.get("lora_dropout", 0.0) or 0.0),
+                                  lora=LoraConfig(r=r, alpha=scaling * r,
+                                                  dropout=float(cfg.get("lora_dropout", 0.0) or 0.0),
                                                   targets=targets or None, components=components))
         patch(model, config)
     state = get_state(model)
@@ -313,7 +316,8 @@ def _language_attention(model: nn.Module, config: PTPeftConfig | None) -> list[t
 
 def _load_prefix(model: nn.Module, cfg: dict[str, Any], weights: dict[str, torch.Tensor],
                  mlp: dict[str, torch.Tensor] | None, config: PTPeftConfig | None) -> nn.Module:
-    if int(cfg.get("num_transformer_submodules") or 1) != 1 or getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+    if (int(cfg.get("num_transformer_submodules") or 1) != 1
+            or getattr(getattr(model, "config", None), "is_encoder_decoder", False)):
         raise PeftInteropError("from_peft: PEFT prefix tuning of encoder-decoder models (num_transformer_submodules=2) "
                                "is not supported; ptpeft_fast reads decoder-only prefix checkpoints")
     P, n_layers = int(cfg["num_virtual_tokens"]), int(cfg["num_layers"])
@@ -391,7 +395,8 @@ def _copy_mlp(state, prefixes, mlp, P, n_layers, token_dim) -> None:
     if tuple(emb.shape) != (P, token_dim) or tuple(w2.shape) != (n_layers * 2 * token_dim, hidden):
         raise PeftInteropError(f"from_peft: prefix MLP shapes embedding {tuple(emb.shape)}, transform.2 "
                                f"{tuple(w2.shape)} do not fit P={P}, token_dim={token_dim}, layers={n_layers}")
-    if tuple(shared.mlp_in.weight.shape) != (hidden, embed_dim) or tuple(shared.mlp_out.weight.shape) != tuple(w2.shape):
+    if (tuple(shared.mlp_in.weight.shape) != (hidden, embed_dim)
+            or tuple(shared.mlp_out.weight.shape) != tuple(w2.shape)):
         raise PeftInteropError(f"from_peft: model prefix MLP is [{embed_dim}→{shared.mlp_in.weight.shape[0]}→"
                                f"{shared.mlp_out.weight.shape[0]}] but PEFT's is [{token_dim}→{hidden}→{w2.shape[0]}]; "
                                f"patch with prefix.hidden_size={hidden}")
@@ -477,7 +482,8 @@ def to_peft(model: nn.Module, out_dir: str | os.PathLike, *, adapter: str = "aut
     from ..atomic_files import atomic_write_bytes
 
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(out / SAFE_WEIGHTS), metadata={"format": "pt"})
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(out / SAFE_WEIGHTS),
+              metadata={"format": "pt"})
     atomic_write_bytes(out / ADAPTER_CONFIG, json.dumps(cfg, indent=2, sort_keys=True).encode())
     return out
 

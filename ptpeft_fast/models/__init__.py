@@ -231,7 +231,8 @@ class MMCollator:
         recs = [it[0] for it in items]
         images = [it[1] for it in items]
         prompts = [render_prompt(self.template, r.question) for r in recs]
-        targets = ([it[2] if len(it) > 2 and it[2] is not None else r.train_target() for it, r in zip(items, recs, strict=True)]
+        targets = ([it[2] if len(it) > 2 and it[2] is not None else r.train_target()
+                    for it, r in zip(items, recs, strict=True)]
                    if self.train else None)
         if self.decoder_start is not None:  # encoder-decoder: prompt to the encoder, target to the decoder
             batch = self._encode(recs, images, prompts)

@@ -142,8 +142,8 @@ def _forward_op(x: torch.Tensor, down_w: torch.Tensor, down_b: Optional[torch.Te
     has_ub = up_b is not None
     w_hat = torch.cat([up_w, up_b.unsqueeze(1)], dim=1) if has_ub else up_w  # [d_out, m(+1)]
     if impl == "blocked_cpp":
-        y, a_hat, h = torch.ops.ptpeft_fast.adapter_blocked_forward(x2, down_w, down_b, w_hat.t().contiguous(), activation,
-                                                            residual, BLOCK_ROWS)
+        y, a_hat, h = torch.ops.ptpeft_fast.adapter_blocked_forward(x2, down_w, down_b, w_hat.t().contiguous(),
+                                                                    activation, residual, BLOCK_ROWS)
     elif impl == "fused":
         h = torch.addmm(down_b, x2, down_w.t()) if down_b is not None else x2 @ down_w.t()
         a_hat = torch.empty(n, m + int(has_ub), dtype=x.dtype, device=x.device)

@@ -271,7 +271,8 @@ def _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p) -> None:
         raise ValueError(f"lora_linear: lora_b must be [out, r] = [{out_f}, {r}], got {tuple(lora_b.shape)}")
     if bias is not None and tuple(bias.shape) != (out_f,):
         raise ValueError(f"lora_linear: bias must be [out] = [{out_f}], got {tuple(bias.shape)}")
-    check_dtype_device("lora_linear", "x", x, (("weight", weight), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b)))
+    check_dtype_device("lora_linear", "x", x,
+                       (("weight", weight), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b)))
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
         raise ValueError(f"lora_linear: scaling must be a finite float (alpha / r), got {scaling!r}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:

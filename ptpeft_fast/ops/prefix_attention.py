@@ -245,12 +245,14 @@ def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     else:
         raise ValueError(f"prefix_attention_backward: no implementation {impl!r}")
     refs = (q, k, v, prefix_k, prefix_v)
-    return tuple(_like(g, r) if n and g is not None else r.new_empty(0) for g, r, n in zip(grads, refs, need, strict=True))
+    return tuple(_like(g, r) if n and g is not None else r.new_empty(0)
+                 for g, r, n in zip(grads, refs, need, strict=True))
 
 
 @_backward_op.register_fake
 def _(grad_out, q, k, v, prefix_k, prefix_v, attn_mask, seed, out, lse, causal, scale, dropout_p, impl, need):
-    return tuple(torch.empty_like(r) if n else r.new_empty(0) for r, n in zip((q, k, v, prefix_k, prefix_v), need, strict=True))
+    return tuple(torch.empty_like(r) if n else r.new_empty(0)
+                 for r, n in zip((q, k, v, prefix_k, prefix_v), need, strict=True))
 
 
 def _setup_context(ctx, inputs, output):
@@ -347,14 +349,17 @@ def _validate(q, k, v, prefix_k, prefix_v, attn_mask, scale, dropout_p) -> None:
         if attn_mask.device != q.device:
             raise ValueError(f"prefix_attention: attn_mask is on {attn_mask.device} but q is on {q.device}")
         full = (B, H, L, k.shape[2])
-        ok = 2 <= attn_mask.dim() <= 4 and all(m in (1, f) for m, f in zip(attn_mask.shape[::-1], full[::-1], strict=False))
+        # trailing dims broadcast against [B, H, L, S]; a 2- or 3-D mask has fewer dims than full
+        ok = 2 <= attn_mask.dim() <= 4 and all(m in (1, f)
+                                                for m, f in zip(attn_mask.shape[::-1], full[::-1], strict=False))
         if not ok:
             raise ValueError(
                 f"prefix_attention: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [B, H, L, S] = "
                 f"{list(full)}; it covers the real keys only (no prefix columns), e.g. [B, 1, L, S]"
             )
     if scale is not None:
-        if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0:
+        if (isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+                or scale == 0):
             raise ValueError(f"prefix_attention: scale must be a finite non-zero float or None, got {scale!r}")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"prefix_attention: dropout_p must be in [0, 1), got {dropout_p!r}")

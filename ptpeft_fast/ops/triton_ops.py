@@ -277,7 +277,8 @@ def lora_linear_backward(dy2, x2, weight, lora_a, lora_b, t, scaling: float, dro
     return dx, dw, db, (da if need_a else None), (dlb if need_lb else None)
 
 
-def lora_dropout_mask(shape: tuple[int, int], dropout_p: float, seed: int, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+def lora_dropout_mask(shape: tuple[int, int], dropout_p: float, seed: int,
+                      device: Union[str, torch.device] = "cpu") -> torch.Tensor:
     """The keep-mask (bool ``[M, in]``) that ``lora_linear`` uses for ``seed`` (for tests)."""
     return _lk.dropout_mask(shape, dropout_p, seed, torch.device(device))
 

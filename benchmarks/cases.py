@@ -122,7 +122,7 @@ def build_prefix_attention(B: int = 4, H: int = 8, L: int = 512, D: int = 64, P:
         return (out,) + _grad(out, [q, k, v, pk, pv], do)
 
     names = ("out", "dq", "dk", "dv", "dpk", "dpv")
-    outs = lambda r: dict(zip(names, r))  # noqa: E731
+    outs = lambda r: dict(zip(names, r, strict=False))  # noqa: E731
     return Case(
         name="prefix_attention",
         shape=f"B={B} H={H} L={L} D={D} P={P} causal fp32",
@@ -140,8 +140,8 @@ def build_prefix_attention(B: int = 4, H: int = 8, L: int = 512, D: int = 64, P:
 def build_lora_linear(N: int = 4096, d_in: int = 1024, d_out: int = 1024, r: int = 16, alpha: float = 32.0,
                       seed: int = 0) -> Case:
     """LoRA linear fwd+bwd with a frozen base weight; grads to x, A and B."""
-    from peft.tuners.lora import Linear as PeftLoraLinear
     from peft import LoraConfig
+    from peft.tuners.lora import Linear as PeftLoraLinear
 
     g = torch.Generator().manual_seed(seed)
     base = torch.nn.Linear(d_in, d_out, bias=False)
@@ -176,7 +176,7 @@ def build_lora_linear(N: int = 4096, d_in: int = 1024, d_out: int = 1024, r: int
         return (y,) + _grad(y, [x, pa, pb], dy)
 
     names = ("y", "dx", "dA", "dB")
-    outs = lambda res: dict(zip(names, res))  # noqa: E731
+    outs = lambda res: dict(zip(names, res, strict=False))  # noqa: E731
     return Case(
         name="lora_linear",
         shape=f"N={N} {d_in}→{d_out} r={r} frozen W, no bias, fp32",
@@ -212,7 +212,7 @@ def build_adapter(N: int = 4096, d: int = 1024, m: int = 64, activation: str = "
         return (y,) + _grad(y, params, dy)
 
     names = ("y", "dx", "dWd", "dbd", "dWu", "dbu")
-    outs = lambda res: dict(zip(names, res))  # noqa: E731
+    outs = lambda res: dict(zip(names, res, strict=False))  # noqa: E731
     return Case(
         name="adapter",
         shape=f"N={N} d={d} bottleneck={m} {activation} fp32",
@@ -554,9 +554,8 @@ def build_compiled_train(B: int = 4, L: int = 256, P: int = 32, r: Optional[int]
     ours_model = ours_prefix(copy.deepcopy(base), P, lora_r=r)
     copy_prefix_from_peft(ours_model, peft_model)
     if r is not None:
-        from peft import LoraConfig
+        from peft import LoraConfig, get_peft_model
         from peft.tuners.lora import LoraModel  # noqa: F401 (PEFT's LoRA on a second copy)
-        from peft import get_peft_model
 
         peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=16.0, lora_dropout=0.0,
                                                                     target_modules=list(LORA_TARGETS)))

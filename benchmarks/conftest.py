@@ -17,13 +17,10 @@ Environment knobs: ``BENCH_SCALE`` multiplies the number of rounds (default 1);
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -70,7 +67,7 @@ def paired_round_ratios(case, rounds: int) -> dict[str, list[float]]:
             t0 = time.perf_counter()
             case.sides[n].run()
             times[n].append(time.perf_counter() - t0)
-    return {n: [o / t for o, t in zip(times["ours"], times[n])] for n in names if n != "ours"}
+    return {n: [o / t for o, t in zip(times["ours"], times[n], strict=True)] for n in names if n != "ours"}
 
 
 def paired_ratios(case, rounds: int) -> dict[str, float]:

@@ -75,7 +75,8 @@ def main(argv=None) -> int:
     print("| shape | dtype | mask | implementation | median ms | vs next in table |")
     print("|---|---|---|---|---|---|")
     cases = [(s, dt, pad, True) for s in shapes for dt in (torch.float32, torch.bfloat16) for pad in (False, True)]
-    cases += [((4, 8, 1, S, 32, 64), dt, pad, False) for S in (64, 512, 2048) for dt in (torch.float32,) for pad in (False, True)]
+    cases += [((4, 8, 1, S, 32, 64), dt, pad, False)
+              for S in (64, 512, 2048) for dt in (torch.float32,) for pad in (False, True)]
     if a.only:
         cases = [c for c in cases if c[3] == (a.only == "training")]
     for (B, H, L, S, P, D), dt, pad, grad in cases:
@@ -86,7 +87,9 @@ def main(argv=None) -> int:
         what = f"B={B} H={H} L={L} S={S} P={P} D={D} {'fwd+bwd' if grad else 'fwd (decode)'}"
         for n, i in enumerate(impls):
             nxt = impls[n + 1] if n + 1 < len(impls) else None
-            ratio = (f"{statistics.median([x / y for x, y in zip(times[i], times[nxt])]):.2f}× {nxt}" if nxt else "")
+            ratio = ""
+            if nxt:
+                ratio = f"{statistics.median([x / y for x, y in zip(times[i], times[nxt], strict=True)]):.2f}× {nxt}"
             print(f"| {what} | {str(dt).split('.')[-1]} | {'padding' if pad else 'causal'} | {i} | "
                   f"{med[i] * 1e3:.1f} | {ratio} |", flush=True)
     return 0

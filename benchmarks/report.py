@@ -246,7 +246,8 @@ def render(data: dict, memory: Optional[list[dict]], profiles: dict[str, list[tu
                  f"{mi.get('cpu_count', '?')} cores, torch threads {mi.get('torch_threads', '?')}")
     lines.append(f"- torch {mi.get('torch_version', '?')}, transformers {mi.get('transformers_version', '?')}, "
                  f"peft {mi.get('peft_version', '?')}, Python {mi.get('python', mi.get('python_version', '?'))}")
-    loads = [e["info"].get("loadavg_start") for es in cases.values() for e in es if e["info"].get("loadavg_start") is not None]
+    loads = [e["info"].get("loadavg_start") for es in cases.values() for e in es
+             if e["info"].get("loadavg_start") is not None]
     if loads:
         lines.append(f"- 1-minute load average while the suite ran: median {statistics.median(loads):.1f}, "
                      f"max {max(loads):.1f} on {mi.get('cpu_count', '?')} cores "
@@ -263,7 +264,8 @@ def render(data: dict, memory: Optional[list[dict]], profiles: dict[str, list[tu
                  "verdict whose target lies between them (this run's noise can flip it). "
                  "Spread = IQR/median of the side's rounds.")
     lines.append("")
-    lines.append("| case | shape | side | ours | side time | ratio (medians) | ratio (paired) | target | met | spread ours / side |")
+    lines.append("| case | shape | side | ours | side time | ratio (medians) | ratio (paired) | target | met "
+                 "| spread ours / side |")
     lines.append("|---|---|---|---:|---:|---:|---:|---|---|---|")
     for r in all_rows:
         o, e = r["ours"], r["other"]
@@ -307,7 +309,8 @@ def render(data: dict, memory: Optional[list[dict]], profiles: dict[str, list[tu
         iqr = r.get("paired_iqr")
         spread = f" [IQR {iqr[0]:.3f}–{iqr[1]:.3f}]" if iqr else ""
         lines.append(f"### {r['case']} vs {r['other']['side_name']} "
-                     f"(paired {_r(r['paired'])}{spread}, medians {_r(r['ratio'])}, target {r['target_text'] or r['target']})")
+                     f"(paired {_r(r['paired'])}{spread}, medians {_r(r['ratio'])}, "
+                     f"target {r['target_text'] or r['target']})")
         lines.append("")
         note = analysis.get(f"{r['case']} vs {r['other']['side_name']}") or analysis.get(r["case"])
         lines.append(note or "_No analysis written yet._")

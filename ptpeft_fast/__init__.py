@@ -7,16 +7,15 @@
     pf.set_stage(model, "peft")            # stage 2: LoRA/Adapter (+ prefix) train
     pf.save(model, "ckpt/")
 """
-from .version import __version__  # noqa: F401 (ptpeft_fast.__version__)
-
 from ._sources import install_checkout_finder
+from .version import __version__  # noqa: F401 (ptpeft_fast.__version__)
 
 install_checkout_finder()  # ptpeft_fast.kernels from an uninstalled checkout (see _sources)
 
 from .architectures import supported_model_types
 from .checkpoint import load, save
-from .disable import disabled
 from .config import AdapterConfig, LoraConfig, PrefixConfig, PTPeftConfig
+from .disable import disabled
 from .interop import PeftInteropError, from_peft, load_static_prefix, save_merged, to_peft
 from .merging import merge, unmerge
 from .patching import patch, unpatch

@@ -186,7 +186,8 @@ def _cflags(variant: str, with_cuda: bool) -> list[str]:
 
 def _ldflags(variant: str) -> list[str]:
     # -ldl: prefix_flash_cpu.cpp looks up torch's sgemm with dlsym (libc has it from glibc 2.34)
-    return (["-fopenmp"] if "-fopenmp" in _cpu_flags(variant) else []) + (["-ldl"] if sys.platform.startswith("linux") else [])
+    return ((["-fopenmp"] if "-fopenmp" in _cpu_flags(variant) else [])
+            + (["-ldl"] if sys.platform.startswith("linux") else []))
 
 
 def _build(src: Path, with_cuda: bool, variant: str) -> None:

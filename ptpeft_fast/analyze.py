@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, default=None, help="use at most this many samples")
     p.add_argument("--max-length", type=int, default=512, help="truncate samples to this many tokens")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--component", default="language", help="layer stack to hook: language, vision, ... or a module path")
+    p.add_argument("--component", default="language",
+                   help="layer stack to hook: language, vision, ... or a module path")
     p.add_argument("--layer", type=int, default=-1, help="layer index in the stack (default: last)")
     p.add_argument("--threshold", type=float, default=0.9, help="τ of the remaining-rank ratio (default 0.9)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -73,7 +74,8 @@ def read_samples(path: str | Path, *, tokenizer_name: str | None, text_field: st
                 elif isinstance(rec, dict) and isinstance(rec.get(text_field), str):
                     records.append(rec[text_field])
                 else:
-                    raise ValueError(f"{path}:{lineno}: record has neither 'input_ids' nor a string {text_field!r} field")
+                    raise ValueError(f"{path}:{lineno}: record has neither 'input_ids' "
+                                     f"nor a string {text_field!r} field")
             else:
                 records.append(line.rstrip("\n"))
             if max_samples is not None and len(records) >= max_samples:
@@ -128,7 +130,8 @@ def _names(args: argparse.Namespace) -> list[str]:
     default = ["pretrained"] + [Path(c).name or str(c) for c in args.checkpoints]
     names = args.names if args.names else default
     if len(names) != 1 + len(args.checkpoints):
-        raise SystemExit(f"--names needs {1 + len(args.checkpoints)} labels (pretrained + each checkpoint), got {len(names)}")
+        raise SystemExit(f"--names needs {1 + len(args.checkpoints)} labels (pretrained + each checkpoint), "
+                         f"got {len(names)}")
     seen: dict[str, int] = {}
     unique = []
     for n in names:  # two checkpoints named 'final' in different folders must not merge
@@ -156,7 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     for ckpt in args.checkpoints:
         if not (Path(ckpt) / "ptpeft_config.json").is_file():
-            raise SystemExit(f"--checkpoints: {ckpt} is not a directory written by ptpeft_fast.save (no ptpeft_config.json)")
+            raise SystemExit(f"--checkpoints: {ckpt} is not a directory written by ptpeft_fast.save "
+                             "(no ptpeft_config.json)")
     names = _names(args)
     dtype = getattr(torch, args.dtype)
     out = Path(args.out)
@@ -165,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     samples = read_samples(args.data, tokenizer_name=args.tokenizer or args.model, text_field=args.text_field,
                            max_samples=args.max_samples, max_length=args.max_length)
     stats = {}
-    for name, ckpt in zip(names, [None, *args.checkpoints]):
+    for name, ckpt in zip(names, [None, *args.checkpoints], strict=True):
         model = _load_model(args.model, dtype, args.device)
         if ckpt is not None:
             ptpeft_fast.load(model, ckpt)  # patches the fresh model with the saved config, then loads

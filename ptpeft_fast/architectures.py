@@ -194,7 +194,9 @@ def _projector(block: str, linears: tuple[str, ...], out: str, roots: tuple[str,
 def _mm(vision: str, language: str, projector: Component | None, qformer: str | None = None) -> dict[str, Component]:
     """An image-text model whose vision tower, Q-Former and language model are looked up by
     their own sub-config's ``model_type`` (so LLaVA with a SigLIP tower or a Qwen2 LM just works)."""
-    roots = lambda p: (f"model.{p}", p)
+    def roots(p):
+        return (f"model.{p}", p)
+
     out = {"vision": Component(roots=roots(vision), delegate="vision_config"),
            "language": Component(roots=roots(language), delegate="text_config")}
     if qformer is not None:
@@ -204,9 +206,11 @@ def _mm(vision: str, language: str, projector: Component | None, qformer: str | 
     return out
 
 
-_LLAVA = _mm("vision_tower", "language_model", _projector("multi_modal_projector", ("linear_1", "linear_2"), "linear_2"))
+_LLAVA = _mm("vision_tower", "language_model",
+             _projector("multi_modal_projector", ("linear_1", "linear_2"), "linear_2"))
 _IDEFICS3 = _mm("vision_model", "text_model", _projector("connector", ("proj",), "modality_projection"))
-_QWEN2_VL = _mm("visual", "language_model", _projector("merger", ("mlp.0", "mlp.2"), "mlp", roots=("model.visual", "visual")))
+_QWEN2_VL = _mm("visual", "language_model",
+                _projector("merger", ("mlp.0", "mlp.2"), "mlp", roots=("model.visual", "visual")))
 
 _CLIP_LIKE = {
     "language": Component(roots=("text_model",), family=_CLIP),
@@ -328,7 +332,9 @@ def family_from_targets(t: dict[str, Any]) -> Family:
         raise ValueError(f"targets: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
     if "layers" not in t or "attention" not in t:
         raise ValueError("targets needs at least 'layers' (regex of the blocks) and 'attention' (paths inside a block)")
-    as_tuple = lambda v: (v,) if isinstance(v, str) else tuple(v)
+    def as_tuple(v):
+        return (v,) if isinstance(v, str) else tuple(v)
+
     return Family(
         layers=t["layers"],
         attention=as_tuple(t["attention"]),
@@ -339,7 +345,8 @@ def family_from_targets(t: dict[str, Any]) -> Family:
     )
 
 
-def resolve_components(model: nn.Module, names: tuple[str, ...], custom: dict[str, Any] | None = None) -> list[ResolvedComponent]:
+def resolve_components(model: nn.Module, names: tuple[str, ...],
+                       custom: dict[str, Any] | None = None) -> list[ResolvedComponent]:
     """Find the components ``names`` in ``model``; raise ``ValueError`` naming what is missing."""
     config = getattr(model, "config", None)
     table = _table_for(config, custom)
@@ -353,7 +360,8 @@ def resolve_components(model: nn.Module, names: tuple[str, ...], custom: dict[st
 def _resolve_one(model, config, table, name, base, modules) -> list[ResolvedComponent]:
     if name not in table:
         if name in ALIASES and all(a in table for a in ALIASES[name]):
-            return [replace(c, alias_of=name) for a in ALIASES[name] for c in _resolve_one(model, config, table, a, base, modules)]
+            return [replace(c, alias_of=name) for a in ALIASES[name]
+                    for c in _resolve_one(model, config, table, a, base, modules)]
         raise ValueError(
             f"component {name!r} does not exist in model_type {getattr(config, 'model_type', None)!r}; "
             f"it has: {sorted(table)}"
@@ -366,7 +374,8 @@ def _resolve_one(model, config, table, name, base, modules) -> list[ResolvedComp
         sub_config = getattr(config, comp.delegate)
         sub_table = _table_for(sub_config, None)
         return [c for c in _resolve_sub(model, sub_config, sub_table, name, root, modules)]
-    resolved = ResolvedComponent(name=name, root=root, family=comp.family, direct=tuple(_join(root, d) for d in comp.direct))
+    resolved = ResolvedComponent(name=name, root=root, family=comp.family,
+                                 direct=tuple(_join(root, d) for d in comp.direct))
     if comp.family is not None:
         pattern = re.compile(r"(^|\.)" + comp.family.layers + "$")
         prefix = root + "." if root else ""
@@ -374,7 +383,8 @@ def _resolve_one(model, config, table, name, base, modules) -> list[ResolvedComp
             (n, m) for n, m in modules.items() if n.startswith(prefix) and pattern.search(n[len(prefix):])
         ]
         if not resolved.blocks:
-            raise ValueError(f"component {name!r}: no transformer blocks matching {comp.family.layers!r} under {root!r}")
+            raise ValueError(f"component {name!r}: no transformer blocks matching {comp.family.layers!r} "
+                             f"under {root!r}")
     return [resolved]
 
 
@@ -382,12 +392,14 @@ def _resolve_sub(model, sub_config, sub_table, name, root, modules):
     if name in sub_table:
         return _resolve_one(model, sub_config, sub_table, name, root, modules)
     if name in ALIASES and all(a in sub_table for a in ALIASES[name]):
-        return [replace(c, alias_of=name) for a in ALIASES[name] for c in _resolve_one(model, sub_config, sub_table, a, root, modules)]
+        return [replace(c, alias_of=name) for a in ALIASES[name]
+                for c in _resolve_one(model, sub_config, sub_table, a, root, modules)]
     # a text model registered under another component name (e.g. its only component)
     if len(sub_table) == 1:
         only = next(iter(sub_table))
         return [replace(c, name=name) for c in _resolve_one(model, sub_config, sub_table, only, root, modules)]
-    raise ValueError(f"component {name!r}: sub-model {getattr(sub_config, 'model_type', None)!r} has components {sorted(sub_table)}")
+    raise ValueError(f"component {name!r}: sub-model {getattr(sub_config, 'model_type', None)!r} "
+                     f"has components {sorted(sub_table)}")
 
 
 def iter_in_scope(block: nn.Module, family: Family) -> Iterator[tuple[str, nn.Module]]:

@@ -74,7 +74,8 @@ def ptpeft_attention_forward(
     if layer_prefix is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     prefix_k, prefix_v = layer_prefix.kv(query.dtype)
     backend = getattr(module, "_ptpeft_backend", "auto")
     if kwargs.get("position_bias") is None and (dropout == 0.0 or not module.training):

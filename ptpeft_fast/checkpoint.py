@@ -10,12 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .version import __version__
 from .atomic_files import atomic_write_bytes
 from .config import PTPeftConfig, check_version
 from .patch_state import get_state
 from .patching import patch, unpatch
 from .stages import parameter_groups
+from .version import __version__
 
 WEIGHTS_NAME = "ptpeft.safetensors"
 CONFIG_NAME = "ptpeft_config.json"
@@ -63,7 +63,7 @@ def save(model: nn.Module, path: str | os.PathLike, extra_meta: dict[str, Any] |
         "model_type": getattr(getattr(model, "config", None), "model_type", None),
         "config": state.config.to_dict(),
         "extra_trainable": list(state.extra_trainable),
-        "lora_merged": any(getattr(l, l._ptpeft_lora).merged for l in state.lora_layers.values()),
+        "lora_merged": any(getattr(lin, lin._ptpeft_lora).merged for lin in state.lora_layers.values()),
         "shapes": {n: list(t.shape) for n, t in tensors.items()},
         "weights_sha256": hashlib.sha256(blob).hexdigest(),
         **(extra_meta or {}),
@@ -93,7 +93,8 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(meta, dict) or "config" not in meta:
         raise ValueError(f"{cfg} is not a ptpeft_fast checkpoint config")
     if int(meta.get("format", 0)) > FORMAT:
-        raise ValueError(f"{cfg} has format {meta['format']}, newer than this ptpeft_fast reads ({FORMAT}); upgrade ptpeft_fast")
+        raise ValueError(f"{cfg} has format {meta['format']}, newer than this ptpeft_fast reads ({FORMAT}); "
+                         "upgrade ptpeft_fast")
     return meta
 
 
@@ -159,7 +160,8 @@ def load(model: nn.Module, path: str | os.PathLike, reconfigure: bool = False) -
         raise FileNotFoundError(f"{weights} does not exist; the checkpoint is incomplete")
     blob = weights.read_bytes()
     if meta.get("weights_sha256") and hashlib.sha256(blob).hexdigest() != meta["weights_sha256"]:
-        raise ValueError(f"{weights} does not match the checksum in {CONFIG_NAME}: the file is truncated or from another save")
+        raise ValueError(f"{weights} does not match the checksum in {CONFIG_NAME}: "
+                         "the file is truncated or from another save")
     try:
         tensors = st_load(blob)
     except (SafetensorError, Exception) as e:  # safetensors raises its own error type for bad headers
@@ -191,8 +193,8 @@ def load(model: nn.Module, path: str | os.PathLike, reconfigure: bool = False) -
     if differences:
         unpatch(model)
         return load(model, path)  # patched with the saved config, like any unpatched model
-    if saved_config.prefix is not None and saved_config.prefix.reparam == "none" and get_state(model).config.prefix is not None \
-            and get_state(model).config.prefix.reparam != "none":
+    if saved_config.prefix is not None and saved_config.prefix.reparam == "none" \
+            and get_state(model).config.prefix is not None and get_state(model).config.prefix.reparam != "none":
         from .merging import merge_prefixes
 
         merge_prefixes(model)  # the checkpoint holds merged (static) prefixes
@@ -218,11 +220,14 @@ def _load_into(model: nn.Module, path: Path, meta: dict[str, Any], tensors: dict
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not fit this model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} (was it saved with another config?)")
+        raise ValueError(f"checkpoint {path} does not fit this model: "
+                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} "
+                         "(was it saved with another config?)")
     for name, t in tensors.items():
         if tuple(t.shape) != tuple(own[name].shape):
-            raise ValueError(f"tensor {name}: checkpoint shape {tuple(t.shape)} != model shape {tuple(own[name].shape)} "
+            raise ValueError(f"tensor {name}: checkpoint shape {tuple(t.shape)} "
+                             f"!= model shape {tuple(own[name].shape)} "
                              "(was the checkpoint saved from a model of another size or architecture?)")
     from .tuners.lora import lora_of, merge_lora, unmerge_lora
 

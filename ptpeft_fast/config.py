@@ -109,7 +109,8 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         self.r = _positive_int(self.r, "lora.r")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
+        if (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha)
+                or self.alpha <= 0):
             raise ValueError(f"lora.alpha must be a positive finite number, got {self.alpha!r}")
         self.alpha = float(self.alpha)
         self.dropout = _probability(self.dropout, "lora.dropout")
@@ -178,7 +179,8 @@ class PTPeftConfig:
 
         self.backend = _choice(self.backend, "backend", backend_names())
         if self.targets is not None and not isinstance(self.targets, dict):
-            raise ValueError("targets must be a mapping such as {'attention': r'layers\\.\\d+\\.attn$', 'lora': ['qkv']}")
+            raise ValueError("targets must be a mapping such as "
+                             "{'attention': r'layers\\.\\d+\\.attn$', 'lora': ['qkv']}")
         if self.prefix is None and self.lora is None and self.adapter is None:
             raise ValueError("all of prefix, lora and adapter are None: nothing to patch; enable at least one section")
 
@@ -208,7 +210,8 @@ class PTPeftConfig:
             section_allowed = {f.name for f in dataclasses.fields(section_cls)}
             bad = set(value) - section_allowed
             if bad:
-                raise ValueError(f"unknown key(s) {sorted(f'{name}.{k}' for k in bad)}; allowed in {name}: {sorted(section_allowed)}")
+                raise ValueError(f"unknown key(s) {sorted(f'{name}.{k}' for k in bad)}; "
+                                 f"allowed in {name}: {sorted(section_allowed)}")
             kwargs[name] = section_cls(**value)
         kwargs.update(d)
         return cls(**kwargs)
@@ -247,7 +250,8 @@ def check_version(d: Any, path: Any) -> None:
         return
     v = d["version"]
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{path}: version must be a positive integer (this ptpeft_fast writes {CONFIG_VERSION}), got {v!r}")
+        raise ValueError(f"{path}: version must be a positive integer (this ptpeft_fast writes {CONFIG_VERSION}), "
+                         f"got {v!r}")
     if v > CONFIG_VERSION:
         raise ValueError(f"{path}: config version {v} is newer than this ptpeft_fast understands "
                          f"(it reads version {CONFIG_VERSION}); upgrade ptpeft_fast")

@@ -26,7 +26,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     if state.disabled:  # nested: the outer block restores
         yield model
         return
-    modules = [*state.prefix_layers.values(), *(getattr(l, l._ptpeft_lora) for l in state.lora_layers.values()),
+    modules = [*state.prefix_layers.values(), *(getattr(lin, lin._ptpeft_lora) for lin in state.lora_layers.values()),
                *state.adapters.values()]
     state.disabled = True
     for m in modules:

@@ -29,7 +29,8 @@ def _param_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
 
 def _check_not_wrapped(model: nn.Module) -> None:
     if hasattr(model, "_ptpeft"):
-        raise ValueError("this model is already patched by ptpeft_fast; patch a fresh model, or use ptpeft_fast.load to restore weights")
+        raise ValueError("this model is already patched by ptpeft_fast; patch a fresh model, or use ptpeft_fast.load "
+                         "to restore weights")
     if type(model).__name__.startswith("Peft") or hasattr(model, "peft_config"):
         raise ValueError(
             "this model is wrapped by PEFT; patch the base model instead (model.get_base_model() after "
@@ -125,7 +126,7 @@ def _undo(model: nn.Module, state: PatchState) -> None:
     """Best-effort removal of what a failed ``patch`` added, so the model is left as it was."""
     for h in state.hooks:
         h.remove()
-    for path, layer in state.lora_layers.items():
+    for layer in state.lora_layers.values():
         name = layer._ptpeft_lora
         delattr(layer, name)
         layer.__class__ = layer._ptpeft_base_class
@@ -147,7 +148,8 @@ def _add_prefixes(model, config: PTPeftConfig, state: PatchState, modules) -> No
     pc = config.prefix
     for comp in _components_of(model, pc.components, config):
         layers = [] if comp.family is None else [
-            (f"{bname}.{rel}", block.get_submodule(rel)) for bname, block in comp.blocks for rel in comp.family.attention]
+            (f"{bname}.{rel}", block.get_submodule(rel))
+            for bname, block in comp.blocks for rel in comp.family.attention]
         if not layers:
             raise ValueError(f"component {comp.name!r} has no attention layers, so it takes no prefix "
                              "(it can take LoRA or an adapter); remove it from prefix.components")
@@ -157,13 +159,14 @@ def _add_prefixes(model, config: PTPeftConfig, state: PatchState, modules) -> No
         shared = None
         if pc.reparam == "mlp-global":
             if len(set(geometry)) != 1:
-                raise ValueError(f"prefix.reparam='mlp-global' needs equal head geometry in every layer of {comp.name!r}")
+                raise ValueError("prefix.reparam='mlp-global' needs equal head geometry in every layer of "
+                                 f"{comp.name!r}")
             h, hkv, d = geometry[0]
             shared = GlobalPrefixMLP(len(layers), pc.num_tokens, hkv, d, h * d, pc.hidden_size, pc.dropout,
                                      pc.init_std, dtype, device)
             root = model.get_submodule(comp.root) if comp.root else model
             root.add_module(child, shared)
-        for index, ((path, module), (h, hkv, d)) in enumerate(zip(layers, geometry)):
+        for index, ((path, module), (h, hkv, d)) in enumerate(zip(layers, geometry, strict=True)):
             if hasattr(module, "_ptpeft_prefix"):
                 raise ValueError(f"{path} already has a prefix ({module._ptpeft_prefix}); components overlap")
             prefix = LayerPrefix(pc.reparam, pc.num_tokens, hkv, d, h * d, pc.hidden_size, pc.dropout, pc.init_std,
@@ -222,12 +225,14 @@ def _shift_positions(model, comp: ResolvedComponent, num_tokens: int):
     regex = re.compile(r"(^|\.)" + pattern + "$")
     found = [m for n, m in model.named_modules() if n.startswith(prefix) and regex.search(n[len(prefix):])]
     if len(found) != 1:
-        raise ValueError(f"positions='shift': expected one position module {pattern!r} in {comp.name!r}, found {len(found)}")
+        raise ValueError(f"positions='shift': expected one position module {pattern!r} in {comp.name!r}, found "
+                         f"{len(found)}")
     table = found[0].num_embeddings if isinstance(found[0], nn.Embedding) else None
     if table is not None and num_tokens >= table:
-        raise ValueError(f"prefix.num_tokens={num_tokens} with positions='shift' needs more positions than the model has: "
-                         f"real tokens take positions {num_tokens}..{num_tokens}+L-1, and {comp.name!r} has a table of "
-                         f"{table}. Use positions='keep', or at most {table - 1} prefix tokens (P + L <= {table})")
+        raise ValueError(f"prefix.num_tokens={num_tokens} with positions='shift' needs more positions than the model "
+                         f"has: real tokens take positions {num_tokens}..{num_tokens}+L-1, and {comp.name!r} has a "
+                         f"table of {table}. Use positions='keep', or at most {table - 1} prefix tokens "
+                         f"(P + L <= {table})")
 
     def hook(_module, args, kwargs):
         if model._ptpeft.disabled:
@@ -279,7 +284,8 @@ def _add_lora(model, config: PTPeftConfig, state: PatchState, modules) -> None:
                         matched.update(hits)
                         found.append((f"{bname}.{rel}", m))
         if not found:
-            names = sorted({rel.split(".")[-1] for _, b in comp.blocks for rel, m in b.named_modules() if _is_linear(m)})
+            names = sorted({rel.split(".")[-1] for _, b in comp.blocks
+                            for rel, m in b.named_modules() if _is_linear(m)})
             raise ValueError(f"lora.targets {list(targets or ())} match no linear layer in component {comp.name!r}; "
                              f"its linear layers are named: {names}")
         for path, layer in found:

@@ -30,8 +30,9 @@ def model_dir(kind: str) -> str:
 
         model, _ = build_tiny_blip2(seed=0)
     elif kind == "gpt2":
-        cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=1, eos_token_id=2,
-                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout: train-mode gradients compare
+        # no dropout: train-mode gradients compare
+        cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=1,
+                         eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         model = GPT2LMHeadModel(cfg)
     else:
         raise ValueError(kind)
@@ -53,11 +54,13 @@ def blip2_inputs(model, seed: int = 0) -> dict:
     """Images, image placeholder tokens + text, and a mask for the tiny BLIP-2."""
     g = torch.Generator().manual_seed(seed)
     n_q = model.config.num_query_tokens
-    ids = torch.cat([torch.full((2, n_q), model.config.image_token_index), torch.randint(5, 20, (2, 5), generator=g)], 1)
-    return {"pixel_values": torch.randn(2, 3, 32, 32, generator=g), "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    ids = torch.cat([torch.full((2, n_q), model.config.image_token_index),
+                     torch.randint(5, 20, (2, 5), generator=g)], 1)
+    return {"pixel_values": torch.randn(2, 3, 32, 32, generator=g), "input_ids": ids,
+            "attention_mask": torch.ones_like(ids)}
 
 
-def batch(seed: int = 0, b: int = 2, l: int = 6, pad: str = "left"):
+def batch(seed: int = 0, b: int = 2, l: int = 6, pad: str = "left"):  # noqa: E741 (callers pass l=)
     """``(input_ids, attention_mask)`` with two padding tokens in the second row.
 
     ``pad="right"`` for comparisons with PEFT's prefix tuning under ``positions="shift"``:

@@ -182,8 +182,8 @@ def test_plot_writes_png_with_one_curve_per_entry(tmp_path):
         assert im.size[0] > 300 and im.size[1] > 200
     fig = spectrum_figure(stats)
     ax = fig.axes[0]
-    curves = [l for l in ax.get_lines() if l.get_gid() == "curve"]
+    curves = [line for line in ax.get_lines() if line.get_gid() == "curve"]
     assert len(curves) == 3
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert any(l.startswith("pretrained") for l in labels) and any(l.startswith("lora") for l in labels)
+    assert any(s.startswith("pretrained") for s in labels) and any(s.startswith("lora") for s in labels)
     assert curves[0].get_xydata()[0].tolist() == [0.0, 0.0]  # starts at the origin

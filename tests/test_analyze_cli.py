@@ -70,7 +70,7 @@ def test_cli_pretrained_vs_checkpoint(workspace, tmp_path):
     assert (out / "summary.md").read_text().count("\n") == 4
     assert (out / "spectrum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     curves = read_csv(out / "curves.csv")
-    longest = max(len(json.loads(l)["input_ids"]) for l in (workspace / "data.jsonl").read_text().splitlines())
+    longest = max(len(json.loads(row)["input_ids"]) for row in (workspace / "data.jsonl").read_text().splitlines())
     assert len(curves) == longest and float(curves[-1]["pretrained"]) == pytest.approx(1.0)
 
 

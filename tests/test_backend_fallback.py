@@ -36,7 +36,7 @@ def test_triton_runs_chunked_inside_the_op_for_a_mask_it_cannot_take():
         ref = prefix_attention_reference(*ref_leaves, causal=False, attn_mask=ref_mask)
         ref_grads = torch.autograd.grad(ref, ref_leaves, go.double())
         assert ((out.double() - ref).norm() / ref.norm()) <= 1e-5
-        for a, b in zip(grads, ref_grads):
+        for a, b in zip(grads, ref_grads, strict=True):
             assert ((a.double() - b).norm() / b.norm()) <= 1e-5
 
 

@@ -101,9 +101,9 @@ def test_non_finite_weights_are_neither_saved_nor_loaded(tmp_path):
     fresh = pf.load(tiny.llama(tmp_path), good)  # the earlier checkpoint is intact
     assert all(torch.isfinite(p).all() for p in fresh.parameters())
     # a file with NaN written by someone else: refused on load
-    from safetensors.torch import load_file, save
-
     import hashlib
+
+    from safetensors.torch import load_file, save
     tensors = load_file(good / "ptpeft.safetensors")
     tensors[name] = tensors[name].clone()
     tensors[name].view(-1)[3] = float("inf")

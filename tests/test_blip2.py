@@ -77,7 +77,8 @@ def test_generate_with_prefix_left_padded(tmp_path):
         pv = kw["pixel_values"][row:row + 1]
         for _ in range(4):
             with torch.no_grad():
-                logits = model(pixel_values=pv, input_ids=seq, attention_mask=torch.ones_like(seq), use_cache=False).logits
+                logits = model(pixel_values=pv, input_ids=seq, attention_mask=torch.ones_like(seq),
+                               use_cache=False).logits
             seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
         assert torch.equal(out[row, -4:], seq[0, -4:])
 

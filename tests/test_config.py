@@ -12,7 +12,9 @@ def test_defaults_and_roundtrip(tmp_path):
     assert pf.PTPeftConfig.from_dict(d) == cfg
     cfg.to_json(tmp_path / "c.json")
     assert pf.PTPeftConfig.from_json(tmp_path / "c.json") == cfg
-    (tmp_path / "c.yaml").write_text("prefix:\n  num_tokens: 4\n  reparam: none\nlora: null\nadapter:\n  bottleneck: 8\n  style: parallel\n")
+    (tmp_path / "c.yaml").write_text("prefix:\n  num_tokens: 4\n  reparam: none\n"
+                                     "lora: null\n"
+                                     "adapter:\n  bottleneck: 8\n  style: parallel\n")
     y = pf.PTPeftConfig.from_yaml(tmp_path / "c.yaml")
     assert y.prefix.num_tokens == 4 and y.prefix.reparam == "none" and y.lora is None and y.adapter.style == "parallel"
 

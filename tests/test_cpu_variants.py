@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CROSS_TESTED = ("avx512", "avx2")
 # The tests that reach the extension's ops directly, each against the float64 reference.
 OP_TESTS = ["tests/test_ops_prefix_attention.py", "tests/test_ops_lora_linear.py", "tests/test_ops_adapter.py",
-            "tests/test_spectrum_op.py", "tests/test_fuzz_ops.py", "tests/test_backend_fallback.py", "tests/test_dispatch.py",
+            "tests/test_spectrum_op.py", "tests/test_fuzz_ops.py", "tests/test_backend_fallback.py",
+            "tests/test_dispatch.py",
             "tests/test_cpu_variants.py::test_loaded_extension_is_the_requested_variant"]
 # Every variant registers every op (the dispatch tables decide where each pays: lora_factor_grads
 # only from the avx512 build, whose 32 vector registers it needs to beat BLAS).

@@ -2,16 +2,14 @@
 its interpreter, and (when present) CUDA against the float64 torch reference."""
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
 import textwrap
-from types import SimpleNamespace
 
 import pytest
 import torch
-
-import importlib
 
 from ptpeft_fast import ops
 from ptpeft_fast.ops import availability
@@ -66,7 +64,8 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error():
         calls = {
             "prefix_attention": lambda: ops.prefix_attention(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16),
                 torch.randn(1, 2, 3, 16), torch.randn(2, 1, 16), torch.randn(2, 1, 16), causal=True, backend="triton"),
-            "lora_linear": lambda: ops.lora_linear(x, torch.randn(4, 8), None, torch.randn(2, 8), torch.randn(4, 2), 1.0, backend="triton"),
+            "lora_linear": lambda: ops.lora_linear(x, torch.randn(4, 8), None, torch.randn(2, 8), torch.randn(4, 2),
+                                                   1.0, backend="triton"),
             "adapter": lambda: ops.adapter(x, torch.randn(2, 8), None, torch.randn(8, 2), None, backend="triton"),
         }
         for name, fn in calls.items():
@@ -123,7 +122,7 @@ def test_use_backend_triton_routes_to_triton_and_matches_torch(op):
     ref_in = [t.detach().double().requires_grad_() for t in inputs]
     ref = _call(op, "torch", ref_in)
     ref_grads = torch.autograd.grad(ref.sum(), ref_in)
-    for a, b in zip((out,) + grads, (ref,) + ref_grads):
+    for a, b in zip((out,) + grads, (ref,) + ref_grads, strict=True):
         assert rel_err(a, b) <= 1e-5
 
 
@@ -170,7 +169,7 @@ def test_cuda_auto_is_triton_and_matches_torch(op, dtype):
     ref_in = [t.detach().double().requires_grad_() for t in inputs]
     ref = _call(op, "torch", ref_in)
     ref_grads = torch.autograd.grad(ref.sum(), ref_in)
-    for a, b in zip((out,) + grads, (ref,) + ref_grads):
+    for a, b in zip((out,) + grads, (ref,) + ref_grads, strict=True):
         assert rel_err(a, b) <= TOL[dtype]
 
 
@@ -192,5 +191,5 @@ def test_cuda_xformers_matches_torch(case):
     ref_in = [t.detach().double().requires_grad_() for t in inputs]
     ref = ops.prefix_attention(*ref_in, causal=causal, attn_mask=mask, backend="torch")
     ref_grads = torch.autograd.grad(ref.sum(), ref_in)
-    for a, b in zip((out,) + grads, (ref,) + ref_grads):
+    for a, b in zip((out,) + grads, (ref,) + ref_grads, strict=True):
         assert rel_err(a, b) <= TOL[torch.float16]

@@ -59,7 +59,8 @@ def check(call, reference, dtype, inputs, grads: bool) -> None:
     except ValueError as e:  # refused: fine, as long as it says something
         assert len(str(e)) > 20, f"unclear error: {e!r}"
         return
-    ref_in = [t.detach().double().requires_grad_(grads) if t is not None and t.is_floating_point() else t for t in inputs]
+    ref_in = [t.detach().double().requires_grad_(grads) if t is not None and t.is_floating_point() else t
+              for t in inputs]
     ref = reference(*ref_in)
     assert out.shape == ref.shape, (out.shape, ref.shape)
     assert out.dtype == dtype
@@ -69,7 +70,7 @@ def check(call, reference, dtype, inputs, grads: bool) -> None:
         g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         out.backward(g.to(dtype))
         ref.backward(g)
-        for i, (a, b) in enumerate(zip(leaves, ref_in)):
+        for i, (a, b) in enumerate(zip(leaves, ref_in, strict=True)):
             if a is None or not a.is_floating_point():
                 continue
             ga = a.grad if a.grad is not None else torch.zeros_like(a)
@@ -91,7 +92,8 @@ def attention_case(draw, dtypes=DTYPES, allow_dropout_shapes=True):
     return dict(
         B=B, H=Hkv * G, Hkv=Hkv, L=L, S=S, P=P, D=D,
         dtype=draw(dtypes),
-        mask=draw(st.sampled_from(["none", "causal", "bool_b1ls", "bool_ls", "bool_bhls", "float_b1ls", "bool_with_empty_rows"])),
+        mask=draw(st.sampled_from(["none", "causal", "bool_b1ls", "bool_ls", "bool_bhls", "float_b1ls",
+                                   "bool_with_empty_rows"])),
         shared=draw(st.booleans()),
         contiguous=draw(st.booleans()),
         last_dim_strided=draw(st.booleans()),
@@ -110,7 +112,8 @@ def sliced(g: torch.Generator, shape, dtype, dim: int) -> torch.Tensor:
 
 def make_attention_inputs(c, last_dim_strided: bool | None = None):
     g = torch.Generator().manual_seed(c["seed"])
-    B, H, Hkv, L, S, P, D, dt, cont = c["B"], c["H"], c["Hkv"], c["L"], c["S"], c["P"], c["D"], c["dtype"], c["contiguous"]
+    B, H, Hkv, L, S, P, D = c["B"], c["H"], c["Hkv"], c["L"], c["S"], c["P"], c["D"]
+    dt, cont = c["dtype"], c["contiguous"]
     if cont:
         q = randn(g, (B, H, L, D), dt, True)
         k = randn(g, (B, Hkv, S, D), dt, True)
@@ -204,7 +207,8 @@ def test_prefix_attention_empty_batch():
 
 def test_prefix_attention_3d_mask():
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 2, 3, 8, generator=g), torch.randn(2, 1, 4, 8, generator=g), torch.randn(2, 1, 4, 8, generator=g)
+    q = torch.randn(2, 2, 3, 8, generator=g)
+    k, v = torch.randn(2, 1, 4, 8, generator=g), torch.randn(2, 1, 4, 8, generator=g)
     pk, pv = torch.randn(1, 2, 8, generator=g), torch.randn(1, 2, 8, generator=g)
     mask = torch.randn(1, 3, 4, generator=g)
     out = ops.prefix_attention(q, k, v, pk, pv, causal=False, attn_mask=mask, backend="torch")
@@ -248,7 +252,8 @@ def test_prefix_attention_empty_sequence_does_not_crash():
 def test_prefix_attention_bad_inputs_raise_value_error(data):
     """Malformed arguments: a ValueError naming the problem, never a result."""
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 4, 3, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g)
+    q = torch.randn(2, 4, 3, 8, generator=g)
+    k, v = torch.randn(2, 2, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g)
     pk, pv = torch.randn(2, 2, 8, generator=g), torch.randn(2, 2, 8, generator=g)
     case = data.draw(st.sampled_from(["heads", "dim", "prefix_heads", "prefix_dim", "dtype", "mask_shape", "mask_int",
                                       "p0", "scale", "dropout", "3d"]))

@@ -24,7 +24,7 @@ def test_readme_table_is_replaced_between_markers(tmp_path):
     assert tool.update_readme(readme, rows, meta)
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "stale table" not in text
-    line = next(l for l in text.splitlines() if l.startswith("| LLaVA-1.5"))
+    line = next(row for row in text.splitlines() if row.startswith("| LLaVA-1.5"))
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[:2] == ["LLaVA-1.5", "`llava`"] and "prefix, LoRA" in cells
     assert tool.FAIL in cells and tool.PASS in cells  # merge failed, generate passed: both shown as measured

@@ -8,13 +8,14 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
-from _tiny_models import batch, blip2_inputs, greedy_by_forward, load, logits, randomize, real
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 
 import ptpeft_fast as pf
 from ptpeft_fast.interop import PeftInteropError, from_peft, to_peft
 from ptpeft_fast.tuners.lora import lora_of
+
+from _tiny_models import batch, blip2_inputs, greedy_by_forward, load, logits, randomize, real
 
 TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
 
@@ -80,7 +81,8 @@ def test_lora_to_peft_loads_in_peft_with_identical_outputs(kind, tmp_path):
 
 def test_lora_into_already_patched_model_keeps_prefix(tmp_path):
     torch.manual_seed(1)
-    pm = get_peft_model(load(), PeftLoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+    pm = get_peft_model(load(), PeftLoraConfig(r=8, lora_alpha=16,
+                                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                                                init_lora_weights=False))
     pm.save_pretrained(tmp_path)
     ours = pf.patch(load(), pf.PTPeftConfig(prefix=pf.PrefixConfig(num_tokens=2, hidden_size=8), lora=pf.LoraConfig()))
@@ -135,7 +137,8 @@ def test_prefix_from_peft_dir_same_logits_and_generation(kind, projection, tmp_p
         ids, mask = batch(3)
         steps = 4
         with torch.no_grad():
-            out = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0)
+            out = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+                                pad_token_id=0)
         for row in range(ids.shape[0]):
             ref = greedy_by_forward(ours, ids[row][mask[row].bool()].unsqueeze(0), steps)
             assert torch.equal(out[row, -steps:], ref[0, -steps:]), (row, out[row], ref)
@@ -166,7 +169,8 @@ def test_prefix_projection_from_peft_model_is_mlp_global_with_same_gradients():
 
 
 def test_prefix_to_peft_identical_outputs_and_clear_refusals(tmp_path):
-    cfg = pf.PTPeftConfig(prefix=pf.PrefixConfig(num_tokens=4, reparam="none", positions="shift", init_std=0.5), lora=None)
+    cfg = pf.PTPeftConfig(prefix=pf.PrefixConfig(num_tokens=4, reparam="none", positions="shift", init_std=0.5),
+                          lora=None)
     ours = pf.patch(load(), cfg).eval()
     out = to_peft(ours, tmp_path / "a")
     pm = PeftModel.from_pretrained(load(), out).eval()
@@ -177,7 +181,8 @@ def test_prefix_to_peft_identical_outputs_and_clear_refusals(tmp_path):
     with pytest.raises(PeftInteropError, match="positions='keep'"):
         to_peft(keep, tmp_path / "b")
 
-    mlp = pf.patch(load(), pf.PTPeftConfig(prefix=pf.PrefixConfig(num_tokens=2, hidden_size=8, positions="shift"), lora=None))
+    mlp = pf.patch(load(), pf.PTPeftConfig(prefix=pf.PrefixConfig(num_tokens=2, hidden_size=8, positions="shift"),
+                                           lora=None))
     mlp.eval()
     with pytest.raises(PeftInteropError, match="static_prefix=True"):
         to_peft(mlp, tmp_path / "c")
@@ -217,9 +222,11 @@ def test_lora_adapter_of_another_base_model_is_refused(tmp_path):
 def test_blip2_lora_in_three_components_from_and_to_peft(tmp_path):
     """Multimodal: one PEFT adapter on the vision tower, the Q-Former and the OPT language model."""
     torch.manual_seed(4)
-    targets = r".*(language_model.*\.(q_proj|v_proj)|qformer\.encoder\.layer\.\d+\.attention\.attention\.(query|value)" \
-              r"|vision_model.*\.qkv)"
-    pm = get_peft_model(load("blip2"), PeftLoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets))
+    targets = (r".*(language_model.*\.(q_proj|v_proj)"
+               r"|qformer\.encoder\.layer\.\d+\.attention\.attention\.(query|value)"
+               r"|vision_model.*\.qkv)")
+    pm = get_peft_model(load("blip2"), PeftLoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                      target_modules=targets))
     pm.save_pretrained(tmp_path / "in")
     ours = from_peft(load("blip2"), tmp_path / "in").eval()
     assert set(ours._ptpeft.config.lora.components) == {"vision", "qformer", "language"}

@@ -58,7 +58,7 @@ def _compare(t, g, activation, residual, *, frozen=(), tol=None, impls=CPU_IMPLS
         grads = torch.autograd.grad(y, [leaves[n] for n in trainable], go.to(dtype))
         assert y.dtype == dtype, impl
         assert _rel(y, ref) <= tol, f"{impl}: {_rel(y, ref):.2e}"
-        for n, gr, rg in zip(trainable, grads, ref_grads):
+        for n, gr, rg in zip(trainable, grads, ref_grads, strict=True):
             assert gr.shape == rg.shape, (impl, n)
             assert _rel(gr, rg) <= tol, f"{impl}: grad of {n}: {_rel(gr, rg):.2e}"
         ran.append(impl)
@@ -113,7 +113,8 @@ def test_gradcheck_float64(activation, residual):
 def test_identity_at_zero_up_init():
     """An adapter whose up-projection is zero (its usual init) returns x exactly."""
     t, _ = _inputs((3, 4), 8, 2, seed=6)
-    y = adapter(t["x"], t["down_weight"], t["down_bias"], torch.zeros_like(t["up_weight"]), torch.zeros_like(t["up_bias"]))
+    y = adapter(t["x"], t["down_weight"], t["down_bias"], torch.zeros_like(t["up_weight"]),
+                torch.zeros_like(t["up_bias"]))
     assert torch.equal(y, t["x"])
 
 
@@ -192,13 +193,13 @@ def test_strided_rows_and_expanded_grad(impl):
     ref = adapter_reference(*ref_leaves, activation="silu", residual=True)
     ref_grads = torch.autograd.grad(ref.sum(), ref_leaves)
     assert _rel(y, ref) <= TOL[torch.float32]
-    for gr, rg in zip(grads, ref_grads):
+    for gr, rg in zip(grads, ref_grads, strict=True):
         assert _rel(gr, rg) <= TOL[torch.float32]
 
 
 @pytest.mark.parametrize("activation", ["gelu", "silu"])
 @pytest.mark.parametrize("impl", ["blocked_cpp", "fused"])
-def test_gradcheck_float64(activation, impl):
+def test_gradcheck_float64_blocked_and_fused(activation, impl):
     _blocked_or_fail()
     t, _ = _inputs((130,), 4, 2, dtype=torch.float64, seed=14)
     leaves = [t[n].clone().requires_grad_() for n in NAMES]
@@ -238,5 +239,5 @@ def test_autocast_runs_in_the_autocast_dtype():
     y_ref = adapter(*(c.to(torch.bfloat16) for c in cast), activation="gelu")
     ref_grads = torch.autograd.grad(y_ref, cast, go)
     assert torch.equal(y, y_ref)
-    for gr, rg, leaf in zip(grads, ref_grads, leaves):
+    for gr, rg, leaf in zip(grads, ref_grads, leaves, strict=True):
         assert gr.dtype == leaf.dtype == torch.float32 and torch.equal(gr, rg)

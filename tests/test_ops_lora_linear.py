@@ -64,7 +64,7 @@ def _compare(t, g, scaling, *, dropout_p=0.0, frozen=("weight",), tol=None, impl
         grads = torch.autograd.grad(y, [leaves[n] for n in trainable], go.to(dtype)) if trainable else ()
         assert y.dtype == dtype, impl
         assert _rel(y, ref) <= tol, f"{impl}: {_rel(y, ref):.2e}"
-        for n, gr, rg in zip(trainable, grads, ref_grads):
+        for n, gr, rg in zip(trainable, grads, ref_grads, strict=True):
             assert _rel(gr, rg) <= tol, f"{impl}: grad of {n}: {_rel(gr, rg):.2e}"
         ran.append(impl)
     assert ran and set(expect) <= set(ran), ran
@@ -135,13 +135,13 @@ def test_autocast_runs_in_the_autocast_dtype(x_dtype):
     y_ref = lora_linear(*(c.to(torch.bfloat16) for c in cast), 2.0)
     ref_grads = torch.autograd.grad(y_ref, [c for c in cast if c.requires_grad], go)
     assert torch.equal(y, y_ref)
-    for gr, rg, leaf in zip(grads, ref_grads, train):
+    for gr, rg, leaf in zip(grads, ref_grads, train, strict=True):
         assert gr.dtype == leaf.dtype and torch.equal(gr, rg)
 
 
 def test_gradcheck_float64():
     t, g = _inputs((2, 3), 5, 4, 2, dtype=torch.float64, seed=6)
-    for n_tokens, extra in (((2, 3), {}), ((1,), {})):  # merged path and tokens <= r path
+    for n_tokens in ((2, 3), (1,)):  # merged path and tokens <= r path
         x = torch.randn(*n_tokens, 5, generator=g, dtype=torch.float64).requires_grad_()
         leaves = [x] + [t[n].clone().requires_grad_() for n in ("weight", "bias", "lora_a", "lora_b")]
 
@@ -227,7 +227,8 @@ def test_bad_inputs_raise_value_error(name, override, message):
     kw = dict(t, scaling=1.0, dropout_p=0.0)
     kw.update(override)
     with pytest.raises(ValueError, match=message):
-        lora_linear(kw["x"], kw["weight"], kw["bias"], kw["lora_a"], kw["lora_b"], kw["scaling"], dropout_p=kw["dropout_p"])
+        lora_linear(kw["x"], kw["weight"], kw["bias"], kw["lora_a"], kw["lora_b"], kw["scaling"],
+                    dropout_p=kw["dropout_p"])
 
 
 def _factor_grads_or_fail():
@@ -240,7 +241,8 @@ def _factor_grads_or_fail():
 
 @pytest.mark.parametrize("n,d_in,d_out,r", [(37, 40, 24, 8), (29, 24, 33, 16), (30, 16, 8, 24), (41, 48, 40, 32),
                                             (10, 8, 8, 8), (300, 72, 56, 16), (2000, 256, 200, 16)],
-                         ids=["r8-tail", "r16-odd-out", "r24", "r32", "fewer-rows-than-a-block", "many-blocks", "threads-split-rows"])
+                         ids=["r8-tail", "r16-odd-out", "r24", "r32", "fewer-rows-than-a-block", "many-blocks",
+                              "threads-split-rows"])
 def test_fused_factor_grads_match_reference(n, d_in, d_out, r):
     """merged_cpp's C++ (dA, dB) op (every build has it; auto takes it from the avx512 build only),
     on shapes that leave partial row blocks."""

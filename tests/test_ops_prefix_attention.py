@@ -90,7 +90,7 @@ def _compare(q, k, v, pk, pv, g, *, causal, attn_mask=None, scale=None, tol=None
         assert out.dtype == dtype and out.shape == q.shape, impl
         grads = torch.autograd.grad(out, leaves, go.to(dtype))
         assert _rel(out, ref) <= tol, f"{impl}: rel err {_rel(out, ref):.2e} > {tol}"
-        for name, gr, rg in zip(names, grads, ref_grads):
+        for name, gr, rg in zip(names, grads, ref_grads, strict=False):
             assert gr.shape == rg.shape, (impl, name)
             assert _rel(gr, rg) <= tol, f"{impl}: grad of {name}: rel err {_rel(gr, rg):.2e} > {tol}"
         ran.append(impl)
@@ -245,7 +245,7 @@ def test_autocast_runs_in_the_autocast_dtype():
     ref = prefix_attention(*(c.to(torch.bfloat16) for c in cast), causal=False, attn_mask=mask.to(torch.bfloat16))
     ref_grads = torch.autograd.grad(ref, cast, go)
     assert torch.equal(out, ref)
-    for gr, rg, leaf in zip(grads, ref_grads, (q, k, v, pk, pv)):
+    for gr, rg, leaf in zip(grads, ref_grads, (q, k, v, pk, pv), strict=True):
         assert gr.dtype == leaf.dtype and torch.equal(gr, rg)
 
 
@@ -306,7 +306,7 @@ def test_dropout_seeded_equals_reference(shared):
     ref = prefix_attention_reference(*ref_leaves, causal=True, attn_mask=mask, dropout_p=0.3)
     ref_grads = torch.autograd.grad(ref, ref_leaves, go.double())
     assert _rel(out, ref) <= 1e-5
-    for gr, rg in zip(grads, ref_grads):
+    for gr, rg in zip(grads, ref_grads, strict=True):
         assert _rel(gr, rg) <= 1e-5
     # dropout really dropped something: differs from the no-dropout output
     plain = prefix_attention(q, k, v, pk, pv, causal=True, attn_mask=mask)
@@ -358,7 +358,7 @@ def test_chunked_dropout_equals_reference_with_its_keep_masks():
     ref = _reference_with_keep(*ref_leaves, mask, keep, p, scale)
     ref_grads = torch.autograd.grad(ref, ref_leaves, go.double())
     assert _rel(out, ref) <= 1e-5
-    for gr, rg in zip(grads, ref_grads):
+    for gr, rg in zip(grads, ref_grads, strict=True):
         assert _rel(gr, rg) <= 1e-5
     again, _ = torch.ops.ptpeft_fast.prefix_attention_forward(q, k, v, pk, pv, mask, seed, True, scale, p, "chunked")
     assert torch.equal(again, out.detach())  # the seed fixes the masks
@@ -630,7 +630,8 @@ def test_decode_step_entry_matches_reference(case):
     assert _ext.load_ext(), f"the csrc extension must build here (design §4): {_ext.ext_error()}"
     g = torch.Generator().manual_seed(900 + case)
     dtype = torch.float64 if case % 3 == 2 else torch.float32
-    B, Hkv, G, S, D, P = 1 + case % 3, (1, 2)[case % 2], (1, 4)[(case // 2) % 2], (1, 33)[case % 2], (64, 24)[case % 2], 7
+    B, Hkv, G = 1 + case % 3, (1, 2)[case % 2], (1, 4)[(case // 2) % 2]
+    S, D, P = (1, 33)[case % 2], (64, 24)[case % 2], 7
     H = Hkv * G
 
     def rnd(*shape):
@@ -683,7 +684,8 @@ def _block_cpp_or_fail():
 
     assert _ext.load_ext(), f"the csrc extension must build here (design §4): {_ext.ext_error()}"
     q = torch.zeros(1, 1, 4, 64)
-    e = explain(prefix_attention, q, q, q, torch.zeros(1, 2, 64), torch.zeros(1, 2, 64), causal=True, backend="block_cpp")
+    e = explain(prefix_attention, q, q, q, torch.zeros(1, 2, 64), torch.zeros(1, 2, 64), causal=True,
+                backend="block_cpp")
     assert e.chosen == "block_cpp", f"block_cpp is unavailable (no BLAS sgemm in torch?): {e}"
 
 
@@ -714,7 +716,7 @@ def test_gradient_subsets(wanted, impl):
     _block_cpp_or_fail()
     q, k, v, pk, pv, g = _inputs(2, 6, 3, 70, 70, 9, 64, seed=11)
     names = ("q", "k", "v", "prefix_k", "prefix_v")
-    leaves = [t.clone().requires_grad_(n in wanted) for n, t in zip(names, (q, k, v, pk, pv))]
+    leaves = [t.clone().requires_grad_(n in wanted) for n, t in zip(names, (q, k, v, pk, pv), strict=True)]
     out = prefix_attention(*leaves, causal=True, backend=impl)
     go = torch.randn(out.shape, generator=g)
     got = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], go)
@@ -722,7 +724,7 @@ def test_gradient_subsets(wanted, impl):
     ref = prefix_attention_reference(*ref_leaves, causal=True)
     want = torch.autograd.grad(ref, [t for t in ref_leaves if t.requires_grad], go.double())
     assert _rel(out, ref) <= 1e-5
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         assert _rel(a, b) <= 1e-5
 
 

@@ -11,9 +11,9 @@ from tiny import randomise_peft, rel_err
 TEXT = ["llama", "gpt2", "opt", "mistral", "qwen2"]
 
 
-def _ids(b=2, l=7, seed=1):
+def _ids(b=2, length=7, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, tiny.VOCAB - 1, (b, l), generator=g)
+    return torch.randint(1, tiny.VOCAB - 1, (b, length), generator=g)
 
 
 def _forward(model, kind, **kw):
@@ -232,7 +232,8 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
 def test_unsupported_model_lists_supported_and_hand_targets_work(tmp_path):
     from transformers import OlmoConfig, OlmoForCausalLM
 
-    cfg = OlmoConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=tiny.VOCAB)
+    cfg = OlmoConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     vocab_size=tiny.VOCAB)
     model = OlmoForCausalLM(cfg).eval()
     with pytest.raises(ValueError) as e:
         pf.patch(model)
@@ -307,8 +308,8 @@ def test_beam_search_batch_equals_rows_and_cache_holds_real_tokens(tmp_path):
     out = model.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=0)
     for row in range(2):
         seq = ids[row][mask[row].bool()].unsqueeze(0)
-        single = model.generate(seq, attention_mask=torch.ones_like(seq), max_new_tokens=4, num_beams=3, do_sample=False,
-                                pad_token_id=0)
+        single = model.generate(seq, attention_mask=torch.ones_like(seq), max_new_tokens=4, num_beams=3,
+                                do_sample=False, pad_token_id=0)
         assert torch.equal(out[row, -4:], single[0, -4:])
     with torch.no_grad():
         cache = model(ids, attention_mask=mask, use_cache=True).past_key_values

@@ -12,9 +12,9 @@ from tiny import rel_err
 peft = pytest.importorskip("peft")
 
 
-def _ids(b=2, l=9):
+def _ids(b=2, length=9):
     g = torch.Generator().manual_seed(11)
-    return torch.randint(1, tiny.VOCAB - 1, (b, l), generator=g)
+    return torch.randint(1, tiny.VOCAB - 1, (b, length), generator=g)
 
 
 @pytest.mark.parametrize("kind, targets", [("llama", ["q_proj", "v_proj", "o_proj"]), ("gpt2", ["c_attn"])])
@@ -55,11 +55,13 @@ def test_lora_matches_peft_logits_and_gradients(tmp_path, kind, targets):
 def test_prefix_tuning_matches_peft_with_shifted_positions(tmp_path, kind):
     base = getattr(tiny, kind)(tmp_path)  # llama has GQA (4 query heads, 2 kv heads)
     P = 4
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+    theirs = peft.get_peft_model(copy.deepcopy(base),
+                                 peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
     emb = theirs.prompt_encoder["default"].embedding.weight  # [P, layers*2*Hkv*D]
     with torch.no_grad():
         emb.copy_(torch.randn(emb.shape, generator=torch.Generator().manual_seed(4)))
-    ours = pf.patch(copy.deepcopy(base), {"prefix": {"num_tokens": P, "reparam": "none", "positions": "shift"}, "lora": None})
+    ours = pf.patch(copy.deepcopy(base),
+                    {"prefix": {"num_tokens": P, "reparam": "none", "positions": "shift"}, "lora": None})
     layers = list(ours._ptpeft.prefix_layers.values())
     hkv, d = layers[0].kv_heads, layers[0].head_dim
     view = emb.detach().view(P, len(layers) * 2, hkv, d)

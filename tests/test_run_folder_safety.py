@@ -9,9 +9,9 @@ import shutil
 import pytest
 import torch
 
+from ptpeft_fast.atomic_files import sha256_file
 from ptpeft_fast.state_files import StateFormatError, decode, encode
 from ptpeft_fast.train import main
-from ptpeft_fast.atomic_files import sha256_file
 from ptpeft_fast.train.checkpointing import MANIFEST, atomic_dir, folder_damage
 
 from _train_helpers import events, write_yaml
@@ -141,7 +141,8 @@ def test_stage_checkpoints_are_verified(interrupted, tmp_path, capsys):
     copy = tmp_path / "stage1"
     shutil.copytree(ckpt, copy)
     (copy / "ptpeft_config.json").write_text((copy / "ptpeft_config.json").read_text() + " ")
-    assert folder_damage(str(copy)) == f"{copy / 'ptpeft_config.json'} is damaged (its checksum does not match {MANIFEST})"
+    assert folder_damage(str(copy)) == (f"{copy / 'ptpeft_config.json'} is damaged "
+                                        f"(its checksum does not match {MANIFEST})")
     (copy / "ptpeft.safetensors").unlink()
     assert "is damaged" in folder_damage(str(copy)) or "is missing" in folder_damage(str(copy))
 

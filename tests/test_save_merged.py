@@ -5,12 +5,13 @@ import json
 
 import pytest
 import torch
-from _tiny_models import batch, blip2_inputs, load, logits, randomize, real
 from transformers import AutoModelForCausalLM
 
 import ptpeft_fast as pf
 from ptpeft_fast.interop import load_static_prefix, save_merged
 from ptpeft_fast.interop.merged import PREFIX_FILE, README_FILE
+
+from _tiny_models import batch, blip2_inputs, load, logits, randomize, real
 
 
 def assert_close(out, ref, tol=1e-5):

@@ -61,7 +61,7 @@ def ref_stats(x: torch.Tensor, lengths: list[int] | None = None, tau: float = 0.
     K = max(ks)
     mean = [0.0] * K
     eranks = []
-    for row, k in zip(s, ks):
+    for row, k in zip(s, ks, strict=True):
         total = sum(row[:k])
         p = [v / total for v in row[:k]]
         for i, v in enumerate(p):
@@ -89,7 +89,8 @@ def with_spectrum(B: int, L: int, d: int, svals: list[float], gen: torch.Generat
 # ---------------------------------------------------------------- singular values
 
 
-@pytest.mark.parametrize("shape", [(3, 7, 20), (3, 20, 7), (2, 1, 16), (2, 16, 1), (2, 9, 9), (4, 65, 130), (2, 130, 70)])
+@pytest.mark.parametrize("shape", [(3, 7, 20), (3, 20, 7), (2, 1, 16), (2, 16, 1), (2, 9, 9), (4, 65, 130),
+                                   (2, 130, 70)])
 def test_singular_values_float64(backend, shape):
     gen = torch.Generator().manual_seed(sum(shape))
     x = torch.randn(*shape, dtype=torch.float64, generator=gen) * 3 + 0.5
@@ -149,7 +150,8 @@ def test_float32_singular_values_within_1e5_on_every_shape(backend, L, d, family
     B = 3
     if family.startswith("rank"):
         r = {"rank1": 1, "rank_half": max(1, n // 2), "rank_all_but_one": max(1, n - 1)}[family]
-        x = torch.randn(B, L, r, dtype=torch.float64, generator=gen) @ torch.randn(B, r, d, dtype=torch.float64, generator=gen)
+        x = (torch.randn(B, L, r, dtype=torch.float64, generator=gen)
+             @ torch.randn(B, r, d, dtype=torch.float64, generator=gen))
     elif family == "near_deficient":  # smallest values a few times the float32 Gram's noise level
         x = with_spectrum(B, L, d, torch.logspace(0, -3.5, n).tolist(), gen)
     elif family == "decaying":
@@ -224,7 +226,8 @@ def test_property_matches_svdvals(spectrum_ext, B, L, d, seed, use_lengths):
 @pytest.mark.parametrize("tau", [0.5, 0.9, 1.0])
 def test_stats_match_python_reference(backend, tau):
     gen = torch.Generator().manual_seed(8)
-    x = torch.randn(6, 20, 14, dtype=torch.float64, generator=gen) @ torch.diag(torch.linspace(0.1, 3, 14, dtype=torch.float64))
+    x = (torch.randn(6, 20, 14, dtype=torch.float64, generator=gen)
+         @ torch.diag(torch.linspace(0.1, 3, 14, dtype=torch.float64)))
     lengths = [20, 3, 14, 9, 1, 17]
     raw = op.spectrum_stats(x, torch.tensor(lengths), tau, backend=backend)
     mean, curve, ratio, erank = ref_stats(x, lengths, tau)

@@ -36,7 +36,8 @@ def test_every_family_has_enough_sentences_and_splits_are_disjoint():
 
 
 def test_deterministic_across_processes():
-    code = ("import hashlib;from ptpeft_fast.data.stdlib_docstrings import build_corpus as b;c=b(seed=0);h=hashlib.sha256()\n"
+    code = ("import hashlib;from ptpeft_fast.data.stdlib_docstrings import build_corpus as b;"
+            "c=b(seed=0);h=hashlib.sha256()\n"
             "for n in ('train','val','test'):\n  [h.update(f'{n}|{e.label}|{e.text}\\n'.encode()) for e in c[n]]\n"
             "print(h.hexdigest())")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

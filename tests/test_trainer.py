@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tiny_models import VOCAB, load
 
 import ptpeft_fast as pf
 from ptpeft_fast.stages import parameter_groups
+
+from _tiny_models import VOCAB, load
 
 
 class TinyLM(torch.utils.data.Dataset):
@@ -38,7 +39,8 @@ def _changed_groups(model, before) -> dict[str, bool]:
 
 
 def _patched(stage: str):
-    model = pf.patch(load(), pf.PTPeftConfig(prefix=pf.PrefixConfig(num_tokens=4, hidden_size=16), lora=pf.LoraConfig(r=4)))
+    model = pf.patch(load(), pf.PTPeftConfig(prefix=pf.PrefixConfig(num_tokens=4, hidden_size=16),
+                                             lora=pf.LoraConfig(r=4)))
     pf.set_stage(model, stage)
     return model
 

@@ -67,18 +67,18 @@ def clip(tmp_path):
 
     cfg = CLIPConfig(text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                                       vocab_size=VOCAB, max_position_embeddings=32),
-                     vision_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                        image_size=16, patch_size=8), projection_dim=32)
+                     vision_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, image_size=16, patch_size=8), projection_dim=32)
     return _roundtrip(CLIPModel, cfg, tmp_path)
 
 
 def siglip(tmp_path):
     from transformers import SiglipConfig, SiglipModel
 
-    cfg = SiglipConfig(text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                        vocab_size=VOCAB, max_position_embeddings=32),
-                       vision_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                          image_size=16, patch_size=8))
+    cfg = SiglipConfig(text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=32),
+                       vision_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                          num_attention_heads=4, image_size=16, patch_size=8))
     return _roundtrip(SiglipModel, cfg, tmp_path)
 
 

@@ -55,11 +55,11 @@ def find_layers(model: nn.Module, component: str = "language") -> tuple[str, nn.
     stacks = _layer_stacks(model)
     lower = [(n, m, n.lower()) for n, m in stacks]
     if component == "language":
-        cands = [(n, m) for n, m, l in lower if not any(k in l for k in _NOT_LANGUAGE)]
-        if any("encoder" in l for _, _, l in lower) and any("decoder" in l for _, _, l in lower):
+        cands = [(n, m) for n, m, low in lower if not any(k in low for k in _NOT_LANGUAGE)]
+        if any("encoder" in low for _, _, low in lower) and any("decoder" in low for _, _, low in lower):
             cands = [(n, m) for n, m in cands if "decoder" in n.lower()]  # encoder-decoder LM: its decoder
     else:
-        cands = [(n, m) for n, m, l in lower if any(k in l for k in _MARKERS[component])]
+        cands = [(n, m) for n, m, low in lower if any(k in low for k in _MARKERS[component])]
         if component == "encoder":
             cands = [(n, m) for n, m in cands if not any(k in n.lower() for k in _NOT_LANGUAGE)]
     if not cands:

@@ -11,7 +11,8 @@ from .spectrum import SpectrumStats
 
 __all__ = ["ComparisonTable", "compare", "plot", "spectrum_figure"]
 
-_COLUMNS = ("name", "n_samples", "K", "remaining_rank_ratio", "effective_rank", "delta_remaining_rank_ratio", "delta_effective_rank")
+_COLUMNS = ("name", "n_samples", "K", "remaining_rank_ratio", "effective_rank", "delta_remaining_rank_ratio",
+            "delta_effective_rank")
 
 
 @dataclass
@@ -23,12 +24,14 @@ class ComparisonTable:
 
     def to_markdown(self) -> str:
         """GitHub-flavoured Markdown table."""
-        head = ["model", "samples", "K", f"remaining-rank ratio (τ={self.threshold:g})", "effective rank", "Δ ratio", "Δ eff. rank"]
+        head = ["model", "samples", "K", f"remaining-rank ratio (τ={self.threshold:g})", "effective rank", "Δ ratio",
+                "Δ eff. rank"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.rows:
             lines.append(
                 f"| {r['name']} | {r['n_samples']} | {r['K']} | {r['remaining_rank_ratio']:.4f} | "
-                f"{r['effective_rank']:.2f} | {r['delta_remaining_rank_ratio']:+.4f} | {r['delta_effective_rank']:+.2f} |"
+                f"{r['effective_rank']:.2f} | {r['delta_remaining_rank_ratio']:+.4f} | "
+                f"{r['delta_effective_rank']:+.2f} |"
             )
         return "\n".join(lines) + "\n"
 
@@ -103,7 +106,8 @@ def spectrum_figure(stats: Mapping[str, SpectrumStats], *, title: str | None = N
     return fig
 
 
-def plot(stats: Mapping[str, SpectrumStats], path: str | Path, *, title: str | None = None, threshold_line: bool = True) -> Path:
+def plot(stats: Mapping[str, SpectrumStats], path: str | Path, *, title: str | None = None,
+         threshold_line: bool = True) -> Path:
     """Write the accumulated-spectrum figure (paper Figure 4 style) as a PNG; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

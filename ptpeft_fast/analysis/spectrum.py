@@ -42,7 +42,8 @@ class SpectrumStats:
         return int(self.curve.numel())
 
 
-def singular_values(features: torch.Tensor, lengths: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
+def singular_values(features: torch.Tensor, lengths: torch.Tensor | None = None, *,
+                    backend: str = "auto") -> torch.Tensor:
     """Singular values per sample, descending: ``[B, L, d]`` → ``[B, min(L, d)]``.
 
     Args:

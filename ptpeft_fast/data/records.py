@@ -22,8 +22,9 @@ class Record:
     """One evaluation / training unit.
 
     ``image`` is a file path, a zero-argument callable returning a PIL image (the
-    synthetic data renders lazily) or None (a text-only record, for text-only models).  ``question`` is empty for captioning.  ``targets`` are
-    the reference captions (captioning) or the human answers (VQA, usually 10).
+    synthetic data renders lazily) or None (a text-only record, for text-only models).
+    ``question`` is empty for captioning.  ``targets`` are the reference captions
+    (captioning) or the human answers (VQA, usually 10).
     """
 
     id: str

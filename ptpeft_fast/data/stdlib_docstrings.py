@@ -26,7 +26,8 @@ import sys
 from dataclasses import dataclass
 
 FAMILIES: dict[str, tuple[str, ...]] = {
-    "files": ("os", "os.path", "shutil", "pathlib", "glob", "fnmatch", "tempfile", "filecmp", "io", "stat", "fileinput"),
+    "files": ("os", "os.path", "shutil", "pathlib", "glob", "fnmatch", "tempfile", "filecmp", "io", "stat",
+              "fileinput"),
     "data formats": ("json", "csv", "configparser", "plistlib", "xml.etree.ElementTree", "html.parser", "base64",
                      "binascii", "zipfile", "tarfile", "pickle", "struct", "tomllib", "gzip"),
     "networking": ("socket", "ssl", "http.client", "http.server", "urllib.request", "urllib.parse", "smtplib",

@@ -117,8 +117,9 @@ def save_merged(model: nn.Module, out_dir: str | os.PathLike, **save_pretrained_
     """
     state = get_state(model)
     if state.adapters:
-        raise ValueError("save_merged: the model has bottleneck adapters, which are nonlinear and cannot be merged into "
-                         "plain weights; save them with ptpeft_fast.save(model, dir) and load with ptpeft_fast.load")
+        raise ValueError("save_merged: the model has bottleneck adapters, which are nonlinear and cannot be merged "
+                         "into plain weights; save them with ptpeft_fast.save(model, dir) and load with "
+                         "ptpeft_fast.load")
     if not hasattr(model, "save_pretrained"):
         raise ValueError(f"save_merged: {type(model).__name__} has no save_pretrained; it is not a transformers model")
     out = Path(out_dir)
@@ -140,14 +141,15 @@ def save_merged(model: nn.Module, out_dir: str | os.PathLike, **save_pretrained_
         prefixes = list(state.prefix_layers.items())
         ks, vs = static_kv(prefixes)
         tensors = {}
-        for (path, _), k, v in zip(prefixes, ks, vs):
+        for (path, _), k, v in zip(prefixes, ks, vs, strict=True):
             tensors[f"{path}.key"] = k.contiguous()
             tensors[f"{path}.value"] = v.contiguous()
         static = dataclasses.replace(pc, reparam="none")
         meta = {
             "format": str(PREFIX_FORMAT),
             "model_type": str(getattr(config, "model_type", None)),
-            "prefix_config": json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(static).items()}),
+            "prefix_config": json.dumps({k: list(v) if isinstance(v, tuple) else v
+                                         for k, v in dataclasses.asdict(static).items()}),
             "targets": json.dumps(state.config.targets),
         }
         from safetensors.torch import save_file
@@ -193,7 +195,8 @@ def load_static_prefix(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"load_static_prefix: {file} has format {meta['format']}, newer than this ptpeft_fast reads")
     model_type = str(getattr(getattr(model, "config", None), "model_type", None))
     if meta.get("model_type") != model_type:
-        raise ValueError(f"load_static_prefix: {file} was saved from model_type {meta.get('model_type')!r}, this model is {model_type!r}")
+        raise ValueError(f"load_static_prefix: {file} was saved from model_type {meta.get('model_type')!r}, this model "
+                         f"is {model_type!r}")
     pc = PrefixConfig(**json.loads(meta["prefix_config"]))
     targets = json.loads(meta.get("targets", "null"))
     patch(model, PTPeftConfig(prefix=pc, lora=None, adapter=None, targets=targets))
@@ -207,7 +210,8 @@ def load_static_prefix(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             for kv in ("key", "value"):
                 own, t = getattr(prefix, kv), tensors[f"{p}.{kv}"]
                 if own.shape != t.shape:
-                    raise ValueError(f"load_static_prefix: {p}.{kv}: file shape {tuple(t.shape)} != model shape {tuple(own.shape)}")
+                    raise ValueError(f"load_static_prefix: {p}.{kv}: file shape {tuple(t.shape)} != model shape "
+                                     f"{tuple(own.shape)}")
                 own.copy_(t.to(own.dtype))
     set_stage(model, "eval")
     return model

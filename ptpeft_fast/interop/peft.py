@@ -77,15 +77,18 @@ class PeftInteropError(ValueError):
 # --------------------------------------------------------------------------------------
 # reading a PEFT source
 # --------------------------------------------------------------------------------------
-def _read_source(source: Any, adapter_name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+def _read_source(source: Any,
+                 adapter_name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """(adapter config dict, saved-format weights, prompt-encoder MLP state or None)."""
     if isinstance(source, (str, os.PathLike)):
         return _read_dir(Path(source))
     peft_config = getattr(source, "peft_config", None)
     if not isinstance(peft_config, dict):
-        raise TypeError(f"from_peft: source must be a PEFT checkpoint directory or a PeftModel, got {type(source).__name__}")
+        raise TypeError("from_peft: source must be a PEFT checkpoint directory or a PeftModel, got "
+                        f"{type(source).__name__}")
     if adapter_name not in peft_config:
-        raise PeftInteropError(f"from_peft: the PeftModel has no adapter {adapter_name!r}; it has {sorted(peft_config)}")
+        raise PeftInteropError(f"from_peft: the PeftModel has no adapter {adapter_name!r}; it has "
+                               f"{sorted(peft_config)}")
     cfg = peft_config[adapter_name].to_dict()
     cfg = {k: (v.value if hasattr(v, "value") else v) for k, v in cfg.items()}
     if isinstance(cfg.get("target_modules"), set):
@@ -105,7 +108,8 @@ def _read_source(source: Any, adapter_name: str) -> tuple[dict[str, Any], dict[s
 def _read_dir(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     cfg_file = path / ADAPTER_CONFIG
     if not cfg_file.is_file():
-        raise FileNotFoundError(f"from_peft: {cfg_file} does not exist; is {path} a directory written by PeftModel.save_pretrained?")
+        raise FileNotFoundError(f"from_peft: {cfg_file} does not exist; is {path} a directory written by "
+                                "PeftModel.save_pretrained?")
     try:
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
@@ -119,7 +123,8 @@ def _read_dir(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict
         try:
             weights = load_file(str(safe))
         except Exception as e:  # safetensors raises its own error type for bad headers / truncation
-            raise PeftInteropError(f"from_peft: {safe} is not a readable safetensors file ({e}); is it truncated?") from None
+            raise PeftInteropError(f"from_peft: {safe} is not a readable safetensors file ({e}); is it "
+                                   "truncated?") from None
     elif binf.is_file():
         weights = torch.load(binf, map_location="cpu", weights_only=True)
     else:
@@ -169,14 +174,16 @@ def from_peft(model: nn.Module, source: str | os.PathLike | nn.Module, *, config
         FileNotFoundError: missing files.
     """
     if type(model).__name__.startswith("Peft") or hasattr(model, "peft_config"):
-        raise PeftInteropError("from_peft: pass the plain base model, not a PeftModel (the PEFT checkpoint is the source)")
+        raise PeftInteropError("from_peft: pass the plain base model, not a PeftModel (the PEFT checkpoint is the "
+                               "source)")
     cfg, weights, mlp = _read_source(source, adapter_name)
     peft_type = cfg.get("peft_type")
     if peft_type == "LORA":
         return _load_lora(model, cfg, weights, config)
     if peft_type == "PREFIX_TUNING":
         return _load_prefix(model, cfg, weights, mlp, config)
-    raise PeftInteropError(f"from_peft: peft_type {peft_type!r} is not supported; ptpeft_fast reads LORA and PREFIX_TUNING")
+    raise PeftInteropError(f"from_peft: peft_type {peft_type!r} is not supported; ptpeft_fast reads LORA and "
+                           "PREFIX_TUNING")
 
 
 def _lora_paths(weights: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -192,8 +199,9 @@ def _lora_paths(weights: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.T
         else:
             bad.append(key)
     if bad:
-        raise PeftInteropError(f"from_peft: the adapter holds tensors that are not LoRA A/B factors of linear layers: {bad[:5]} "
-                               "(embedding LoRA, DoRA magnitudes, modules_to_save and LoRA biases are not supported)")
+        raise PeftInteropError("from_peft: the adapter holds tensors that are not LoRA A/B factors of linear layers: "
+                               f"{bad[:5]} (embedding LoRA, DoRA magnitudes, modules_to_save and LoRA biases are not "
+                               "supported)")
     for path, ab in out.items():
         if set(ab) != {"A", "B"}:
             raise PeftInteropError(f"from_peft: {path} has lora_{'A' if 'A' in ab else 'B'} but not the other factor")
@@ -233,19 +241,21 @@ def _component_of_paths(model: nn.Module, paths: list[str]) -> tuple[tuple[str, 
                     where.setdefault(f"{bname}.{rel}", (name, rel))
     missing = [p for p in paths if p not in where]
     if missing:
-        raise PeftInteropError(f"from_peft: LoRA layers {missing[:5]} are outside every component ptpeft_fast knows for "
-                               f"{model_type!r}; pass config=PTPeftConfig(..., targets=...)")
+        raise PeftInteropError(f"from_peft: LoRA layers {missing[:5]} are outside every component ptpeft_fast knows "
+                               f"for {model_type!r}; pass config=PTPeftConfig(..., targets=...)")
     components = tuple(dict.fromkeys(where[p][0] for p in paths))
     targets = tuple(sorted({where[p][1] for p in paths if where[p][1]}))
     return components, targets
 
 
-def _load_lora(model: nn.Module, cfg: dict[str, Any], weights: dict[str, torch.Tensor], config: PTPeftConfig | None) -> nn.Module:
+def _load_lora(model: nn.Module, cfg: dict[str, Any], weights: dict[str, torch.Tensor],
+               config: PTPeftConfig | None) -> nn.Module:
     _check_lora_options(cfg)
     paths = _lora_paths(weights)
     ranks = {ab["A"].shape[0] for ab in paths.values()}
     if len(ranks) != 1:
-        raise PeftInteropError(f"from_peft: the adapter mixes LoRA ranks {sorted(ranks)}; ptpeft_fast uses one rank per config")
+        raise PeftInteropError(f"from_peft: the adapter mixes LoRA ranks {sorted(ranks)}; ptpeft_fast uses one rank "
+                               "per config")
     r = ranks.pop()
     if cfg.get("r") not in (None, r):
         raise PeftInteropError(f"from_peft: adapter_config says r={cfg.get('r')} but the weights have rank {r}")
@@ -262,12 +272,14 @@ def _load_lora(model: nn.Module, cfg: dict[str, Any], weights: dict[str, torch.T
         if config is None:
             components, targets = _component_of_paths(model, sorted(paths))
             config = PTPeftConfig(prefix=None, adapter=None,
-                                  lora=LoraConfig(r=r, alpha=scaling * r, dropout=float(cfg.get("lora_dropout", 0.0) or 0.0),
+                                  lora=LoraConfig(r=r, alpha=scaling * r,
+                                                  dropout=float(cfg.get("lora_dropout", 0.0) or 0.0),
                                                   targets=targets or None, components=components))
         patch(model, config)
     state = get_state(model)
     if not state.lora_layers:
-        raise PeftInteropError("from_peft: the model is patched without LoRA; patch it with a lora section to load a LoRA adapter")
+        raise PeftInteropError("from_peft: the model is patched without LoRA; patch it with a lora section to load a "
+                               "LoRA adapter")
     params: list[tuple[torch.Tensor, torch.Tensor]] = []
     for path, ab in paths.items():
         layer = state.lora_layers.get(path)
@@ -276,7 +288,8 @@ def _load_lora(model: nn.Module, cfg: dict[str, Any], weights: dict[str, torch.T
                                    f"(its LoRA layers: {sorted(state.lora_layers)[:4]}...)")
         lora = lora_of(layer)
         if lora.merged:
-            raise PeftInteropError(f"from_peft: the LoRA of {path} is merged into its weight; load into an unmerged model")
+            raise PeftInteropError(f"from_peft: the LoRA of {path} is merged into its weight; load into an unmerged "
+                                   "model")
         for tag, own in (("A", lora.lora_A), ("B", lora.lora_B)):
             if tuple(ab[tag].shape) != tuple(own.shape):
                 raise PeftInteropError(f"from_peft: {path}.lora_{tag}: checkpoint shape {tuple(ab[tag].shape)} != "
@@ -303,7 +316,8 @@ def _language_attention(model: nn.Module, config: PTPeftConfig | None) -> list[t
 
 def _load_prefix(model: nn.Module, cfg: dict[str, Any], weights: dict[str, torch.Tensor],
                  mlp: dict[str, torch.Tensor] | None, config: PTPeftConfig | None) -> nn.Module:
-    if int(cfg.get("num_transformer_submodules") or 1) != 1 or getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+    if (int(cfg.get("num_transformer_submodules") or 1) != 1
+            or getattr(getattr(model, "config", None), "is_encoder_decoder", False)):
         raise PeftInteropError("from_peft: PEFT prefix tuning of encoder-decoder models (num_transformer_submodules=2) "
                                "is not supported; ptpeft_fast reads decoder-only prefix checkpoints")
     P, n_layers = int(cfg["num_virtual_tokens"]), int(cfg["num_layers"])
@@ -319,16 +333,16 @@ def _load_prefix(model: nn.Module, cfg: dict[str, Any], weights: dict[str, torch
                 hidden_size=int(mlp["transform.0.weight"].shape[0]) if use_mlp else 512))
         layers = _language_attention(model, config)
         if len(layers) != n_layers:
-            raise PeftInteropError(f"from_peft: the checkpoint has prefixes for {n_layers} layers but the model's language "
-                                   f"component has {len(layers)} attention layers (wrong base model?)")
+            raise PeftInteropError(f"from_peft: the checkpoint has prefixes for {n_layers} layers but the model's "
+                                   f"language component has {len(layers)} attention layers (wrong base model?)")
         patch(model, config)
     state = get_state(model)
     pc = state.config.prefix
     if pc is None or not state.prefix_layers:
         raise PeftInteropError("from_peft: the model is patched without a prefix; patch it with a prefix section")
     if pc.positions != "shift":
-        warnings.warn("from_peft: PEFT prefix tuning gives real tokens positions P..P+L-1 (positions='shift'); this model "
-                      "uses positions='keep', so its outputs will differ from PEFT's", stacklevel=2)
+        warnings.warn("from_peft: PEFT prefix tuning gives real tokens positions P..P+L-1 (positions='shift'); this "
+                      "model uses positions='keep', so its outputs will differ from PEFT's", stacklevel=2)
     prefixes = list(state.prefix_layers.items())
     if len(prefixes) != n_layers:
         raise PeftInteropError(f"from_peft: the checkpoint has prefixes for {n_layers} layers but the model has "
@@ -346,13 +360,14 @@ def _load_prefix(model: nn.Module, cfg: dict[str, Any], weights: dict[str, torch
 
 def _copy_static(model, prefixes, weights, P, n_layers, heads, head_dim) -> None:
     if "prompt_embeddings" not in weights:
-        raise PeftInteropError(f"from_peft: the prefix checkpoint has no 'prompt_embeddings' tensor (keys: {sorted(weights)[:5]})")
+        raise PeftInteropError("from_peft: the prefix checkpoint has no 'prompt_embeddings' tensor (keys: "
+                               f"{sorted(weights)[:5]})")
     emb = weights["prompt_embeddings"]
     want = (P, n_layers * 2 * heads * head_dim)
     if tuple(emb.shape) != want:
         raise PeftInteropError(f"from_peft: prompt_embeddings has shape {tuple(emb.shape)}, expected {want}")
     kv = emb.reshape(P, n_layers, 2, heads, head_dim).permute(1, 2, 3, 0, 4)  # [layers, 2, Hkv, P, D]
-    for index, (path, prefix) in enumerate(prefixes):
+    for index, (_path, prefix) in enumerate(prefixes):
         if prefix.reparam != "none":
             prefix.to_static()
         with torch.no_grad():
@@ -371,21 +386,23 @@ def _copy_static(model, prefixes, weights, P, n_layers, heads, head_dim) -> None
 def _copy_mlp(state, prefixes, mlp, P, n_layers, token_dim) -> None:
     shared = prefixes[0][1]._shared[0] if prefixes[0][1]._shared else None
     if shared is None or any(p.reparam != "mlp-global" for _, p in prefixes):
-        raise PeftInteropError("from_peft: the checkpoint has PEFT's prefix-projection MLP; the model's prefix must use "
-                               "reparam='mlp-global' to hold it")
+        raise PeftInteropError("from_peft: the checkpoint has PEFT's prefix-projection MLP; the model's prefix must "
+                               "use reparam='mlp-global' to hold it")
     emb, w0, b0, w2, b2 = (mlp[k] for k in ("embedding.weight", "transform.0.weight", "transform.0.bias",
                                             "transform.2.weight", "transform.2.bias"))
     hidden = w0.shape[0]
     embed_dim = shared.embedding.shape[1]
     if tuple(emb.shape) != (P, token_dim) or tuple(w2.shape) != (n_layers * 2 * token_dim, hidden):
-        raise PeftInteropError(f"from_peft: prefix MLP shapes embedding {tuple(emb.shape)}, transform.2 {tuple(w2.shape)} do "
-                               f"not fit P={P}, token_dim={token_dim}, layers={n_layers}")
-    if tuple(shared.mlp_in.weight.shape) != (hidden, embed_dim) or tuple(shared.mlp_out.weight.shape) != tuple(w2.shape):
+        raise PeftInteropError(f"from_peft: prefix MLP shapes embedding {tuple(emb.shape)}, transform.2 "
+                               f"{tuple(w2.shape)} do not fit P={P}, token_dim={token_dim}, layers={n_layers}")
+    if (tuple(shared.mlp_in.weight.shape) != (hidden, embed_dim)
+            or tuple(shared.mlp_out.weight.shape) != tuple(w2.shape)):
         raise PeftInteropError(f"from_peft: model prefix MLP is [{embed_dim}→{shared.mlp_in.weight.shape[0]}→"
                                f"{shared.mlp_out.weight.shape[0]}] but PEFT's is [{token_dim}→{hidden}→{w2.shape[0]}]; "
                                f"patch with prefix.hidden_size={hidden}")
     if token_dim > embed_dim:
-        raise PeftInteropError(f"from_peft: PEFT token_dim {token_dim} exceeds the model's prefix embedding width {embed_dim}")
+        raise PeftInteropError(f"from_peft: PEFT token_dim {token_dim} exceeds the model's prefix embedding width "
+                               f"{embed_dim}")
     with torch.no_grad():
         # PEFT's embedding is token_dim = Hkv·D wide, ours H·D (wider under GQA): zero-pad both the
         # embedding and the first Linear's input columns. E'W'ᵀ = EWᵀ exactly, and the padded
@@ -439,12 +456,12 @@ def to_peft(model: nn.Module, out_dir: str | os.PathLike, *, adapter: str = "aut
     if adapter == "auto":
         kinds = [k for k in ("lora", "prefix") if has[k]]
         if has["adapter"]:
-            raise PeftInteropError("to_peft: the model has bottleneck adapters, which PEFT's LoRA/prefix formats cannot hold; "
-                                   "pass adapter='lora' or adapter='prefix' to export only that part")
+            raise PeftInteropError("to_peft: the model has bottleneck adapters, which PEFT's LoRA/prefix formats "
+                                   "cannot hold; pass adapter='lora' or adapter='prefix' to export only that part")
         if len(kinds) != 1:
-            raise PeftInteropError(f"to_peft: the model has {' and '.join(kinds) or 'neither LoRA nor a prefix'}; a PEFT adapter "
-                                   "holds one method (PEFT cannot combine prefix tuning and LoRA in one model): pass "
-                                   "adapter='lora' or adapter='prefix'")
+            raise PeftInteropError(f"to_peft: the model has {' and '.join(kinds) or 'neither LoRA nor a prefix'}; a "
+                                   "PEFT adapter holds one method (PEFT cannot combine prefix tuning and LoRA in one "
+                                   "model): pass adapter='lora' or adapter='prefix'")
         adapter = kinds[0]
     if adapter not in ("lora", "prefix"):
         raise ValueError(f"to_peft: adapter={adapter!r}; choose 'auto', 'lora' or 'prefix'")
@@ -465,7 +482,8 @@ def to_peft(model: nn.Module, out_dir: str | os.PathLike, *, adapter: str = "aut
     from ..atomic_files import atomic_write_bytes
 
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(out / SAFE_WEIGHTS), metadata={"format": "pt"})
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(out / SAFE_WEIGHTS),
+              metadata={"format": "pt"})
     atomic_write_bytes(out / ADAPTER_CONFIG, json.dumps(cfg, indent=2, sort_keys=True).encode())
     return out
 
@@ -485,11 +503,11 @@ def _export_lora(model: nn.Module, state) -> tuple[dict[str, Any], dict[str, tor
         tensors[f"{_PEFT_PREFIX}{path}.lora_A.weight"] = lora.lora_A
         tensors[f"{_PEFT_PREFIX}{path}.lora_B.weight"] = lora.lora_B
     if len(ranks) != 1 or len(scalings) != 1 or len(dropouts) != 1:
-        raise PeftInteropError(f"to_peft: LoRA layers differ in rank/scaling/dropout ({ranks}, {scalings}, {dropouts}); "
-                               "PEFT's rank_pattern is not written by ptpeft_fast")
+        raise PeftInteropError(f"to_peft: LoRA layers differ in rank/scaling/dropout ({ranks}, {scalings}, "
+                               f"{dropouts}); PEFT's rank_pattern is not written by ptpeft_fast")
     if len(conv) != 1:
-        raise PeftInteropError("to_peft: LoRA sits on both nn.Linear and transformers Conv1D layers; PEFT's fan_in_fan_out "
-                               "is one flag per adapter")
+        raise PeftInteropError("to_peft: LoRA sits on both nn.Linear and transformers Conv1D layers; PEFT's "
+                               "fan_in_fan_out is one flag per adapter")
     r, scaling = ranks.pop(), scalings.pop()
     cfg = {
         "peft_type": "LORA",
@@ -518,35 +536,36 @@ def _export_prefix(model: nn.Module, state, static_prefix: bool) -> tuple[dict[s
     if getattr(mconf, "is_encoder_decoder", False):
         raise PeftInteropError("to_peft: prefix export supports decoder-only causal LMs; this model is encoder-decoder")
     if tuple(pc.components) != ("language",):
-        raise PeftInteropError(f"to_peft: the prefix sits in components {pc.components}; PEFT prefix tuning covers only the "
-                               "language model's self-attention layers")
+        raise PeftInteropError(f"to_peft: the prefix sits in components {pc.components}; PEFT prefix tuning covers "
+                               "only the language model's self-attention layers")
     layers = _language_attention(model, state.config)
     prefixes = list(state.prefix_layers.items())
     if [p for p, _ in prefixes] != [p for p, _ in layers]:
-        raise PeftInteropError("to_peft: PEFT prefix tuning puts a prefix in every language layer; this model's prefixed "
-                               "layers differ from its attention layers")
+        raise PeftInteropError("to_peft: PEFT prefix tuning puts a prefix in every language layer; this model's "
+                               "prefixed layers differ from its attention layers")
     if not all(getattr(m, "is_causal", False) for _, m in layers):
-        raise PeftInteropError("to_peft: prefix export supports causal (decoder-only) language models; PEFT feeds the prefix "
-                               "as a KV cache, which non-causal encoders do not take")
+        raise PeftInteropError("to_peft: prefix export supports causal (decoder-only) language models; PEFT feeds the "
+                               "prefix as a KV cache, which non-causal encoders do not take")
     comp = resolve_components(model, ("language",), state.config.targets)[0]
     if pc.positions != "shift" and comp.family is not None and comp.family.positions is not None:
-        raise PeftInteropError("to_peft: the prefix uses positions='keep' (real tokens at 0..L-1), but PEFT feeds the prefix as "
-                               "a KV cache, which shifts real tokens to P..P+L-1; PEFT's outputs would differ. Train with "
-                               "PrefixConfig(positions='shift') to export to PEFT")
+        raise PeftInteropError("to_peft: the prefix uses positions='keep' (real tokens at 0..L-1), but PEFT feeds the "
+                               "prefix as a KV cache, which shifts real tokens to P..P+L-1; PEFT's outputs would "
+                               "differ. Train with PrefixConfig(positions='shift') to export to PEFT")
     if pc.reparam != "none" or any(p.reparam != "none" for _, p in prefixes):
         if not static_prefix:
-            raise PeftInteropError(f"to_peft: the prefix is reparameterised (reparam={pc.reparam!r}); a PEFT checkpoint stores "
-                                   "static K/V only. Pass static_prefix=True to export the K/V it computes now (the MLP "
-                                   "is not exported), or call ptpeft_fast.merge(model) first")
+            raise PeftInteropError(f"to_peft: the prefix is reparameterised (reparam={pc.reparam!r}); a PEFT "
+                                   "checkpoint stores static K/V only. Pass static_prefix=True to export the K/V it "
+                                   "computes now (the MLP is not exported), or call ptpeft_fast.merge(model) first")
     geoms = {(p.num_tokens, p.kv_heads, p.head_dim) for _, p in prefixes}
     if len(geoms) != 1:
-        raise PeftInteropError(f"to_peft: prefix geometry differs between layers {sorted(geoms)}; PEFT uses one shape for all")
+        raise PeftInteropError(f"to_peft: prefix geometry differs between layers {sorted(geoms)}; PEFT uses one shape "
+                               "for all")
     P, hkv, d = geoms.pop()
     peft_heads = getattr(mconf, "num_key_value_heads", None) or hkv
     h, _, _ = attention_geometry(layers[0][1])
     if peft_heads != hkv:
-        raise PeftInteropError(f"to_peft: PEFT will size the prefix by {peft_heads} key/value heads but this model's layers "
-                               f"have {hkv}")
+        raise PeftInteropError(f"to_peft: PEFT will size the prefix by {peft_heads} key/value heads but this model's "
+                               f"layers have {hkv}")
     ks, vs = static_kv(prefixes)
     kv = torch.stack([torch.stack(ks), torch.stack(vs)], dim=1)  # [layers, 2, Hkv, P, D]
     emb = kv.permute(3, 0, 1, 2, 4).reshape(P, len(prefixes) * 2 * hkv * d)
@@ -563,7 +582,8 @@ def _export_prefix(model: nn.Module, state, static_prefix: bool) -> tuple[dict[s
         "inference_mode": True,
     }
     if h * d != getattr(mconf, "hidden_size", h * d) and getattr(mconf, "num_key_value_heads", None) is None:
-        raise PeftInteropError("to_peft: cannot tell PEFT the head geometry of this model (hidden_size != heads·head_dim)")
+        raise PeftInteropError("to_peft: cannot tell PEFT the head geometry of this model (hidden_size != "
+                               "heads·head_dim)")
     return cfg, {"prompt_embeddings": emb.float()}
 
 

@@ -205,7 +205,7 @@ class MMCollator:
             return dict(self.processor(images=_images_arg(self.processor, images), text=texts, padding=True,
                                        return_tensors="pt"))
         if any(given):
-            which = [r.id for r, g in zip(recs, given) if g != self.images][:3]
+            which = [r.id for r, g in zip(recs, given, strict=True) if g != self.images][:3]
             raise ValueError(f"records {which}: " + (
                 "have an image, but the model is text-only (its processor is a tokenizer)" if not self.images else
                 "have no image; this collator needs one image per record for an image-text model"))
@@ -231,7 +231,8 @@ class MMCollator:
         recs = [it[0] for it in items]
         images = [it[1] for it in items]
         prompts = [render_prompt(self.template, r.question) for r in recs]
-        targets = ([it[2] if len(it) > 2 and it[2] is not None else r.train_target() for it, r in zip(items, recs)]
+        targets = ([it[2] if len(it) > 2 and it[2] is not None else r.train_target()
+                    for it, r in zip(items, recs, strict=True)]
                    if self.train else None)
         if self.decoder_start is not None:  # encoder-decoder: prompt to the encoder, target to the decoder
             batch = self._encode(recs, images, prompts)
@@ -239,11 +240,11 @@ class MMCollator:
                 batch.update(self._decoder_batch(targets))
         elif self.train:
             texts = [f"{p} {t}{self.tok.eos_token}" if p else f"{t}{self.tok.eos_token}"
-                     for p, t in zip(prompts, targets)]
+                     for p, t in zip(prompts, targets, strict=True)]
             batch = self._encode(recs, images, texts)
             ids = batch["input_ids"]
             labels = torch.full_like(ids, -100)
-            for i, (p, t) in enumerate(zip(prompts, texts)):
+            for i, (p, t) in enumerate(zip(prompts, texts, strict=True)):
                 n = self._len(t) - self._len(p)  # target + EOS tokens, right-aligned (left padding)
                 labels[i, ids.shape[1] - n:] = ids[i, ids.shape[1] - n:]
             batch["labels"] = labels

@@ -14,8 +14,7 @@ from typing import Sequence
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
-from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor,
-                          OPTConfig, PreTrainedTokenizerFast)
+from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, OPTConfig, PreTrainedTokenizerFast
 
 from ..data import synthetic
 

@@ -20,5 +20,5 @@ from .prefix_attention import prefix_attention, prefix_decode_step
 from .spectrum import singular_values, spectrum_stats
 
 __all__ = ["prefix_attention", "prefix_decode_step", "lora_linear", "adapter", "singular_values", "spectrum_stats",
-           "softcapped_attention", "explain", "use_backend", "forced_backend", "backend_names", "backend_for", "prepare",
-           "BackendUnsupported"]
+           "softcapped_attention", "explain", "use_backend", "forced_backend", "backend_names", "backend_for",
+           "prepare", "BackendUnsupported"]

@@ -47,6 +47,6 @@ def in_autocast_dtype(op: F) -> F:
         with torch.autocast(args[0].device.type, enabled=False):
             names = list(kwargs)
             cast = cast_operands(dtype, *args, *(kwargs[n] for n in names))
-            return op(*cast[:len(args)], **dict(zip(names, cast[len(args):])))
+            return op(*cast[:len(args)], **dict(zip(names, cast[len(args):], strict=True)))
 
     return wrapper  # type: ignore[return-value]

@@ -15,4 +15,5 @@ def check_dtype_device(op: str, ref_name: str, ref: torch.Tensor,
         if t.dtype != ref.dtype:
             raise ValueError(f"{op}: {name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; cast them to one dtype")
         if t.device != ref.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device")
+            raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; "
+                             "move them to one device")

@@ -142,8 +142,8 @@ def _forward_op(x: torch.Tensor, down_w: torch.Tensor, down_b: Optional[torch.Te
     has_ub = up_b is not None
     w_hat = torch.cat([up_w, up_b.unsqueeze(1)], dim=1) if has_ub else up_w  # [d_out, m(+1)]
     if impl == "blocked_cpp":
-        y, a_hat, h = torch.ops.ptpeft_fast.adapter_blocked_forward(x2, down_w, down_b, w_hat.t().contiguous(), activation,
-                                                            residual, BLOCK_ROWS)
+        y, a_hat, h = torch.ops.ptpeft_fast.adapter_blocked_forward(x2, down_w, down_b, w_hat.t().contiguous(),
+                                                                    activation, residual, BLOCK_ROWS)
     elif impl == "fused":
         h = torch.addmm(down_b, x2, down_w.t()) if down_b is not None else x2 @ down_w.t()
         a_hat = torch.empty(n, m + int(has_ub), dtype=x.dtype, device=x.device)
@@ -195,13 +195,13 @@ def _backward_op(grad_y: torch.Tensor, x: torch.Tensor, down_w: torch.Tensor, up
     refs = (x, down_w, down_w[:, 0], up_w, up_w[:, 0])
     # contiguous, as the fake kernel promises (some gradients come out as transposed views)
     return tuple(g.reshape(r.shape).contiguous() if n and g is not None else r.new_empty(0)
-                 for g, r, n in zip(grads, refs, need))
+                 for g, r, n in zip(grads, refs, need, strict=True))
 
 
 @_backward_op.register_fake
 def _(grad_y, x, down_w, up_w, a_hat, h, activation, residual, impl, need):
     refs = (x, down_w, down_w[:, 0], up_w, up_w[:, 0])
-    return tuple(r.new_empty(r.shape) if n else r.new_empty(0) for r, n in zip(refs, need))
+    return tuple(r.new_empty(r.shape) if n else r.new_empty(0) for r, n in zip(refs, need, strict=True))
 
 
 def _fused_backward(dy, x2, down_w, up_w, a_hat, h, activation: str, residual: bool, need: list[bool]):
@@ -238,7 +238,7 @@ def _backward(ctx, grad_y, grad_a_hat, grad_h):
     n = ctx.needs_input_grad
     need = [n[0], n[1], n[2] and ctx.has_db, n[3], n[4] and ctx.has_ub]
     grads = _backward_op(grad_y, x, down_w, up_w, a_hat, h, ctx.activation, ctx.residual, ctx.impl, need)
-    return (*(g if k else None for g, k in zip(grads, need)), None, None, None)
+    return (*(g if k else None for g, k in zip(grads, need, strict=True)), None, None, None)
 
 
 torch.library.register_autograd("ptpeft_fast::adapter_forward", _backward, setup_context=_setup_context)

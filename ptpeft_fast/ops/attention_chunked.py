@@ -85,7 +85,8 @@ def _probs(q: torch.Tensor, k: torch.Tensor, pk: torch.Tensor, bias: Optional[to
     if bias is not None:
         s1 = s1.add_(bias)
     if lse is None:
-        m = torch.maximum(s2.amax(-1, keepdim=True), s1.amax(-1, keepdim=True)) if s1.shape[-1] else s2.amax(-1, keepdim=True)
+        m = (torch.maximum(s2.amax(-1, keepdim=True), s1.amax(-1, keepdim=True)) if s1.shape[-1]
+             else s2.amax(-1, keepdim=True))
         lse = (torch.exp(s2 - m).sum(-1, keepdim=True) + torch.exp(s1 - m).sum(-1, keepdim=True)).log_().add_(m)
     return torch.exp(s2.sub_(lse)), torch.exp(s1.sub_(lse)), lse
 

@@ -77,7 +77,8 @@ def _causal_bias(L: int, S: int, dtype: torch.dtype, device: torch.device) -> to
     """Additive bottom-right causal mask ``[1, 1, L, S]`` (query i sees key j iff j <= i + S - L)."""
     i = torch.arange(L, device=device).unsqueeze(1)
     j = torch.arange(S, device=device).unsqueeze(0)
-    return torch.zeros(L, S, dtype=dtype, device=device).masked_fill_(j > i + (S - L), torch.finfo(dtype).min)[None, None]
+    return torch.zeros(L, S, dtype=dtype, device=device).masked_fill_(
+        j > i + (S - L), torch.finfo(dtype).min)[None, None]
 
 
 def kernel_causal(mask: Optional[torch.Tensor], causal: bool, L: int, S: int) -> bool:
@@ -227,7 +228,8 @@ def lse_merge_backward(grad_out, q, k, v, prefix_k, prefix_v, mask, out, lse, ca
     dog = _grp(grad_out, Hkv, acc)
     delta = torch.linalg.vecdot(dog, _grp(out, Hkv, acc)).unsqueeze(-1)
     ds2 = _mm_prefix(dog, prefix_v.to(acc).transpose(-1, -2).contiguous()).sub_(delta).mul_(p2)
-    dpk = _mm_reduce(ds2.transpose(-1, -2), _grp(q, Hkv, acc), shared).mul_(scale).to(prefix_k.dtype) if need[3] else None
+    dpk = (_mm_reduce(ds2.transpose(-1, -2), _grp(q, Hkv, acc), shared).mul_(scale).to(prefix_k.dtype) if need[3]
+           else None)
     dpv = _mm_reduce(p2.transpose(-1, -2), dog, shared).to(prefix_v.dtype) if need[4] else None
     if need[0]:
         dq5 = dq.view(B, Hkv, G, L, D)

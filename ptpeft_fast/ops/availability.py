@@ -14,7 +14,8 @@ import os
 
 import torch
 
-__all__ = ["ext_op", "ext_variant", "triton_ok", "xformers_ok", "interpreter_on", "flash_prefix_blas", "triton_declines", "prepare"]
+__all__ = ["ext_op", "ext_variant", "triton_ok", "xformers_ok", "interpreter_on", "flash_prefix_blas",
+           "triton_declines", "prepare"]
 
 _facts: dict[str, object] = {}
 

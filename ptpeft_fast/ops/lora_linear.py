@@ -179,13 +179,13 @@ def _backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lo
     refs = (x, weight, weight[:, 0], lora_a, lora_b)
     # contiguous, as the fake kernel promises (some gradients come out as transposed views)
     return tuple(g.reshape(r.shape).contiguous() if n and g is not None else r.new_empty(0)
-                 for g, r, n in zip(grads, refs, need))
+                 for g, r, n in zip(grads, refs, need, strict=True))
 
 
 @_backward_op.register_fake
 def _(grad_y, x, weight, lora_a, lora_b, t, keep, seed, scaling, dropout_p, impl, need):
     refs = (x, weight, weight[:, 0], lora_a, lora_b)
-    return tuple(r.new_empty(r.shape) if n else r.new_empty(0) for r, n in zip(refs, need))
+    return tuple(r.new_empty(r.shape) if n else r.new_empty(0) for r, n in zip(refs, need, strict=True))
 
 
 def _blas_backward(grad_y, x, weight, lora_a, lora_b, t, keep, s: float, p: float, impl: str, need: list[bool]):
@@ -233,7 +233,7 @@ def _backward(ctx, grad_y, grad_t):
     need = [n[0], n[1], n[2] and ctx.has_bias, n[3], n[4]]
     dx, dw, db, da, dbb = _backward_op(grad_y, x, weight, lora_a, lora_b, t, keep, seed, ctx.scaling, ctx.dropout_p,
                                       ctx.impl, need)
-    grads = [g if k else None for g, k in zip((dx, dw, db, da, dbb), need)]
+    grads = [g if k else None for g, k in zip((dx, dw, db, da, dbb), need, strict=True)]
     return (*grads, None, None, None, None, None)
 
 
@@ -271,7 +271,8 @@ def _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p) -> None:
         raise ValueError(f"lora_linear: lora_b must be [out, r] = [{out_f}, {r}], got {tuple(lora_b.shape)}")
     if bias is not None and tuple(bias.shape) != (out_f,):
         raise ValueError(f"lora_linear: bias must be [out] = [{out_f}], got {tuple(bias.shape)}")
-    check_dtype_device("lora_linear", "x", x, (("weight", weight), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b)))
+    check_dtype_device("lora_linear", "x", x,
+                       (("weight", weight), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b)))
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
         raise ValueError(f"lora_linear: scaling must be a finite float (alpha / r), got {scaling!r}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:

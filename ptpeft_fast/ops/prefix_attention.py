@@ -52,8 +52,15 @@ from . import availability as avail
 from . import dispatch
 from ._autocast import in_autocast_dtype
 from ._checks import check_dtype_device
-from .attention_cpu import (DECODE_MAX_QUERIES, FLASH_PREFIX_MAX_KEYS, block_backward, block_forward,
-                            decode_forward, lse_merge_backward, lse_merge_forward)
+from .attention_cpu import (
+    DECODE_MAX_QUERIES,
+    FLASH_PREFIX_MAX_KEYS,
+    block_backward,
+    block_forward,
+    decode_forward,
+    lse_merge_backward,
+    lse_merge_forward,
+)
 from .attention_reference import reference_attention
 
 __all__ = ["prefix_attention", "prefix_decode_step", "TABLE", "AttentionCall", "DECODE_MAX_QUERIES",
@@ -238,12 +245,14 @@ def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     else:
         raise ValueError(f"prefix_attention_backward: no implementation {impl!r}")
     refs = (q, k, v, prefix_k, prefix_v)
-    return tuple(_like(g, r) if n and g is not None else r.new_empty(0) for g, r, n in zip(grads, refs, need))
+    return tuple(_like(g, r) if n and g is not None else r.new_empty(0)
+                 for g, r, n in zip(grads, refs, need, strict=True))
 
 
 @_backward_op.register_fake
 def _(grad_out, q, k, v, prefix_k, prefix_v, attn_mask, seed, out, lse, causal, scale, dropout_p, impl, need):
-    return tuple(torch.empty_like(r) if n else r.new_empty(0) for r, n in zip((q, k, v, prefix_k, prefix_v), need))
+    return tuple(torch.empty_like(r) if n else r.new_empty(0)
+                 for r, n in zip((q, k, v, prefix_k, prefix_v), need, strict=True))
 
 
 def _setup_context(ctx, inputs, output):
@@ -258,7 +267,7 @@ def _backward(ctx, grad_out, grad_lse):
     need = list(ctx.needs_input_grad[:5])
     grads = _backward_op(grad_out, q, k, v, prefix_k, prefix_v, attn_mask, seed, out, lse, ctx.causal, ctx.scale,
                          ctx.dropout_p, ctx.impl, need)
-    return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 6
+    return tuple(g if n else None for g, n in zip(grads, need, strict=True)) + (None,) * 6
 
 
 torch.library.register_autograd("ptpeft_fast::prefix_attention_forward", _backward, setup_context=_setup_context)
@@ -287,8 +296,8 @@ def _validate(q, k, v, prefix_k, prefix_v, attn_mask, scale, dropout_p) -> None:
     for name in ("q", "k", "v"):
         if names[name].dim() != 4:
             raise ValueError(
-                f"prefix_attention: {name} must be 4-D [B, heads, tokens, head_dim]; got shape {tuple(names[name].shape)} "
-                "(transformers' [B, tokens, heads, head_dim] tensors need .transpose(1, 2))"
+                f"prefix_attention: {name} must be 4-D [B, heads, tokens, head_dim]; got shape "
+                f"{tuple(names[name].shape)} (transformers' [B, tokens, heads, head_dim] tensors need .transpose(1, 2))"
             )
     if not q.is_floating_point():
         raise ValueError(f"prefix_attention: q must be floating point, got {q.dtype}")
@@ -308,7 +317,8 @@ def _validate(q, k, v, prefix_k, prefix_v, attn_mask, scale, dropout_p) -> None:
         raise ValueError(f"prefix_attention: head_dim of k/v is {k.shape[3]} but q's is {D}; they must match")
     if prefix_k.shape != prefix_v.shape:
         raise ValueError(
-            f"prefix_attention: prefix_k {tuple(prefix_k.shape)} and prefix_v {tuple(prefix_v.shape)} must have the same shape"
+            f"prefix_attention: prefix_k {tuple(prefix_k.shape)} and prefix_v {tuple(prefix_v.shape)} "
+            "must have the same shape"
         )
     if prefix_k.dim() == 3:
         lead, want = tuple(prefix_k.shape[:1]), (Hkv,)
@@ -319,7 +329,8 @@ def _validate(q, k, v, prefix_k, prefix_v, attn_mask, scale, dropout_p) -> None:
     if lead is None or lead != want or prefix_k.shape[-1] != D:
         raise ValueError(
             f"prefix_attention: prefix_k/prefix_v must be [Hkv, P, D] = [{Hkv}, P, {D}] (shared by the batch) or "
-            f"[B, Hkv, P, D] = [{B}, {Hkv}, P, {D}]; got {tuple(prefix_k.shape)} (prefixes are sized by the key/value heads)"
+            f"[B, Hkv, P, D] = [{B}, {Hkv}, P, {D}]; got {tuple(prefix_k.shape)} "
+            "(prefixes are sized by the key/value heads)"
         )
     if prefix_k.shape[-2] < 1:
         raise ValueError(
@@ -332,19 +343,23 @@ def _validate(q, k, v, prefix_k, prefix_v, attn_mask, scale, dropout_p) -> None:
             raise ValueError(f"prefix_attention: attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
             raise ValueError(
-                f"prefix_attention: attn_mask must be bool (True = attend) or an additive float mask, got {attn_mask.dtype}"
+                "prefix_attention: attn_mask must be bool (True = attend) or an additive float mask, got "
+                f"{attn_mask.dtype}"
             )
         if attn_mask.device != q.device:
             raise ValueError(f"prefix_attention: attn_mask is on {attn_mask.device} but q is on {q.device}")
         full = (B, H, L, k.shape[2])
-        ok = 2 <= attn_mask.dim() <= 4 and all(m in (1, f) for m, f in zip(attn_mask.shape[::-1], full[::-1]))
+        # trailing dims broadcast against [B, H, L, S]; a 2- or 3-D mask has fewer dims than full
+        ok = 2 <= attn_mask.dim() <= 4 and all(m in (1, f)
+                                                for m, f in zip(attn_mask.shape[::-1], full[::-1], strict=False))
         if not ok:
             raise ValueError(
                 f"prefix_attention: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [B, H, L, S] = "
                 f"{list(full)}; it covers the real keys only (no prefix columns), e.g. [B, 1, L, S]"
             )
     if scale is not None:
-        if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0:
+        if (isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+                or scale == 0):
             raise ValueError(f"prefix_attention: scale must be a finite non-zero float or None, got {scale!r}")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"prefix_attention: dropout_p must be in [0, 1), got {dropout_p!r}")

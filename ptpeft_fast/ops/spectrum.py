@@ -112,7 +112,8 @@ def _validate(
     if not isinstance(features, torch.Tensor):
         raise ValueError(f"features must be a torch.Tensor, got {type(features).__name__}")
     if features.dim() != 3:
-        raise ValueError(f"features must be 3-D [batch, tokens, dim]; got a {features.dim()}-D tensor of shape {tuple(features.shape)}")
+        raise ValueError(f"features must be 3-D [batch, tokens, dim]; got a {features.dim()}-D tensor of shape "
+                         f"{tuple(features.shape)}")
     if features.size(0) == 0:
         raise ValueError("features is an empty batch (batch size 0)")
     if features.size(1) == 0 or features.size(2) == 0:
@@ -125,7 +126,8 @@ def _validate(
         if not isinstance(lengths, torch.Tensor):
             lengths = torch.as_tensor(lengths)
         if lengths.dim() != 1 or lengths.size(0) != features.size(0):
-            raise ValueError(f"lengths must be 1-D with one entry per sample ({features.size(0)}), got shape {tuple(lengths.shape)}")
+            raise ValueError(f"lengths must be 1-D with one entry per sample ({features.size(0)}), got shape "
+                             f"{tuple(lengths.shape)}")
         if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
             raise ValueError(f"lengths must be an integer tensor, got {lengths.dtype}")
         lengths = lengths.to(device="cpu", dtype=torch.int64)
@@ -198,7 +200,8 @@ def stats_from_singular_values(svals: torch.Tensor, ranks: torch.Tensor, thresho
 
 
 @torch.no_grad()
-def singular_values(features: torch.Tensor, lengths: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
+def singular_values(features: torch.Tensor, lengths: torch.Tensor | None = None, *,
+                    backend: str = "auto") -> torch.Tensor:
     """Singular values of each sample's features, descending, ``[B, min(L, d)]``.
 
     ``features``: ``[B, L, d]`` (fp16/bf16 are computed in fp32). ``lengths``: optional ``[B]``

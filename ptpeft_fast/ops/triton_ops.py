@@ -31,6 +31,8 @@ from ptpeft_fast.kernels import adapter as _adk
 from ptpeft_fast.kernels import lora as _lk
 from ptpeft_fast.kernels import prefix_attention as _pak
 
+from .dispatch import BackendUnsupported
+
 __all__ = [
     "TritonUnsupported",
     "adapter_backward",
@@ -47,9 +49,6 @@ __all__ = [
 
 MAX_HEAD_DIM = 256
 MAX_BOTTLENECK = 256
-
-
-from .dispatch import BackendUnsupported
 
 
 class TritonUnsupported(BackendUnsupported):
@@ -278,7 +277,8 @@ def lora_linear_backward(dy2, x2, weight, lora_a, lora_b, t, scaling: float, dro
     return dx, dw, db, (da if need_a else None), (dlb if need_lb else None)
 
 
-def lora_dropout_mask(shape: tuple[int, int], dropout_p: float, seed: int, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+def lora_dropout_mask(shape: tuple[int, int], dropout_p: float, seed: int,
+                      device: Union[str, torch.device] = "cpu") -> torch.Tensor:
     """The keep-mask (bool ``[M, in]``) that ``lora_linear`` uses for ``seed`` (for tests)."""
     return _lk.dropout_mask(shape, dropout_p, seed, torch.device(device))
 
@@ -325,4 +325,4 @@ def adapter_backward(dy2, x2, down_weight, up_weight, z, activation: str, residu
         dbu32 = _new((up_weight.shape[0],), torch.float32, up_weight.device)
         _adk.adapter_backward_w(x2, dy2, z, dz, dwd, dwu, dbd32, dbu32, act=act)
         dbd, dbu = dbd32.to(down_weight.dtype), dbu32.to(up_weight.dtype)
-    return tuple(g if n else None for g, n in zip((dx, dwd, dbd, dwu, dbu), need))
+    return tuple(g if n else None for g, n in zip((dx, dwd, dbd, dwu, dbu), need, strict=True))

@@ -28,7 +28,8 @@ def _import_xformers():
         from xformers.ops import fmha
     except Exception as e:  # ImportError or a broken CUDA build
         raise ValueError(
-            "backend='xformers' needs a working xformers (pip install 'ptpeft_fast[xformers]'); use backend='torch' or 'triton'"
+            "backend='xformers' needs a working xformers (pip install 'ptpeft_fast[xformers]'); "
+            "use backend='torch' or 'triton'"
         ) from e
     return xops, fmha
 

@@ -70,7 +70,8 @@ class LayerPrefix(nn.Module):
             self.dropout = nn.Dropout(dropout)
         elif reparam == "none":
             self.key = nn.Parameter(torch.randn(kv_heads, num_tokens, head_dim, dtype=dtype, device=device) * init_std)
-            self.value = nn.Parameter(torch.randn(kv_heads, num_tokens, head_dim, dtype=dtype, device=device) * init_std)
+            self.value = nn.Parameter(
+                torch.randn(kv_heads, num_tokens, head_dim, dtype=dtype, device=device) * init_std)
         elif reparam == "mlp-global":
             if shared is None:
                 raise ValueError("reparam='mlp-global' needs the shared GlobalPrefixMLP")
@@ -121,7 +122,7 @@ class LayerPrefix(nn.Module):
         try:
             k, v = self._compute()
         finally:
-            for m, mode in zip(modules, modes):
+            for m, mode in zip(modules, modes, strict=True):
                 m.train(mode)
         return k.detach(), v.detach()
 

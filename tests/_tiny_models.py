@@ -60,7 +60,7 @@ def blip2_inputs(model, seed: int = 0) -> dict:
             "attention_mask": torch.ones_like(ids)}
 
 
-def batch(seed: int = 0, b: int = 2, l: int = 6, pad: str = "left"):  # noqa: E741 (callers pass l=)
+def batch(seed: int = 0, b: int = 2, length: int = 6, pad: str = "left"):
     """``(input_ids, attention_mask)`` with two padding tokens in the second row.
 
     ``pad="right"`` for comparisons with PEFT's prefix tuning under ``positions="shift"``:
@@ -70,8 +70,8 @@ def batch(seed: int = 0, b: int = 2, l: int = 6, pad: str = "left"):  # noqa: E7
     agree on every real token; compare the logits there (:func:`real`).
     """
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (b, l), generator=g)
-    mask = torch.ones(b, l, dtype=torch.long)
+    ids = torch.randint(0, VOCAB, (b, length), generator=g)
+    mask = torch.ones(b, length, dtype=torch.long)
     if b > 1:
         if pad == "left":
             mask[1, :2] = 0

@@ -1,5 +1,5 @@
-"""Model-family coverage (issue 6): tiny, randomly initialised models of every family in the architecture table's coverage
-issue, built from configs (nothing is downloaded), plus batched left-padded inputs for them.
+"""Model-family coverage (issue 6): tiny, randomly initialised models of every family in the architecture
+table's coverage issue, built from configs (nothing is downloaded), plus batched left-padded inputs for them.
 
 Each :class:`Spec` knows how to build its model, which components it has (and which PEFT
 methods apply to each), and how to make inputs, including image inputs with the right
@@ -8,8 +8,8 @@ number of image placeholder tokens, so the multimodal paths run for real.
 from __future__ import annotations
 
 import copy
-import json
 import importlib.util
+import json
 import math
 import tempfile
 from collections.abc import Callable
@@ -27,7 +27,8 @@ from ptpeft_fast.stages import parameter_groups
 VOCAB = 128
 PAD, BOS, EOS = 0, 1, 2
 IMG, AUX1, AUX2, AUX3 = 120, 121, 122, 123  # image placeholder and begin/end-of-image style tokens
-SPECIAL = (PAD, BOS, EOS, IMG, AUX1, AUX2, AUX3)  # never generated in the tests: a generated <image> would be an image slot
+# never generated in the tests: a generated <image> would be an image slot
+SPECIAL = (PAD, BOS, EOS, IMG, AUX1, AUX2, AUX3)
 
 # dropout is off everywhere (the defaults already are for these families) so runs repeat exactly
 TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -130,7 +131,8 @@ def _paligemma_cfg():
 
 def _gemma3_cfg():
     return T.Gemma3Config(vision_config=SIGLIP,
-                          text_config=dict(**TEXT, sliding_window=3, layer_types=["sliding_attention", "full_attention"]),
+                          text_config=dict(**TEXT, sliding_window=3,
+                                           layer_types=["sliding_attention", "full_attention"]),
                           mm_tokens_per_image=4, image_token_index=IMG, boi_token_index=AUX1, eoi_token_index=AUX2)
 
 
@@ -150,7 +152,8 @@ VLM = {"vision": ALL, "projector": NO_PREFIX, "language": ALL}
 
 SPECS: list[Spec] = [
     Spec("instructblip", "InstructBLIP", "instructblip", _instructblip_cfg, T.InstructBlipForConditionalGeneration,
-         {"vision": ALL, "qformer": ALL, "projector": NO_PREFIX, "language": ALL}, image_tokens=4, layout="instructblip"),
+         {"vision": ALL, "qformer": ALL, "projector": NO_PREFIX, "language": ALL}, image_tokens=4,
+         layout="instructblip"),
     Spec("llava", "LLaVA-1.5", "llava", _llava_cfg, T.LlavaForConditionalGeneration, VLM, image_tokens=16,
          layout="llava"),
     Spec("llava_next", "LLaVA-NeXT", "llava_next", _llava_next_cfg, T.LlavaNextForConditionalGeneration, VLM,
@@ -333,7 +336,8 @@ def full_config(spec: Spec, methods=ALL, init_std: float = 0.5, reparam: str = "
         prefix=pf.PrefixConfig(num_tokens=3, hidden_size=16, reparam=reparam, init_std=init_std,
                                components=_components(spec, "prefix")) if "prefix" in methods else None,
         lora=pf.LoraConfig(r=2, alpha=4, components=_components(spec, "lora")) if "lora" in methods else None,
-        adapter=pf.AdapterConfig(bottleneck=4, activation="gelu", components=_components(spec, "adapter")) if "adapter" in methods else None,
+        adapter=(pf.AdapterConfig(bottleneck=4, activation="gelu", components=_components(spec, "adapter"))
+                 if "adapter" in methods else None),
     )
 
 
@@ -479,7 +483,7 @@ def test_merge_keeps_outputs(spec: Spec, record_property) -> None:
         before = logits_of(model, inputs)
         pf.merge(model)
         after = logits_of(model, inputs)
-    assert all(getattr(l, l._ptpeft_lora).merged for l in model._ptpeft.lora_layers.values())
+    assert all(getattr(layer, layer._ptpeft_lora).merged for layer in model._ptpeft.lora_layers.values())
     assert rel_err(after, before) <= 1e-5
 
 
@@ -505,7 +509,8 @@ class _Spy:
         self.calls: list[tuple] = []
 
     def __call__(self, module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
-        out, _ = pf_attention.ptpeft_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+        out, _ = pf_attention.ptpeft_attention_forward(module, query, key, value, attention_mask, scaling, dropout,
+                                                       **kwargs)
         self.calls.append((module, query, key, value, attention_mask, scaling, kwargs, out))
         return out, None
 
@@ -569,7 +574,7 @@ def test_sliding_window_prefix_stays_visible(spec: Spec, record_property) -> Non
     i = torch.arange(L)[:, None]
     j = torch.arange(L)[None, :]
     checked_sliding = checked_global = 0
-    for module, q, k, v, mask, scaling, kwargs, out in spy.calls:
+    for module, q, k, v, _mask, scaling, kwargs, out in spy.calls:
         if q.shape[2] != L or not hasattr(module, "layer_idx"):
             continue  # vision tower layers
         window = _window(spec, module)
@@ -644,11 +649,11 @@ def test_mrope_positions_kept_prefix_unrotated(spec: Spec, record_property) -> N
             model(**inputs)
     assert seen["base"] and len(seen["base"]) == len(seen["patched"])
     assert seen["base"][0].shape[0] == 3
-    for a, b in zip(seen["base"], seen["patched"]):
+    for a, b in zip(seen["base"], seen["patched"], strict=True):
         assert torch.equal(a, b)
     lm_calls = [c for c in spy.calls if hasattr(c[0], "layer_idx")]
     assert lm_calls
-    for module, q, k, v, mask, scaling, kwargs, out in lm_calls:
+    for module, q, k, v, _mask, scaling, _kwargs, out in lm_calls:
         pk, pv = getattr(module, module._ptpeft_prefix).kv(q.dtype)
         # reference with the prefix as handed over (no rotation) reproduces the layer's output
         L = q.shape[2]
@@ -686,7 +691,7 @@ def test_positions_shift_offsets_real_positions(spec: Spec, record_property) -> 
         with torch.no_grad():
             model(**make_inputs(spec, model))
     assert len(seen["keep"]) == len(seen["shift"]) >= 1
-    for keep, shift in zip(seen["keep"], seen["shift"]):
+    for keep, shift in zip(seen["keep"], seen["shift"], strict=True):
         assert torch.equal(shift, keep + 3)
 
 
@@ -770,14 +775,16 @@ def _cli_family(arch: str):
             size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}))
     if arch == "llava_next":
         return _cli_llava(T.LlavaNextConfig, T.LlavaNextProcessor, T.LlavaNextImageProcessorPil(
-            size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, image_grid_pinpoints=[[16, 16], [16, 32]]))
+            size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
+            image_grid_pinpoints=[[16, 16], [16, 32]]))
     if arch == "llava_onevision":  # SigLIP 16x16 / 4 = 16 tokens per view, no CLS ("full")
         tok = _cli_tokenizer("<image>", "<video>")
         cfg = T.LlavaOnevisionConfig(text_config=_cli_text(tok, "qwen2"), vision_config=SIGLIP, vision_feature_layer=-1,
                                      image_token_index=tok.convert_tokens_to_ids("<image>"),
                                      video_token_index=tok.convert_tokens_to_ids("<video>"),
                                      image_grid_pinpoints=[[16, 16], [16, 32]])
-        ip = T.LlavaOnevisionImageProcessorPil(size={"height": 16, "width": 16}, image_grid_pinpoints=[[16, 16], [16, 32]])
+        ip = T.LlavaOnevisionImageProcessorPil(size={"height": 16, "width": 16},
+                                               image_grid_pinpoints=[[16, 16], [16, 32]])
         proc = without_video(T.LlavaOnevisionProcessor)(
             image_processor=ip, tokenizer=tok, num_image_tokens=16, vision_feature_select_strategy="full",
             image_token="<image>", video_token="<video>")
@@ -798,7 +805,8 @@ def _cli_family(arch: str):
             image_token_id=tok.convert_tokens_to_ids("<image>"))
         kw = dict(size={"longest_edge": 16}, max_image_size={"longest_edge": 16}, do_image_splitting=False)
         if arch == "idefics3":
-            proc = T.Idefics3Processor(image_processor=T.Idefics3ImageProcessorPil(**kw), tokenizer=tok, image_seq_len=4)
+            proc = T.Idefics3Processor(image_processor=T.Idefics3ImageProcessorPil(**kw), tokenizer=tok,
+                                       image_seq_len=4)
         else:  # SmolVLMProcessor needs num2words (the `test` extra) and, without torchvision, no video processor
             proc = without_video(T.SmolVLMProcessor)(image_processor=T.SmolVLMImageProcessorPil(**kw), tokenizer=tok,
                                                     image_seq_len=4)
@@ -977,7 +985,7 @@ def test_synthetic_text_records_carry_the_answer_in_the_prompt() -> None:
     recs = synthetic.make_text_records("vqa", "train", 3, seed=0)
     img = synthetic.make_records("vqa", "train", 3, seed=0)
     assert [r.id for r in recs] == [r.id for r in img] and all(r.image is None for r in recs)
-    for r, q in zip(recs, img):
+    for r, q in zip(recs, img, strict=True):
         assert r.targets == q.targets and r.question.endswith(" . " + q.question)
         a = r.meta["attrs"]
         assert a["color"] in r.question and a["position"] in r.question and a["kind"] in r.question

@@ -6,10 +6,11 @@ import shutil
 
 import pytest
 import torch
-from _tiny_models import VOCAB, batch, load, logits
 
 import ptpeft_fast as pf
 from ptpeft_fast.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+
+from _tiny_models import VOCAB, batch, load, logits
 
 
 def _config() -> pf.PTPeftConfig:
@@ -52,8 +53,8 @@ def test_checkpoint_into_same_family_other_size_is_refused_and_model_left_unpatc
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    small = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2, vocab_size=VOCAB)).eval()
+    small = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB)).eval()
     ids, mask = batch()
     before = logits(small, ids, mask)
     with pytest.raises(ValueError, match="checkpoint shape .* != model shape .*another size"):
@@ -112,7 +113,7 @@ def _train(seed: int, steps: int = 4) -> dict[str, torch.Tensor]:
     model = pf.patch(load(), cfg)
     pf.set_stage(model, "peft")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids, mask = batch(0, b=2, l=8)
+    ids, mask = batch(0, b=2, length=8)
     for _ in range(steps):
         loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
         loss.backward()
@@ -150,8 +151,8 @@ def test_torch_compile_on_patched_model_matches_eager():
 
     torch.manual_seed(0)
     # one layer: dynamo unrolls the layers, so this keeps the trace short; GQA and RoPE as in the tiny Llama
-    base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                                        num_key_value_heads=2, vocab_size=VOCAB))
+    base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB))
     model = pf.patch(base, _config())
     pf.set_stage(model, "peft")
     ids, mask = batch()

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from ptpeft_fast.train.tasks import make_run
@@ -82,7 +81,7 @@ def test_fsdp_two_processes_match_one_and_resume(tmp_path):
     ea, eb = events(one, "eval"), events(two, "eval")
     assert [e["phase"] for e in ea] == [e["phase"] for e in eb] == ["zero_shot", "eval_stage2"]
     assert eb[-1]["n"] == ea[-1]["n"] == 5
-    for x, y in zip(ea, eb):
+    for x, y in zip(ea, eb, strict=True):
         assert x["metrics"] == pytest.approx(y["metrics"], abs=1e-6)
         assert x["spectrum"]["effective_rank"] == pytest.approx(y["spectrum"]["effective_rank"], rel=1e-4)
 

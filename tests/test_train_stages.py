@@ -76,7 +76,7 @@ def test_gradient_checkpointing_same_losses(tmp_path):
     assert getattr(run.model, "is_activation_checkpointing", None) or run.model.is_gradient_checkpointing
     la = [e["loss"] for e in events(str(tmp_path / "a"), "train")]
     lb = [e["loss"] for e in events(str(tmp_path / "b"), "train")]
-    assert la == lb or all(abs(x - y) < 1e-6 for x, y in zip(la, lb))
+    assert la == lb or all(abs(x - y) < 1e-6 for x, y in zip(la, lb, strict=True))
 
 
 def test_bf16_autocast_on_cpu_trains_lora_and_adapter(tmp_path):
@@ -99,4 +99,4 @@ def test_train_compile_gives_the_eager_losses_in_both_stages(tmp_path):
     la = [(e["stage"], e["loss"]) for e in events(str(tmp_path / "a"), "train")]
     lb = [(e["stage"], e["loss"]) for e in events(str(tmp_path / "b"), "train")]
     assert [s for s, _ in la] == [s for s, _ in lb] and {s for s, _ in la} == {"stage1", "stage2"}
-    assert all(abs(x - y) <= 1e-5 * max(1.0, abs(y)) for (_, x), (_, y) in zip(lb, la)), (la, lb)
+    assert all(abs(x - y) <= 1e-5 * max(1.0, abs(y)) for (_, x), (_, y) in zip(lb, la, strict=True)), (la, lb)

@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg["experiment"]["methods"]:
             # a multi-run experiment: each run resumes from its own sub-folder, so running the
             # same command again (or --resume DIR) continues where it stopped
-            from .experiment import run_experiment
             from ..atomic_files import atomic_write_text
+            from .experiment import run_experiment
             os.makedirs(out, exist_ok=True)
             atomic_write_text(os.path.join(out, "config.yaml"), dump_config(cfg))
             return _run_reporting_stops(lambda: run_experiment(cfg, out))

@@ -19,6 +19,7 @@ from . import report
 from .config import apply_override, validate
 from .methods import METHODS
 
+
 def _budget(stage: dict) -> str:
     if not stage["enabled"]:
         return "off"

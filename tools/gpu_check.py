@@ -134,7 +134,7 @@ def _tail(path: Path, n: int = 3) -> str:
         return ""
 
 
-def _junit_counts(paths: list[Path]) -> dict:
+def junit_counts(paths: list[Path]) -> dict:
     """passed / failed / errors / skipped summed over JUnit files (missing files: not counted)."""
     c = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "files": 0}
     for p in paths:
@@ -189,7 +189,7 @@ def run_step(step: str, out: Path, cuda: bool, smoke: bool, state: dict) -> dict
         procs = [_start(_pytest(py, args, junits[i]), out / f"kernel-tests-{i}.log",
                         {**env, "PTPEFT_TEST_SHARD": f"{i}/{n}"}) for i in range(n)]
         codes = _finish(procs, deadline)
-        c = _junit_counts(junits)
+        c = junit_counts(junits)
         # pytest exits 5 when a shard collected nothing (more shards than tests): not a failure
         rc = 0 if all(code in (0, 5) for code in codes) else 1
         detail = (f"{c['passed']} passed, {c['failed']} failed, {c['errors']} errors, {c['skipped']} skipped "

@@ -12,8 +12,8 @@ reference (``err``), so a fast peer that computes something else shows. Sides:
 - ``attention``: our Triton prefix attention against SDPA over [prefix; keys] with
   ``causal_lower_right`` on each back end forced alone (flash, efficient, cuDNN; one that cannot take
   the call is reported as skipped with SDPA's reason) and FlexAttention (``torch.compile``) with the
-  prefix block mask ``kv < P or kv - P <= q + S - L``; the headline is one Llama-7B layer (32 heads x
-  128, 4k tokens, P = 32, bf16), plus a GQA shape.
+  prefix block mask ``kv < P or kv - P <= q + S - L``, and flash-attn / xformers where installed; the
+  headline is one Llama-7B layer (32 heads x 128, 4k tokens, P = 32, bf16), plus a GQA shape.
 - ``lora``: our fused LoRA linear against the bare frozen linear (the floor) and PEFT's LoRA layer.
 - ``adapter``: our fused adapter against the unfused module chain ``x + up(act(down(x)))``.
 - ``train``: one optimizer step of a patched Llama from config (8 layers x 2048, L = 2048) in stage
@@ -197,6 +197,19 @@ def _flex_side(q, k, pk, compile_: bool) -> Callable:
     return fn
 
 
+def _flash_attn_side() -> Callable:
+    """flash-attn's ``flash_attn_func`` over [prefix; keys]: its ``causal=True`` aligns bottom-right when
+    there are more keys than queries, which is prefix attention exactly."""
+    from flash_attn import flash_attn_func
+
+    def fn(q, k, v, pk, pv):
+        keys, vals = _concat(q, k, v, pk, pv, repeat_kv=False)  # flash-attn takes GQA as is
+        out = flash_attn_func(q.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2), causal=True)
+        return out.transpose(1, 2)
+
+    return fn
+
+
 def bench_attention(bench: Bench, device: str, shape: dict) -> dict:
     from ptpeft_fast import ops
 
@@ -217,6 +230,10 @@ def bench_attention(bench: Bench, device: str, shape: dict) -> dict:
         peers[name] = _side(bench, lambda b=backend: _fwd_bwd(_sdpa_side(b), inputs), ref)
     peers["flex"] = _side(bench, lambda: _fwd_bwd(_flex_side(inputs[0], inputs[1], inputs[3], device == "cuda"),
                                                   inputs), ref)
+    # optional packages a user might pick instead: reported as not run where absent
+    peers["flash_attn"] = _side(bench, lambda: _fwd_bwd(_flash_attn_side(), inputs), ref)
+    peers["xformers"] = _side(bench, lambda: _fwd_bwd(lambda *t: ops.prefix_attention(*t, causal=True,
+                                                                                      backend="xformers"), inputs), ref)
     del ref
     return {"op": "prefix_attention", "ours": ours, "peers": peers,
             "what": "fwd+bwd; peers over the concatenated prefix (causal_lower_right / the prefix block mask)"}
@@ -408,11 +425,14 @@ def environment(device: str) -> dict:
     return info
 
 
-def run(cases: list[str], size: str, device: str, reps: int, warmup: int) -> dict:
+def run(cases: list[str], size: str, device: str, reps: int, warmup: int, only_shape: Optional[str] = None) -> dict:
+    """Every shape of each case (or only ``only_shape``): the JSON that report_gpu.py reads."""
     bench = Bench(device, reps, warmup)
     results = []
     for case in cases:
         for shape_name, shape in SHAPES[size][case].items():
+            if only_shape is not None and shape_name != only_shape:
+                continue
             t0 = time.time()
             params = {k: v for k, v in shape.items() if k != "headline"}
             out = BENCHES[case](bench, device, params)

@@ -46,7 +46,8 @@ def render(data: dict, train: Optional[dict] = None, command: str = "") -> str:
         if key in env:
             lines.append(f"- {key}: {env[key]}")
     lines += ["", f"Median of {data.get('reps', '?')} repetitions after {data.get('warmup', '?')} warm-up runs, "
-              "CUDA events on a GPU (wall clock on CPU); ratio = ours / side (fwd + bwd, lower is better for us); *err* = relative error of "
+              "CUDA events on a GPU (wall clock on CPU); ratio = ours / side (fwd + bwd, lower is better for us); "
+              "*err* = relative error of "
               "the side's forward output against the float64 torch reference (– where not compared: no output "
               "to compare, or dropout draws that differ by implementation).", ""]
     headline = [r for r in data.get("results", []) if r.get("headline")]

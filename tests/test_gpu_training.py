@@ -142,6 +142,6 @@ def test_two_stage_training_triton_against_torch(size, monkeypatch):
         assert all(math.isfinite(x) for x in lt + lr_), (stage, lt, lr_)
         assert lt[-1] < lt[0] and lr_[-1] < lr_[0], f"{stage}: loss did not fall: triton {lt}, torch {lr_}"
         assert abs(lt[0] - lr_[0]) <= FIRST_LOSS_RTOL * abs(lr_[0]), (stage, lt[0], lr_[0])
-        for a, b in zip(lt, lr_):
+        for a, b in zip(lt, lr_, strict=True):
             assert abs(a - b) <= LOSS_RTOL * abs(b), (stage, lt, lr_)
         assert cosine[stage] >= GRAD_COSINE, (stage, cosine[stage])

@@ -425,10 +425,14 @@ def environment(device: str) -> dict:
     return info
 
 
-def run(cases: list[str], size: str, device: str, reps: int, warmup: int, only_shape: Optional[str] = None) -> dict:
-    """Every shape of each case (or only ``only_shape``): the JSON that report_gpu.py reads."""
+def run(cases: list[str], size: str, device: str, reps: int, warmup: int, only_shape: Optional[str] = None,
+        json_path: Optional[Path] = None) -> dict:
+    """Every shape of each case (or only ``only_shape``): the JSON that report_gpu.py reads, rewritten to
+    ``json_path`` after each result (a run stopped at its time limit leaves what it measured)."""
     bench = Bench(device, reps, warmup)
     results = []
+    data = {"environment": environment(device), "size": size, "reps": reps, "warmup": warmup, "results": results,
+            "datetime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for case in cases:
         for shape_name, shape in SHAPES[size][case].items():
             if only_shape is not None and shape_name != only_shape:
@@ -445,10 +449,11 @@ def run(cases: list[str], size: str, device: str, reps: int, warmup: int, only_s
                         side["ratio"] = r["ours"]["ms"] / side["ms"]
                 results.append(r)
                 print(f"[gpu_bench] {case}/{shape_name}: {json.dumps(r, default=str)}", flush=True)
+                if json_path is not None:
+                    json_path.write_text(json.dumps(data, indent=2, default=str) + "\n")
             if device == "cuda":
                 torch.cuda.empty_cache()
-    return {"environment": environment(device), "size": size, "reps": reps, "warmup": warmup, "results": results,
-            "datetime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return data
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -466,9 +471,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if unknown:
         ap.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
     reps, warmup = (1, 0) if args.warm else (args.reps, args.warmup)
-    data = run(cases, args.size, args.device, reps, warmup)
-    if args.json and not args.warm:
-        args.json.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    run(cases, args.size, args.device, reps, warmup, json_path=None if args.warm else args.json)
     return 0
 
 

@@ -48,8 +48,15 @@ def _autotuners() -> list:
 
     from ptpeft_fast.kernels import adapter, lora, prefix_attention
 
-    return [obj for mod in (prefix_attention, lora, adapter) for obj in vars(mod).values()
-            if isinstance(obj, Autotuner)]
+    found = []
+    for obj in (o for mod in (prefix_attention, lora, adapter) for o in vars(mod).values()):
+        for _ in range(4):  # through @triton.heuristics and other wrappers that keep the kernel in .fn
+            if isinstance(obj, Autotuner) or callable(obj) and type(obj).__name__ == "function":
+                break
+            obj = getattr(obj, "fn", None)
+        if isinstance(obj, Autotuner) and all(obj is not f for f in found):
+            found.append(obj)
+    return found
 
 
 _configs_used: set = set()

@@ -222,14 +222,18 @@ def _bench(py: str, out: Path, deadline: float, smoke: bool, base: dict) -> tupl
              warm_deadline)
     result = out / "gpu-bench.json"
     reps = ["--reps", "2", "--warmup", "1"] if smoke else []
-    rc = _run([py, script, "--json", str(result), "--cases", ",".join(cases), *size, *reps], out / "bench.log",
-              deadline, env)
-    if rc != 0 or not result.is_file():
-        return (rc or 1), _tail(out / "bench.log")
+    rc_bench = _run([py, script, "--json", str(result), "--cases", ",".join(cases), *size, *reps],
+                    out / "bench.log", deadline - 15, env)  # 15 s kept for the report
+    if not result.is_file():
+        return (rc_bench or 1), _tail(out / "bench.log")
+    # the report also for a run stopped at its limit: the JSON holds every result finished by then
     train = out / ("train-tiny.json" if smoke else "train-llama-2048.json")
     cmd = [py, str(ROOT / "benchmarks" / "report_gpu.py"), str(result), "-o", str(out / "BENCHMARKS-GPU.md"),
            "--command", "PYTHONPATH=. python tools/gpu_check.py", "--train", str(train)]
-    rc = _run(cmd, out / "bench-report.log", max(deadline, time.time() + 30), env)
+    rc = _run(cmd, out / "bench-report.log", max(deadline, time.time() + 10), env)
+    if rc_bench != 0:
+        why = _tail(out / "bench.log", 1)
+        return rc_bench, f"benchmarks stopped (exit {rc_bench}; the report has what finished): {why}"
     return rc, _tail(out / "bench-report.log", 1) if rc == 0 else _tail(out / "bench-report.log")
 
 

@@ -77,8 +77,12 @@ SHAPES = {
 class Bench:
     """Times zero-argument callables: CUDA events on a GPU, ``perf_counter`` on CPU; median ms."""
 
-    def __init__(self, device: str, reps: int, warmup: int):
-        self.device, self.reps, self.warmup = device, reps, warmup
+    def __init__(self, device: str, reps: int, warmup: int, only: Optional[set] = None):
+        self.device, self.reps, self.warmup, self.only = device, reps, warmup, only
+
+    def wants(self, side: str) -> bool:
+        """Whether ``side`` runs (``--only`` selects sides, for the parallel warm-up processes)."""
+        return self.only is None or side in self.only
 
     def ms(self, fn: Callable[[], object]) -> float:
         for _ in range(self.warmup):
@@ -112,12 +116,15 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
-def _side(bench: Bench, build: Callable[[], tuple[Callable, Callable]], ref: Optional[torch.Tensor]) -> dict:
+def _side(bench: Bench, build: Callable[[], tuple[Callable, Callable]], ref: Optional[torch.Tensor],
+          name: str = "ours") -> dict:
     """``{"ms", "err"}`` for one side, or ``{"skipped": why}`` when it cannot run here.
 
     ``build()`` returns ``(forward, step)``: ``forward()`` gives the output compared with ``ref``,
     ``step()`` runs forward + backward (what is timed).
     """
+    if not bench.wants(name):
+        return {"skipped": "not selected (--only)"}
     try:
         forward, step = build()
         with torch.no_grad():
@@ -227,13 +234,14 @@ def bench_attention(bench: Bench, device: str, shape: dict) -> dict:
         if device != "cuda":
             peers[name] = {"skipped": "SDPA's flash / efficient / cuDNN back ends are CUDA only"}
             continue
-        peers[name] = _side(bench, lambda b=backend: _fwd_bwd(_sdpa_side(b), inputs), ref)
+        peers[name] = _side(bench, lambda b=backend: _fwd_bwd(_sdpa_side(b), inputs), ref, name)
     peers["flex"] = _side(bench, lambda: _fwd_bwd(_flex_side(inputs[0], inputs[1], inputs[3], device == "cuda"),
-                                                  inputs), ref)
+                                                  inputs), ref, "flex")
     # optional packages a user might pick instead: reported as not run where absent
-    peers["flash_attn"] = _side(bench, lambda: _fwd_bwd(_flash_attn_side(), inputs), ref)
+    peers["flash_attn"] = _side(bench, lambda: _fwd_bwd(_flash_attn_side(), inputs), ref, "flash_attn")
     peers["xformers"] = _side(bench, lambda: _fwd_bwd(lambda *t: ops.prefix_attention(*t, causal=True,
-                                                                                      backend="xformers"), inputs), ref)
+                                                                                      backend="xformers"), inputs),
+                            ref, "xformers")
     del ref
     return {"op": "prefix_attention", "ours": ours, "peers": peers,
             "what": "fwd+bwd; peers over the concatenated prefix (causal_lower_right / the prefix block mask)"}
@@ -284,14 +292,14 @@ def bench_lora(bench: Bench, device: str, shape: dict) -> dict:
     check = ref if p == 0 else None
     ours = _side(bench, lambda: _fwd_bwd(lambda x_, a_, b_: ops.lora_linear(x_, w, bias, a_, b_, alpha / r, p,
                                                                              backend="triton"), [x, a, b]), check)
-    frozen = _side(bench, lambda: _fwd_bwd(lambda x_: F.linear(x_, w, bias), [x]), None)
+    frozen = _side(bench, lambda: _fwd_bwd(lambda x_: F.linear(x_, w, bias), [x]), None, "frozen_linear")
 
     def peft_build():
         layer = _peft_lora_layer(w, bias, a.detach(), b.detach(), alpha, p)
         params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
         return _fwd_bwd(lambda x_, *_: layer(x_), [x, *params])
 
-    peers = {"frozen_linear": frozen, "peft": _side(bench, peft_build, check)}
+    peers = {"frozen_linear": frozen, "peft": _side(bench, peft_build, check, "peft")}
     return {"op": "lora_linear", "ours": ours, "peers": peers,
             "what": "fwd+bwd (grads of x, A, B; W frozen); frozen_linear = the bare base layer (the floor)"}
 
@@ -311,7 +319,7 @@ def bench_adapter(bench: Bench, device: str, shape: dict) -> dict:
     actf = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}[act]
     ours = _side(bench, lambda: _fwd_bwd(lambda *t: ops.adapter(*t, activation=act, backend="triton"), ins), ref)
     unfused = _side(bench, lambda: _fwd_bwd(lambda x, wd, bd, wu, bu: x + F.linear(actf(F.linear(x, wd, bd)), wu, bu),
-                                            ins), ref)
+                                            ins), ref, "unfused")
     return {"op": "adapter", "ours": ours, "peers": {"unfused": unfused},
             "what": "fwd+bwd (grads of x and all four adapter tensors)"}
 
@@ -386,7 +394,7 @@ def bench_train(bench: Bench, device: str, shape: dict) -> dict:
         ("peft_lora", theirs(lambda: peft.LoraConfig(task_type="CAUSAL_LM", r=shape["r"], lora_alpha=2 * shape["r"],
                                                      target_modules=targets))),
     ):
-        sides[name] = _side(bench, build, None)
+        sides[name] = _side(bench, build, None, name)
         if device == "cuda":
             torch.cuda.empty_cache()
     step = "one AdamW step (fwd + bwd + update) of a Llama from config"
@@ -426,10 +434,10 @@ def environment(device: str) -> dict:
 
 
 def run(cases: list[str], size: str, device: str, reps: int, warmup: int, only_shape: Optional[str] = None,
-        json_path: Optional[Path] = None) -> dict:
+        json_path: Optional[Path] = None, only: Optional[set] = None) -> dict:
     """Every shape of each case (or only ``only_shape``): the JSON that report_gpu.py reads, rewritten to
     ``json_path`` after each result (a run stopped at its time limit leaves what it measured)."""
-    bench = Bench(device, reps, warmup)
+    bench = Bench(device, reps, warmup, only)
     results = []
     data = {"environment": environment(device), "size": size, "reps": reps, "warmup": warmup, "results": results,
             "datetime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -465,13 +473,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--warm", action="store_true", help="run every side once, time nothing, write nothing")
+    ap.add_argument("--only", help="comma-separated sides to run (ours, sdpa_flash, flex, peft, ...); the rest skip")
     args = ap.parse_args(argv)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         ap.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
     reps, warmup = (1, 0) if args.warm else (args.reps, args.warmup)
-    run(cases, args.size, args.device, reps, warmup, json_path=None if args.warm else args.json)
+    only = {s.strip() for s in args.only.split(",")} if args.only else None
+    run(cases, args.size, args.device, reps, warmup, json_path=None if args.warm else args.json, only=only)
     return 0
 
 

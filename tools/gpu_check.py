@@ -46,9 +46,9 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("env", "imports", "ext", "kernel-tests", "opcheck", "train", "bench")
 GPU_STEPS = ("ext", "kernel-tests", "opcheck", "train", "bench")
-# Seconds per step; they add up to 480 (8 minutes). Expected on an H200 (see docs/kernels.md): about
-# 5, 10, 40, 100, 30, 45 and 110.
-LIMITS_S = {"env": 15, "imports": 25, "ext": 60, "kernel-tests": 130, "opcheck": 45, "train": 75, "bench": 130}
+# Seconds per step; they add up to 480 (8 minutes). Estimated on an H200 host (16 cores), before any
+# GPU run: about 5, 10, 45, 90, 35, 40 and 110 (Triton compiles at ~1.5 s per kernel variant dominate).
+LIMITS_S = {"env": 15, "imports": 25, "ext": 60, "kernel-tests": 120, "opcheck": 50, "train": 60, "bench": 150}
 
 KERNEL_TESTS = ["tests/test_triton_prefix_attention.py", "tests/test_triton_lora.py", "tests/test_triton_adapter.py",
                 "tests/test_triton_patched_models.py",
@@ -163,7 +163,8 @@ def shards_for(cpus: Optional[int]) -> int:
 def run_step(step: str, out: Path, cuda: bool, smoke: bool, state: dict) -> dict:
     """One step: ``{"step", "status": passed|failed|skipped, "seconds", "detail"}``."""
     t0 = time.time()
-    deadline = t0 + LIMITS_S[step] * (4 if smoke else 1)  # the interpreter on a shared CPU: more time
+    # The limits bound a GPU machine's time; without one (CI, --cpu-smoke's interpreter) a loaded CPU gets more.
+    deadline = t0 + LIMITS_S[step] * (1 if cuda else 4)
     log = out / f"{step}.log"
     py = sys.executable
     if step in GPU_STEPS and not cuda and not smoke:
@@ -181,6 +182,9 @@ def run_step(step: str, out: Path, cuda: bool, smoke: bool, state: dict) -> dict
                     "detail": "--cpu-smoke: the CUDA build is the point of this step"}
         rc = _run([py, "-c", EXT_CODE], log, deadline, _env())
         state["ext"] = rc == 0
+        if rc == 124:  # slow, not broken: the CUDA spectrum opchecks skip; a build error fails the step
+            return {"step": step, "status": "skipped", "seconds": round(time.time() - t0, 1),
+                    "detail": f"the build did not finish within {LIMITS_S[step]} s; opcheck runs without it"}
     elif step == "kernel-tests":
         n = 2 if smoke else shards_for(os.cpu_count())
         args = ["-k", "grid and D256"] + KERNEL_TESTS[:1] if smoke else KERNEL_TESTS
@@ -218,8 +222,13 @@ def _bench(py: str, out: Path, deadline: float, smoke: bool, base: dict) -> tupl
     env = _env(base)
     t0 = time.time()
     warm_deadline = t0 + 0.45 * (deadline - t0)  # a warm-up that overruns leaves the timed run its time
-    _finish([_start([py, script, "--warm", "--cases", c, *size], out / f"bench-warm-{c}.log", env) for c in cases],
-             warm_deadline)
+    # one process per case, the attention case split: our kernels' autotuning and Flex's inductor
+    # compile are the two long compiles
+    groups = [("attention-ours", ["--cases", "attention", "--only", "ours"]),
+              ("attention-flex", ["--cases", "attention", "--only", "flex"])] if not smoke else []
+    groups += [(c, ["--cases", c]) for c in cases if smoke or c != "attention"]
+    _finish([_start([py, script, "--warm", *args, *size], out / f"bench-warm-{name}.log", env)
+             for name, args in groups], warm_deadline)
     result = out / "gpu-bench.json"
     reps = ["--reps", "2", "--warmup", "1"] if smoke else []
     rc_bench = _run([py, script, "--json", str(result), "--cases", ",".join(cases), *size, *reps],

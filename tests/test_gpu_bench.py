@@ -84,10 +84,7 @@ def test_sdpa_sides_and_peft_layer_compute_the_reference_function():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 4, 7, 16, generator=g) for _ in range(3))
     pk, pv = torch.randn(2, 4, 3, 16, generator=g)
-    keys, vals = gpu_bench._concat(q, k, v, pk, pv, repeat_kv=True)
-    from torch.nn.attention.bias import causal_lower_right
-
-    out = torch.nn.functional.scaled_dot_product_attention(q, keys, vals, attn_mask=causal_lower_right(7, 10))
+    out = gpu_bench._sdpa_side("MATH")(q, k, v, pk, pv)  # the flash / efficient / cuDNN sides' code, on CPU
     ref = ops.prefix_attention(*(t.double() for t in (q, k, v, pk, pv)), causal=True, backend="torch")
     assert gpu_bench.rel_err(out, ref) < 1e-5
     pytest.importorskip("peft")

@@ -79,3 +79,13 @@ def testjunit_counts_sum_shards_and_ignore_missing_files(tmp_path):
     (tmp_path / "b.xml").write_text(xml.format(t=4, f=0, s=4))
     c = _module().junit_counts([tmp_path / "a.xml", tmp_path / "b.xml", tmp_path / "missing.xml"])
     assert c == {"passed": 6, "failed": 1, "errors": 0, "skipped": 7, "files": 2}
+
+
+def test_configs_summary_counts_distinct_configs_per_kernel(tmp_path):
+    log = tmp_path / "configs-used.jsonl"
+    rows = [("_attn_fwd", "BLOCK_M: 64"), ("_attn_fwd", "BLOCK_M: 128"), ("_attn_fwd", "BLOCK_M: 64"),
+            ("_lora_fwd", "BLOCK_M: 32")]
+    log.write_text("".join(json.dumps({"kernel": k, "config": c}) + "\n" for k, c in rows))
+    mod = _module()
+    assert mod.configs_summary(log) == "autotune configs launched: _attn_fwd 2, _lora_fwd 1"
+    assert mod.configs_summary(tmp_path / "none.jsonl") == "autotune configs launched: none logged"

@@ -150,6 +150,18 @@ def junit_counts(paths: list[Path]) -> dict:
     return c
 
 
+def configs_summary(path: Path) -> str:
+    """How many distinct autotune configs the compiled tests launched, per kernel (tests/conftest.py logs them)."""
+    per: dict[str, set] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            per.setdefault(rec["kernel"], set()).add(rec["config"])
+    if not per:
+        return "autotune configs launched: none logged"
+    return "autotune configs launched: " + ", ".join(f"{k} {len(v)}" for k, v in sorted(per.items()))
+
+
 def _pytest(py: str, args: list[str], junit: Path) -> list[str]:
     return [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-rfEs", f"--junitxml={junit}",
             *args]
@@ -198,7 +210,7 @@ def run_step(step: str, out: Path, cuda: bool, smoke: bool, state: dict) -> dict
         rc = 0 if all(code in (0, 5) for code in codes) else 1
         detail = (f"{c['passed']} passed, {c['failed']} failed, {c['errors']} errors, {c['skipped']} skipped "
                   f"in {n} shards (exit codes {codes}; logs kernel-tests-*.log)")
-        log.write_text(detail + "\n")
+        log.write_text(detail + "\n" + configs_summary(out / "configs-used.jsonl") + "\n")
     elif step == "opcheck":
         env = _env({**base, "PTPEFT_FAST_NO_EXT": "0" if state.get("ext") else "1"})
         rc = _run(_pytest(py, ["tests/test_compile.py", "-k", "cuda"], out / "opcheck.xml"), log, deadline, env)

@@ -89,3 +89,12 @@ def test_configs_summary_counts_distinct_configs_per_kernel(tmp_path):
     mod = _module()
     assert mod.configs_summary(log) == "autotune configs launched: _attn_fwd 2, _lora_fwd 1"
     assert mod.configs_summary(tmp_path / "none.jsonl") == "autotune configs launched: none logged"
+
+
+def test_verbose_counts_read_a_killed_shards_log(tmp_path):
+    log = tmp_path / "kernel-tests-3.log"
+    log.write_text("tests/test_a.py::test_x[c0] PASSED                                [  1%]\n"
+                   "tests/test_a.py::test_x[c1] FAILED                                [  2%]\n"
+                   "tests/test_a.py::test_y SKIPPED (compiled Triton on CUDA only)    [  3%]\n"
+                   "tests/test_a.py::test_z PASSED\n[timed out: killed at the step's deadline]\n")
+    assert _module().verbose_counts(log) == {"passed": 2, "failed": 1, "errors": 0, "skipped": 1}

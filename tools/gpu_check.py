@@ -150,6 +150,21 @@ def junit_counts(paths: list[Path]) -> dict:
     return c
 
 
+def verbose_counts(log: Path) -> dict:
+    """passed / failed / errors / skipped from the per-test lines of a ``pytest -v`` log."""
+    c = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+    words = {"PASSED": "passed", "FAILED": "failed", "ERROR": "errors", "SKIPPED": "skipped", "XFAIL": "skipped"}
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return c
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and "::" in parts[0] and parts[1] in words:
+            c[words[parts[1]]] += 1
+    return c
+
+
 def configs_summary(path: Path) -> str:
     """How many distinct autotune configs the compiled tests launched, per kernel (tests/conftest.py logs them)."""
     per: dict[str, set] = {}
@@ -162,9 +177,9 @@ def configs_summary(path: Path) -> str:
     return "autotune configs launched: " + ", ".join(f"{k} {len(v)}" for k, v in sorted(per.items()))
 
 
-def _pytest(py: str, args: list[str], junit: Path) -> list[str]:
-    return [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-rfEs", f"--junitxml={junit}",
-            *args]
+def _pytest(py: str, args: list[str], junit: Path, verbose: bool = False) -> list[str]:
+    return [py, "-m", "pytest", "-v" if verbose else "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-rfEs",
+            f"--junitxml={junit}", *args]
 
 
 def shards_for(cpus: Optional[int]) -> int:
@@ -202,10 +217,17 @@ def run_step(step: str, out: Path, cuda: bool, smoke: bool, state: dict) -> dict
         args = ["-k", "grid and D256"] + KERNEL_TESTS[:1] if smoke else KERNEL_TESTS
         junits = [out / f"kernel-tests-{i}.xml" for i in range(n)]
         env = _env({**base, "PTPEFT_TRITON_CONFIG_LOG": str(out / "configs-used.jsonl")})
-        procs = [_start(_pytest(py, args, junits[i]), out / f"kernel-tests-{i}.log",
-                        {**env, "PTPEFT_TEST_SHARD": f"{i}/{n}"}) for i in range(n)]
+        logs = [out / f"kernel-tests-{i}.log" for i in range(n)]
+        # -v: one line per finished test, so a shard stopped at the deadline still shows what failed
+        procs = [_start(_pytest(py, args, junits[i], verbose=True), logs[i], {**env, "PTPEFT_TEST_SHARD": f"{i}/{n}"})
+                 for i in range(n)]
         codes = _finish(procs, deadline)
         c = junit_counts(junits)
+        if c["files"] < n:  # a shard without its JUnit file (killed): count its finished tests from the log
+            for junit, shard_log in zip(junits, logs, strict=True):
+                if not junit.is_file():
+                    for key, n_ in verbose_counts(shard_log).items():
+                        c[key] += n_
         # pytest exits 5 when a shard collected nothing (more shards than tests): not a failure
         rc = 0 if all(code in (0, 5) for code in codes) else 1
         detail = (f"{c['passed']} passed, {c['failed']} failed, {c['errors']} errors, {c['skipped']} skipped "

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -116,6 +117,104 @@ def test_opcheck_spectrum_ops():
     torch.library.opcheck(torch.ops.ptpeft_fast.batched_singular_values, (x, None), test_utils=utils)
     torch.library.opcheck(torch.ops.ptpeft_fast.batched_singular_values, (x, torch.tensor([7, 2, 4])),
                           test_utils=utils)
+    torch.library.opcheck(torch.ops.ptpeft_fast.batched_spectrum_stats, (x, None, 0.9), test_utils=utils)
+
+
+# ---------------------------------------------------------------------------- opcheck on CUDA
+# The same checks with CUDA tensors, for every implementation an op can run there (tools/gpu_check.py
+# runs them with the kernels compiled). Without CUDA they skip.
+
+CUDA = torch.cuda.is_available()
+COMPILED_TRITON = CUDA and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
+def _cuda_impl(impl: str) -> None:
+    """Skip unless ``impl`` can run on CUDA in this process (Triton: compiled, not interpreted)."""
+    if not CUDA:
+        pytest.skip("no CUDA device")
+    if impl == "triton":
+        pytest.importorskip("triton")
+        if not COMPILED_TRITON:
+            pytest.skip("TRITON_INTERPRET=1: the CUDA opchecks run the compiled kernels (tools/gpu_check.py)")
+
+
+def _to_cuda(args, dtype=None):
+    """Tensors of ``args`` on CUDA (floating ones in ``dtype`` if given), leaves keeping requires_grad;
+    a dropout seed stays on the CPU, where the public ops draw it."""
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.dtype != torch.int64:
+            t = a.detach().to("cuda", dtype if (dtype is not None and a.is_floating_point()) else a.dtype)
+            out.append(t.requires_grad_(a.requires_grad))
+        else:
+            out.append(a)
+    return tuple(out)
+
+
+CUDA_ATTN_CASES = {
+    "triton-fp32-padding": dict(mask="padding", dtype=torch.float32),
+    "triton-bf16-causal": dict(mask=None, dtype=torch.bfloat16),
+    "triton-fp16-dropout": dict(mask=None, dtype=torch.float16, dropout=0.2),
+    "triton-fp32-per-batch-prefix": dict(mask=None, dtype=torch.float32, shared=False),
+    "chunked-fp32-padding": dict(mask="padding", dtype=torch.float32),
+    "chunked-bf16-dropout": dict(mask=None, dtype=torch.bfloat16, dropout=0.2),
+}
+
+
+@pytest.mark.parametrize("case", list(CUDA_ATTN_CASES))
+def test_opcheck_cuda_prefix_attention(case):
+    impl = case.split("-")[0]
+    _cuda_impl(impl)
+    c = CUDA_ATTN_CASES[case]
+    q, k, v, pk, pv = _to_cuda(_attn(L=70, S=70, D=64, shared=c.get("shared", True)), c["dtype"])
+    mask = None
+    if c["mask"] == "padding":
+        mask = torch.ones(2, 1, 70, 70, dtype=torch.bool, device="cuda").tril()
+        mask[1, ..., :9] = False
+    dropout = c.get("dropout", 0.0)
+    seed = torch.tensor([7]) if dropout else None
+    assert ops.explain(ops.prefix_attention, q, k, v, pk, pv, causal=True, attn_mask=mask, dropout_p=dropout,
+                       backend=impl).chosen == impl
+    args = (q, k, v, pk, pv, mask, seed, True, 0.125, dropout, impl)
+    torch.library.opcheck(torch.ops.ptpeft_fast.prefix_attention_forward, args, test_utils=OPCHECK)
+
+
+@pytest.mark.parametrize("impl", ["triton", "triton-bf16", "triton-dropout", "merged", "separate",
+                                  "separate-dropout"])
+def test_opcheck_cuda_lora_linear(impl):
+    name, _, variant = impl.partition("-")
+    _cuda_impl(name)
+    dtype = torch.bfloat16 if variant == "bf16" else torch.float32
+    x, w, b, a, bb = _to_cuda(_lora(n=70, d_in=48, d_out=40), dtype)
+    p = 0.3 if variant == "dropout" else 0.0
+    keep = (torch.rand(x.shape, device="cuda") >= p) if (p and name == "separate") else None
+    seed = torch.tensor([11]) if (p and name == "triton") else None
+    torch.library.opcheck(torch.ops.ptpeft_fast.lora_linear_forward, (x, w, b, a, bb, keep, seed, 2.0, p, name),
+                          test_utils=OPCHECK)
+
+
+@pytest.mark.parametrize("impl,activation,dtype", [
+    ("triton", "relu", torch.float32), ("triton", "gelu", torch.float32), ("triton", "silu", torch.bfloat16),
+    ("fused", "gelu", torch.float32),
+])
+def test_opcheck_cuda_adapter(impl, activation, dtype):
+    _cuda_impl(impl)
+    g = torch.Generator().manual_seed(3)
+    mk = lambda *s: (torch.randn(*s, generator=g) * 0.3).to("cuda", dtype).requires_grad_()  # noqa: E731
+    args = (mk(140, 48), mk(16, 48), mk(16), mk(48, 16), mk(48), activation, True, impl)
+    torch.library.opcheck(torch.ops.ptpeft_fast.adapter_forward, args, test_utils=OPCHECK)
+
+
+def test_opcheck_cuda_spectrum_ops():
+    if not CUDA:
+        pytest.skip("no CUDA device")
+    from ptpeft_fast import _ext
+
+    if not (_ext.load_ext() and _ext.has_kernel("singular_values", "CUDA")):
+        pytest.skip(f"the C++ extension has no CUDA kernel here ({_ext.ext_error() or 'built without CUDA'})")
+    x = torch.randn(3, 7, 5, generator=torch.Generator().manual_seed(0)).cuda()
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.ptpeft_fast.batched_singular_values, (x, None), test_utils=utils)
     torch.library.opcheck(torch.ops.ptpeft_fast.batched_spectrum_stats, (x, None, 0.9), test_utils=utils)
 
 

@@ -1,4 +1,5 @@
-"""Fused bottleneck Adapter in Triton (interpreter, CPU tensors) against the torch path in float64.
+"""Fused bottleneck Adapter in Triton against the torch path in float64 (interpreter on CPU tensors,
+or compiled on CUDA with the interpreter off: triton_test_utils.DEVICE).
 
 Output and every gradient (x, W_down, b_down, W_up, b_up) for relu/gelu/silu, with and
 without the residual and the biases; outputs NaN-poisoned before each launch.
@@ -15,7 +16,9 @@ pytest.importorskip("triton")
 from ptpeft_fast.ops import adapter  # noqa: E402
 from ptpeft_fast.ops import triton_ops  # noqa: E402
 
-from triton_test_utils import TOL, fast_interpreter, rel_err, triton_adapter, triton_lora_linear, triton_prefix_attention  # noqa: E402,F401
+from triton_test_utils import TOL, dev, fast_interpreter, needs_triton_device, rel_err, triton_adapter  # noqa: E402,F401
+
+pytestmark = needs_triton_device
 
 N_RANDOM = 54
 
@@ -24,7 +27,7 @@ def _make(lead, d, h, dtype, has_bd, has_bu, seed):
     g = torch.Generator().manual_seed(seed)
 
     def r_(*shape, s=1.0):
-        return (torch.randn(*shape, generator=g) * s).to(dtype).requires_grad_()
+        return dev((torch.randn(*shape, generator=g) * s).to(dtype)).requires_grad_()
 
     x = r_(*lead, d)
     wd = r_(h, d, s=d**-0.5)
@@ -38,7 +41,7 @@ def _check(tensors, activation, residual, dtype):
     inputs = [t for t in tensors if t is not None]
     with triton_ops.poison_outputs():
         y = triton_adapter(*tensors, activation=activation, residual=residual)
-        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+        dy = dev(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(dtype))
         grads = torch.autograd.grad(y, inputs, dy)
     d = [t.detach().double().requires_grad_() if t is not None else None for t in tensors]
     ref = adapter(*d, activation=activation, residual=residual, backend="torch")

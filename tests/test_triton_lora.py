@@ -1,4 +1,5 @@
-"""Fused LoRA linear in Triton (interpreter, CPU tensors) against the torch path in float64.
+"""Fused LoRA linear in Triton against the torch path in float64 (interpreter on CPU tensors, or
+compiled on CUDA with the interpreter off: triton_test_utils.DEVICE).
 
 Output and every gradient (x, W when it trains, b, A, B), outputs NaN-poisoned before each
 launch; dropout cases use the kernel's own seeded keep-mask in the float64 oracle.
@@ -16,7 +17,10 @@ from ptpeft_fast.ops import lora_linear  # noqa: E402
 from ptpeft_fast.ops import triton_ops  # noqa: E402
 from ptpeft_fast.ops._reference import lora_linear_reference  # noqa: E402
 
-from triton_test_utils import TOL, fast_interpreter, rel_err, triton_adapter, triton_lora_linear, triton_prefix_attention  # noqa: E402,F401
+from triton_test_utils import (DEVICE, TOL, dev, fast_interpreter, needs_triton_device, rel_err,  # noqa: E402,F401
+                               triton_lora_linear)
+
+pytestmark = needs_triton_device
 
 N_RANDOM = 54
 
@@ -25,7 +29,7 @@ def _make(lead, K, N, r, dtype, has_bias, train_w, seed):
     g = torch.Generator().manual_seed(seed)
 
     def r_(*shape, grad=True, s=1.0):
-        return (torch.randn(*shape, generator=g) * s).to(dtype).requires_grad_(grad)
+        return dev((torch.randn(*shape, generator=g) * s).to(dtype)).requires_grad_(grad)
 
     x = r_(*lead, K)
     w = r_(N, K, grad=train_w, s=K**-0.5)
@@ -39,11 +43,12 @@ def _check(x, w, b, a, bb, scaling, dropout_p, dtype, seed=1234):
     inputs = [t for t in (x, w, b, a, bb) if t is not None and t.requires_grad]
     with triton_ops.poison_outputs():
         y = triton_lora_linear(x, w, b, a, bb, scaling, dropout_p, seed=seed)
-        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+        dy = dev(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(dtype))
         grads = torch.autograd.grad(y, inputs, dy)
     d = [t.detach().double().requires_grad_(t.requires_grad) if t is not None else None for t in (x, w, b, a, bb)]
     if dropout_p > 0:
-        keep = triton_ops.lora_dropout_mask((x.numel() // x.shape[-1], x.shape[-1]), dropout_p, seed).reshape(x.shape)
+        rows = x.numel() // x.shape[-1]
+        keep = triton_ops.lora_dropout_mask((rows, x.shape[-1]), dropout_p, seed, device=DEVICE).reshape(x.shape)
         ref = lora_linear_reference(*d, scaling, keep=keep, dropout_p=dropout_p)
     else:
         ref = lora_linear(*d, scaling, backend="torch")
@@ -95,10 +100,10 @@ def test_frozen_input_and_only_b_trains():
 
 
 def test_dropout_mask_statistics_and_determinism():
-    keep = triton_ops.lora_dropout_mask((64, 96), 0.25, 42)
+    keep = triton_ops.lora_dropout_mask((64, 96), 0.25, 42, device=DEVICE)
     assert abs(keep.float().mean().item() - 0.75) < 0.03
-    assert torch.equal(keep, triton_ops.lora_dropout_mask((64, 96), 0.25, 42))
-    assert not torch.equal(keep, triton_ops.lora_dropout_mask((64, 96), 0.25, 43))
+    assert torch.equal(keep, triton_ops.lora_dropout_mask((64, 96), 0.25, 42, device=DEVICE))
+    assert not torch.equal(keep, triton_ops.lora_dropout_mask((64, 96), 0.25, 43, device=DEVICE))
     # the seed defaults to torch's generator: manual_seed reproduces the output
     x, w, b, a, bb = _make((9,), 20, 12, 4, torch.float32, True, False, 2)
     torch.manual_seed(0)

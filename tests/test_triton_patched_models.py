@@ -1,5 +1,6 @@
-"""Patched tiny Llama and tiny BLIP-2: same loss and gradients with the Triton kernels
-(interpreter, CPU tensors) as with the torch path, and the kernels really run."""
+"""Patched tiny Llama and tiny BLIP-2: same loss and gradients with the Triton kernels as with the
+torch reference path, and the kernels really run (interpreter on CPU, or compiled on CUDA with the
+interpreter off: the model and inputs move to triton_test_utils.DEVICE)."""
 from __future__ import annotations
 
 import pytest
@@ -13,7 +14,9 @@ from ptpeft_fast.ops import triton_ops  # noqa: E402
 
 import tiny  # noqa: E402
 from tiny import IMAGE_TOKEN, randomise_peft  # noqa: E402
-from triton_test_utils import fast_interpreter, rel_err  # noqa: E402,F401
+from triton_test_utils import dev, fast_interpreter, needs_triton_device, rel_err  # noqa: E402,F401
+
+pytestmark = needs_triton_device
 
 
 def _count_triton_calls(monkeypatch):
@@ -41,7 +44,9 @@ def _loss_and_grads(model, kw):
 
 
 def _compare(model, kw, monkeypatch, expect):
-    loss_t, grads_t = _loss_and_grads(model, kw)
+    model, kw = dev(model), {k: dev(v) for k, v in kw.items()}
+    with ops.use_backend("torch"):  # the reference (on CUDA "auto" would pick Triton itself)
+        loss_t, grads_t = _loss_and_grads(model, kw)
     counts = _count_triton_calls(monkeypatch)
     with ops.use_backend("triton"), triton_ops.poison_outputs():
         loss_k, grads_k = _loss_and_grads(model, kw)

@@ -1,4 +1,5 @@
-"""Triton prefix flash-attention (interpreter, CPU tensors) against the torch path in float64.
+"""Triton prefix flash-attention against the torch path in float64: in the interpreter on CPU tensors,
+or compiled on CUDA tensors when the interpreter is off on a CUDA machine (triton_test_utils.DEVICE).
 
 Every case checks the output and the gradients of q, k, v, prefix_k, prefix_v, with kernel
 outputs poisoned (NaN) before each launch so that an unwritten element fails.
@@ -17,7 +18,10 @@ from ptpeft_fast.ops import prefix_attention  # noqa: E402
 from ptpeft_fast.ops import triton_ops  # noqa: E402
 from ptpeft_fast.ops._reference import prefix_attention_reference  # noqa: E402
 
-from triton_test_utils import TOL, fast_interpreter, rel_err, triton_adapter, triton_lora_linear, triton_prefix_attention  # noqa: E402,F401
+from triton_test_utils import (DEVICE, TOL, dev, fast_interpreter, gpu_only, needs_triton_device,  # noqa: E402,F401
+                               rel_err, triton_prefix_attention)
+
+pytestmark = needs_triton_device
 
 N_RANDOM = 52
 
@@ -26,7 +30,7 @@ def _make(B, H, Hkv, L, S, P, D, dtype, shared, seed):
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape):
-        return torch.randn(*shape, generator=g).to(dtype).requires_grad_()
+        return dev(torch.randn(*shape, generator=g).to(dtype)).requires_grad_()
 
     pshape = (Hkv, P, D) if shared else (B, Hkv, P, D)
     return r(B, H, L, D), r(B, Hkv, S, D), r(B, Hkv, S, D), r(*pshape), r(*pshape)
@@ -39,14 +43,14 @@ def _padding_mask(B, L, S, lo, hi, causal: bool) -> torch.Tensor:
     m = keys[:, None, None, :].expand(B, 1, L, S)
     if causal:
         m = m & (j[None, :] <= torch.arange(L)[:, None] + (S - L))
-    return m.contiguous()
+    return dev(m.contiguous())
 
 
 def _check(inputs, *, causal, attn_mask=None, scale=None, dtype):
     q, k, v, pk, pv = inputs
     with triton_ops.poison_outputs():
         out = prefix_attention(q, k, v, pk, pv, causal=causal, attn_mask=attn_mask, scale=scale, backend="triton")
-        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(dtype)
+        dout = dev(torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(dtype))
         grads = torch.autograd.grad(out, inputs, dout)
     ref_in = [t.detach().double().requires_grad_() for t in inputs]
     ref = prefix_attention(*ref_in, causal=causal, attn_mask=attn_mask, scale=scale, backend="torch")
@@ -103,7 +107,8 @@ def test_random_cases(B, H, Hkv, L, S, P, D, causal, mask, shared, scale, dtype,
                 lo.append(a), hi.append(rng.randint(a + 1, S))
         attn_mask = _padding_mask(B, L, S, lo, hi, causal)
         if mask == "float":
-            attn_mask = torch.zeros(attn_mask.shape, dtype=dtype).masked_fill(~attn_mask, torch.finfo(dtype).min)
+            attn_mask = torch.zeros(attn_mask.shape, dtype=dtype, device=DEVICE).masked_fill(~attn_mask,
+                                                                                             torch.finfo(dtype).min)
     _check(inputs, causal=causal, attn_mask=attn_mask, scale=scale, dtype=dtype)
 
 
@@ -184,7 +189,7 @@ def test_mask_conversion_and_refusals():
         triton_ops.mask_to_key_range(holes, B, 4, L, S)
     inputs = _make(B, 2, 2, L, S, 2, 16, torch.float32, True, 0)
     with pytest.raises(ValueError, match="requires grad"):
-        triton_prefix_attention(*inputs, causal=True, attn_mask=torch.zeros(L, S, requires_grad=True))
+        triton_prefix_attention(*inputs, causal=True, attn_mask=torch.zeros(L, S, device=DEVICE, requires_grad=True))
 
 
 def test_mask_result_is_cached_per_tensor_version():
@@ -201,11 +206,11 @@ def test_strided_inputs_like_hf_transpose():
     """q/k/v as [B,L,H,D] memory viewed as [B,H,L,D] (what HF attention hands over)."""
     B, H, L, D, P = 2, 2, 19, 32, 4
     g = torch.Generator().manual_seed(5)
-    q = torch.randn(B, L, H, D, generator=g).transpose(1, 2).requires_grad_()
-    k = torch.randn(B, L, H, D, generator=g).transpose(1, 2).requires_grad_()
-    v = torch.randn(B, L, H, D, generator=g).transpose(1, 2).requires_grad_()
-    pk = torch.randn(H, P, D, generator=g).requires_grad_()
-    pv = torch.randn(H, P, D, generator=g).requires_grad_()
+    q = dev(torch.randn(B, L, H, D, generator=g)).transpose(1, 2).requires_grad_()
+    k = dev(torch.randn(B, L, H, D, generator=g)).transpose(1, 2).requires_grad_()
+    v = dev(torch.randn(B, L, H, D, generator=g)).transpose(1, 2).requires_grad_()
+    pk = dev(torch.randn(H, P, D, generator=g)).requires_grad_()
+    pv = dev(torch.randn(H, P, D, generator=g)).requires_grad_()
     _check((q, k, v, pk, pv), causal=True, dtype=torch.float32)
 
 
@@ -228,12 +233,33 @@ def _dropout_reference(q, k, v, pk, pv, *, causal, attn_mask, scale, keep, p):
     if attn_mask is not None:
         allowed = attn_mask.expand(B, H, L, S)
     elif causal:
-        allowed = torch.ones(L, S, dtype=torch.bool).tril(S - L).expand(B, H, L, S)
+        allowed = torch.ones(L, S, dtype=torch.bool, device=q.device).tril(S - L).expand(B, H, L, S)
     else:
-        allowed = torch.ones(B, H, L, S, dtype=torch.bool)
-    allowed = torch.cat([torch.ones(B, H, L, pk.shape[2], dtype=torch.bool), allowed], -1)
+        allowed = torch.ones(B, H, L, S, dtype=torch.bool, device=q.device)
+    allowed = torch.cat([torch.ones(B, H, L, pk.shape[2], dtype=torch.bool, device=q.device), allowed], -1)
     probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1)
     return (probs * keep / (1 - p)) @ vals
+
+
+def _check_dropout(inputs, *, causal, attn_mask, p, dtype, seed=1234):
+    """Output and gradients with attention dropout against the float64 oracle fed the kernel's own keep
+    mask (the mask is the RNG's, not under test here; its keep rate is)."""
+    q = inputs[0]
+    B, H, L, D = q.shape
+    P, S = inputs[3].shape[-2], inputs[1].shape[2]
+    with triton_ops.poison_outputs():
+        out = triton_prefix_attention(*inputs, causal=causal, attn_mask=attn_mask, dropout_p=p, seed=seed)
+        dout = dev(torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(dtype))
+        grads = torch.autograd.grad(out, inputs, dout)
+    keep = triton_ops.attention_dropout_mask(B, H, L, P + S, p, seed, device=DEVICE)
+    assert 0.5 * (1 - p) < keep.float().mean().item() < 1.5 * (1 - p) + 0.01
+    ref_in = [t.detach().double().requires_grad_() for t in inputs]
+    ref = _dropout_reference(*ref_in, causal=causal, attn_mask=attn_mask, scale=1 / math.sqrt(D), keep=keep, p=p)
+    ref_grads = torch.autograd.grad(ref, ref_in, dout.double())
+    for name, a, b in zip(["out", "dq", "dk", "dv", "dpk", "dpv"], (out,) + grads, (ref,) + ref_grads):
+        err = rel_err(a, b)
+        assert err <= TOL[dtype], f"{name}: rel err {err:.2e} > {TOL[dtype]:.0e}"
+    return out
 
 
 @pytest.mark.parametrize(
@@ -250,17 +276,7 @@ def test_dropout_matches_reference_with_the_kernel_mask(B, H, Hkv, L, S, P, D, c
     inputs = _make(B, H, Hkv, L, S, P, D, dtype, shared, 17)
     mask = _padding_mask(B, L, S, [2, 0][:B], [S, S - 3][:B], causal) if padded else None
     seed = 1234
-    with triton_ops.poison_outputs():
-        out = triton_prefix_attention(*inputs, causal=causal, attn_mask=mask, dropout_p=p, seed=seed)
-        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(dtype)
-        grads = torch.autograd.grad(out, inputs, dout)
-    keep = triton_ops.attention_dropout_mask(B, H, L, P + S, p, seed)
-    assert 0.5 * (1 - p) < keep.float().mean().item() < 1.5 * (1 - p) + 0.01
-    ref_in = [t.detach().double().requires_grad_() for t in inputs]
-    ref = _dropout_reference(*ref_in, causal=causal, attn_mask=mask, scale=1 / math.sqrt(D), keep=keep, p=p)
-    ref_grads = torch.autograd.grad(ref, ref_in, dout.double())
-    for name, a, b in zip(["out", "dq", "dk", "dv", "dpk", "dpv"], (out,) + grads, (ref,) + ref_grads):
-        assert rel_err(a, b) <= TOL[dtype], name
+    out = _check_dropout(inputs, causal=causal, attn_mask=mask, p=p, dtype=dtype, seed=seed)
     # same seed, same result; the default seed follows torch.manual_seed
     again = triton_prefix_attention(*inputs, causal=causal, attn_mask=mask, dropout_p=p, seed=seed)
     assert torch.equal(out, again)
@@ -268,3 +284,55 @@ def test_dropout_matches_reference_with_the_kernel_mask(B, H, Hkv, L, S, P, D, c
     a = triton_prefix_attention(*inputs, causal=causal, attn_mask=mask, dropout_p=p)
     torch.manual_seed(3)
     assert torch.equal(a, triton_prefix_attention(*inputs, causal=causal, attn_mask=mask, dropout_p=p))
+
+
+# ------------------------------------------------------- the GPU grid: P = 1…128, head dims 64–256
+
+GRID_P = (1, 7, 32, 64, 128)
+GRID_D = (64, 80, 96, 128, 256)
+# (Hkv, group): MHA, GQA 2/4/8, MQA
+GRID_HEADS = ((2, 1), (1, 4), (2, 2), (4, 2), (1, 8))
+# (L, S): several tiles of the largest blocks, ragged edges, decode (L = 1), L > S and S > L
+GRID_LENGTHS = ((300, 300), (129, 129), (1, 257), (200, 77), (64, 320))
+
+
+def _grid_case(k: int, dtype: torch.dtype, D: int, P: int, *, cpu: bool = False):
+    Hkv, group = GRID_HEADS[k % 5]
+    L, S = GRID_LENGTHS[(k // 2) % 5] if not cpu else (17, 23)
+    pad = ("none", "left", "right")[k % 3]
+    p = 0.1 if k % 4 == 3 else 0.0
+    case = (2, Hkv * group, Hkv, L, S, P, D, k % 2 == 0, pad, (k // 2) % 2 == 0, p, dtype)
+    name = f"{str(dtype)[6:]}-D{D}-P{P}-h{Hkv * group}kv{Hkv}-L{L}-S{S}-{pad}-p{p}"
+    return pytest.param(*case, id=name, marks=() if cpu else gpu_only)
+
+
+def _grid_cases():
+    """Every head dim × dtype once with a P chosen so that each dtype sees every P (a Latin square:
+    15 cases, not the 75 of the full product), plus every P for the headline bf16 / D = 128 path;
+    heads, lengths, causality, padding, shared prefix and dropout cycle over the cases. Two small
+    cases run in the interpreter too, so the test itself is checked on CPU."""
+    cases, k = [], 0
+    for j, dtype in enumerate((torch.float32, torch.float16, torch.bfloat16)):
+        for d, D in enumerate(GRID_D):
+            cases.append(_grid_case(k, dtype, D, GRID_P[(d + 2 * j) % 5]))
+            k += 1
+    for P in GRID_P:
+        cases.append(_grid_case(k, torch.bfloat16, 128, P))
+        k += 1
+    cases.append(_grid_case(0, torch.float32, 256, 128, cpu=True))
+    cases.append(_grid_case(3, torch.bfloat16, 64, 64, cpu=True))
+    return cases
+
+
+@pytest.mark.parametrize("B,H,Hkv,L,S,P,D,causal,pad,shared,p,dtype", _grid_cases())
+def test_grid_against_float64(B, H, Hkv, L, S, P, D, causal, pad, shared, p, dtype):
+    inputs = _make(B, H, Hkv, L, S, P, D, dtype, shared, L + S + P + D)
+    mask = None
+    if pad == "left":  # first row left-padded, second full: the kernel gets per-sequence key ranges
+        mask = _padding_mask(B, L, S, [S // 3, 0], [S, S], causal)
+    elif pad == "right":
+        mask = _padding_mask(B, L, S, [0, 0], [S - S // 4, S], causal)
+    if p > 0:
+        _check_dropout(inputs, causal=causal, attn_mask=mask, p=p, dtype=dtype)
+    else:
+        _check(inputs, causal=causal, attn_mask=mask, dtype=dtype)

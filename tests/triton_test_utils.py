@@ -1,10 +1,37 @@
-"""Helpers shared by the Triton kernel tests (interpreter on CPU tensors)."""
+"""Helpers shared by the Triton kernel tests: CPU tensors in the interpreter, or CUDA tensors with the
+kernels compiled when the interpreter is off on a CUDA machine (``TRITON_INTERPRET=0``, what
+tools/gpu_check.py runs)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
+
+
+def _triton_device() -> "str | None":
+    """Where the Triton kernels run in this process: ``cpu`` (interpreter), ``cuda`` (compiled), or None."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else None
+
+
+#: the device the kernel tests put their tensors on (inputs are drawn on CPU, then moved: same values on both)
+DEVICE = _triton_device() or "cpu"
+#: compiled kernels on a GPU (not the interpreter)
+ON_GPU = DEVICE == "cuda"
+#: tests too large for the interpreter: they run when the kernels compile for CUDA
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="compiled Triton on CUDA only (TRITON_INTERPRET=0 on a CUDA "
+                              "machine: tools/gpu_check.py); too slow for the CPU interpreter")
+needs_triton_device = pytest.mark.skipif(_triton_device() is None,
+                                         reason="TRITON_INTERPRET=0 without CUDA: Triton has no device to run on")
+
+
+def dev(t):
+    """A tensor or module on :data:`DEVICE` (a no-op on CPU)."""
+    return t.to(DEVICE)
+
 
 # design §5: relative error ‖out − ref‖ / ‖ref‖ per dtype; NaN never passes.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}

@@ -13,8 +13,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from ptpeft_fast.ops import adapter  # noqa: E402
-from ptpeft_fast.ops import triton_ops  # noqa: E402
+from ptpeft_fast.ops import (
+    adapter,  # noqa: E402
+    triton_ops,  # noqa: E402
+)
 
 from triton_test_utils import TOL, dev, fast_interpreter, needs_triton_device, rel_err, triton_adapter  # noqa: E402,F401
 
@@ -48,7 +50,7 @@ def _check(tensors, activation, residual, dtype):
     ref_grads = torch.autograd.grad(ref, [t for t in d if t is not None], dy.double())
     assert y.dtype == dtype and y.shape == ref.shape
     tol = TOL[dtype]
-    for i, (a, b) in enumerate(zip((y,) + grads, (ref,) + ref_grads)):
+    for i, (a, b) in enumerate(zip((y,) + grads, (ref,) + ref_grads, strict=True)):
         err = rel_err(a, b)
         assert err <= tol, f"output/grad #{i}: rel err {err:.2e} > {tol:.0e}"
 

@@ -13,12 +13,13 @@ import torch
 
 pytest.importorskip("triton")
 
-from ptpeft_fast.ops import lora_linear  # noqa: E402
-from ptpeft_fast.ops import triton_ops  # noqa: E402
+from ptpeft_fast.ops import (
+    lora_linear,  # noqa: E402
+    triton_ops,  # noqa: E402
+)
 from ptpeft_fast.ops._reference import lora_linear_reference  # noqa: E402
 
-from triton_test_utils import (DEVICE, TOL, dev, fast_interpreter, needs_triton_device, rel_err,  # noqa: E402,F401
-                               triton_lora_linear)
+from triton_test_utils import DEVICE, TOL, dev, fast_interpreter, needs_triton_device, rel_err, triton_lora_linear  # noqa: E402,F401
 
 pytestmark = needs_triton_device
 
@@ -56,7 +57,7 @@ def _check(x, w, b, a, bb, scaling, dropout_p, dtype, seed=1234):
     ref_grads = torch.autograd.grad(ref, ref_in, dy.double())
     tol = TOL[dtype]
     assert y.dtype == dtype and y.shape == ref.shape
-    for i, (g_, r_) in enumerate(zip((y,) + grads, (ref,) + ref_grads)):
+    for i, (g_, r_) in enumerate(zip((y,) + grads, (ref,) + ref_grads, strict=True)):
         err = rel_err(g_, r_)
         assert err <= tol, f"output/grad #{i}: rel err {err:.2e} > {tol:.0e}"
 

@@ -69,7 +69,8 @@ def test_patched_llama_same_loss_and_grads(tmp_path, monkeypatch):
     ids = torch.randint(1, tiny.VOCAB - 1, (2, 9), generator=g)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # left padding: the mask reaches the kernel as key ranges
-    _compare(model, dict(input_ids=ids, attention_mask=mask), monkeypatch, ["prefix_attention", "lora_linear", "adapter"])
+    _compare(model, dict(input_ids=ids, attention_mask=mask), monkeypatch,
+             ["prefix_attention", "lora_linear", "adapter"])
 
 
 def test_patched_blip2_same_loss_and_grads(tmp_path, monkeypatch):

@@ -14,12 +14,22 @@ import torch
 
 pytest.importorskip("triton")
 
-from ptpeft_fast.ops import prefix_attention  # noqa: E402
-from ptpeft_fast.ops import triton_ops  # noqa: E402
+from ptpeft_fast.ops import (
+    prefix_attention,  # noqa: E402
+    triton_ops,  # noqa: E402
+)
 from ptpeft_fast.ops._reference import prefix_attention_reference  # noqa: E402
 
-from triton_test_utils import (DEVICE, TOL, dev, fast_interpreter, gpu_only, needs_triton_device,  # noqa: E402,F401
-                               rel_err, triton_prefix_attention)
+from triton_test_utils import (  # noqa: E402,F401
+    DEVICE,
+    TOL,
+    dev,
+    fast_interpreter,
+    gpu_only,
+    needs_triton_device,
+    rel_err,
+    triton_prefix_attention,
+)
 
 pytestmark = needs_triton_device
 
@@ -57,7 +67,7 @@ def _check(inputs, *, causal, attn_mask=None, scale=None, dtype):
     ref_grads = torch.autograd.grad(ref, ref_in, dout.double())
     tol = TOL[dtype]
     names = ["out", "dq", "dk", "dv", "dprefix_k", "dprefix_v"]
-    for name, a, b in zip(names, (out,) + grads, (ref,) + ref_grads):
+    for name, a, b in zip(names, (out,) + grads, (ref,) + ref_grads, strict=True):
         assert a.shape == b.shape and a.dtype == dtype, name
         err = rel_err(a, b)
         assert err <= tol, f"{name}: rel err {err:.2e} > {tol:.0e}"
@@ -157,12 +167,12 @@ def test_shared_prefix_gradient_is_summed_over_batch_deterministically():
     for _ in range(2):
         out = triton_prefix_attention(*inputs, causal=True)
         runs.append(torch.autograd.grad(out.sum(), inputs[3:]))
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
     # equal to the sum of per-sequence gradients of a per-batch copy of the prefix
     per = [t.detach().expand(B, *t.shape).clone().requires_grad_() for t in inputs[3:]]
     out = triton_prefix_attention(*inputs[:3], *per, causal=True)
     gp = torch.autograd.grad(out.sum(), per)
-    for shared_g, per_g in zip(runs[0], gp):
+    for shared_g, per_g in zip(runs[0], gp, strict=True):
         assert rel_err(shared_g, per_g.sum(0).double()) <= 1e-5
 
 
@@ -256,7 +266,8 @@ def _check_dropout(inputs, *, causal, attn_mask, p, dtype, seed=1234):
     ref_in = [t.detach().double().requires_grad_() for t in inputs]
     ref = _dropout_reference(*ref_in, causal=causal, attn_mask=attn_mask, scale=1 / math.sqrt(D), keep=keep, p=p)
     ref_grads = torch.autograd.grad(ref, ref_in, dout.double())
-    for name, a, b in zip(["out", "dq", "dk", "dv", "dpk", "dpv"], (out,) + grads, (ref,) + ref_grads):
+    names = ["out", "dq", "dk", "dv", "dpk", "dpv"]
+    for name, a, b in zip(names, (out,) + grads, (ref,) + ref_grads, strict=True):
         err = rel_err(a, b)
         assert err <= TOL[dtype], f"{name}: rel err {err:.2e} > {TOL[dtype]:.0e}"
     return out

@@ -32,10 +32,19 @@ def block_dim(n: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(max(int(n), 1)))
 
 
+# Shared memory per block (the opt-in maximum) by compute capability: the pruner reads the
+# device's own figure at run time; the compile matrix (tools/compile_matrix.py) checks against these.
+SMEM_PER_BLOCK: dict[int, int] = {80: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024}
+
+# Registers per thread that a config's resident fp32 accumulator tiles may take (of 255): the rest
+# holds the streamed operands, addresses and the pipeline. Above it the compile matrix saw spills.
+RESIDENT_REGS: int = 64
+
+
 @functools.lru_cache(maxsize=None)
 def _smem_limit(device_index: int) -> int:
     props = torch.cuda.get_device_properties(device_index)
-    return int(getattr(props, "shared_memory_per_block_optin", 163 * 1024))
+    return int(getattr(props, "shared_memory_per_block_optin", SMEM_PER_BLOCK[80]))
 
 
 def configs(gpu: Iterable[triton.Config], interp: triton.Config) -> list[triton.Config]:
@@ -43,19 +52,42 @@ def configs(gpu: Iterable[triton.Config], interp: triton.Config) -> list[triton.
     return [interp] if INTERPRET else list(gpu)
 
 
-def smem_pruner(estimate: Callable[[dict, triton.Config], int]) -> dict:
-    """``prune_configs_by`` that drops configs whose shared memory would not fit.
+class SmemPruner:
+    """``early_config_prune`` that drops configs whose shared memory would not fit.
 
-    sm_80 (A100) offers ~163 KiB per block and sm_90 (H100) ~227 KiB; the same list serves
-    both and the deeper-pipelined / larger-tile entries survive only on Hopper.
+    ``estimate(named_args, config)`` must be an upper bound of what Triton allocates (the compile
+    matrix checks it against each cubin): an underestimate lets the autotuner launch a config that
+    fails with "out of resources". sm_80 (A100) offers ~163 KiB per block and sm_90 (H100)
+    ~227 KiB; the same list serves both and the larger entries survive only on Hopper.
+    ``resident(named_args, config)``, where a runtime size sets a tile (the adapter's bottleneck),
+    gives the fp32 accumulator elements a config keeps on chip; configs over :data:`RESIDENT_REGS`
+    registers per thread are dropped too (they spill).
     """
 
-    def prune(cfgs, named_args, **kwargs):
+    def __init__(self, estimate: Callable[[dict, triton.Config], int],
+                 resident: Callable[[dict, triton.Config], int] | None = None) -> None:
+        self.estimate = estimate
+        self.resident = resident
+
+    def fits(self, named_args: dict, cfg: triton.Config, limit: int) -> bool:
+        """Whether ``cfg`` fits ``limit`` bytes of shared memory and the resident-register budget."""
+        if self.estimate(named_args, cfg) > limit:
+            return False
+        return self.resident is None or self.resident(named_args, cfg) <= RESIDENT_REGS * 32 * cfg.num_warps
+
+    def keep(self, cfgs: Iterable[triton.Config], named_args: dict, limit: int) -> list[triton.Config]:
+        """The configs of ``cfgs`` that fit (:meth:`fits`), in order; the last one if none does."""
+        cfgs = list(cfgs)
+        return [c for c in cfgs if self.fits(named_args, c, limit)] or cfgs[-1:]
+
+    def __call__(self, cfgs, named_args, **kwargs) -> list[triton.Config]:
         if INTERPRET or not torch.cuda.is_available():
             return list(cfgs)[:1]
-        limit = _smem_limit(torch.cuda.current_device())
-        args = {**named_args, **kwargs}
-        kept = [c for c in cfgs if estimate(args, c) <= limit]
-        return kept or list(cfgs)[-1:]
+        return self.keep(cfgs, {**named_args, **kwargs}, _smem_limit(torch.cuda.current_device()))
 
-    return {"early_config_prune": prune}
+
+def smem_pruner(estimate: Callable[[dict, triton.Config], int],
+                resident: Callable[[dict, triton.Config], int] | None = None) -> dict:
+    """``prune_configs_by`` for :func:`triton.autotune`: a :class:`SmemPruner` over ``estimate``
+    (and ``resident``)."""
+    return {"early_config_prune": SmemPruner(estimate, resident)}

@@ -18,20 +18,49 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block_dim, compute_in_f32, configs, dot_precision
+from ._common import block_dim, compute_in_f32, configs, dot_precision, smem_pruner
 
+
+def _row_smem(args: dict, cfg: triton.Config) -> int:
+    # Each d-loop streams a [BLOCK_M, BLOCK_K] row tile and a [BLOCK_H, BLOCK_K] weight tile per stage;
+    # the [BLOCK_M, BLOCK_H] activation tile may be staged once more as a dot operand.
+    elt = 2 if args.get("COMPUTE_F32") is False else 4
+    bm, bk, bh = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"], args["BLOCK_H"]
+    return elt * (cfg.num_stages * (bm * bk + bh * bk) + bm * bh)
+
+
+def _col_smem(args: dict, cfg: triton.Config) -> int:
+    # Per stage: dY and x tiles [BLOCK_M, BLOCK_K] and the fp32 z and dz tiles [BLOCK_M, BLOCK_H].
+    elt = 2 if args.get("COMPUTE_F32") is False else 4
+    bm, bk, bh = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"], args["BLOCK_H"]
+    return cfg.num_stages * (2 * elt * bm * bk + 2 * 4 * bm * bh)
+
+
+def _row_resident(args: dict, cfg: triton.Config) -> int:
+    return cfg.kwargs["BLOCK_M"] * args["BLOCK_H"]  # z (forward) or da (dX), fp32
+
+
+def _col_resident(args: dict, cfg: triton.Config) -> int:
+    return 2 * cfg.kwargs["BLOCK_K"] * args["BLOCK_H"]  # dW_u and dW_d, fp32
+
+
+# Autotune lists. The pruner drops the entries whose resident fp32 tile would take more than
+# RESIDENT_REGS registers per thread at this bottleneck (h = 256 keeps the 8-warp / narrow entries);
+# every entry it keeps compiles without a spill in fp16/bf16 on sm_80 and sm_90 (tools/compile_matrix.py).
 _ROW_CONFIGS = configs(
     [
         triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bk, w, s in [(64, 64, 8, 3), (64, 32, 4, 3), (32, 64, 4, 3), (128, 32, 8, 2)]
+        for bm, bk, w, s in [(64, 64, 8, 3), (32, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 2)]
     ],
     triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1),
 )
 
+# The weight gradients: 64 x 64 tiles spilled on sm_80 even at h = 64; the last entry is the one that fits
+# sm_80 at h = 256.
 _COL_CONFIGS = configs(
     [
         triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bk, w, s in [(64, 64, 8, 3), (32, 64, 4, 3), (64, 32, 4, 3)]
+        for bm, bk, w, s in [(32, 64, 4, 3), (32, 32, 8, 3), (16, 32, 8, 3)]
     ],
     triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1),
 )
@@ -60,7 +89,8 @@ def _act_grad(z, ACT: tl.constexpr):
         return sg * (1.0 + z * (1.0 - sg))
 
 
-@triton.autotune(configs=_ROW_CONFIGS, key=["M", "D", "BLOCK_H", "ACT"])
+@triton.autotune(configs=_ROW_CONFIGS, key=["M", "D", "BLOCK_H", "ACT"],
+                 prune_configs_by=smem_pruner(_row_smem, _row_resident))
 @triton.jit
 def _adapter_fwd(
     X, WD, BD, WU, BU, Y, Z,
@@ -105,7 +135,8 @@ def _adapter_fwd(
         tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yd, y.to(Y.dtype.element_ty), mask=io)
 
 
-@triton.autotune(configs=_ROW_CONFIGS, key=["M", "D", "BLOCK_H", "ACT"])
+@triton.autotune(configs=_ROW_CONFIGS, key=["M", "D", "BLOCK_H", "ACT"],
+                 prune_configs_by=smem_pruner(_row_smem, _row_resident))
 @triton.jit
 def _adapter_bwd_dx(
     DY, WD, WU, Z, DX, DZ,
@@ -146,7 +177,8 @@ def _adapter_bwd_dx(
         tl.store(DX + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxd, dx.to(DX.dtype.element_ty), mask=io)
 
 
-@triton.autotune(configs=_COL_CONFIGS, key=["M", "D", "BLOCK_H", "ACT"])
+@triton.autotune(configs=_COL_CONFIGS, key=["M", "D", "BLOCK_H", "ACT"],
+                 prune_configs_by=smem_pruner(_col_smem, _col_resident))
 @triton.jit
 def _adapter_bwd_w(
     X, DY, Z, DZ, DWD, DWU, DBD, DBU,

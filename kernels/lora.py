@@ -24,23 +24,59 @@ import triton.language as tl
 from ._common import block_dim, compute_in_f32, configs, dot_precision, smem_pruner
 
 
-def _smem(args: dict, cfg: triton.Config) -> int:
+# Shared-memory estimates for the pruner: upper bounds of what Triton allocates (checked against the
+# compiled kernels by tools/compile_matrix.py).
+def _fwd_smem(args: dict, cfg: triton.Config) -> int:
+    # Per stage: x [M, K], W [N, K] and A [r, K] tiles; then the B tile [N, r] and t [M, r] once.
     elt = 2 if args.get("COMPUTE_F32") is False else 4
     bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
     br = args["BLOCK_R"]
-    return elt * cfg.num_stages * (bm * bk + bn * bk + br * bk)
+    return elt * cfg.num_stages * (bm * bk + bn * bk + br * bk) + elt * bn * br + 4 * bm * br
 
 
-_MNK_CONFIGS = configs(
+def _dx_smem(args: dict, cfg: triton.Config) -> int:
+    # Per stage: dY [M, N], W [N, K] and B [N, r] tiles; then the A tile [r, K] and u [M, r] once.
+    elt = 2 if args.get("COMPUTE_F32") is False else 4
+    bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+    br = args["BLOCK_R"]
+    return elt * cfg.num_stages * (bm * bn + bn * bk + bn * br) + elt * br * bk + 4 * bm * br
+
+
+def _red_smem(args: dict, cfg: triton.Config) -> int:
+    # dA's loop streams x [M, K] and u [M, r] (fp32), dB's dY [M, N] and t [M, r] (fp32); counted as if
+    # both loops' buffers were live at once.
+    elt = 2 if args.get("COMPUTE_F32") is False else 4
+    bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+    br = args["BLOCK_R"]
+    return cfg.num_stages * (elt * bm * (bk + bn) + 2 * 4 * bm * br)
+
+
+# Autotune lists. Every GPU entry compiles without a register spill in fp16/bf16 on sm_80 and sm_90
+# (tools/compile_matrix.py checks it; docs/kernels.md has the figures); 128 x 256 output tiles spilled.
+# Forward: a [BLOCK_M, BLOCK_N] tile of y, K streamed in BLOCK_K steps.
+_FWD_CONFIGS = configs(
     [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in [
-            (128, 256, 64, 8, 3),  # sm_90
-            (128, 128, 64, 8, 4),  # sm_90
-            (128, 128, 32, 4, 4),  # sm_80
-            (128, 64, 32, 4, 4),
+            (128, 128, 64, 8, 3),
+            (128, 128, 32, 8, 4),
+            # (128, 64, 32, 4, 4) spilled 8 B at r = 64 on sm_80 (dropout)
             (64, 128, 32, 4, 4),
             (64, 64, 32, 4, 3),
+        ]
+    ],
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1),
+)
+
+# dX: a [BLOCK_M, BLOCK_K] tile of dX, N streamed in BLOCK_N steps.
+_DX_CONFIGS = configs(
+    [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [
+            (128, 128, 64, 8, 3),  # fits sm_90's shared memory only
+            (128, 64, 64, 8, 3),
+            # (64, 64, 128, 4, 4) spilled 8-32 B at r = 8 and 64
+            (64, 64, 64, 4, 3),
         ]
     ],
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1),
@@ -60,7 +96,8 @@ def _keep(seed, offs_m, offs_k, K, p):
     return tl.rand(seed, offs_m[:, None] * K + offs_k[None, :]) >= p
 
 
-@triton.autotune(configs=_MNK_CONFIGS, key=["M", "N", "K", "BLOCK_R", "DROPOUT"], prune_configs_by=smem_pruner(_smem))
+@triton.autotune(configs=_FWD_CONFIGS, key=["M", "N", "K", "BLOCK_R", "DROPOUT"],
+                 prune_configs_by=smem_pruner(_fwd_smem))
 @triton.jit
 def _lora_fwd(
     X, W, BIAS, A, BM_, Y, T,
@@ -106,7 +143,8 @@ def _lora_fwd(
         tl.store(T + offs_m[:, None] * R + offs_r[None, :], t, mask=m_ok[:, None] & r_ok[None, :])
 
 
-@triton.autotune(configs=_MNK_CONFIGS, key=["M", "N", "K", "BLOCK_R", "DROPOUT", "NEED_DX"], prune_configs_by=smem_pruner(_smem))
+@triton.autotune(configs=_DX_CONFIGS, key=["M", "N", "K", "BLOCK_R", "DROPOUT", "NEED_DX"],
+                 prune_configs_by=smem_pruner(_dx_smem))
 @triton.jit
 def _lora_bwd_dx(
     DY, W, A, BM_, DX, U,
@@ -156,7 +194,8 @@ def _lora_bwd_dx(
         tl.store(U + offs_m[:, None] * R + offs_r[None, :], u, mask=m_ok[:, None] & r_ok[None, :])
 
 
-@triton.autotune(configs=_RED_CONFIGS, key=["M", "N", "K", "BLOCK_R", "DROPOUT"])
+@triton.autotune(configs=_RED_CONFIGS, key=["M", "N", "K", "BLOCK_R", "DROPOUT"],
+                 prune_configs_by=smem_pruner(_red_smem))
 @triton.jit
 def _lora_bwd_ab(
     X, DY, T, U, DA, DB,

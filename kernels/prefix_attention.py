@@ -34,25 +34,38 @@ from ._common import INTERPRET, block_dim, compute_in_f32, configs, dot_precisio
 LOG2E = 1.4426950408889634
 
 
+# Shared-memory estimates for the pruner: upper bounds of what Triton allocates (the pipelined
+# buffers of the streamed tiles, the resident tiles, and a fp32 [BLOCK_M, BLOCK_N] scratch for layout
+# conversions); tools/compile_matrix.py checks each against the compiled kernels.
 def _fwd_smem(args: dict, cfg: triton.Config) -> int:
     elt = args["Q"].element_size()
     bd, bm, bn = args["BLOCK_D"], cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-    return elt * (bm * bd + cfg.num_stages * 2 * bn * bd)
+    return elt * (bm * bd + cfg.num_stages * 2 * bn * bd) + 4 * bm * bn
 
 
-def _bwd_smem(args: dict, cfg: triton.Config) -> int:
+def _dkdv_smem(args: dict, cfg: triton.Config) -> int:
+    # K, V resident; Q and dO streamed.
     elt = args["Q"].element_size()
     bd, bm, bn = args["BLOCK_D"], cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
     return elt * (2 * bn * bd + cfg.num_stages * 2 * bm * bd) + 4 * bm * bn
 
 
+def _dq_smem(args: dict, cfg: triton.Config) -> int:
+    # Q and dO resident; K and V streamed.
+    elt = args["Q"].element_size()
+    bd, bm, bn = args["BLOCK_D"], cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    return elt * (2 * bm * bd + cfg.num_stages * 2 * bn * bd) + 4 * bm * bn
+
+
+# Autotune lists. Every GPU entry compiles without a register spill for head dims <= 128 in fp16/bf16
+# on sm_80 and sm_90, every constexpr branch (tools/compile_matrix.py checks it; docs/kernels.md has the
+# figures): the larger tiles that were here (forward 128x128, backward 64x128) spill on both targets.
 _FWD_CONFIGS = configs(
     [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in [
-            (128, 128, 8, 3),  # sm_90, D <= 128
-            (128, 64, 8, 4),
-            (128, 64, 4, 3),  # sm_80 sweet spot
+            (128, 64, 8, 3),
+            (128, 64, 8, 2),
             (64, 64, 4, 3),
             (64, 32, 4, 2),  # small L (decode, Q-Former's 32 queries)
         ]
@@ -60,15 +73,30 @@ _FWD_CONFIGS = configs(
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1),
 )
 
-_BWD_CONFIGS = configs(
+# dQ: a query block stays on chip while key blocks stream (FlashAttention-2's Triton dQ tiles: 128 x 32).
+_DQ_CONFIGS = configs(
     [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in [
-            (64, 128, 8, 3),  # sm_90
-            (32, 128, 8, 3),
-            (64, 64, 4, 3),  # sm_80
-            (32, 64, 4, 2),
-            (16, 32, 4, 2),
+            (128, 32, 8, 3),
+            (64, 64, 8, 3),
+            (64, 32, 4, 2),
+        ]
+    ],
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1),
+)
+
+# dK/dV: a key block (K, V and the fp32 dK, dV accumulators) stays on chip while query blocks stream;
+# four tiles of BLOCK_N x head dim live in registers, so BLOCK_N x BLOCK_M is kept small (32 x 64 at 8
+# warps spilled 16 B with a batch-shared prefix and dropout; 64 x 64 and 64 x 128 spilled more).
+# maxnreg: at head dim 64 ptxas gave the 32 x 32 entry 128 registers and an 8 B spill; allowed 255 it
+# takes 198 and does not spill.
+_DKDV_CONFIGS = configs(
+    [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, maxnreg=r)
+        for bm, bn, w, s, r in [
+            (16, 128, 8, 3, None),
+            (32, 32, 4, 3, 255),
         ]
     ],
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1),
@@ -125,7 +153,8 @@ def _fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["L", "S", "P", "BLOCK_D", "CAUSAL", "DROPOUT"], prune_configs_by=smem_pruner(_fwd_smem))
+@triton.autotune(configs=_FWD_CONFIGS, key=["L", "S", "P", "BLOCK_D", "CAUSAL", "DROPOUT"],
+                 prune_configs_by=smem_pruner(_fwd_smem))
 @triton.jit
 def _attn_fwd(
     Q, K, V, PK, PV, O, LSE2, KLO, KHI,
@@ -194,7 +223,9 @@ def _attn_fwd(
     tl.store(LSE2 + pid_bh.to(tl.int64) * L + offs_m, lse2, mask=row_ok)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["L", "S", "NKEYS", "BLOCK_D", "CAUSAL", "IS_PREFIX", "BATCH_SHARED", "DROPOUT"], prune_configs_by=smem_pruner(_bwd_smem))
+@triton.autotune(configs=_DKDV_CONFIGS,
+                 key=["L", "S", "NKEYS", "BLOCK_D", "CAUSAL", "IS_PREFIX", "BATCH_SHARED", "DROPOUT"],
+                 prune_configs_by=smem_pruner(_dkdv_smem))
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO, LSE2, DELTA, DK, DV, KLO, KHI,
@@ -339,7 +370,8 @@ def _dq_inner(
     return dq
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["L", "S", "P", "BLOCK_D", "CAUSAL", "DROPOUT"], prune_configs_by=smem_pruner(_bwd_smem))
+@triton.autotune(configs=_DQ_CONFIGS, key=["L", "S", "P", "BLOCK_D", "CAUSAL", "DROPOUT"],
+                 prune_configs_by=smem_pruner(_dq_smem))
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, PK, PV, DO, LSE2, DELTA, DQ, KLO, KHI,

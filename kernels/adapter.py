@@ -109,8 +109,10 @@ def _adapter_fwd(
     for k0 in range(0, D, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < D
-        x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xd, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        wd = tl.load(WD + offs_h[:, None] * stride_wdh + offs_k[None, :] * stride_wdd, mask=h_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xd,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        wd = tl.load(WD + offs_h[:, None] * stride_wdh + offs_k[None, :] * stride_wdd,
+                     mask=h_ok[:, None] & k_ok[None, :], other=0.0)
         if COMPUTE_F32:
             x = x.to(tl.float32)
             wd = wd.to(tl.float32)
@@ -122,7 +124,8 @@ def _adapter_fwd(
     for n0 in range(0, D, BLOCK_K):
         offs_n = n0 + tl.arange(0, BLOCK_K)
         n_ok = offs_n < D
-        wu = tl.load(WU + offs_n[:, None] * stride_wud + offs_h[None, :] * stride_wuh, mask=n_ok[:, None] & h_ok[None, :], other=0.0)
+        wu = tl.load(WU + offs_n[:, None] * stride_wud + offs_h[None, :] * stride_wuh,
+                     mask=n_ok[:, None] & h_ok[None, :], other=0.0)
         if COMPUTE_F32:
             wu = wu.to(tl.float32)
         y = tl.dot(a.to(wu.dtype), tl.trans(wu), input_precision=PREC)
@@ -131,7 +134,8 @@ def _adapter_fwd(
         io = m_ok[:, None] & n_ok[None, :]
         if RESIDUAL:
             # Second read of this x tile: it was streamed moments ago and is normally in L2.
-            y += tl.load(X + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xd, mask=io, other=0.0).to(tl.float32)
+            y += tl.load(X + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xd,
+                         mask=io, other=0.0).to(tl.float32)
         tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yd, y.to(Y.dtype.element_ty), mask=io)
 
 
@@ -154,8 +158,10 @@ def _adapter_bwd_dx(
     for n0 in range(0, D, BLOCK_K):
         offs_n = n0 + tl.arange(0, BLOCK_K)
         n_ok = offs_n < D
-        dy = tl.load(DY + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyd, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        wu = tl.load(WU + offs_n[:, None] * stride_wud + offs_h[None, :] * stride_wuh, mask=n_ok[:, None] & h_ok[None, :], other=0.0)
+        dy = tl.load(DY + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyd,
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        wu = tl.load(WU + offs_n[:, None] * stride_wud + offs_h[None, :] * stride_wuh,
+                     mask=n_ok[:, None] & h_ok[None, :], other=0.0)
         if COMPUTE_F32:
             dy = dy.to(tl.float32)
             wu = wu.to(tl.float32)
@@ -167,13 +173,15 @@ def _adapter_bwd_dx(
     for k0 in range(0, D, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < D
-        wd = tl.load(WD + offs_h[:, None] * stride_wdh + offs_k[None, :] * stride_wdd, mask=h_ok[:, None] & k_ok[None, :], other=0.0)
+        wd = tl.load(WD + offs_h[:, None] * stride_wdh + offs_k[None, :] * stride_wdd,
+                     mask=h_ok[:, None] & k_ok[None, :], other=0.0)
         if COMPUTE_F32:
             wd = wd.to(tl.float32)
         dx = tl.dot(dz.to(wd.dtype), wd, input_precision=PREC)
         io = m_ok[:, None] & k_ok[None, :]
         if RESIDUAL:
-            dx += tl.load(DY + offs_m[:, None] * stride_dym + offs_k[None, :] * stride_dyd, mask=io, other=0.0).to(tl.float32)
+            dx += tl.load(DY + offs_m[:, None] * stride_dym + offs_k[None, :] * stride_dyd,
+                          mask=io, other=0.0).to(tl.float32)
         tl.store(DX + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxd, dx.to(DX.dtype.element_ty), mask=io)
 
 
@@ -225,7 +233,11 @@ def _adapter_bwd_w(
 # --------------------------------------------------------------------------- launchers
 
 
-def adapter_forward(x: torch.Tensor, wd: torch.Tensor, bd: torch.Tensor | None, wu: torch.Tensor, bu: torch.Tensor | None, y: torch.Tensor, z: torch.Tensor, *, act: int, residual: bool) -> None:
+def adapter_forward(
+    x: torch.Tensor, wd: torch.Tensor, bd: torch.Tensor | None, wu: torch.Tensor, bu: torch.Tensor | None,
+    y: torch.Tensor, z: torch.Tensor,
+    *, act: int, residual: bool,
+) -> None:
     """Write ``y`` [M,d] and the fp32 pre-activation ``z`` [M,h] (contiguous)."""
     M, D = x.shape
     H = wd.shape[0]
@@ -239,7 +251,10 @@ def adapter_forward(x: torch.Tensor, wd: torch.Tensor, bd: torch.Tensor | None, 
     )
 
 
-def adapter_backward_dx(dy: torch.Tensor, wd: torch.Tensor, wu: torch.Tensor, z: torch.Tensor, dx: torch.Tensor, dz: torch.Tensor, *, act: int, residual: bool) -> None:
+def adapter_backward_dx(
+    dy: torch.Tensor, wd: torch.Tensor, wu: torch.Tensor, z: torch.Tensor, dx: torch.Tensor, dz: torch.Tensor,
+    *, act: int, residual: bool,
+) -> None:
     """Write ``dx`` [M,d] and ``dz`` [M,h] fp32."""
     M, D = dy.shape
     H = wd.shape[0]
@@ -253,7 +268,11 @@ def adapter_backward_dx(dy: torch.Tensor, wd: torch.Tensor, wu: torch.Tensor, z:
     )
 
 
-def adapter_backward_w(x: torch.Tensor, dy: torch.Tensor, z: torch.Tensor, dz: torch.Tensor, dwd: torch.Tensor, dwu: torch.Tensor, dbd: torch.Tensor, dbu: torch.Tensor, *, act: int) -> None:
+def adapter_backward_w(
+    x: torch.Tensor, dy: torch.Tensor, z: torch.Tensor, dz: torch.Tensor,
+    dwd: torch.Tensor, dwu: torch.Tensor, dbd: torch.Tensor, dbu: torch.Tensor,
+    *, act: int,
+) -> None:
     """Write dW_d [h,d], dW_u [d,h] and fp32 db_d [h], db_u [d]."""
     M, D = x.shape
     H = z.shape[1]

@@ -60,7 +60,7 @@ _FWD_CONFIGS = configs(
         for bm, bn, bk, w, s in [
             (128, 128, 64, 8, 3),
             (128, 128, 32, 8, 4),
-            # (128, 64, 32, 4, 4) spilled 8 B at r = 64 on sm_80 (dropout)
+            # 128 x 64 x 32 at 4 warps / 4 stages is left out: it spilled 8 B at r = 64 on sm_80 (dropout).
             (64, 128, 32, 4, 4),
             (64, 64, 32, 4, 3),
         ]
@@ -75,7 +75,7 @@ _DX_CONFIGS = configs(
         for bm, bn, bk, w, s in [
             (128, 128, 64, 8, 3),  # fits sm_90's shared memory only
             (128, 64, 64, 8, 3),
-            # (64, 64, 128, 4, 4) spilled 8-32 B at r = 8 and 64
+            # 64 x 64 x 128 at 4 warps / 4 stages is left out: it spilled 8-32 B at r = 8 and 64.
             (64, 64, 64, 4, 3),
         ]
     ],
@@ -120,9 +120,12 @@ def _lora_fwd(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
-        x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        a = tl.load(A + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                    mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(A + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                    mask=r_ok[:, None] & k_ok[None, :], other=0.0)
         if COMPUTE_F32:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
@@ -132,13 +135,15 @@ def _lora_fwd(
             keep = _keep(seed, offs_m, offs_k, K, p_drop)
             x = tl.where(keep, x * (1.0 / (1.0 - p_drop)), 0.0).to(a.dtype)
         t += tl.dot(x, tl.trans(a), input_precision=PREC)
-    bl = tl.load(BM_ + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+    bl = tl.load(BM_ + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                 mask=n_ok[:, None] & r_ok[None, :], other=0.0)
     if COMPUTE_F32:
         bl = bl.to(tl.float32)
     acc += scaling * tl.dot(t.to(bl.dtype), tl.trans(bl), input_precision=PREC)
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(Y.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
     if pid_n == 0:
         tl.store(T + offs_m[:, None] * R + offs_r[None, :], t, mask=m_ok[:, None] & r_ok[None, :])
 
@@ -168,20 +173,24 @@ def _lora_bwd_dx(
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        dy = tl.load(DY + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        bl = tl.load(BM_ + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        dy = tl.load(DY + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        bl = tl.load(BM_ + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                     mask=n_ok[:, None] & r_ok[None, :], other=0.0)
         if COMPUTE_F32:
             dy = dy.to(tl.float32)
             bl = bl.to(tl.float32)
         if NEED_DX:
-            w = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                        mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             if COMPUTE_F32:
                 w = w.to(tl.float32)
             acc += tl.dot(dy, w, input_precision=PREC)
         u += tl.dot(dy, bl, input_precision=PREC)
     u = u * scaling
     if NEED_DX:
-        a = tl.load(A + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(A + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                    mask=r_ok[:, None] & k_ok[None, :], other=0.0)
         if COMPUTE_F32:
             a = a.to(tl.float32)
         g = tl.dot(u.to(a.dtype), a, input_precision=PREC)
@@ -217,7 +226,8 @@ def _lora_bwd_ab(
         for m0 in range(0, M, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_ok = offs_m < M
-            x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             if COMPUTE_F32:
                 x = x.to(tl.float32)
             if DROPOUT:
@@ -234,12 +244,14 @@ def _lora_bwd_ab(
         for mb0 in range(0, M, BLOCK_M):
             offs_mb = mb0 + tl.arange(0, BLOCK_M)
             mb_ok = offs_mb < M
-            dy = tl.load(DY + offs_mb[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=mb_ok[:, None] & n_ok[None, :], other=0.0)
+            dy = tl.load(DY + offs_mb[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                         mask=mb_ok[:, None] & n_ok[None, :], other=0.0)
             if COMPUTE_F32:
                 dy = dy.to(tl.float32)
             t = tl.load(T + offs_mb[:, None] * R + offs_r[None, :], mask=mb_ok[:, None] & r_ok[None, :], other=0.0)
             acc_b += tl.dot(tl.trans(dy), t.to(dy.dtype), input_precision=PREC)
-        tl.store(DB + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr, (acc_b * scaling).to(DB.dtype.element_ty),
+        tl.store(DB + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
+                 (acc_b * scaling).to(DB.dtype.element_ty),
                  mask=n_ok[:, None] & r_ok[None, :])
 
 
@@ -250,13 +262,18 @@ def _mask_kernel(OUT, M, K, p_drop, seed, BLOCK: tl.constexpr):
     offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
     offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
     keep = _keep(seed, offs_m, offs_k, K, p_drop)
-    tl.store(OUT + offs_m[:, None] * K + offs_k[None, :], keep.to(tl.int8), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+    tl.store(OUT + offs_m[:, None] * K + offs_k[None, :], keep.to(tl.int8),
+             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
 # --------------------------------------------------------------------------- launchers
 
 
-def lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor, y: torch.Tensor, t: torch.Tensor, *, scaling: float, dropout_p: float, seed: int) -> None:
+def lora_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
+    y: torch.Tensor, t: torch.Tensor,
+    *, scaling: float, dropout_p: float, seed: int,
+) -> None:
     """Write ``y`` [M,N] and the fp32 rank intermediate ``t`` [M,r] (contiguous)."""
     M, K = x.shape
     N, R = weight.shape[0], lora_a.shape[0]
@@ -270,7 +287,11 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     )
 
 
-def lora_backward_dx(dy: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, dx: torch.Tensor | None, u: torch.Tensor, *, scaling: float, dropout_p: float, seed: int) -> None:
+def lora_backward_dx(
+    dy: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+    dx: torch.Tensor | None, u: torch.Tensor,
+    *, scaling: float, dropout_p: float, seed: int,
+) -> None:
     """Write ``dx`` [M,K] (if not None) and ``u = s·dY B`` [M,r] fp32."""
     M, N = dy.shape
     K, R = weight.shape[1], lora_a.shape[0]
@@ -279,13 +300,17 @@ def lora_backward_dx(dy: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tenso
     _lora_bwd_dx[grid](
         dy, weight, lora_a, lora_b, dx if need_dx else u, u,
         M, N, K, R, scaling, dropout_p, seed,
-        *dy.stride(), *weight.stride(), *lora_a.stride(), *lora_b.stride(), *(dx.stride() if need_dx else (0, 0)),
+        *dy.stride(), *weight.stride(), *lora_a.stride(), *lora_b.stride(),
+        *(dx.stride() if need_dx else (0, 0)),
         NEED_DX=need_dx, DROPOUT=dropout_p > 0, COMPUTE_F32=compute_in_f32(dy.dtype),
         PREC=dot_precision(dy.dtype), BLOCK_R=block_dim(R),
     )
 
 
-def lora_backward_ab(x: torch.Tensor, dy: torch.Tensor, t: torch.Tensor, u: torch.Tensor, da: torch.Tensor, db: torch.Tensor, *, scaling: float, dropout_p: float, seed: int) -> None:
+def lora_backward_ab(
+    x: torch.Tensor, dy: torch.Tensor, t: torch.Tensor, u: torch.Tensor, da: torch.Tensor, db: torch.Tensor,
+    *, scaling: float, dropout_p: float, seed: int,
+) -> None:
     """Write ``da`` [r,K] and ``db`` [N,r]."""
     M, K = x.shape
     N = dy.shape[1]

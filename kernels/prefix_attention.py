@@ -157,7 +157,7 @@ def _fwd_inner(
                  prune_configs_by=smem_pruner(_fwd_smem))
 @triton.jit
 def _attn_fwd(
-    Q, K, V, PK, PV, O, LSE2, KLO, KHI,
+    Q, K, V, PK, PV, OUT, LSE2, KLO, KHI,
     qk_scale, p_drop, seed,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -217,8 +217,8 @@ def _attn_fwd(
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse2 = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     tl.store(
-        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-        out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D),
+        OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D),
     )
     tl.store(LSE2 + pid_bh.to(tl.int64) * L + offs_m, lse2, mask=row_ok)
 
@@ -292,8 +292,10 @@ def _attn_bwd_dkdv(
             h = hkv * GROUP + hg
             row_base = (bb * H + h) * L
             seed_bh = seed + bb * H + h
-            q_ptrs = Q + bb * stride_qb + h * stride_qh + (m_lo + offs_mb)[:, None] * stride_qm + offs_d[None, :] * stride_qd
-            do_ptrs = DO + bb * stride_dob + h * stride_doh + (m_lo + offs_mb)[:, None] * stride_dom + offs_d[None, :] * stride_dod
+            q_ptrs = (Q + bb * stride_qb + h * stride_qh
+                      + (m_lo + offs_mb)[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+            do_ptrs = (DO + bb * stride_dob + h * stride_doh
+                       + (m_lo + offs_mb)[:, None] * stride_dom + offs_d[None, :] * stride_dod)
             for start_m in range(m_lo, m_hi, BLOCK_M):
                 offs_m = start_m + offs_mb
                 row_ok = offs_m < L
@@ -318,7 +320,8 @@ def _attn_bwd_dkdv(
                 dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
                 if DROPOUT:
                     keep_t = tl.rand(seed_bh, offs_m[None, :] * ROW_LEN + (COL_OFF + offs_n)[:, None]) >= p_drop
-                    dv += tl.dot(tl.where(keep_t, p_t * (1.0 / (1.0 - p_drop)), 0.0).to(do.dtype), do, input_precision=PREC)
+                    dv += tl.dot(tl.where(keep_t, p_t * (1.0 / (1.0 - p_drop)), 0.0).to(do.dtype), do,
+                                 input_precision=PREC)
                     dp_t = tl.where(keep_t, dp_t * (1.0 / (1.0 - p_drop)), 0.0)
                 else:
                     dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
@@ -398,8 +401,10 @@ def _attn_bwd_dq(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < L
     ld = row_ok[:, None] & (offs_d[None, :] < D)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=ld, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=ld, other=0.0)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=ld, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=ld, other=0.0)
     if COMPUTE_F32:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -478,8 +483,8 @@ def attn_forward(
         scale * LOG2E, dropout_p, seed,
         *q.stride(), *k.stride(), *v.stride(), *_s4(pk), *_s4(pv), *out.stride(),
         H, L, S, P, D, H // Hkv,
-        CAUSAL=causal, HAS_PAD=has_pad, DROPOUT=dropout_p > 0, COMPUTE_F32=compute_in_f32(q.dtype), PREC=dot_precision(q.dtype),
-        BLOCK_D=block_dim(D),
+        CAUSAL=causal, HAS_PAD=has_pad, DROPOUT=dropout_p > 0, COMPUTE_F32=compute_in_f32(q.dtype),
+        PREC=dot_precision(q.dtype), BLOCK_D=block_dim(D),
     )
 
 

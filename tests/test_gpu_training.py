@@ -28,9 +28,14 @@ pytest.importorskip("triton")
 
 import ptpeft_fast as pf  # noqa: E402
 from ptpeft_fast import ops  # noqa: E402
-from ptpeft_fast.ops import triton_ops  # noqa: E402
 
-from triton_test_utils import DEVICE, fast_interpreter, gpu_only, needs_triton_device  # noqa: E402,F401
+from triton_test_utils import (  # noqa: E402,F401
+    DEVICE,
+    count_triton_calls,
+    fast_interpreter,
+    gpu_only,
+    needs_triton_device,
+)
 
 pytestmark = needs_triton_device
 
@@ -98,19 +103,6 @@ def _train(model, ids, backend: str, steps: int) -> dict:
     return out
 
 
-def _count_triton(monkeypatch) -> dict:
-    counts = {"prefix_attention": 0, "lora_linear": 0}
-    for name in counts:
-        real = getattr(triton_ops, name + "_forward")
-
-        def spy(*a, __real=real, __name=name, **k):
-            counts[__name] += 1
-            return __real(*a, **k)
-
-        monkeypatch.setattr(triton_ops, name + "_forward", spy)
-    return counts
-
-
 @pytest.mark.parametrize("size", [pytest.param("tiny"), pytest.param("llama-2048", marks=gpu_only)])
 def test_two_stage_training_triton_against_torch(size, monkeypatch):
     s = SIZES[size]
@@ -118,7 +110,7 @@ def test_two_stage_training_triton_against_torch(size, monkeypatch):
     model = _model(s, DEVICE, dtype)
     ids = _batch(s, DEVICE)
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    counts = _count_triton(monkeypatch)
+    counts = count_triton_calls(monkeypatch, ("prefix_attention", "lora_linear"))
     ref = _train(model, ids, "torch", s["steps"])
     assert counts == {"prefix_attention": 0, "lora_linear": 0}, counts  # the reference ran no kernel
     model.load_state_dict(start)

@@ -14,22 +14,9 @@ from ptpeft_fast.ops import triton_ops  # noqa: E402
 
 import tiny  # noqa: E402
 from tiny import IMAGE_TOKEN, randomise_peft  # noqa: E402
-from triton_test_utils import dev, fast_interpreter, needs_triton_device, rel_err  # noqa: E402,F401
+from triton_test_utils import count_triton_calls, dev, fast_interpreter, needs_triton_device, rel_err  # noqa: E402,F401
 
 pytestmark = needs_triton_device
-
-
-def _count_triton_calls(monkeypatch):
-    counts = {"prefix_attention": 0, "lora_linear": 0, "adapter": 0}
-    for name in counts:
-        real = getattr(triton_ops, name + "_forward")
-
-        def spy(*a, __real=real, __name=name, **k):
-            counts[__name] += 1
-            return __real(*a, **k)
-
-        monkeypatch.setattr(triton_ops, name + "_forward", spy)
-    return counts
 
 
 def _loss_and_grads(model, kw):
@@ -47,7 +34,7 @@ def _compare(model, kw, monkeypatch, expect):
     model, kw = dev(model), {k: dev(v) for k, v in kw.items()}
     with ops.use_backend("torch"):  # the reference (on CUDA "auto" would pick Triton itself)
         loss_t, grads_t = _loss_and_grads(model, kw)
-    counts = _count_triton_calls(monkeypatch)
+    counts = count_triton_calls(monkeypatch)
     with ops.use_backend("triton"), triton_ops.poison_outputs():
         loss_k, grads_k = _loss_and_grads(model, kw)
     for name in expect:

@@ -96,3 +96,20 @@ def triton_adapter(x, down_weight, down_bias, up_weight, up_bias, activation="re
 
     return ops.adapter(x, down_weight, down_bias, up_weight, up_bias, activation=activation, residual=residual,
                        backend="triton")
+
+
+def count_triton_calls(monkeypatch, names=("prefix_attention", "lora_linear", "adapter")) -> dict:
+    """Count the launches of each Triton implementation in ``names`` (``triton_ops.<name>_forward``)
+    for the rest of the test: a patched model that silently fell back to torch would show zeros."""
+    from ptpeft_fast.ops import triton_ops
+
+    counts = dict.fromkeys(names, 0)
+    for name in counts:
+        real = getattr(triton_ops, name + "_forward")
+
+        def spy(*a, __real=real, __name=name, **k):
+            counts[__name] += 1
+            return __real(*a, **k)
+
+        monkeypatch.setattr(triton_ops, name + "_forward", spy)
+    return counts

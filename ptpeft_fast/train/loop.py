@@ -180,7 +180,7 @@ def train_stage(run: TrainingRun, plan: StagePlan, named: list[tuple[str, torch.
         bar = tqdm(total=plan.total, initial=start, desc=stage, dynamic_ncols=True, leave=False)
 
     def save(step: int) -> None:
-        save_state(run.out, stage, step, run.model, opt, sched, scaler, main=di.main, fsdp=run.fsdp, di=di)
+        save_state(run.out, stage, step, run.model, opt, sched, scaler, fsdp=run.fsdp, di=di)
 
     stop_after = cfg["train"]["interrupt_after_steps"]
     save_every = cfg["output"]["save_every_steps"]

@@ -25,7 +25,7 @@ from .checkpointing import (
     read_tensors,
 )
 from .config import ConfigError
-from .distributed import barrier
+from .distributed import DistInfo, barrier
 from .fsdp import gather_named, load_full, optimizer_state
 
 __all__ = ["STATE", "save_stage_checkpoint", "load_stage_checkpoint", "save_state", "load_state",
@@ -86,12 +86,13 @@ def load_stage_checkpoint(out: str, stage: str, model: torch.nn.Module, patched:
     return path
 
 
-def save_state(out: str, stage: str, step: int, model: torch.nn.Module, opt, sched, scaler, *, main: bool,
-               fsdp: bool, di) -> None:
+def save_state(out: str, stage: str, step: int, model: torch.nn.Module, opt, sched, scaler, *, fsdp: bool,
+               di: DistInfo) -> None:
     """Mid-stage state: trainable tensors, optimizer, scheduler, loss scaler, RNG, position.
 
     Safetensors and JSON only; the copy it replaces stays as ``state.prev``, the fallback if this
     one is later found damaged."""
+    main = di.main
     if fsdp:  # gathered whole on the main process (collectives: every process)
         params = gather_named(trainable(model), keep=main)
         optim = optimizer_state(model, opt)

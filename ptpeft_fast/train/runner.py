@@ -277,7 +277,7 @@ class Run:
         if not named:
             raise ConfigError(f"{stage}: no trainable parameters (is stage1.prefix / "
                               f"stage2.{self.cfg['stage2']['method']} set?)")
-        plan = self.plans.get(stage) or plan_stage(self.cfg, stage, len(self.data.train), self.di.world)
+        plan = self.plans[stage]  # planned (and checked) with the data, before any phase ran
         loss = train_stage(self, plan, named, self._param_groups(stage, named), self.trainable_counts[stage])
         save_stage_checkpoint(self.out, stage, self.model, patched=self.patched,
                               full=stage_mode(self.cfg, stage) == "full", main=self.di.main, fsdp=self.fsdp)

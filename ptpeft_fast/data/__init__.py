@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import synthetic
+from . import stdlib_code_captions, synthetic
 from .readers import read_coco_captions, read_hf_disk, read_jsonl, read_vqav2
 from .records import DataError, Record, RecordDataset, check_images, open_image
 
-FORMATS = ("synthetic-shapes", "synthetic-text", "coco", "vqav2", "jsonl", "hf")
+FORMATS = ("synthetic-shapes", "synthetic-text", "stdlib-code-captions", "coco", "vqav2", "jsonl", "hf")
 
 __all__ = ["DataError", "Record", "RecordDataset", "FORMATS", "load_split", "open_image",
            "synthetic", "read_coco_captions", "read_vqav2", "read_jsonl", "read_hf_disk"]
@@ -30,7 +30,8 @@ def load_split(data_cfg: dict, split: str, max_samples: int | None = None) -> Re
     ``data_cfg`` keys: ``format``, ``task`` (``caption``/``vqa``), ``skip_bad_images``, and
     per split (``train``/``val``/``test``) a mapping with the format's paths.  For
     ``synthetic-shapes`` the split mapping may give ``n``; ``data.synthetic`` gives
-    ``seed`` and ``image_size``.  ``max_samples`` keeps the first N records.
+    ``seed`` and ``image_size``. ``stdlib-code-captions`` needs no paths (``data.split_seed``
+    picks which modules are held out).  ``max_samples`` keeps the first N records.
     """
     fmt, task = data_cfg["format"], data_cfg["task"]
     key = f"data.{split}"
@@ -42,6 +43,10 @@ def load_split(data_cfg: dict, split: str, max_samples: int | None = None) -> Re
     elif fmt == "synthetic-text":
         syn = data_cfg.get("synthetic") or {}
         recs = synthetic.make_text_records(task, split, spec.get("n"), int(syn.get("seed", 0)))
+    elif fmt == "stdlib-code-captions":
+        if task != "caption":
+            raise DataError("data.format 'stdlib-code-captions' is a captioning format; set data.task=caption")
+        recs = stdlib_code_captions.build_records(split, int(data_cfg.get("split_seed", 0)))
     else:
         if not spec:
             raise DataError(f"{key}: no paths given for split {split!r} (format {fmt!r})")

@@ -1,5 +1,5 @@
-"""Model loading (built-in ``tiny-blip2`` or any local HF model directory) and the
-collate function that turns records into model inputs."""
+"""Model loading (built-in ``tiny-blip2``, ``smollm2-135m`` in :mod:`.smollm2`, or any local HF
+model directory) and the collate function that turns records into model inputs."""
 from __future__ import annotations
 
 import functools
@@ -119,7 +119,8 @@ def load_local_model(path: str, dtype: torch.dtype | None = None) -> tuple[torch
 
     path = os.path.expanduser(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"model.name: {path!r} is neither 'tiny-blip2' nor a local model folder")
+        raise FileNotFoundError(f"model.name: {path!r} is neither a built-in model ('tiny-blip2', "
+                                "'smollm2-135m') nor a local model folder")
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     kw = {"local_files_only": True}
     if dtype is not None:

@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="DIR", help="output directory (same as --set output.dir=DIR)")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="drop records whose image is missing or unreadable and report the count")
-    p.add_argument("--quick", action="store_true", help="demo only: a ~2 minute version")
+    p.add_argument("--quick", action="store_true",
+                   help="the short version: the demo in ~2 minutes, or a --config preset's 'quick' overrides")
     return p
 
 
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             validate(cfg)
             out = args.resume
         else:
-            cfg = load_config(args.config, overrides)
+            cfg = load_config(args.config, overrides, quick=args.quick)
             out = cfg["output"]["dir"] or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
             cfg["output"]["dir"] = out
         if args.print_config:

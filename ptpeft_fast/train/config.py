@@ -25,7 +25,7 @@ NULLABLE = {"model.pretrained_path", "data.prompt", "data.max_train_samples", "d
 
 DEFAULTS: dict[str, Any] = {
     "model": {
-        "name": "tiny-blip2",          # "tiny-blip2" or a local HF model folder
+        "name": "tiny-blip2",          # "tiny-blip2", "smollm2-135m", "minilm-l6" or a local HF model folder
         "pretrained": True,            # tiny-blip2: use the cached caption-pretrained weights
         "pretrained_path": None,       # tiny-blip2: explicit folder with pre-trained weights
         "dtype": "float32",            # weights dtype: float32 | bfloat16 | float16
@@ -33,7 +33,7 @@ DEFAULTS: dict[str, Any] = {
         "tiny": {},                    # tiny-blip2 size overrides (hidden, layers, ...)
     },
     "data": {
-        "format": "synthetic-shapes",  # synthetic-shapes | synthetic-text | coco | vqav2 | jsonl | hf
+        "format": "synthetic-shapes",  # synthetic-shapes | synthetic-text | stdlib-code-captions | coco | ...
         "task": "vqa",                 # vqa | caption
         "prompt": None,                # template; null = "question: {question} answer:" / ""
         "train": {}, "val": {}, "test": {},
@@ -43,7 +43,7 @@ DEFAULTS: dict[str, Any] = {
         "max_eval_samples": None,
         # classification (data.format stdlib-docstrings)
         "per_class": None,             # training examples per class (null: all)
-        "split_seed": 0,               # corpus train/val/test split (fixed across train.seed)
+        "split_seed": 0,               # stdlib corpora: train/val/test split (fixed across train.seed)
         "max_length": 64,              # tokenizer truncation
     },
     "stage1": {
@@ -93,8 +93,10 @@ DEFAULTS: dict[str, Any] = {
         "compile_backend": "inductor", # torch.compile backend (inductor | aot_eager | ...)
         "interrupt_after_steps": None, # testing: act as if Ctrl-C came after N optimizer steps
     },
-    # a multi-run experiment (classification): methods x variants x per_class x seeds,
-    # aggregated into one results.md; empty methods = one run of the config as it is
+    # overrides ("key=value") that `--quick` applies after the file: a preset's short version
+    "quick": [],
+    # a multi-run experiment: methods x variants x per_class x seeds, aggregated into one
+    # results.md; empty methods = one run of the config as it is
     "experiment": {
         "methods": [],                 # names from ptpeft_fast.train.methods.METHODS
         "seeds": [0],
@@ -106,7 +108,8 @@ DEFAULTS: dict[str, Any] = {
 }
 
 CHOICES = {
-    "data.format": ("synthetic-shapes", "synthetic-text", "coco", "vqav2", "jsonl", "hf", "stdlib-docstrings"),
+    "data.format": ("synthetic-shapes", "synthetic-text", "stdlib-code-captions", "coco", "vqav2", "jsonl", "hf",
+                    "stdlib-docstrings"),
     "data.task": ("vqa", "caption", "classification"),
     "stage2.method": ("lora", "adapter", "full", "head"),
     "model.dtype": ("float32", "bfloat16", "float16"),
@@ -149,9 +152,10 @@ def _merge(base: dict, over: dict, prefix: str = "") -> dict:
     return base
 
 
-def load_config(path: str | None = None, overrides: list[str] | None = None) -> dict:
-    """Defaults, then the YAML file at ``path``, then ``--set a.b=value`` overrides
-    (values parsed as YAML: ``3``, ``1e-3``, ``true``, ``[language, vision]``)."""
+def load_config(path: str | None = None, overrides: list[str] | None = None, quick: bool = False) -> dict:
+    """Defaults, then the YAML file at ``path``, then (``quick``) the file's ``quick`` overrides,
+    then ``--set a.b=value`` overrides (values parsed as YAML: ``3``, ``1e-3``, ``true``,
+    ``[language, vision]``)."""
     cfg = default_config()
     if path:
         if not os.path.exists(path):
@@ -167,6 +171,14 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         if not isinstance(user, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         _merge(cfg, user)
+    if quick:
+        if not cfg["quick"]:
+            raise ConfigError(f"--quick: {path or 'the defaults'} has no 'quick' list of overrides; "
+                              "drop --quick or add e.g. quick: [stage1.max_steps=4]")
+        if not isinstance(cfg["quick"], list) or any(not isinstance(o, str) for o in cfg["quick"]):
+            raise ConfigError(f"quick must be a list of 'key=value' strings, got {cfg['quick']!r}")
+        for ov in cfg["quick"]:
+            apply_override(cfg, ov)
     for ov in overrides or []:
         apply_override(cfg, ov)
     validate(cfg)
@@ -260,6 +272,9 @@ def validate(cfg: dict) -> None:
     if dc["format"] == "synthetic-text" and dc["task"] != "vqa":
         raise ConfigError(f"data.task={dc['task']!r} with data.format='synthetic-text': that format is text-only "
                           "VQA (the scene's caption is in the prompt); set data.task=vqa")
+    if dc["format"] == "stdlib-code-captions" and dc["task"] != "caption":
+        raise ConfigError(f"data.task={dc['task']!r} with data.format='stdlib-code-captions': that format is code "
+                          "captioning (a def line in, its docstring's first sentence out); set data.task=caption")
     if dc["per_class"] is not None and (not isinstance(dc["per_class"], int) or dc["per_class"] < 1):
         raise ConfigError(f"data.per_class must be a positive integer or null, got {dc['per_class']!r}")
     if cfg["stage2"]["method"] == "head":

@@ -3,8 +3,9 @@
 sub-folder, resumed when it already has progress), aggregated into one ``results.md``
 (mean ± sample std over seeds) and ``spectrum.png`` (mean curve over seeds).
 
-Used by the shipped presets ``minilm-docstrings.yaml`` (the PT-PEFT comparison) and
-``minilm-reparam.yaml`` (seed 2's reparameterisation ablation).
+Used by the shipped presets ``minilm-docstrings.yaml`` (the PT-PEFT comparison),
+``minilm-reparam.yaml`` (seed 2's reparameterisation ablation) and ``smollm2-code-captions.yaml``
+(PT-PEFT on a real decoder, scored as captions).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Callable
 
 from . import report
 from .config import apply_override, validate
-from .methods import METHODS
+from .methods import METHODS, SEED_FREE
 
 
 def _budget(stage: dict) -> str:
@@ -52,12 +53,13 @@ def run_experiment(base: dict, out: str, log: Callable[[str], None] = print) -> 
     pcs = list(ex["per_class"]) or [base["data"]["per_class"]]
     variants = list((ex["variants"] or {}).items()) or [("", [])]
     groups: list[dict] = []
+    about: dict = {}  # the task's report title and kind, from its first run
     for pc in pcs:
         for vname, vov in variants:
             for m in ex["methods"]:
                 label, mov = METHODS[m]
                 g = {"per_class": pc, "variant": vname, "method": label, "key": m, "rows": []}
-                for seed in ex["seeds"]:
+                for seed in (ex["seeds"][:1] if m in SEED_FREE else ex["seeds"]):
                     cfg = copy.deepcopy(base)
                     cfg["experiment"]["methods"] = []
                     ovs = mov + list((ex["method_overrides"] or {}).get(m, [])) + list(vov) + [f"train.seed={seed}"]
@@ -74,6 +76,8 @@ def run_experiment(base: dict, out: str, log: Callable[[str], None] = print) -> 
                     resume = os.path.exists(os.path.join(sub, "progress.json"))
                     run = make_run(cfg, sub, resume=resume, log=log)
                     rows = run.execute()
+                    about.setdefault("title", run.task.report_title(run.cfg))
+                    about.setdefault("kind", run.task.kind)
                     row = dict(rows[-1])
                     row["seconds"] = round(time.time() - t, 1)
                     row["n_train"] = len(run.train_ds) if run.train_ds is not None else 0
@@ -81,7 +85,7 @@ def run_experiment(base: dict, out: str, log: Callable[[str], None] = print) -> 
                 groups.append(g)
                 _atomic_json(os.path.join(out, "groups.json"), groups)
     secs = time.time() - t0
-    md, png = write_experiment_report(out, groups, base, python_version(), secs)
+    md, png = write_experiment_report(out, groups, base, python_version(), secs, **about)
     log("\n" + open(md, encoding="utf-8").read())
     return {"groups": groups, "results": md, "png": png, "seconds": secs}
 
@@ -91,23 +95,24 @@ def _atomic_json(path: str, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1))
 
 
-def write_experiment_report(out: str, groups: list[dict], base: dict, py: str,
-                            seconds: float) -> tuple[str, str | None]:
-    """``results.md`` (mean ± std over seeds) and ``spectrum.png`` (mean curves)."""
+def write_experiment_report(out: str, groups: list[dict], base: dict, py: str, seconds: float,
+                            title: str | None = None, kind: str = "classification") -> tuple[str, str | None]:
+    """``results.md`` (mean ± std over seeds) and ``spectrum.png`` (mean curves); ``kind`` (the
+    task's) picks the metric columns, ``title`` heads the file."""
     from ..atomic_files import atomic_write_text
-    ex, ev = base["experiment"], base["eval"]
+    ex, ev, dc = base["experiment"], base["eval"], base["data"]
+    names = report.metric_names(kind)
+    present = {k for g in groups for r in g["rows"] for k in r["metrics"]}
+    names = [n for n in names if n in present]  # e.g. METEOR only where Java ran it
     multi_pc = len({g["per_class"] for g in groups}) > 1
     multi_var = len({g["variant"] for g in groups}) > 1
     cols = (["per class"] if multi_pc else []) + (["variant"] if multi_var else []) + [
-        "method", "accuracy", "macro-F1", "remaining-rank ratio", "effective rank", "trainable params",
-        "train size", "s / run"]
+        "method", *names, "remaining-rank ratio", "effective rank", "trainable params", "train size", "s / run"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     curves: dict[str, list[float]] = {}
-    skipped_note = ""
+    spectrum_note = ""
     for g in groups:
         rs = g["rows"]
-        acc = [r["metrics"]["accuracy"] for r in rs]
-        f1 = [r["metrics"]["macro-F1"] for r in rs]
         sp = [r["spectrum"] for r in rs if r.get("spectrum")]
         rr = [s["remaining_rank_ratio"] for s in sp]
         er = [s["effective_rank"] for s in sp]
@@ -117,21 +122,34 @@ def write_experiment_report(out: str, groups: list[dict], base: dict, py: str,
             K = len(sp[0]["curve"])
             curves[name] = [sum(s["curve"][k] for s in sp) / len(sp) for k in range(K)]
             s0 = sp[0]
-            skipped_note = (f"Spectrum: last-layer token features of the first {s0.get('window')} word-piece tokens "
-                            f"([CLS]/[SEP] excluded) of {s0['n_samples']} evaluation sentences; "
-                            f"{s0.get('skipped_short', 0)} of the first {s0.get('considered', s0['n_samples'])} "
-                            f"sentences were shorter than the window and skipped.")
+            if s0.get("window"):
+                spectrum_note = (
+                    f"Spectrum: last-layer token features of the first {s0.get('window')} word-piece tokens "
+                    f"([CLS]/[SEP] excluded) of {s0['n_samples']} evaluation sentences; "
+                    f"{s0.get('skipped_short', 0)} of the first {s0.get('considered', s0['n_samples'])} "
+                    f"sentences were shorter than the window and skipped.")
+            else:
+                spectrum_note = (f"Spectrum: last-layer features of every prompt token (padding removed) of the "
+                                 f"first {s0['n_samples']} evaluation records.")
+        seeds = f" ({len(rs)} seed)" if len(rs) < len(ex["seeds"]) else ""
         vals = ([str(g["per_class"])] if multi_pc else []) + ([g["variant"]] if multi_var else []) + [
-            g["method"], _pm(acc), _pm(f1), _pm(rr, 3), _pm(er), str(rs[-1].get("trainable", 0)),
+            g["method"] + seeds, *[_pm([r["metrics"][n] for r in rs if n in r["metrics"]]) for n in names],
+            _pm(rr, 3), _pm(er), str(rs[-1].get("trainable", 0)),
             str(rs[-1].get("n_train", "")), f"{sum(r['seconds'] for r in rs) / len(rs):.0f}"]
         lines.append("| " + " | ".join(vals) + " |")
     n_eval = groups[0]["rows"][0].get("n") if groups and groups[0]["rows"] else None
-    head = (f"# {base['model']['name']} on stdlib-docstrings: "
-            f"{', '.join(METHODS[m][0] for m in ex['methods'])}\n\n"
-            f"- Python {py} (the corpus depends on the Python minor version); split seed {base['data']['split_seed']}\n"
-            f"- seeds {ex['seeds']}: mean ± sample std over seeds (a seed sets the head/PT-PEFT init, the data "
-            f"order and which training sentences are kept per class)\n"
-            f"- evaluated on the `{ev['split']}` split ({n_eval} sentences); accuracy and macro-F1 ×100\n"
+    classification = kind == "classification"
+    title = title or f"{base['model']['name']} on {dc['format']}"
+    corpus = (f"- Python {py} (the corpus depends on the Python minor version); split seed {dc['split_seed']}\n"
+              if dc["format"].startswith("stdlib-") else "")
+    seed_means = ("the head/PT-PEFT init, the data order and which training sentences are kept per class"
+                  if classification else "the PT-PEFT init and the data order")
+    scores = "accuracy and macro-F1 ×100" if classification else ", ".join(names) + " ×100 (pycocoevalcap)"
+    unit = "sentences" if classification else "records"
+    head = (f"# {title}: {', '.join(METHODS[m][0] for m in ex['methods'])}\n\n"
+            f"{corpus}"
+            f"- seeds {ex['seeds']}: mean ± sample std over seeds (a seed sets {seed_means})\n"
+            f"- evaluated on the `{ev['split']}` split ({n_eval} {unit}); {scores}\n"
             f"- stage budgets: stage 1 {_budget(base['stage1'])}, stage 2 {_budget(base['stage2'])}; "
             f"a PT- method runs both\n"
             f"- time: {sum(r['seconds'] for g in groups for r in g['rows']) / 60:.1f} min summed over the runs "
@@ -140,7 +158,7 @@ def write_experiment_report(out: str, groups: list[dict], base: dict, py: str,
     png = None
     if curves and ex["spectrum"]:
         png = report.plot_spectra(curves, os.path.join(out, "spectrum.png"), ev["tau"])
-        md += (f"\n{skipped_note} Remaining-rank ratio: smallest k/K whose cumulative normalised singular-value "
+        md += (f"\n{spectrum_note} Remaining-rank ratio: smallest k/K whose cumulative normalised singular-value "
                f"mass ≥ {ev['tau']}; effective rank: exp(entropy) of each sample's normalised spectrum, "
                "averaged over samples.\n\n"
                "![spectrum](spectrum.png)\n")

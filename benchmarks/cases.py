@@ -492,7 +492,7 @@ def build_ptlora_train(B: int = 4, L: int = 256, P: int = 32, r: int = 16, alpha
                          lambda r: {"loss": r.detach()}),
             "peft_lora": Side("peft_lora", "peer", "PEFT LoRA alone (no prefix)", peft,
                               lambda r: {"loss": r.detach()}, target=target,
-                              target_text=f"≤ {target:g}× (the prefix costs ≤ {round((target - 1) * 100)}%)"),
+                              target_text=f"≤ {target:.2f}× (the prefix costs ≤ {round((target - 1) * 100)}%)"),
         },
         extra={"check_ours": ours_check, "check_peer": peft_with_our_prefix},
     )

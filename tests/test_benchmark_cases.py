@@ -29,8 +29,14 @@ _BUILT: dict = {}
 
 
 def _tiny(name: str):
-    """Each tiny case is built once per test session (model construction dominates)."""
+    """Each tiny case is built once per test session (model construction dominates); a real-model
+    case holds three float64 copies of SmolLM2 (≈ 3 GB), so only the latest of those is kept."""
     if name not in _BUILT:
+        if name in C.SMOLLM2_CASES:
+            for other in [n for n in _BUILT if n in C.SMOLLM2_CASES]:
+                del _BUILT[other]
+            import gc
+            gc.collect()
         _BUILT[name] = C.BUILDERS[name](**C.TINY[name])
     return _BUILT[name]
 

@@ -72,7 +72,9 @@ def test_experiment_report_of_a_generation_task(tmp_path):
     curve = [0.5, 0.3, 0.2]
 
     def row(cider, er):
-        return {"metrics": {"CIDEr-D": cider, "BLEU-4": 1.0, "ROUGE-L": 20.0}, "n": 8, "seconds": 10.0,
+        # as a machine without Java records them: METEOR None
+        return {"metrics": {"tokenizer": "simple_ptb_tokenize", "CIDEr-D": cider, "BLEU-4": 1.0, "METEOR": None,
+                            "ROUGE-L": 20.0, "meteor_unavailable": True}, "n": 8, "seconds": 10.0,
                 "trainable": 5, "n_train": 100,
                 "spectrum": {"remaining_rank_ratio": 0.3, "effective_rank": er, "n_samples": 4, "curve": curve}}
 
@@ -82,6 +84,6 @@ def test_experiment_report_of_a_generation_task(tmp_path):
     base = load_config(str(PRESET), ["experiment.seeds=[0, 1]"])
     md, png = write_experiment_report(str(tmp_path), groups, base, "3.11", 60.0, title="T", kind="caption")
     text = Path(md).read_text()
-    assert "| method | CIDEr-D | BLEU-4 | ROUGE-L |" in text  # METEOR absent from the rows: no column
+    assert "| method | CIDEr-D | BLEU-4 | ROUGE-L |" in text  # METEOR None in every row: no column
     assert "| Zero-shot (1 seed) | 5.00 |" in text and "| PT-LoRA | 32.00 ± 2.83 |" in text
     assert "prompt token" in text and png is not None and Path(png).is_file()

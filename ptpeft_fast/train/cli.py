@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(quick=args.quick, out_dir=args.output, user_overrides=overrides)
             return 0
         if args.resume:
+            if args.quick:
+                raise ConfigError("--quick goes with --config: a resumed run keeps the settings it started with "
+                                  f"(those in {os.path.join(args.resume, 'config.yaml')}); drop --quick")
             saved = os.path.join(args.resume, "config.yaml")
             if not os.path.exists(saved):
                 raise ConfigError(f"--resume {args.resume}: {_not_a_run(args.resume)}")

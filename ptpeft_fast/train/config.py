@@ -17,7 +17,7 @@ import yaml
 FREE_FORM = {"data.train", "data.val", "data.test", "model.tiny", "stage1.prefix", "stage2.lora",
              "stage2.adapter", "experiment.variants", "experiment.method_overrides"}
 # Keys that may be null besides their typed default.
-NULLABLE = {"model.pretrained_path", "data.prompt", "data.max_train_samples", "data.max_eval_samples",
+NULLABLE = {"model.pretrained_path", "data.prompt", "eval.stop_at", "data.max_train_samples", "data.max_eval_samples",
             "stage1.max_steps", "stage2.max_steps", "eval.max_samples", "eval.use_java",
             "train.interrupt_after_steps", "output.dir", "stage2.adapter", "stage2.lora",
             "train.max_grad_norm", "data.per_class",
@@ -68,6 +68,7 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 64,
         "max_new_tokens": 8,
         "num_beams": 1,
+        "stop_at": None,               # cut every prediction at this text (after stripping), e.g. "\n"
         "max_samples": None,
         "spectrum": True,
         "spectrum_samples": 128,
@@ -263,6 +264,9 @@ def validate(cfg: dict) -> None:
         if sc["batch_size"] % sc["grad_accum"]:
             raise ConfigError(f"{s}.batch_size ({sc['batch_size']}) must be divisible by {s}.grad_accum "
                               f"({sc['grad_accum']})")
+    stop = cfg["eval"]["stop_at"]
+    if stop is not None and (not isinstance(stop, str) or not stop):
+        raise ConfigError(f"eval.stop_at must be a non-empty string or null, got {stop!r}")
     if not 0 < cfg["eval"]["tau"] <= 1:
         raise ConfigError(f"eval.tau must be in (0, 1], got {cfg['eval']['tau']!r}")
     dc = cfg["data"]
@@ -297,6 +301,9 @@ def validate(cfg: dict) -> None:
         bad = [m for m in ex["methods"] if m not in METHODS]
         if bad:
             raise ConfigError(f"experiment.methods: unknown {bad}; choose from {sorted(METHODS)}")
+        if dc["task"] == "classification" and "zero-shot" in ex["methods"]:
+            raise ConfigError("experiment.methods: 'zero-shot' is for generation tasks (caption, vqa); a "
+                              "classifier's untrained head is 'pretrained' (random head, one row per seed)")
     for k in ("variants", "method_overrides"):
         for name, ovs in (ex[k] or {}).items():
             if not isinstance(ovs, list) or any(not isinstance(o, str) or "=" not in o for o in ovs):

@@ -28,7 +28,8 @@ def set_eval(model: torch.nn.Module, patched: bool) -> None:
 
 @torch.no_grad()
 def generate(run: RunContext, records_idx: list[int]) -> dict[str, str]:
-    """Greedy/beam generation for the evaluation records ``records_idx``; ``{record id: text}``."""
+    """Greedy/beam generation for the evaluation records ``records_idx``; ``{record id: text}``, each
+    stripped and cut at ``eval.stop_at`` when set."""
     ev = run.cfg["eval"]
     tok = run.eval_collate.tok
     preds: dict[str, str] = {}
@@ -44,7 +45,10 @@ def generate(run: RunContext, records_idx: list[int]) -> dict[str, str]:
         if out.shape[1] >= ids.shape[1] and torch.equal(out[:, :ids.shape[1]].cpu(), ids.cpu()):
             out = out[:, ids.shape[1]:]  # decoder-only generate returns prompt + continuation
         for rid, text in zip(batch["record_ids"], tok.batch_decode(out, skip_special_tokens=True), strict=True):
-            preds[rid] = text.strip()
+            text = text.strip()
+            if ev["stop_at"]:  # a stop string: what a model that does not end with EOS writes after the answer
+                text = text.split(ev["stop_at"], 1)[0].strip()
+            preds[rid] = text
     return preds
 
 

@@ -102,8 +102,9 @@ def write_experiment_report(out: str, groups: list[dict], base: dict, py: str, s
     from ..atomic_files import atomic_write_text
     ex, ev, dc = base["experiment"], base["eval"], base["data"]
     names = report.metric_names(kind)
-    present = {k for g in groups for r in g["rows"] for k in r["metrics"]}
-    names = [n for n in names if n in present]  # e.g. METEOR only where Java ran it
+    # a metric no run could compute (METEOR without Java: None) gets no column
+    present = {k for g in groups for r in g["rows"] for k, v in r["metrics"].items() if v is not None}
+    names = [n for n in names if n in present]
     multi_pc = len({g["per_class"] for g in groups}) > 1
     multi_var = len({g["variant"] for g in groups}) > 1
     cols = (["per class"] if multi_pc else []) + (["variant"] if multi_var else []) + [
@@ -133,7 +134,7 @@ def write_experiment_report(out: str, groups: list[dict], base: dict, py: str, s
                                  f"first {s0['n_samples']} evaluation records.")
         seeds = f" ({len(rs)} seed)" if len(rs) < len(ex["seeds"]) else ""
         vals = ([str(g["per_class"])] if multi_pc else []) + ([g["variant"]] if multi_var else []) + [
-            g["method"] + seeds, *[_pm([r["metrics"][n] for r in rs if n in r["metrics"]]) for n in names],
+            g["method"] + seeds, *[_pm([r["metrics"][n] for r in rs if r["metrics"].get(n) is not None]) for n in names],
             _pm(rr, 3), _pm(er), str(rs[-1].get("trainable", 0)),
             str(rs[-1].get("n_train", "")), f"{sum(r['seconds'] for r in rs) / len(rs):.0f}"]
         lines.append("| " + " | ".join(vals) + " |")

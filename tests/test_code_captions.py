@@ -87,3 +87,13 @@ def test_experiment_report_of_a_generation_task(tmp_path):
     assert "| method | CIDEr-D | BLEU-4 | ROUGE-L |" in text  # METEOR None in every row: no column
     assert "| Zero-shot (1 seed) | 5.00 |" in text and "| PT-LoRA | 32.00 ± 2.83 |" in text
     assert "prompt token" in text and png is not None and Path(png).is_file()
+
+
+def test_quick_with_resume_and_zero_shot_with_classification_are_refused(tmp_path, capsys):
+    from ptpeft_fast.train import main
+    (tmp_path / "config.yaml").write_text("model: {name: tiny-blip2}\n")
+    assert main(["--resume", str(tmp_path), "--quick"]) == 2
+    assert "--quick goes with --config" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="'zero-shot' is for generation tasks"):
+        load_config(None, ["data.format=stdlib-docstrings", "data.task=classification",
+                           "experiment.methods=[zero-shot]"])

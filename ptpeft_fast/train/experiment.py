@@ -134,7 +134,8 @@ def write_experiment_report(out: str, groups: list[dict], base: dict, py: str, s
                                  f"first {s0['n_samples']} evaluation records.")
         seeds = f" ({len(rs)} seed)" if len(rs) < len(ex["seeds"]) else ""
         vals = ([str(g["per_class"])] if multi_pc else []) + ([g["variant"]] if multi_var else []) + [
-            g["method"] + seeds, *[_pm([r["metrics"][n] for r in rs if r["metrics"].get(n) is not None]) for n in names],
+            g["method"] + seeds,
+            *[_pm([r["metrics"][n] for r in rs if r["metrics"].get(n) is not None]) for n in names],
             _pm(rr, 3), _pm(er), str(rs[-1].get("trainable", 0)),
             str(rs[-1].get("n_train", "")), f"{sum(r['seconds'] for r in rs) / len(rs):.0f}"]
         lines.append("| " + " | ".join(vals) + " |")

@@ -21,6 +21,7 @@ import re
 import sys
 
 from .records import DataError, Record
+from .stdlib_docstrings import split_of
 
 __all__ = ["MODULES", "build_records", "first_sentence"]
 
@@ -104,13 +105,6 @@ def _pairs(module_name: str, max_chars: int) -> list[tuple[str, str, str]]:
     return out
 
 
-def _split_of(module_name: str, seed: int, fractions: tuple[float, float, float]) -> str:
-    h = int.from_bytes(hashlib.sha256(f"{seed}:{module_name}".encode()).digest()[:8], "big") / 2**64
-    if h < fractions[0]:
-        return "train"
-    return "val" if h < fractions[0] + fractions[1] else "test"
-
-
 def build_records(split: str, seed: int = 0, fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
                   max_chars: int = 100) -> list[Record]:
     """The caption records of one split: ``question`` is the ``def`` line (a method's names its
@@ -121,7 +115,7 @@ def build_records(split: str, seed: int = 0, fractions: tuple[float, float, floa
     seen: set[str] = set()
     out = []
     for module_name in MODULES:
-        where = _split_of(module_name, seed, fractions)
+        where = split_of(module_name, seed, fractions)
         for qual, line, sentence in _pairs(module_name, max_chars):
             if sentence in seen:
                 continue

@@ -102,8 +102,10 @@ def _sentences(doc: str, min_words: int, max_words: int) -> list[str]:
     return out
 
 
-def _bucket(text: str, seed: int, fractions: tuple[float, float, float]) -> str:
-    h = int.from_bytes(hashlib.sha256(f"{seed}:{text}".encode()).digest()[:8], "big") / 2**64
+def split_of(key: str, seed: int, fractions: tuple[float, float, float]) -> str:
+    """``train``/``val``/``test`` for ``key`` by a seeded hash: membership depends on the key
+    alone, not on iteration order or on the other keys (shared by the stdlib corpora)."""
+    h = int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2**64
     if h < fractions[0]:
         return "train"
     return "val" if h < fractions[0] + fractions[1] else "test"
@@ -132,7 +134,7 @@ def build_corpus(seed: int = 0, min_words: int = 6, max_words: int = 40,
         if len(fams) != 1:
             continue  # the same sentence documents two families: no label
         (family, module_name), = fams.items()
-        splits[_bucket(text, seed, fractions)].append(Example(text, names.index(family), family, module_name))
+        splits[split_of(text, seed, fractions)].append(Example(text, names.index(family), family, module_name))
     return splits
 
 

@@ -85,9 +85,9 @@ def real(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return out[mask.bool()]
 
 
-def logits(model, ids, mask) -> torch.Tensor:
+def logits(model, ids, mask, **kw) -> torch.Tensor:
     with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask).logits
+        return model(input_ids=ids, attention_mask=mask, **kw).logits
 
 
 def randomize(model, *substrings: str, std: float = 0.5, seed: int = 0) -> None:

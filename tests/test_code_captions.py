@@ -82,7 +82,7 @@ def test_experiment_report_of_a_generation_task(tmp_path):
               {"per_class": None, "variant": "", "method": "PT-LoRA", "key": "pt-lora",
                "rows": [row(30.0, 8.0), row(34.0, 8.4)]}]
     base = load_config(str(PRESET), ["experiment.seeds=[0, 1]"])
-    md, png = write_experiment_report(str(tmp_path), groups, base, "3.11", 60.0, title="T", kind="caption")
+    md, png = write_experiment_report(str(tmp_path), groups, base, "3.11", 60.0, title="T")
     text = Path(md).read_text()
     assert "| method | CIDEr-D | BLEU-4 | ROUGE-L |" in text  # METEOR None in every row: no column
     assert "| Zero-shot (1 seed) | 5.00 |" in text and "| PT-LoRA | 32.00 ± 2.83 |" in text

@@ -21,7 +21,7 @@ import ptpeft_fast as pf
 from ptpeft_fast.interop import load_static_prefix, save_merged
 from ptpeft_fast.models import smollm2
 
-from _tiny_models import greedy_by_forward, randomize, real
+from _tiny_models import greedy_by_forward, logits, randomize, real
 from tiny import rel_err
 
 peft = pytest.importorskip("peft")
@@ -52,11 +52,6 @@ def _batch(tok, pad: str):
               padding=True)
     assert not enc["attention_mask"].all()  # the second row is padded
     return enc["input_ids"], enc["attention_mask"]
-
-
-def _logits(model, ids, mask, **kw):
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, **kw).logits
 
 
 # ------------------------------------------------------------------------------------ loader
@@ -191,17 +186,17 @@ def test_static_prefix_matches_peft_prefix_tuning_forward(loaded, base, pad):
     ours.eval()
     ids, mask = _batch(tok, pad)
     if pad == "right":
-        assert rel_err(real(_logits(ours, ids, mask), mask), real(_logits(theirs, ids, mask), mask)) <= 1e-5
+        assert rel_err(real(logits(ours, ids, mask), mask), real(logits(theirs, ids, mask), mask)) <= 1e-5
         return
     # left padding: PEFT numbers a row's tokens from its first pad, P + 0.. over pads included, and
     # ignores position_ids; ours numbers real tokens P + 0.. from the mask (as generate does). Given
     # PEFT's numbering explicitly (ours adds P to position ids), ours gives PEFT's logits ...
     pos = torch.arange(ids.shape[1]).expand_as(ids)
-    assert rel_err(real(_logits(ours, ids, mask, position_ids=pos), mask), real(_logits(theirs, ids, mask), mask)) \
+    assert rel_err(real(logits(ours, ids, mask, position_ids=pos), mask), real(logits(theirs, ids, mask), mask)) \
         <= 1e-5
     # ... and by default the real tokens get what they get right-padded, where PEFT agrees with ours
     rids, rmask = _batch(tok, "right")
-    assert rel_err(real(_logits(ours, ids, mask), mask), real(_logits(ours, rids, rmask), rmask)) <= 1e-5
+    assert rel_err(real(logits(ours, ids, mask), mask), real(logits(ours, rids, rmask), rmask)) <= 1e-5
 
 
 # ------------------------------------------------------------------------------------ generate
@@ -222,7 +217,7 @@ def test_batched_greedy_generate_is_the_argmax_of_our_step_by_step_forward(loade
 
 
 # ------------------------------------------------------------------------------------ files
-def test_merge_save_load_and_save_merged_reproduce_the_logits(loaded, base, tmp_path):
+def test_merge_save_load_and_save_merged_reproduce_thelogits(loaded, base, tmp_path):
     _, tok = loaded
     cfg = {"prefix": {"num_tokens": 8, "reparam": "mlp", "hidden_size": 32, "init_std": 0.5},
            "lora": {"r": 4, "alpha": 8}}
@@ -231,20 +226,20 @@ def test_merge_save_load_and_save_merged_reproduce_the_logits(loaded, base, tmp_
     randomize(model, "lora_B", std=0.02, seed=3)
     model.eval()
     ids, mask = _batch(tok, "left")
-    want = real(_logits(model, ids, mask), mask)
+    want = real(logits(model, ids, mask), mask)
 
     pf.save(model, tmp_path / "ck")
     loaded_back = pf.load(copy.deepcopy(pristine), tmp_path / "ck").eval()
-    assert rel_err(real(_logits(loaded_back, ids, mask), mask), want) <= 1e-6
+    assert rel_err(real(logits(loaded_back, ids, mask), mask), want) <= 1e-6
 
     merged_dir = save_merged(model, tmp_path / "merged")
     from transformers import AutoModelForCausalLM
     plain = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     plain = load_static_prefix(plain, merged_dir).eval()
-    assert rel_err(real(_logits(plain, ids, mask), mask), want) <= 1e-5
+    assert rel_err(real(logits(plain, ids, mask), mask), want) <= 1e-5
 
     pf.merge(model)
-    assert rel_err(real(_logits(model, ids, mask), mask), want) <= 1e-5
+    assert rel_err(real(logits(model, ids, mask), mask), want) <= 1e-5
 
 
 # ------------------------------------------------------------------------------------ CLI

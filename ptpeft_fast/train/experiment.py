@@ -53,7 +53,7 @@ def run_experiment(base: dict, out: str, log: Callable[[str], None] = print) -> 
     pcs = list(ex["per_class"]) or [base["data"]["per_class"]]
     variants = list((ex["variants"] or {}).items()) or [("", [])]
     groups: list[dict] = []
-    about: dict = {}  # the task's report title and kind, from its first run
+    title = None  # the task's report title, from its first run
     for pc in pcs:
         for vname, vov in variants:
             for m in ex["methods"]:
@@ -76,8 +76,7 @@ def run_experiment(base: dict, out: str, log: Callable[[str], None] = print) -> 
                     resume = os.path.exists(os.path.join(sub, "progress.json"))
                     run = make_run(cfg, sub, resume=resume, log=log)
                     rows = run.execute()
-                    about.setdefault("title", run.task.report_title(run.cfg))
-                    about.setdefault("kind", run.task.kind)
+                    title = title or run.task.report_title(run.cfg)
                     row = dict(rows[-1])
                     row["seconds"] = round(time.time() - t, 1)
                     row["n_train"] = len(run.train_ds) if run.train_ds is not None else 0
@@ -85,7 +84,7 @@ def run_experiment(base: dict, out: str, log: Callable[[str], None] = print) -> 
                 groups.append(g)
                 _atomic_json(os.path.join(out, "groups.json"), groups)
     secs = time.time() - t0
-    md, png = write_experiment_report(out, groups, base, python_version(), secs, **about)
+    md, png = write_experiment_report(out, groups, base, python_version(), secs, title)
     log("\n" + open(md, encoding="utf-8").read())
     return {"groups": groups, "results": md, "png": png, "seconds": secs}
 
@@ -96,11 +95,12 @@ def _atomic_json(path: str, obj) -> None:
 
 
 def write_experiment_report(out: str, groups: list[dict], base: dict, py: str, seconds: float,
-                            title: str | None = None, kind: str = "classification") -> tuple[str, str | None]:
-    """``results.md`` (mean ± std over seeds) and ``spectrum.png`` (mean curves); ``kind`` (the
-    task's) picks the metric columns, ``title`` heads the file."""
+                            title: str | None = None) -> tuple[str, str | None]:
+    """``results.md`` (mean ± std over seeds) and ``spectrum.png`` (mean curves); the task
+    (``data.task``) picks the metric columns, ``title`` heads the file."""
     from ..atomic_files import atomic_write_text
     ex, ev, dc = base["experiment"], base["eval"], base["data"]
+    kind = dc["task"]
     names = report.metric_names(kind)
     # a metric no run could compute (METEOR without Java: None) gets no column
     present = {k for g in groups for r in g["rows"] for k, v in r["metrics"].items() if v is not None}

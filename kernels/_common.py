@@ -8,6 +8,13 @@ from typing import Callable, Iterable
 import torch
 import triton
 
+# These sources load only as ptpeft_fast.kernels.* (kernels/README.md): a top-level ``kernels`` is
+# Hugging Face's package, and running ours under that name from a checkout would stand in for it.
+if not __name__.startswith("ptpeft_fast.kernels."):
+    raise ImportError(f"{__name__!r} is ptpeft_fast's Triton source loaded as a top-level 'kernels' "
+                      "module; import it as 'ptpeft_fast.kernels' (a top-level 'kernels' is Hugging "
+                      "Face's package: pip install kernels)")
+
 # Read once at import: Triton itself fixes interpreter mode when it is imported.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -76,9 +76,10 @@ IMPORTS_CODE = r"""
 import sys
 from pathlib import Path
 root = Path(sys.argv[1]).resolve()
+import transformers.activations  # imports Hugging Face's `kernels` where installed: never ours
 import ptpeft_fast, ptpeft_fast.ops
-import ptpeft_fast.kernels, ptpeft_fast.ops.triton_ops
-for mod in (ptpeft_fast, ptpeft_fast.kernels):
+import ptpeft_fast.kernels.prefix_attention, ptpeft_fast.ops.triton_ops
+for mod in (ptpeft_fast, ptpeft_fast.kernels.prefix_attention):
     assert Path(mod.__file__).resolve().is_relative_to(root), (mod.__name__, mod.__file__, root)
 print("ptpeft_fast and its Triton kernels import from", root)
 """

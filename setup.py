@@ -27,12 +27,14 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",  # the tested stacks are Python 3.11 (numpy 2.3, matplotlib 3.11 need it)
-    packages=find_packages(include=["ptpeft_fast", "ptpeft_fast.*"]) + ["ptpeft_fast.kernels", "ptpeft_fast.csrc"],
+    # configs/ holds data only (the presets); listed so that setuptools does not warn at every install
+    packages=find_packages(include=["ptpeft_fast", "ptpeft_fast.*"]) + ["ptpeft_fast.configs", "ptpeft_fast.kernels",
+                                                                        "ptpeft_fast.csrc"],
     # Triton sources live in top-level kernels/ but ship as ptpeft_fast.kernels so that
     # ``import kernels`` never collides with another package (design §3); the C++/CUDA
     # sources ship as data beside them so the extension can be built just in time.
     package_dir={"ptpeft_fast.kernels": "kernels", "ptpeft_fast.csrc": "csrc"},
-    package_data={"ptpeft_fast": ["configs/*.yaml"], "ptpeft_fast.csrc": ["*.cpp", "*.cu", "*.h"]},
+    package_data={"ptpeft_fast.configs": ["*.yaml"], "ptpeft_fast.csrc": ["*.cpp", "*.cu", "*.h"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.11",

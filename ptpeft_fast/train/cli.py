@@ -93,7 +93,23 @@ def _not_a_run(path: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the process exit code."""
+    """Entry point; returns the process exit code. Under torchrun the process group is left before
+    returning (train/distributed.py's shutdown_distributed says why)."""
+    from .distributed import group_failure, shutdown_distributed
+    code = 1
+    try:
+        code = _main(argv)
+    except Exception as e:
+        line = group_failure(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+    finally:
+        shutdown_distributed(ok=code == 0)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # weight-loading bars would drown the short log

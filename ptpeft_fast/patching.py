@@ -175,12 +175,13 @@ def _add_prefixes(model, config: PTPeftConfig, state: PatchState, modules) -> No
             module._ptpeft_prefix = child
             module._ptpeft_backend = ops.backend_for("prefix_attention", config.backend)
             state.prefix_layers[path] = prefix
-        if comp.family.positions is not None:
-            hook = _positions_from_mask(model, comp)
-            if hook is not None:
-                state.hooks.append(hook)
-            if pc.positions == "shift":
-                state.hooks.append(_shift_positions(model, comp, pc.num_tokens))
+        # also for hand-given targets (no `positions` entry): whatever the model's position scheme, a
+        # left-padded row's real tokens keep positions 0..L-1 where its forward takes position_ids
+        hook = _positions_from_mask(model, comp)
+        if hook is not None:
+            state.hooks.append(hook)
+        if comp.family.positions is not None and pc.positions == "shift":
+            state.hooks.append(_shift_positions(model, comp, pc.num_tokens))
 
 
 def _positions_from_mask(model, comp: ResolvedComponent):

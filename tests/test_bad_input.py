@@ -19,17 +19,17 @@ def _unpatched(model, before):
 
 
 def test_a_model_whose_attention_cannot_take_a_prefix_is_refused():
-    from transformers import FalconConfig, FalconForCausalLM
+    # Bloom keeps its own attention code on every transformers we support (Falcon did until 5.25)
+    from transformers import BloomConfig, BloomForCausalLM
 
     torch.manual_seed(0)
-    model = FalconForCausalLM(FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                           new_decoder_architecture=False)).eval()
+    model = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)).eval()
     ids = torch.randint(0, 64, (1, 6))
     ref = model(ids).logits
     before = [n for n, _ in model.named_parameters()]
     cfg = PTPeftConfig.from_dict({"prefix": {"num_tokens": 4}, "lora": None, "targets": {
         "layers": r"transformer\.h\.\d+", "attention": ["self_attention"]}})
-    with pytest.raises(ValueError, match="FalconForCausalLM cannot take a prefix.*AttentionInterface") as e:
+    with pytest.raises(ValueError, match="BloomForCausalLM cannot take a prefix.*AttentionInterface") as e:
         pf.patch(model, cfg)
     assert "prefix: null" in str(e.value)
     _unpatched(model, before)
@@ -38,6 +38,52 @@ def test_a_model_whose_attention_cannot_take_a_prefix_is_refused():
     pf.patch(model, {"prefix": None, "lora": {"r": 2, "targets": ["query_key_value"]},
                      "targets": {"layers": r"transformer\.h\.\d+", "attention": ["self_attention"]}})
     assert len(model._ptpeft.lora_layers) == 2
+
+
+FALCON_VARIANTS = {"rotary": dict(new_decoder_architecture=False),
+                   "alibi": dict(alibi=True, new_decoder_architecture=False),
+                   "gqa": dict(new_decoder_architecture=True, num_kv_heads=2),
+                   "multi_query": dict(multi_query=True, new_decoder_architecture=False)}
+
+
+@pytest.mark.parametrize("variant", sorted(FALCON_VARIANTS))
+def test_falcon_takes_a_prefix_where_its_attention_goes_through_the_interface(variant):
+    """transformers 5.25 moved Falcon onto the AttentionInterface: there its prefix acts (sized by
+    its key/value heads) and a left-padded row keeps its real logits; before 5.25 it is refused."""
+    import transformers
+    from packaging.version import Version
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    config = FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          **FALCON_VARIANTS[variant])
+    model = FalconForCausalLM(config).eval()
+    ids = torch.randint(3, 64, (2, 6))
+    with torch.no_grad():
+        ref = model(ids).logits
+    cfg = {"prefix": {"num_tokens": 4, "reparam": "none"}, "lora": None,
+           "targets": {"layers": r"transformer\.h\.\d+", "attention": ["self_attention"]}}
+    if Version(transformers.__version__) < Version("5.25"):
+        with pytest.raises(ValueError, match="FalconForCausalLM cannot take a prefix"):
+            pf.patch(model, cfg)
+        return
+    pf.patch(model, cfg)
+    pf.set_stage(model, "eval")
+    attn = model.transformer.h[0].self_attention
+    kv = attn.num_kv_heads if (config.new_decoder_architecture or not config.multi_query) else 1
+    keys = [p for n, p in model.named_parameters() if n.startswith("transformer.h.0.") and "prefix" in n]
+    assert [tuple(p.shape) for p in keys] == [(kv, 4, config.head_dim)] * 2  # key and value, [Hkv, P, D]
+    with torch.no_grad():
+        out = model(ids).logits
+        assert float((out - ref).abs().max()) > 1e-3
+        with pf.disabled(model):
+            assert torch.equal(model(ids).logits, ref)
+        pad = 3
+        padded = torch.cat([torch.zeros(2, pad, dtype=torch.long), ids], 1)
+        mask = torch.cat([torch.zeros(2, pad, dtype=torch.long), torch.ones_like(ids)], 1)
+        left = model(padded, attention_mask=mask).logits[:, pad:]
+    # ALiBi biases by absolute distance, so left padding moves nothing; rotary uses positions 0..L-1 for real tokens
+    assert tiny.rel_err(left, out) <= 1e-5
 
 
 def test_every_lora_target_that_matches_nothing_is_named(tmp_path):

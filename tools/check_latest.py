@@ -111,10 +111,11 @@ def main(argv: list[str] | None = None) -> int:
             print(res.stderr[-3000:], file=sys.stderr)
             return 2
         now = {}
-        for line in _run([pip, "freeze", "--exclude-editable"]).stdout.splitlines():
+        for line in _run([pip, "freeze", "--all", "--exclude-editable"]).stdout.splitlines():  # --all: setuptools
             if "==" in line:
                 name, version = line.split("==", 1)
                 now[_norm(name)] = version.split("+")[0]
+        now.pop("pip", None)  # the venv's own installer, not part of the stack
         lines += ["## Versions that differ from constraints/tested.txt", "", "| package | tested | newest installed |",
                   "|---|---|---|"]
         changed = sorted(n for n in set(now) | set(pins) if now.get(n) != pins.get(n))

@@ -18,8 +18,9 @@ from .config import AdapterConfig, LoraConfig, PrefixConfig, PTPeftConfig
 from .disable import disabled
 from .interop import PeftInteropError, from_peft, load_static_prefix, save_merged, to_peft
 from .merging import merge, unmerge
+from .optimizer_guard import StaleOptimizerError
 from .patching import patch, unpatch
-from .stages import mark_trainable, parameter_groups, set_stage, trainable_parameters
+from .stages import mark_trainable, parameter_groups, present_parameters, set_stage, trainable_parameters
 
 __all__ = [
     "AdapterConfig",
@@ -27,6 +28,8 @@ __all__ = [
     "PeftInteropError",
     "PTPeftConfig",
     "PrefixConfig",
+    "StageCallback",
+    "StaleOptimizerError",
     "disabled",
     "from_peft",
     "load",
@@ -35,6 +38,7 @@ __all__ = [
     "merge",
     "parameter_groups",
     "patch",
+    "present_parameters",
     "save",
     "save_merged",
     "set_stage",
@@ -44,3 +48,12 @@ __all__ = [
     "unmerge",
     "unpatch",
 ]
+
+
+def __getattr__(name: str):
+    # StageCallback imports transformers' Trainer stack (about 1.5 s): only when asked for
+    if name == "StageCallback":
+        from .trainer_callback import StageCallback
+
+        return StageCallback
+    raise AttributeError(f"module 'ptpeft_fast' has no attribute {name!r}")

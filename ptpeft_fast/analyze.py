@@ -32,12 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m ptpeft_fast.analyze",
         description="Singular-value spectrum of last-layer features: pretrained vs PT-PEFT checkpoints.",
     )
-    p.add_argument("--model", required=True, help="Hugging Face model directory or id (loaded offline if cached)")
+    p.add_argument("--model", required=True,
+                   help="a local model folder or a built-in model (smollm2-135m, minilm-l6); nothing is downloaded")
     p.add_argument("--checkpoints", nargs="*", default=[], help="directories written by ptpeft_fast.save")
     p.add_argument("--names", nargs="*", default=None, help="labels for the pretrained model and each checkpoint")
     p.add_argument("--data", required=True, help=".jsonl (input_ids or text per record) or .txt (one text per line)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--tokenizer", default=None, help="tokenizer for text data (default: --model)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (or built-in name) for text data "
+                                                     "(default: --model)")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     p.add_argument("--max-samples", type=int, default=None, help="use at most this many samples")
     p.add_argument("--max-length", type=int, default=512, help="truncate samples to this many tokens")
@@ -88,7 +90,9 @@ def read_samples(path: str | Path, *, tokenizer_name: str | None, text_field: st
             raise ValueError("text data needs a tokenizer (--tokenizer)")
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(tokenizer_name)
+        from .models import model_folder
+
+        tok = AutoTokenizer.from_pretrained(model_folder(tokenizer_name), local_files_only=True)
         encoded = iter(tok(texts, add_special_tokens=True)["input_ids"])
         records = [next(encoded) if isinstance(r, str) else r for r in records]
     samples = [list(r)[:max_length] for r in records]
@@ -116,13 +120,13 @@ def make_batches(samples: list[list[int]], batch_size: int, pad_id: int = 0) -> 
     return batches
 
 
-def _load_model(name: str, dtype: torch.dtype, device: str):
+def _load_model(folder: str, dtype: torch.dtype, device: str):
     import transformers
 
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     except ValueError:  # not a causal LM (encoder, vision-language...): the bare model
-        model = transformers.AutoModel.from_pretrained(name, dtype=dtype)
+        model = transformers.AutoModel.from_pretrained(folder, dtype=dtype, local_files_only=True)
     return model.to(device).eval()
 
 
@@ -162,15 +166,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"--checkpoints: {ckpt} is not a directory written by ptpeft_fast.save "
                              "(no ptpeft_config.json)")
     names = _names(args)
+    from .models import model_folder
+
+    try:  # built-in names and local folders only: nothing of ours reaches for the network
+        folder = model_folder(args.model)
+    except (FileNotFoundError, ModuleNotFoundError) as e:
+        raise SystemExit(f"error: --model: {e}") from None
     dtype = getattr(torch, args.dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    samples = read_samples(args.data, tokenizer_name=args.tokenizer or args.model, text_field=args.text_field,
+    samples = read_samples(args.data, tokenizer_name=args.tokenizer or folder, text_field=args.text_field,
                            max_samples=args.max_samples, max_length=args.max_length)
     stats = {}
     for name, ckpt in zip(names, [None, *args.checkpoints], strict=True):
-        model = _load_model(args.model, dtype, args.device)
+        model = _load_model(folder, dtype, args.device)
         if ckpt is not None:
             ptpeft_fast.load(model, ckpt)  # patches the fresh model with the saved config, then loads
             model.to(args.device)

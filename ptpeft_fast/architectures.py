@@ -14,6 +14,8 @@ from typing import Any
 
 from torch import nn
 
+from .config import check_targets
+
 
 @dataclass(frozen=True)
 class Family:
@@ -309,29 +311,76 @@ def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
-def _table_for(config: Any, custom: dict[str, Any] | None) -> dict[str, Component]:
+def _table_for(config: Any, custom: dict[str, Any] | None, model: nn.Module | None = None) -> dict[str, Component]:
     if custom:
         return {"language": Component(roots=("",), family=family_from_targets(custom))}
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:
-        raise ValueError(
-            f"model_type {model_type!r} is not in ptpeft_fast's architecture table; supported: "
-            f"{', '.join(supported_model_types())}. For another model whose attention goes through "
-            "transformers' AttentionInterface, pass the targets by hand, e.g. PTPeftConfig(targets="
-            "{'layers': r'layers\\.\\d+', 'attention': ['self_attn'], 'lora': ['q_proj', 'v_proj'], "
-            "'attn_out': 'self_attn.o_proj', 'ffn_in': 'mlp', 'ffn_out': 'mlp'})"
-        )
+        raise ValueError(_not_in_table(model_type, model))
     return ARCHITECTURES[model_type]
+
+
+def _not_in_table(model_type: str | None, model: nn.Module | None) -> str:
+    """Why a model the table lacks was refused, and the targets to pass, read off the model itself."""
+    head = (f"model_type {model_type!r} is not in ptpeft_fast's architecture table (supported: "
+            f"{', '.join(supported_model_types())})")
+    found = suggest_targets(model) if model is not None else None
+    if found is None:
+        return (f"{head}; pass the targets by hand: PTPeftConfig(targets={{'layers': <regex of the blocks>, "
+                "'attention': [<attention module inside a block>], 'lora': [<linear layers>]}})")
+    targets, attention = found
+    if routes_through_attention_interface(attention):
+        return (f"{head}. Its attention ({type(attention).__name__}) goes through transformers' AttentionInterface, "
+                f"so it can take a prefix: pass targets read off this model, PTPeftConfig(targets={targets!r})")
+    return (f"{head}, and its attention ({type(attention).__name__}) does not go through transformers' "
+            "AttentionInterface, so it cannot take a prefix: LoRA and adapters only, "
+            f"PTPeftConfig(prefix=None, targets={targets!r})")
+
+
+def suggest_targets(model: nn.Module) -> tuple[dict[str, Any], nn.Module] | None:
+    """Hand-given ``targets`` read off a model's module names, and its first attention module.
+
+    The blocks are the longest list of same-class modules; in the first block, the attention is the
+    first module whose class name says so, its linear layers are the LoRA targets, and a child
+    named or typed as an MLP is the feed-forward block. None when no such structure is found.
+    """
+    lists = [(n, m) for n, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1]
+    if not lists:
+        return None
+    path, blocks = max(lists, key=lambda item: len(item[1]))
+    block = blocks[0]
+    rel, attention = next(((r, m) for r, m in block.named_modules() if r and "attention" in type(m).__name__.lower()),
+                          (None, None))
+    if attention is None:
+        return None
+    linear = sorted({r.rsplit(".", 1)[-1] for r, m in attention.named_modules()
+                     if r and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")})
+    targets: dict[str, Any] = {"layers": re.escape(path) + r"\.\d+", "attention": [rel], "lora": linear}
+    ffn = next((r for r, m in block.named_children() if r in ("mlp", "feed_forward", "ffn")
+                or type(m).__name__.lower().endswith("mlp")), None)
+    if ffn is not None:
+        targets["ffn_in"] = targets["ffn_out"] = ffn
+    return targets, attention
+
+
+def routes_through_attention_interface(attention: nn.Module) -> bool:
+    """Whether an attention module's code dispatches through transformers' ``AttentionInterface``
+    (read from its module's source, as transformers itself decides ``set_attn_implementation``)."""
+    import inspect
+    import sys
+
+    try:
+        source = inspect.getsource(sys.modules[type(attention).__module__])
+    except (KeyError, OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in source
 
 
 def family_from_targets(t: dict[str, Any]) -> Family:
     """A :class:`Family` from hand-given target names (for models the table lacks)."""
-    allowed = {"layers", "attention", "lora", "attn_out", "ffn_in", "ffn_out"}
-    unknown = set(t) - allowed
-    if unknown:
-        raise ValueError(f"targets: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
-    if "layers" not in t or "attention" not in t:
-        raise ValueError("targets needs at least 'layers' (regex of the blocks) and 'attention' (paths inside a block)")
+    t = check_targets(t)
+
     def as_tuple(v):
         return (v,) if isinstance(v, str) else tuple(v)
 
@@ -349,7 +398,7 @@ def resolve_components(model: nn.Module, names: tuple[str, ...],
                        custom: dict[str, Any] | None = None) -> list[ResolvedComponent]:
     """Find the components ``names`` in ``model``; raise ``ValueError`` naming what is missing."""
     config = getattr(model, "config", None)
-    table = _table_for(config, custom)
+    table = _table_for(config, custom, model)
     modules = dict(model.named_modules())
     out: list[ResolvedComponent] = []
     for name in names:

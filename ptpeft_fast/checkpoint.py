@@ -14,7 +14,7 @@ from .atomic_files import atomic_write_bytes
 from .config import PTPeftConfig, check_version
 from .patch_state import get_state
 from .patching import patch, unpatch
-from .stages import parameter_groups
+from .stages import STAGES, mark_trainable, parameter_groups, set_stage
 from .version import __version__
 
 WEIGHTS_NAME = "ptpeft.safetensors"
@@ -138,8 +138,14 @@ def _show(v: Any) -> str:
     return repr(list(v)) if isinstance(v, tuple) else repr(v)
 
 
-def load(model: nn.Module, path: str | os.PathLike, reconfigure: bool = False) -> nn.Module:
-    """Load a checkpoint written by :func:`save` into ``model`` and return it.
+def load(model: nn.Module, path: str | os.PathLike, reconfigure: bool = False,
+         stage: str | None = "eval") -> nn.Module:
+    """Load a checkpoint written by :func:`save` into ``model`` and return it, ready for ``stage``.
+
+    By default the model comes back for inference, as ``PeftModel.from_pretrained`` gives it: stage
+    ``"eval"`` (eval mode, nothing trainable, dropout off). To go on training pass the stage
+    (``stage="peft"``) or call :func:`ptpeft_fast.set_stage` afterwards; ``stage=None`` leaves the
+    stage as it was (a patched model you set up yourself; a fresh model: what ``patch`` sets).
 
     An unpatched model is patched with the saved config first. A patched model must have been
     patched with a config that gives the same outputs (LoRA ``r``/``alpha``/targets, the prefix's
@@ -153,6 +159,8 @@ def load(model: nn.Module, path: str | os.PathLike, reconfigure: bool = False) -
     from safetensors import SafetensorError
     from safetensors.torch import load as st_load
 
+    if stage is not None and stage not in STAGES:
+        raise ValueError(f"load(stage={stage!r}): not one of {STAGES} (or None to keep the model's stage)")
     path = Path(path)
     meta = read_meta(path)
     weights = path / WEIGHTS_NAME
@@ -177,11 +185,9 @@ def load(model: nn.Module, path: str | os.PathLike, reconfigure: bool = False) -
         snapshot = _pre_patch_snapshot(model)
         patch(model, saved_config)
         try:
-            from .stages import mark_trainable
-
             if meta.get("extra_trainable"):
                 mark_trainable(model, *meta["extra_trainable"])
-            return _load_into(model, path, meta, tensors)
+            return _ready(_load_into(model, path, meta, tensors), stage)
         except BaseException:
             _rollback_patch(model, snapshot)  # do not leave a half-loaded, patched model behind
             raise
@@ -191,14 +197,21 @@ def load(model: nn.Module, path: str | os.PathLike, reconfigure: bool = False) -
                          + ". Patch the model with the checkpoint's config (or load into an unpatched model), or "
                          "pass reconfigure=True to rebuild its PT-PEFT modules from the checkpoint")
     if differences:
+        keep = get_state(model).stage if stage is None else stage
         unpatch(model)
-        return load(model, path)  # patched with the saved config, like any unpatched model
+        return load(model, path, stage=keep)  # patched with the saved config, like any unpatched model
     if saved_config.prefix is not None and saved_config.prefix.reparam == "none" \
             and get_state(model).config.prefix is not None and get_state(model).config.prefix.reparam != "none":
         from .merging import merge_prefixes
 
         merge_prefixes(model)  # the checkpoint holds merged (static) prefixes
-    return _load_into(model, path, meta, tensors)
+    return _ready(_load_into(model, path, meta, tensors), stage)
+
+
+def _ready(model: nn.Module, stage: str | None) -> nn.Module:
+    if stage is not None:
+        set_stage(model, stage)
+    return model
 
 
 def _pre_patch_snapshot(model: nn.Module) -> dict[str, Any]:

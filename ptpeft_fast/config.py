@@ -155,14 +155,21 @@ _SECTIONS = {"prefix": PrefixConfig, "lora": LoraConfig, "adapter": AdapterConfi
 
 @dataclass
 class PTPeftConfig:
-    """Everything ``ptpeft_fast.patch`` needs. Sections set to ``None`` are off.
+    r"""Everything ``ptpeft_fast.patch`` needs. Sections set to ``None`` are off.
 
     ``freeze_prefix`` keeps the prefix fixed in stage 2 (the paper trains it: default False).
     ``backend``: ``"auto"`` (each op's dispatch table chooses), or one implementation name
     (``"torch"``: the reference everywhere; ``"triton"``; ...) that every op which has it runs while
     the others choose as usual (``ptpeft_fast.ops.backend_names()`` lists them).
     ``targets`` overrides the architecture table for models it does not list:
-    ``{"attention": regex, "lora": [names], "ffn_in": name, "ffn_out": name, "attn_out": name}``.
+    ``{"layers": regex of the blocks, "attention": [paths in a block], "lora": [names],
+    "attn_out": path, "ffn_in": path, "ffn_out": path}`` (``layers`` and ``attention`` required),
+    for example ``{"layers": r"transformer\.h\.\d+", "attention": ["self_attention"],
+    "lora": ["query_key_value"]}``; ``patch`` on a model the table lacks suggests one from the
+    model's own module names.
+
+    A section may be given as a mapping (``prefix={"num_tokens": 10}``): it is converted to its
+    section class here, with the same checks as :meth:`from_dict`.
     """
 
     prefix: PrefixConfig | None = field(default_factory=PrefixConfig)
@@ -173,14 +180,14 @@ class PTPeftConfig:
     targets: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        for name in _SECTIONS:
+            setattr(self, name, _section(name, getattr(self, name)))
         if not isinstance(self.freeze_prefix, bool):
             raise ValueError(f"freeze_prefix must be true or false, got {self.freeze_prefix!r}")
         from .ops import backend_names
 
         self.backend = _choice(self.backend, "backend", backend_names())
-        if self.targets is not None and not isinstance(self.targets, dict):
-            raise ValueError("targets must be a mapping such as "
-                             "{'attention': r'layers\\.\\d+\\.attn$', 'lora': ['qkv']}")
+        self.targets = check_targets(self.targets)
         if self.prefix is None and self.lora is None and self.adapter is None:
             raise ValueError("all of prefix, lora and adapter are None: nothing to patch; enable at least one section")
 
@@ -197,24 +204,7 @@ class PTPeftConfig:
         unknown = set(d) - allowed
         if unknown:
             raise ValueError(f"unknown config key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
-        kwargs: dict[str, Any] = {}
-        for name, section_cls in _SECTIONS.items():
-            if name not in d:
-                continue
-            value = d.pop(name)
-            if value is None or isinstance(value, section_cls):
-                kwargs[name] = value
-                continue
-            if not isinstance(value, dict):
-                raise ValueError(f"{name} must be a mapping or null, got {value!r}")
-            section_allowed = {f.name for f in dataclasses.fields(section_cls)}
-            bad = set(value) - section_allowed
-            if bad:
-                raise ValueError(f"unknown key(s) {sorted(f'{name}.{k}' for k in bad)}; "
-                                 f"allowed in {name}: {sorted(section_allowed)}")
-            kwargs[name] = section_cls(**value)
-        kwargs.update(d)
-        return cls(**kwargs)
+        return cls(**d)  # sections given as mappings are converted (and checked) by __post_init__
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"version": CONFIG_VERSION}
@@ -242,6 +232,41 @@ class PTPeftConfig:
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+
+def _section(name: str, value: Any) -> Any:
+    """A config section as its class: None (off), an instance, or a mapping of its fields."""
+    section_cls = _SECTIONS[name]
+    if value is None or isinstance(value, section_cls):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a {section_cls.__name__}, a mapping of its fields or None, got {value!r}")
+    allowed = {f.name for f in dataclasses.fields(section_cls)}
+    bad = set(value) - allowed
+    if bad:
+        raise ValueError(f"unknown key(s) {sorted(f'{name}.{k}' for k in bad)}; allowed in {name}: {sorted(allowed)}")
+    return section_cls(**value)
+
+
+#: Keys of hand-given ``targets`` (models the architecture table lacks).
+TARGET_KEYS = ("layers", "attention", "lora", "attn_out", "ffn_in", "ffn_out")
+
+
+def check_targets(targets: Any) -> dict[str, Any] | None:
+    """Hand-given ``targets`` checked: a mapping of :data:`TARGET_KEYS` with ``layers`` and ``attention``."""
+    if targets is None:
+        return None
+    example = ("{'layers': r'transformer\\.h\\.\\d+', 'attention': ['self_attention'], "
+               "'lora': ['query_key_value']}")
+    if not isinstance(targets, dict):
+        raise ValueError(f"targets must be a mapping such as {example}, got {targets!r}")
+    unknown = set(targets) - set(TARGET_KEYS)
+    if unknown:
+        raise ValueError(f"targets: unknown key(s) {sorted(unknown)}; allowed: {list(TARGET_KEYS)}")
+    if "layers" not in targets or "attention" not in targets:
+        raise ValueError("targets needs 'layers' (a regex of the model's blocks) and 'attention' (module paths inside "
+                         f"a block), e.g. {example}")
+    return dict(targets)
 
 
 def check_version(d: Any, path: Any) -> None:

@@ -10,7 +10,7 @@ import warnings
 import torch
 from torch import nn
 
-from . import attention, ops
+from . import attention, ops, optimizer_guard
 from .architectures import ResolvedComponent, attention_geometry, iter_in_scope, resolve_components
 from .config import PTPeftConfig
 from .patch_state import PatchState, get_state
@@ -77,9 +77,48 @@ def patch(model: nn.Module, config: PTPeftConfig | dict | None = None) -> nn.Mod
                 with contextlib.suppress(Exception):
                     set_attention_implementation(model, state.previous_attn_implementation, state.prefix_layers)
             raise
+    check = _mask_check(model)
+    if check is not None:
+        state.hooks.append(check)
     model._ptpeft = state
     set_stage(model, "prefix" if state.prefix_layers else "peft")
+    optimizer_guard.watch(model)
     return model
+
+
+def _mask_check(model: nn.Module):
+    """Refuse an ``attention_mask`` that does not fit the tokens (another batch size or length) at the
+    model's forward, with the fix, before any layer runs: inside the model it surfaced as a raw
+    "size of tensor a (13) must match ..." or a shape error of the attention op."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
+    if "attention_mask" not in signature.parameters:
+        return None
+
+    def hook(_module, args, kwargs):
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        mask = bound.get("attention_mask")
+        tokens = bound.get("input_ids")
+        if tokens is None:
+            tokens = bound.get("inputs_embeds")
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or not isinstance(tokens, torch.Tensor) \
+                or tokens.dim() < 2:
+            return None
+        cached = bound.get("past_key_values") is not None or bound.get("cache") is not None
+        # with a KV cache (decode steps) the mask also covers the cached tokens: at least as long
+        fits = mask.shape[0] == tokens.shape[0] and (
+            mask.shape[1] >= tokens.shape[1] if cached else mask.shape[1] == tokens.shape[1])
+        if not fits:
+            name = "input_ids" if bound.get("input_ids") is not None else "inputs_embeds"
+            raise ValueError(
+                f"attention_mask has shape {list(mask.shape)} but {name} has {list(tokens.shape[:2])} (batch, tokens): "
+                "the mask needs one entry per token of each row (1 = real token, 0 = padding); build both in one "
+                "tokenizer call, e.g. tokenizer(texts, padding=True, return_tensors='pt')")
+        return None
+
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def set_attention_implementation(model: nn.Module, name: str, attention_paths=()) -> None:
@@ -119,6 +158,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     if state.prefix_layers:
         set_attention_implementation(model, state.previous_attn_implementation or "sdpa", state.prefix_layers)
     del model._ptpeft
+    optimizer_guard.unwatch(model)
     return model
 
 
@@ -262,6 +302,15 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+_OURS = (LayerPrefix, GlobalPrefixMLP, LoraWeights, BottleneckAdapter)
+
+
+def _inside_ours(block: nn.Module) -> set[int]:
+    """ids of the modules of ``block`` that belong to PT-PEFT modules already added (a prefix's MLP):
+    never LoRA targets, never listed as the model's layers."""
+    return {id(m) for mod in block.modules() if isinstance(mod, _OURS) for m in mod.modules()}
+
+
 def _add_lora(model, config: PTPeftConfig, state: PatchState, modules) -> None:
     lc = config.lora
     # names the user gave (lora.targets, or a hand-given targets["lora"]): each must match something
@@ -276,8 +325,9 @@ def _add_lora(model, config: PTPeftConfig, state: PatchState, modules) -> None:
         if comp.family is not None:
             targets = targets or comp.family.lora
             for bname, block in comp.blocks:
+                ours = _inside_ours(block)
                 for rel, m in iter_in_scope(block, comp.family):
-                    if not _is_linear(m):
+                    if not _is_linear(m) or id(m) in ours:
                         continue
                     linear_names.add(rel.split(".")[-1])
                     hits = [t for t in targets if _matches(rel, (t,))]
@@ -286,7 +336,7 @@ def _add_lora(model, config: PTPeftConfig, state: PatchState, modules) -> None:
                         found.append((f"{bname}.{rel}", m))
         if not found:
             names = sorted({rel.split(".")[-1] for _, b in comp.blocks
-                            for rel, m in b.named_modules() if _is_linear(m)})
+                            for rel, m in b.named_modules() if _is_linear(m) and id(m) not in _inside_ours(b)})
             raise ValueError(f"lora.targets {list(targets or ())} match no linear layer in component {comp.name!r}; "
                              f"its linear layers are named: {names}")
         for path, layer in found:

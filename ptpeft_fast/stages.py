@@ -63,6 +63,7 @@ def set_stage(model: nn.Module, stage: str) -> nn.Module:
     for prefix in state.prefix_layers.values():
         prefix._cache = None  # a stage change may follow updates the cache key cannot see (FSDP re-gathers in place)
     state.stage = stage
+    state.stage_version += 1
     return model
 
 
@@ -79,11 +80,22 @@ def mark_trainable(model: nn.Module, *module_names: str) -> None:
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, int]:
-    """Number of trainable parameters per group (prefix, lora, adapter, extra, base) and ``total``."""
+    """Number of parameters that train in the current stage (``requires_grad``), per group (prefix,
+    lora, adapter, extra, base) and ``total``. A model in stage ``"eval"`` (what :func:`ptpeft_fast.load`
+    returns) trains nothing, so every count is 0; :func:`present_parameters` counts what it holds."""
+    return _count(model, trainable_only=True)
+
+
+def present_parameters(model: nn.Module) -> dict[str, int]:
+    """Number of parameters the model holds, whatever the stage, per group and ``total``."""
+    return _count(model, trainable_only=False)
+
+
+def _count(model: nn.Module, trainable_only: bool) -> dict[str, int]:
     counts = {g: 0 for g in GROUPS}
     groups = parameter_groups(model)
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad or not trainable_only:
             counts[groups[name]] += p.numel()
     counts["total"] = sum(counts[g] for g in GROUPS)
     return counts

@@ -93,6 +93,11 @@ def test_every_lora_target_that_matches_nothing_is_named(tmp_path):
         pf.patch(model, {"lora": {"targets": ["q_proj", "v_prj", "k_prj"]}})
     msg = str(e.value)
     assert "['v_prj', 'k_prj']" in msg and "'v_proj'" in msg and "'q_proj'" in msg.split("named:")[1]
+    assert "mlp_in" not in msg and "mlp_out" not in msg  # our prefix's MLP is not one of the model's layers
+    _unpatched(model, before)
+    with pytest.raises(ValueError, match="its linear layers are named") as e:
+        pf.patch(model, {"lora": {"targets": ["qq"]}})  # nothing matches at all
+    assert "'o_proj'" in str(e.value) and "mlp_in" not in str(e.value)
     _unpatched(model, before)
 
 
@@ -104,7 +109,7 @@ def test_every_lora_target_that_matches_nothing_is_named(tmp_path):
     ({"prefix": {"num_tokens": "8"}}, None, "prefix.num_tokens"),
     ({"version": 99}, None, "newer than this ptpeft_fast"),
     ({"version": "1"}, None, "version must be a positive integer"),
-    ({"prefix": [1]}, None, "prefix must be a mapping"),
+    ({"prefix": [1]}, None, "prefix must be a PrefixConfig, a mapping of its fields or None"),
 ])
 def test_wrong_config_types_name_the_key(section, value, key):
     with pytest.raises(ValueError) as e:
@@ -251,3 +256,60 @@ def test_unpatch_restores_the_plain_model(tmp_path):
     pf.unpatch(model)
     assert [n for n, _ in model.named_parameters()] == names and not hasattr(model, "_ptpeft")
     assert torch.allclose(_logits(model, IDS), ref, atol=1e-5)
+
+
+def test_sections_given_to_the_constructor_as_mappings_are_converted_or_refused(tmp_path):
+    cfg = PTPeftConfig(prefix={"num_tokens": 10}, lora={"r": 4})
+    assert isinstance(cfg.prefix, pf.PrefixConfig) and cfg.prefix.num_tokens == 10 and cfg.lora.r == 4
+    pf.patch(tiny.llama(tmp_path), cfg)  # the AttributeError of issue 31 is gone
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['prefix.num_token'\]"):
+        PTPeftConfig(prefix={"num_token": 10})
+    with pytest.raises(ValueError, match="targets needs 'layers'.*'attention'"):
+        PTPeftConfig(targets={"attention": r"layers\.\d+", "lora": ["q_proj"]})  # the form the old docstring showed
+
+
+def test_an_attention_mask_that_does_not_fit_the_tokens_is_refused_with_the_fix(tmp_path):
+    model = pf.patch(tiny.llama(tmp_path), {"prefix": {"num_tokens": 3}, "lora": {"r": 2}}).eval()
+    ids = torch.randint(3, tiny.VOCAB, (2, 13))
+    with pytest.raises(ValueError, match=r"attention_mask has shape \[2, 10\] but input_ids has \[2, 13\].*tokenizer"):
+        model(ids, attention_mask=torch.ones(2, 10, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"attention_mask has shape \[3, 13\] but input_ids has \[2, 13\]"):
+        model(ids, attention_mask=torch.ones(3, 13, dtype=torch.long))
+    # generate (a KV cache: the mask covers cached and new tokens) is unaffected
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[1, :4] = 0
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 16)
+
+
+@pytest.mark.parametrize("family", ["falcon", "bloom"])
+def test_a_model_the_table_lacks_is_told_apart_and_given_targets_that_fit_it(family):
+    """One message says whether the attention can take a prefix, with targets read off the model
+    itself; those targets patch the model as they are (issue 31: a Llama-shaped example was given)."""
+    from transformers import BloomConfig, BloomForCausalLM, FalconConfig, FalconForCausalLM
+
+    from ptpeft_fast.architectures import routes_through_attention_interface, suggest_targets
+
+    def build():
+        torch.manual_seed(0)
+        if family == "falcon":
+            return FalconForCausalLM(FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                  num_attention_heads=4, new_decoder_architecture=False))
+        return BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4))
+
+    model = build()
+    targets, attention = suggest_targets(model)
+    assert targets["layers"] == r"transformer\.h\.\d+" and targets["attention"] == ["self_attention"]
+    assert set(targets["lora"]) == {"query_key_value", "dense"} and "prefix_" not in repr(targets)
+    with pytest.raises(ValueError) as e:
+        pf.patch(model)
+    msg = str(e.value)
+    assert f"model_type {family!r} is not in ptpeft_fast's architecture table" in msg and repr(targets) in msg
+    assert "\n" not in msg and "q_proj" not in msg
+    if routes_through_attention_interface(attention):  # Falcon on transformers >= 5.25
+        assert "so it can take a prefix" in msg
+        pf.patch(build(), pf.PTPeftConfig(targets=targets))
+    else:
+        assert "cannot take a prefix: LoRA and adapters only" in msg
+        patched = pf.patch(build(), pf.PTPeftConfig(prefix=None, targets=targets))
+        assert len(patched._ptpeft.lora_layers) == 4

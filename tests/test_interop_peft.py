@@ -177,9 +177,18 @@ def test_prefix_to_peft_identical_outputs_and_clear_refusals(tmp_path):
     ids, mask = batch(5, pad="right")
     assert_close(real(logits(pm, ids, mask), mask), real(logits(ours, ids, mask), mask))
 
-    keep = pf.patch(load(), pf.PTPeftConfig(prefix=pf.PrefixConfig(num_tokens=2, reparam="none"), lora=None))
-    with pytest.raises(PeftInteropError, match="positions='keep'"):
-        to_peft(keep, tmp_path / "b")
+    # positions="keep" (the default) on a RoPE model: the keys are rotated by P on export, and PEFT's
+    # forward equals ours on unpadded and right-padded rows (PEFT numbers a left-padded row from its pad)
+    keep = pf.patch(load(), pf.PTPeftConfig(prefix=pf.PrefixConfig(num_tokens=3, reparam="none", init_std=0.5),
+                                            lora=None)).eval()
+    pm = PeftModel.from_pretrained(load(), to_peft(keep, tmp_path / "b")).eval()
+    assert_close(real(logits(pm, ids, mask), mask), real(logits(keep, ids, mask), mask))
+    unpadded = ids[:1, : int(mask[0].sum())]
+    assert_close(pm(input_ids=unpadded).logits, keep(input_ids=unpadded).logits)
+    # learned absolute positions cannot be converted: refused at export, with the fix
+    learned = pf.patch(load("gpt2"), pf.PTPeftConfig(prefix=pf.PrefixConfig(num_tokens=2, reparam="none"), lora=None))
+    with pytest.raises(PeftInteropError, match="positions='keep'.*not rotary.*positions='shift'"):
+        to_peft(learned, tmp_path / "b2")
 
     mlp = pf.patch(load(), pf.PTPeftConfig(prefix=pf.PrefixConfig(num_tokens=2, hidden_size=8, positions="shift"),
                                            lora=None))
@@ -196,7 +205,8 @@ def test_prefix_to_peft_identical_outputs_and_clear_refusals(tmp_path):
 def test_to_peft_refuses_ambiguous_or_merged(tmp_path):
     both = pf.patch(load(), pf.PTPeftConfig(prefix=pf.PrefixConfig(num_tokens=2, reparam="none", positions="shift"),
                                             lora=pf.LoraConfig(r=2)))
-    with pytest.raises(PeftInteropError, match="adapter='lora' or adapter='prefix'"):
+    with pytest.raises(PeftInteropError,
+                       match="PEFT cannot run together.*save_merged.*adapter='lora' or adapter='prefix'"):
         to_peft(both, tmp_path)
     with pytest.warns(UserWarning, match="not in the PEFT"):
         to_peft(both, tmp_path / "lora", adapter="lora")

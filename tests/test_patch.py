@@ -208,6 +208,33 @@ def test_save_load_roundtrip_and_mismatch_messages(tmp_path):
         pf.load(tiny.llama(tmp_path), tmp_path / "nothing")
 
 
+def test_load_returns_an_inference_model_unless_asked_for_a_stage(tmp_path):
+    """Like PeftModel.from_pretrained: eval mode, nothing trainable, dropout off, so two forwards agree
+    (with dropout 0.1 in the saved config they differed by up to 1.36 in the logits)."""
+    model = tiny.llama(tmp_path)
+    cfg = {"prefix": {"num_tokens": 3, "dropout": 0.1}, "lora": {"r": 4, "dropout": 0.1}}
+    pf.patch(model, cfg)
+    randomise_peft(model)
+    pf.save(model, tmp_path / "ck")
+    ids = _ids()
+
+    fresh = pf.load(tiny.llama(tmp_path), tmp_path / "ck")
+    assert not fresh.training and fresh._ptpeft.stage == "eval"
+    assert pf.trainable_parameters(fresh)["total"] == 0
+    assert pf.present_parameters(fresh)["lora"] == pf.present_parameters(model)["lora"] > 0
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, fresh(ids).logits)
+
+    going_on = pf.load(tiny.llama(tmp_path), tmp_path / "ck", stage="peft")
+    assert going_on.training and pf.trainable_parameters(going_on)["lora"] > 0
+    patched = pf.patch(tiny.llama(tmp_path), cfg)
+    pf.set_stage(patched, "peft")
+    pf.load(patched, tmp_path / "ck", stage=None)  # keeps the stage it had
+    assert patched._ptpeft.stage == "peft" and patched.training
+    with pytest.raises(ValueError, match=r"load\(stage='train'\): not one of"):
+        pf.load(tiny.llama(tmp_path), tmp_path / "ck", stage="train")
+
+
 def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
     model = tiny.llama(tmp_path)
     pf.patch(model, {"prefix": {"num_tokens": 2}, "lora": None})

@@ -277,3 +277,63 @@ def test_two_stage_cli_run_of_the_preset_loss_falls_in_each_stage(loaded, tmp_pa
         losses = [r["loss"] for r in rows if r.get("event") == "train" and r.get("stage") == stage]
         assert len(losses) == 3 and losses[-1] < losses[0], (stage, losses)
     assert any(r.get("event") == "eval" for r in rows)
+
+
+# ------------------------------------------------------------------ the two-stage workflow (issue 31)
+class _Signatures(torch.utils.data.Dataset):
+    def __init__(self, tok):
+        enc = tok(["def urljoin(base, url, allow_fragments=True):", "def gcd(a, b):", "def isqrt(n):",
+                   "def dumps(obj, *, indent=None):"], padding="max_length", max_length=16, truncation=True,
+                  return_tensors="pt")
+        self.ids, self.mask = enc["input_ids"], enc["attention_mask"]
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        labels = self.ids[i].masked_fill(self.mask[i] == 0, -100)
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": labels}
+
+
+def _trainer_args(tmp_path):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
+                             report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True,
+                             dataloader_num_workers=0, seed=0)
+
+
+def test_one_trainer_for_both_stages_trains_every_lora_tensor(loaded, base, tmp_path):
+    """On the real weights: with StageCallback every one of the 120 lora_B tensors trains in stage 2
+    (0 of 120 did with the stage-1 optimizer kept); without it the second stage stops with the fix."""
+    from transformers import Trainer
+
+    _, tok = loaded
+    model = pf.patch(base, {"prefix": {"num_tokens": 4}, "lora": {"r": 4}})
+    trainer = Trainer(model=model, args=_trainer_args(tmp_path), train_dataset=_Signatures(tok),
+                      callbacks=[pf.StageCallback()])
+    pf.set_stage(model, "prefix")
+    trainer.train()
+    b = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("lora_B")}
+    assert len(b) == 120
+    pf.set_stage(model, "peft")
+    trainer.train()
+    moved = [n for n, p in model.named_parameters() if n in b and not torch.equal(p, b[n])]
+    assert len(moved) == 120
+
+    plain = Trainer(model=model, args=_trainer_args(tmp_path), train_dataset=_Signatures(tok))
+    pf.set_stage(model, "prefix")
+    plain.train()
+    pf.set_stage(model, "peft")
+    with pytest.raises(pf.StaleOptimizerError, match="StageCallback"):
+        plain.train()
+
+
+def test_a_default_positions_prefix_exports_to_peft_with_the_same_outputs(loaded, base, tmp_path):
+    """positions='keep' (the default): the export rotates the keys by P, and PEFT's forward on
+    unpadded and right-padded rows gives our logits."""
+    _, tok = loaded
+    ours = pf.patch(base, {"prefix": {"num_tokens": 8, "reparam": "none", "init_std": 0.5}, "lora": None}).eval()
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(loaded[0]), pf.to_peft(ours, tmp_path / "p")).eval()
+    ids, mask = _batch(tok, "right")
+    assert rel_err(real(logits(theirs, ids, mask), mask), real(logits(ours, ids, mask), mask)) <= 1e-5

@@ -92,3 +92,118 @@ def test_accelerate_prepare_trains_only_ptpeft_parameters():
         assert changed["base"] is False and changed["prefix"] and changed["lora"]
     finally:
         AcceleratorState._reset_state(True)
+
+
+# ------------------------------------------------------------ one Trainer for both stages (issue 31)
+def _args(tmp_path, steps: int = 3):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
+                             learning_rate=1e-2, weight_decay=0.01, report_to=[], save_strategy="no",
+                             logging_strategy="no", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0)
+
+
+def _lora_b(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("lora_B")}
+
+
+def test_one_trainer_with_stage_callback_trains_lora_in_stage_two(tmp_path):
+    from transformers import Trainer
+
+    model = _patched("prefix")
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=TinyLM(), callbacks=[pf.StageCallback()])
+    trainer.train()
+    stage1_optimizer = trainer.optimizer
+    b = _lora_b(model)
+    assert b and all(torch.equal(v, torch.zeros_like(v)) for v in b.values())  # stage 1 left LoRA at its init
+    pf.set_stage(model, "peft")
+    before = _snapshot(model)
+    trainer.train()
+    assert trainer.optimizer is stage1_optimizer  # the same object the Trainer holds, rebuilt inside
+    changed = {n for n, v in _lora_b(model).items() if not torch.equal(v, b[n])}
+    assert changed == set(b), f"{len(b) - len(changed)} of {len(b)} lora_B tensors did not train"
+    groups = _changed_groups(model, before)
+    assert groups["lora"] and groups["prefix"] and not groups["base"]
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    held = {id(p) for g in inner.param_groups for p in g["params"]}
+    assert held == {id(p) for p in model.parameters() if p.requires_grad}
+    assert [g["weight_decay"] for g in inner.param_groups] == [0.01, 0.0]  # the Trainer's own split
+
+
+def test_one_trainer_without_the_callback_stops_with_the_fix(tmp_path):
+    from transformers import Trainer
+
+    model = _patched("prefix")
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=TinyLM())
+    trainer.train()
+    pf.set_stage(model, "peft")
+    with pytest.raises(pf.StaleOptimizerError, match=r"lora_[AB].*StageCallback"):
+        trainer.train()
+
+
+def test_a_trainer_built_before_set_stage_but_not_yet_trained_trains_the_new_stage(tmp_path):
+    """The real rule: the Trainer builds its optimizer at its first train(), not at construction."""
+    from transformers import Trainer
+
+    model = _patched("prefix")
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=TinyLM())
+    pf.set_stage(model, "peft")
+    b = _lora_b(model)
+    trainer.train()
+    assert all(not torch.equal(v, b[n]) for n, v in _lora_b(model).items())
+
+
+def test_a_plain_loop_that_kept_its_stage_one_optimizer_is_stopped():
+    model = _patched("prefix")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = TinyLM()[0]["input_ids"][None]
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    step()
+    pf.set_stage(model, "peft")
+    step()  # the first step after the change is allowed: a second optimizer may hold the rest
+    with pytest.raises(pf.StaleOptimizerError, match="set_stage"):
+        step()
+    # a new optimizer after set_stage is fine, and so is going on in the same stage
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        step()
+
+
+def test_a_deliberate_split_over_two_optimizers_passes():
+    model = _patched("peft")
+    groups = parameter_groups(model)
+    prefix = [p for n, p in model.named_parameters() if p.requires_grad and groups[n] == "prefix"]
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and groups[n] == "lora"]
+    opts = [torch.optim.SGD(prefix, lr=1e-2), torch.optim.SGD(lora, lr=1e-2)]
+    ids = TinyLM()[0]["input_ids"][None]
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        for o in opts:
+            o.step()
+            o.zero_grad()
+
+
+def test_an_optimizer_of_an_earlier_stage_does_not_cover_the_new_one():
+    """Only optimizers that step after the stage change count towards what trains."""
+    model = _patched("peft")
+    ids = TinyLM()[0]["input_ids"][None]
+    stage2 = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)  # holds LoRA too
+    model(input_ids=ids, labels=ids).loss.backward()
+    stage2.step()
+    pf.set_stage(model, "prefix")
+    stage1 = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        stage1.step()
+        stage1.zero_grad()
+    pf.set_stage(model, "peft")
+    with pytest.raises(pf.StaleOptimizerError):
+        for _ in range(2):
+            model(input_ids=ids, labels=ids).loss.backward()
+            stage1.step()
+            stage1.zero_grad()

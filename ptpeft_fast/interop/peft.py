@@ -447,7 +447,9 @@ def to_peft(model: nn.Module, out_dir: str | os.PathLike, *, adapter: str = "aut
 
     Raises:
         PeftInteropError: when PEFT cannot represent the export exactly, with the reason:
-            merged LoRA, prefix with ``positions="keep"``, a reparameterised prefix without
+            merged LoRA, a ``positions="keep"`` prefix on a model without rotary positions (a RoPE
+            model's prefix keys are rotated by P on export, which makes PEFT's outputs equal ours),
+            a reparameterised prefix without
             ``static_prefix=True``, a prefix outside a decoder-only language model or not on
             every layer, bottleneck adapters, or ``adapter="auto"`` with several kinds present.
     """
@@ -458,10 +460,13 @@ def to_peft(model: nn.Module, out_dir: str | os.PathLike, *, adapter: str = "aut
         if has["adapter"]:
             raise PeftInteropError("to_peft: the model has bottleneck adapters, which PEFT's LoRA/prefix formats "
                                    "cannot hold; pass adapter='lora' or adapter='prefix' to export only that part")
-        if len(kinds) != 1:
-            raise PeftInteropError(f"to_peft: the model has {' and '.join(kinds) or 'neither LoRA nor a prefix'}; a "
-                                   "PEFT adapter holds one method (PEFT cannot combine prefix tuning and LoRA in one "
-                                   "model): pass adapter='lora' or adapter='prefix'")
+        if len(kinds) == 2:
+            raise PeftInteropError("to_peft: the model has a prefix and LoRA (PT-LoRA), which PEFT cannot run together "
+                                   "in one model: export the whole model for plain transformers with "
+                                   "ptpeft_fast.save_merged(model, out_dir), or one part with adapter='lora' or "
+                                   "adapter='prefix' (the other part is then not in PEFT's outputs)")
+        if not kinds:
+            raise PeftInteropError("to_peft: the model has neither LoRA nor a prefix to export")
         adapter = kinds[0]
     if adapter not in ("lora", "prefix"):
         raise ValueError(f"to_peft: adapter={adapter!r}; choose 'auto', 'lora' or 'prefix'")
@@ -547,10 +552,12 @@ def _export_prefix(model: nn.Module, state, static_prefix: bool) -> tuple[dict[s
         raise PeftInteropError("to_peft: prefix export supports causal (decoder-only) language models; PEFT feeds the "
                                "prefix as a KV cache, which non-causal encoders do not take")
     comp = resolve_components(model, ("language",), state.config.targets)[0]
-    if pc.positions != "shift" and comp.family is not None and comp.family.positions is not None:
-        raise PeftInteropError("to_peft: the prefix uses positions='keep' (real tokens at 0..L-1), but PEFT feeds the "
-                               "prefix as a KV cache, which shifts real tokens to P..P+L-1; PEFT's outputs would "
-                               "differ. Train with PrefixConfig(positions='shift') to export to PEFT")
+    rotary = _rotary_module(model, comp) if pc.positions == "keep" else None
+    if pc.positions == "keep" and rotary is None:
+        raise PeftInteropError("to_peft: the prefix uses positions='keep' (real tokens at 0..L-1) on a model whose "
+                               "positions are not rotary (learned or unknown), but PEFT feeds the prefix as a KV "
+                               "cache, which shifts real tokens to P..P+L-1, so PEFT's outputs would differ. Train "
+                               "with PrefixConfig(positions='shift') to export this model's prefix to PEFT")
     if pc.reparam != "none" or any(p.reparam != "none" for _, p in prefixes):
         if not static_prefix:
             raise PeftInteropError(f"to_peft: the prefix is reparameterised (reparam={pc.reparam!r}); a PEFT "
@@ -567,6 +574,8 @@ def _export_prefix(model: nn.Module, state, static_prefix: bool) -> tuple[dict[s
         raise PeftInteropError(f"to_peft: PEFT will size the prefix by {peft_heads} key/value heads but this model's "
                                f"layers have {hkv}")
     ks, vs = static_kv(prefixes)
+    if rotary is not None:
+        ks = [_rotate_by(rotary, k, P) for k in ks]
     kv = torch.stack([torch.stack(ks), torch.stack(vs)], dim=1)  # [layers, 2, Hkv, P, D]
     emb = kv.permute(3, 0, 1, 2, 4).reshape(P, len(prefixes) * 2 * hkv * d)
     cfg = {
@@ -585,6 +594,36 @@ def _export_prefix(model: nn.Module, state, static_prefix: bool) -> tuple[dict[s
         raise PeftInteropError("to_peft: cannot tell PEFT the head geometry of this model (hidden_size != "
                                "heads·head_dim)")
     return cfg, {"prompt_embeddings": emb.float()}
+
+
+def _rotary_module(model: nn.Module, comp) -> nn.Module | None:
+    """The language model's rotary embedding (``rotary_emb``), or None when it has none."""
+    prefix = comp.root + "." if comp.root else ""
+    found = [m for n, m in model.named_modules() if n.startswith(prefix) and n.rsplit(".", 1)[-1] == "rotary_emb"]
+    return found[0] if len(found) == 1 else None
+
+
+@torch.no_grad()
+def _rotate_by(rotary: nn.Module, k: torch.Tensor, offset: int) -> torch.Tensor:
+    """Prefix keys ``[Hkv, P, D]`` rotated by position ``offset``: the keys PEFT needs for a
+    ``positions="keep"`` prefix.
+
+    Our prefix keys are never rotated and real tokens sit at 0..L-1, so a query at t scores a
+    prefix key as ``(R_t q)·k``; PEFT places real tokens at P+t, giving ``(R_(P+t) q)·k'``. RoPE
+    rotations compose (``R_(P+t) = R_t R_P``), so ``k' = R_P k`` gives every score, hence every
+    output, unchanged; real-token keys move by the same P as the queries, which RoPE cancels.
+    Uses the model's own rotary module (its frequencies and scaling) and the half-split rotation
+    of Llama-style RoPE.
+    """
+    cos, sin = rotary(k, torch.full((1, 1), offset, dtype=torch.long, device=k.device))
+    cos, sin = cos[0, 0].to(k.dtype), sin[0, 0].to(k.dtype)
+    if cos.shape[-1] != k.shape[-1]:
+        raise PeftInteropError(f"to_peft: the rotary embedding covers {cos.shape[-1]} of {k.shape[-1]} head "
+                               "dimensions (partial RoPE); a positions='keep' prefix cannot be converted: train with "
+                               "PrefixConfig(positions='shift') to export to PEFT")
+    half = k.shape[-1] // 2
+    rotated_half = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
+    return k * cos + rotated_half * sin
 
 
 @torch.no_grad()

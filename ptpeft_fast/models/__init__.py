@@ -12,7 +12,33 @@ import torch
 from .tiny_blip2 import build_processor, build_tiny_blip2, build_tokenizer
 
 __all__ = ["build_tiny_blip2", "build_tokenizer", "build_processor", "load_local_model", "load_processor",
-           "without_video", "MMCollator", "render_prompt", "has_image_input"]
+           "without_video", "MMCollator", "render_prompt", "has_image_input", "BUILTIN_FOLDERS", "model_folder"]
+
+#: Built-in model names that are a folder on this machine (from an installed wheel); ``tiny-blip2``
+#: is built in code by the training CLI.
+BUILTIN_FOLDERS = ("smollm2-135m", "minilm-l6")
+
+
+def model_folder(name: str) -> str:
+    """The local folder of model ``name``: a built-in name (:data:`BUILTIN_FOLDERS`) or a folder path.
+
+    Nothing is downloaded: a name that is neither raises ``FileNotFoundError`` saying so (a Hugging
+    Face hub id is not fetched; download it yourself and pass its folder).
+    """
+    if name == "smollm2-135m":
+        from .smollm2 import smollm2_path
+
+        return str(smollm2_path())
+    if name == "minilm-l6":
+        from .minilm import minilm_path
+
+        return str(minilm_path())
+    path = os.path.expanduser(name)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model {name!r} is neither a built-in model ({', '.join(BUILTIN_FOLDERS)}) nor a "
+                                "local model folder; nothing is downloaded: fetch it yourself (e.g. huggingface-cli "
+                                "download) and pass its folder")
+    return path
 
 
 @functools.cache

@@ -75,7 +75,7 @@ def load_stage_checkpoint(out: str, stage: str, model: torch.nn.Module, patched:
         raise DamagedState(f"{out}: {stage} is marked done but {what}: restore it, or start the run again "
                            "in a new output folder")
     if patched and os.path.exists(os.path.join(path, "ptpeft_config.json")):
-        load(model, path)
+        load(model, path, stage=None)  # the run sets each phase's stage itself
     full = os.path.join(path, FULL_MODEL)
     if os.path.exists(full):
         sd = read_tensors(full)

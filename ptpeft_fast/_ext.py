@@ -33,8 +33,9 @@ from pathlib import Path
 import torch
 
 from ._sources import source_dir
+from .cache import cache_dir
 
-__all__ = ["CPU_VARIANTS", "csrc_dir", "cache_dir", "load_ext", "ext_error", "has_kernel", "executable_variants",
+__all__ = ["CPU_VARIANTS", "csrc_dir", "load_ext", "ext_error", "has_kernel", "executable_variants",
            "requested_variant", "loaded_variant", "compile_variant", "missing_cpu_flags", "ISA_ENV",
            "build_name"]
 
@@ -63,16 +64,6 @@ STALE_LOCK_S = 900  # a build lock older than this is left over from a killed bu
 def csrc_dir() -> Path | None:
     """Directory holding the C++/CUDA sources: inside the installed package, else the repo's ``csrc/``."""
     return source_dir("csrc", _CPU_SOURCES[0])
-
-
-def cache_dir() -> Path:
-    """Root of the build cache for compiled extensions."""
-    root = os.environ.get("PTPEFT_FAST_CACHE")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "ptpeft_fast"
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:

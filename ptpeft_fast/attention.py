@@ -78,14 +78,15 @@ def ptpeft_attention_forward(
                                       **kwargs)
     prefix_k, prefix_v = layer_prefix.kv(query.dtype)
     backend = getattr(module, "_ptpeft_backend", "auto")
-    if kwargs.get("position_bias") is None and (dropout == 0.0 or not module.training):
-        out = ops.prefix_decode_step(query, key, value, prefix_k, prefix_v, attention_mask, scaling, backend)
-        if out is not None:  # a decode step: one C++ call, no argument checks in Python
-            return out.transpose(1, 2).contiguous(), None
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = bool(getattr(module, "is_causal", False))
     L, S = query.shape[2], key.shape[2]
+    if kwargs.get("position_bias") is None and (dropout == 0.0 or not module.training):
+        out = ops.prefix_decode_step(query, key, value, prefix_k, prefix_v, attention_mask, scaling, backend,
+                                     causal=bool(is_causal and attention_mask is None and L > 1))
+        if out is not None:  # a decode step: one C++ call, no argument checks in Python
+            return out.transpose(1, 2).contiguous(), None
     mask = attention_mask
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:

@@ -12,9 +12,11 @@ from torch import nn
 
 from .atomic_files import atomic_write_bytes
 from .config import PTPeftConfig, check_version
+from .merging import merge_prefixes
 from .patch_state import get_state
 from .patching import patch, unpatch
 from .stages import STAGES, mark_trainable, parameter_groups, set_stage
+from .tuners.lora import lora_of, merge_lora, unmerge_lora
 from .version import __version__
 
 WEIGHTS_NAME = "ptpeft.safetensors"
@@ -191,19 +193,18 @@ def load(model: nn.Module, path: str | os.PathLike, reconfigure: bool = False,
         except BaseException:
             _rollback_patch(model, snapshot)  # do not leave a half-loaded, patched model behind
             raise
-    differences = config_differences(saved_config, get_state(model).config)
+    state = get_state(model)
+    differences = config_differences(saved_config, state.config)
     if differences and not reconfigure:
         raise ValueError(f"checkpoint {path} was saved with another config than this model's: " + "; ".join(differences)
                          + ". Patch the model with the checkpoint's config (or load into an unpatched model), or "
                          "pass reconfigure=True to rebuild its PT-PEFT modules from the checkpoint")
     if differences:
-        keep = get_state(model).stage if stage is None else stage
+        keep = state.stage if stage is None else stage
         unpatch(model)
         return load(model, path, stage=keep)  # patched with the saved config, like any unpatched model
     if saved_config.prefix is not None and saved_config.prefix.reparam == "none" \
-            and get_state(model).config.prefix is not None and get_state(model).config.prefix.reparam != "none":
-        from .merging import merge_prefixes
-
+            and state.config.prefix is not None and state.config.prefix.reparam != "none":
         merge_prefixes(model)  # the checkpoint holds merged (static) prefixes
     return _ready(_load_into(model, path, meta, tensors), stage)
 
@@ -242,8 +243,6 @@ def _load_into(model: nn.Module, path: Path, meta: dict[str, Any], tensors: dict
             raise ValueError(f"tensor {name}: checkpoint shape {tuple(t.shape)} "
                              f"!= model shape {tuple(own[name].shape)} "
                              "(was the checkpoint saved from a model of another size or architecture?)")
-    from .tuners.lora import lora_of, merge_lora, unmerge_lora
-
     # LoRA factors are kept after a merge, so a checkpoint is the same whether its model was merged;
     # a merged model's base weights hold its own B·A: take that out, load, fold the new one in
     merged = [layer for layer in get_state(model).lora_layers.values() if lora_of(layer).merged]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .ops.adapter import ACTIVATIONS
+from .op_names import ACTIVATIONS, BACKENDS
 
 COMPONENTS = ("language", "vision", "qformer", "projector", "encoder", "decoder", "cross")
 REPARAMS = ("mlp", "mlp-global", "none")
@@ -184,9 +184,7 @@ class PTPeftConfig:
             setattr(self, name, _section(name, getattr(self, name)))
         if not isinstance(self.freeze_prefix, bool):
             raise ValueError(f"freeze_prefix must be true or false, got {self.freeze_prefix!r}")
-        from .ops import backend_names
-
-        self.backend = _choice(self.backend, "backend", backend_names())
+        self.backend = _choice(self.backend, "backend", BACKENDS)
         self.targets = check_targets(self.targets)
         if self.prefix is None and self.lora is None and self.adapter is None:
             raise ValueError("all of prefix, lora and adapter are None: nothing to patch; enable at least one section")

@@ -16,7 +16,7 @@ from .config import PTPeftConfig
 from .patch_state import PatchState, get_state
 from .stages import set_stage
 from .tuners.adapter import BottleneckAdapter, hook_parallel, hook_sequential
-from .tuners.lora import LoraWeights, attach_lora, features, is_conv1d
+from .tuners.lora import LoraWeights, attach_lora, features, is_conv1d, unmerge_lora
 from .tuners.prefix import GlobalPrefixMLP, LayerPrefix
 
 
@@ -150,8 +150,6 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Remove every PT-PEFT module from a patched ``model`` (merged LoRA is subtracted from the base
     weights first) and restore its attention implementation; returns the plain model."""
     state = get_state(model)
-    from .tuners.lora import unmerge_lora
-
     for layer in state.lora_layers.values():
         unmerge_lora(layer)
     _undo(model, state)

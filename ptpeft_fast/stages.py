@@ -5,7 +5,7 @@ from torch import nn
 
 from .patch_state import GROUPS, get_state
 from .tuners.adapter import BottleneckAdapter
-from .tuners.lora import LoraWeights
+from .tuners.lora import LoraWeights, lora_of
 from .tuners.prefix import GlobalPrefixMLP, LayerPrefix
 
 STAGES = ("prefix", "peft", "full", "eval")
@@ -43,8 +43,6 @@ def set_stage(model: nn.Module, stage: str) -> nn.Module:
         raise ValueError(f"stage={stage!r} is not one of {STAGES}")
     state = get_state(model)
     if stage in ("peft", "full") and state.lora_layers:
-        from .tuners.lora import lora_of
-
         if any(lora_of(layer).merged for layer in state.lora_layers.values()):
             raise ValueError(f"set_stage(model, {stage!r}): the LoRA update is merged into the base weights "
                              "(ptpeft_fast.merge), so its factors would get no gradient; call "

@@ -3,9 +3,9 @@ cannot reduce to key ranges (so ``auto`` never fails on CUDA for a valid mask); 
 asked for by name that cannot run a call says why."""
 import pytest
 import torch
+from _oracles import prefix_attention_reference
 
 from ptpeft_fast import ops
-from ptpeft_fast.ops._reference import prefix_attention_reference
 
 pytest.importorskip("triton")
 

@@ -1,11 +1,12 @@
 """Every CPU variant of the C++ extension is built and tested on every host.
 
-The extension's sources compile to an ``avx512`` variant and a portable ``avx2`` one (the same ops,
-different code; the LoRA factor-gradient op is chosen automatically only in the first); users' CPUs
-decide which runs. This process tests the variant of its host (the whole suite); here, every *other* variant
-is built and, where this CPU can execute it, the op tests run again in a subprocess with
-``PTPEFT_FAST_CPU_ISA=<variant>``. A variant this CPU cannot execute is compiled (not loaded)
-and reported as skipped with the reason, in the summary.
+The extension's sources compile to an ``avx512`` variant, an ``avx2`` one and a ``generic`` one (the
+compiler's baseline, for CPUs with neither; the same ops, different code; the LoRA factor-gradient
+op is chosen automatically only in the first); users' CPUs decide which runs. This process tests
+the variant of its host (the whole suite); here, every *other* variant is built and, where this CPU
+can execute it, the op tests run again in a subprocess with ``PTPEFT_FAST_CPU_ISA=<variant>``. A
+variant this CPU cannot execute is compiled (not loaded) and reported as skipped with the reason,
+in the summary.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import pytest
 from ptpeft_fast import _ext
 
 ROOT = Path(__file__).resolve().parents[1]
-CROSS_TESTED = ("avx512", "avx2")
+CROSS_TESTED = ("avx512", "avx2", "generic")
 # The tests that reach the extension's ops directly, each against the float64 reference.
 OP_TESTS = ["tests/test_ops_prefix_attention.py", "tests/test_ops_lora_linear.py", "tests/test_ops_adapter.py",
             "tests/test_spectrum_op.py", "tests/test_fuzz_ops.py", "tests/test_backend_fallback.py",

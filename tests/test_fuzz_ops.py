@@ -9,18 +9,20 @@ returns wrong numbers, NaN or a wrong shape.
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from ptpeft_fast import ops
-from ptpeft_fast.ops._reference import (
+from _oracles import (
     adapter_reference,
     lora_linear_reference,
     prefix_attention_reference,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ptpeft_fast import ops
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 GRAD_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
@@ -226,7 +228,7 @@ def test_prefix_attention_zero_head_dim():
 _EMPTY_SEQ_SCRIPT = r"""
 import torch
 from ptpeft_fast import ops
-from ptpeft_fast.ops._reference import prefix_attention_reference as ref
+from _oracles import prefix_attention_reference as ref
 for L, S in ((0, 3), (3, 0)):
     for causal in (False, True):
         q, k = torch.randn(1, 2, L, 8, dtype=torch.float64), torch.randn(1, 1, S, 8, dtype=torch.float64)
@@ -243,7 +245,10 @@ def test_prefix_attention_empty_sequence_does_not_crash():
     import sys
 
     # in a subprocess: the bug was a SIGFPE in ATen's kernel, which would take the test runner down
-    proc = subprocess.run([sys.executable, "-c", _EMPTY_SEQ_SCRIPT], capture_output=True, text=True, timeout=120)
+    here = Path(__file__).resolve().parent  # the oracle is test code (tests/_oracles.py)
+    path = os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.run([sys.executable, "-c", _EMPTY_SEQ_SCRIPT], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": path})
     assert proc.returncode == 0 and "no crash" in proc.stdout, (proc.returncode, proc.stderr[-500:])
 
 

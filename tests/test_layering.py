@@ -1,6 +1,9 @@
 """The package's import graph: no cycles, and no private name imported from another module (a
 helper another module needs is public where it lives). Read from the source with ``ast``, imports
-inside functions included, so a lazy import cannot hide a cycle."""
+inside functions included, so a lazy import cannot hide a cycle.
+
+Also one place per decision (issue 35): the run folder's file names only in ``train/run_folder.py``,
+the config importing no op, and the library importing nothing from the training application."""
 import ast
 from pathlib import Path
 
@@ -91,4 +94,59 @@ def test_the_checker_sees_a_cycle_and_a_private_import():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     graph = _graph()
     assert "ptpeft_fast.patch_state" in graph["ptpeft_fast.stages"][0]  # lazy and top-level imports are both read
-    assert "ptpeft_fast.train.checkpointing" in graph["ptpeft_fast.train.cli"][0]
+    assert "ptpeft_fast.train.loop" in graph["ptpeft_fast.train.cli"][0]
+
+
+def _reachable(graph, start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()][0]:
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def test_config_imports_no_op():
+    """Checking a config registers no op: the activations and backend names are data (op_names)."""
+    graph = _graph()
+    ops = sorted(m for m in _reachable(graph, "ptpeft_fast.config") if m.startswith("ptpeft_fast.ops"))
+    assert not ops, f"ptpeft_fast.config reaches {ops}"
+
+
+def test_the_library_imports_nothing_from_the_training_application():
+    def within(module: str, *packages: str) -> bool:
+        return any(module == p or module.startswith(p + ".") for p in packages)
+
+    application = ("ptpeft_fast.train", "ptpeft_fast.data", "ptpeft_fast.metrics", "ptpeft_fast.analyze")
+    bad = [f"{n} imports {e}" for n, (edges, _) in _graph().items() if not within(n, *application)
+           for e in edges if within(e, "ptpeft_fast.train")]
+    assert not bad, bad
+
+
+def _strings(tree: ast.AST) -> list[str]:
+    """String constants that are not docstrings (f-string parts included)."""
+    docs = {id(node.body[0].value) for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body
+            and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            and id(n) not in docs]
+
+
+def test_the_run_folder_file_names_live_in_one_module():
+    from ptpeft_fast.train import run_folder
+
+    names = {run_folder.CONFIG, run_folder.PROGRESS, run_folder.METRICS, run_folder.RESULTS, run_folder.SPECTRUM,
+             run_folder.PREDICTIONS,
+             run_folder.CHECKPOINTS, run_folder.STATE, run_folder.MANIFEST, run_folder.FULL_MODEL,
+             run_folder.TRAINABLE, "trainer.json", "trainer.safetensors", "trainer.pt"}
+    own = PACKAGE / "train" / "run_folder.py"
+    # analyze.py writes its own report folder (spectrum.png, summary.*), not a run folder
+    bad = []
+    for path in PACKAGE.rglob("*.py"):
+        if path in (own, PACKAGE / "analyze.py"):
+            continue
+        for value in _strings(ast.parse(path.read_text())):
+            if any(value == n or value.endswith("/" + n) for n in names):
+                bad.append(f"{path.relative_to(PACKAGE)}: {value!r}")
+    assert not bad, bad

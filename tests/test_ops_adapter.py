@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _oracles import adapter_reference
 
 from ptpeft_fast.ops import adapter, explain, use_backend
-from ptpeft_fast.ops._reference import adapter_reference
 
 CPU_IMPLS = ("blocked_cpp", "fused", "torch")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _oracles import lora_linear_reference
 
 from ptpeft_fast.ops import explain, lora_linear, use_backend
-from ptpeft_fast.ops._reference import lora_linear_reference
 
 CPU_IMPLS = ("merged_cpp", "merged", "separate", "torch")
 

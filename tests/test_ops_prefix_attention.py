@@ -10,10 +10,10 @@ import math
 
 import pytest
 import torch
+from _oracles import prefix_attention_reference
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ptpeft_fast.ops import explain, prefix_attention, use_backend
-from ptpeft_fast.ops._reference import prefix_attention_reference
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}
 CPU_IMPLS = ("block_cpp", "lse_merge", "chunked", "torch")
@@ -662,15 +662,15 @@ def test_decode_step_entry_matches_reference(case):
 
 
 def test_decode_step_entry_declines_what_it_does_not_cover():
-    """None (the caller runs prefix_attention) for several queries, autograd, a batch prefix,
-    a 2-D mask, a forced or named backend."""
+    """None (the caller runs prefix_attention) for more queries than the table's decode entry
+    takes, autograd, a batch prefix, a 2-D mask, a forced or named backend."""
     from ptpeft_fast.ops import prefix_decode_step, use_backend
 
     q, k, v, pk, pv, _ = _inputs(2, 4, 2, 1, 9, 3, 16)
     with torch.no_grad():
         assert prefix_decode_step(q, k, v, pk, pv, None, None) is not None
-        q2, k2, v2, _, _, _ = _inputs(2, 4, 2, 2, 9, 3, 16)
-        assert prefix_decode_step(q2, k2, v2, pk, pv, None, None) is None  # L = 2
+        q9, k9, v9, _, _, _ = _inputs(2, 4, 2, 9, 9, 3, 16)
+        assert prefix_decode_step(q9, k9, v9, pk, pv, None, None) is None  # L = 9 > DECODE_MAX_QUERIES
         assert prefix_decode_step(q, k, v, pk.expand(2, *pk.shape), pv.expand(2, *pv.shape), None, None) is None
         assert prefix_decode_step(q, k, v, pk, pv, torch.ones(1, 9, dtype=torch.bool), None) is None
         assert prefix_decode_step(q, k, v, pk, pv, None, None, backend="torch") is None
@@ -841,4 +841,23 @@ def test_decode_step_masked_keys_weigh_exactly_zero():
         out = prefix_decode_step(q, k, v, pk, pv, mask, None)
     assert out is not None
     ref = prefix_attention_reference(*(t.double() for t in (q, k, v, pk, pv)), causal=False, attn_mask=mask)
+    assert _rel(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("L,causal", [(2, True), (5, True), (8, True), (4, False)])
+def test_decode_step_entry_takes_what_the_table_takes(L, causal):
+    """Several queries per row (assisted generation's drafts), as many as the table's decode_cpp
+    entry allows: the same result as the float64 reference, bottom-right causal or not."""
+    from ptpeft_fast import _ext
+    from ptpeft_fast.ops import explain, prefix_attention, prefix_decode_step
+    from ptpeft_fast.ops.prefix_attention import DECODE_MAX_QUERIES
+
+    assert _ext.load_ext(), _ext.ext_error()
+    assert L <= DECODE_MAX_QUERIES
+    q, k, v, pk, pv, _ = _inputs(2, 4, 2, L, 11, 3, 16)
+    with torch.no_grad():
+        out = prefix_decode_step(q, k, v, pk, pv, None, None, causal=causal)
+        assert explain(prefix_attention, q, k, v, pk, pv, causal=causal).chosen == "decode_cpp"
+    assert out is not None
+    ref = prefix_attention_reference(*(t.double() for t in (q, k, v, pk, pv)), causal=causal)
     assert _rel(out, ref) <= 1e-5

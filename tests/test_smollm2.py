@@ -329,11 +329,15 @@ def test_one_trainer_for_both_stages_trains_every_lora_tensor(loaded, base, tmp_
         plain.train()
 
 
-def test_a_default_positions_prefix_exports_to_peft_with_the_same_outputs(loaded, base, tmp_path):
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_default_positions_prefix_exports_to_peft_with_the_same_outputs(loaded, base, tmp_path, seed):
     """positions='keep' (the default): the export rotates the keys by P, and PEFT's forward on
-    unpadded and right-padded rows gives our logits."""
+    right-padded rows gives our logits. Not to 1e-5 in fp32: PEFT rotates each query by P + t
+    where ours rotates it by t (and the keys once by P), two roundings of the same product that 30
+    layers amplify; measured 1.1e-6 to 1.2e-5 over seeds, against 0.2 to 0.86 without the rotation."""
     _, tok = loaded
+    torch.manual_seed(seed)
     ours = pf.patch(base, {"prefix": {"num_tokens": 8, "reparam": "none", "init_std": 0.5}, "lora": None}).eval()
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(loaded[0]), pf.to_peft(ours, tmp_path / "p")).eval()
     ids, mask = _batch(tok, "right")
-    assert rel_err(real(logits(theirs, ids, mask), mask), real(logits(ours, ids, mask), mask)) <= 1e-5
+    assert rel_err(real(logits(theirs, ids, mask), mask), real(logits(ours, ids, mask), mask)) <= 3e-5

@@ -13,11 +13,12 @@ import torch
 
 pytest.importorskip("triton")
 
+from _oracles import lora_linear_reference  # noqa: E402
+
 from ptpeft_fast.ops import (
     lora_linear,  # noqa: E402
     triton_ops,  # noqa: E402
 )
-from ptpeft_fast.ops._reference import lora_linear_reference  # noqa: E402
 
 from triton_test_utils import DEVICE, TOL, dev, fast_interpreter, needs_triton_device, rel_err, triton_lora_linear  # noqa: E402,F401
 

@@ -14,11 +14,12 @@ import torch
 
 pytest.importorskip("triton")
 
+from _oracles import prefix_attention_reference  # noqa: E402
+
 from ptpeft_fast.ops import (
     prefix_attention,  # noqa: E402
     triton_ops,  # noqa: E402
 )
-from ptpeft_fast.ops._reference import prefix_attention_reference  # noqa: E402
 
 from triton_test_utils import (  # noqa: E402,F401
     DEVICE,

@@ -616,14 +616,15 @@ def _rotate_by(rotary: nn.Module, k: torch.Tensor, offset: int) -> torch.Tensor:
     of Llama-style RoPE.
     """
     cos, sin = rotary(k, torch.full((1, 1), offset, dtype=torch.long, device=k.device))
-    cos, sin = cos[0, 0].to(k.dtype), sin[0, 0].to(k.dtype)
+    cos, sin = cos[0, 0].double(), sin[0, 0].double()  # rotate in float64: one rounding, at the end
     if cos.shape[-1] != k.shape[-1]:
         raise PeftInteropError(f"to_peft: the rotary embedding covers {cos.shape[-1]} of {k.shape[-1]} head "
                                "dimensions (partial RoPE); a positions='keep' prefix cannot be converted: train with "
                                "PrefixConfig(positions='shift') to export to PEFT")
     half = k.shape[-1] // 2
-    rotated_half = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
-    return k * cos + rotated_half * sin
+    k64 = k.double()
+    rotated_half = torch.cat([-k64[..., half:], k64[..., :half]], dim=-1)
+    return (k64 * cos + rotated_half * sin).to(k.dtype)
 
 
 @torch.no_grad()

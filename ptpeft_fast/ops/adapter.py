@@ -38,6 +38,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from ..op_names import ACTIVATIONS
 from . import availability as avail
 from . import dispatch
 from ._autocast import in_autocast_dtype
@@ -45,7 +46,6 @@ from ._checks import check_dtype_device
 
 __all__ = ["adapter", "ACTIVATIONS", "TABLE", "AdapterCall"]
 
-ACTIVATIONS = ("relu", "gelu", "silu")
 
 _first = dispatch.first_reason
 

@@ -18,6 +18,8 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
+from ..op_names import IMPLEMENTATIONS
+
 __all__ = ["BackendUnsupported", "Impl", "Table", "Explanation", "use_backend", "forced_backend", "explain",
            "register", "backend_names", "backend_for", "first_reason"]
 
@@ -88,6 +90,9 @@ class Table:
         names = [i.name for i in impls]
         if names[-1] != "torch" or len(set(names)) != len(names):
             raise ValueError(f"{op}: a table ends with 'torch' and names each implementation once, got {names}")
+        unknown = [n for n in names if n not in IMPLEMENTATIONS]
+        if unknown:  # the config checks backends against that list without importing the ops
+            raise ValueError(f"{op}: implementation name(s) {unknown} are not in ptpeft_fast.op_names.IMPLEMENTATIONS")
         self.op = op
         self.impls = tuple(impls)
         self._by_name = {i.name: i for i in impls}

@@ -438,21 +438,23 @@ def prefix_decode_step(
     attn_mask: Optional[torch.Tensor],
     scale: Optional[float],
     backend: str = "auto",
+    causal: bool = False,
 ) -> Optional[torch.Tensor]:
-    """One decode step through ``decode_cpp``, or None where the table would not choose it (the
-    caller then runs :func:`prefix_attention`).
+    """A decode step (up to :data:`DECODE_MAX_QUERIES` queries per row: one token, or a draft's
+    few in assisted generation) through ``decode_cpp``, or None where the table would not choose it
+    (the caller then runs :func:`prefix_attention`).
 
     The entry of the patched attention function for ``generate``: its tensors come from
     transformers' attention layer, so :func:`prefix_attention`'s Python argument checks (≈ 60 µs per
     layer and step, as much as the op itself at decode sizes) are left to the op's own checks. Same
-    result as :func:`prefix_attention` with ``causal=False``; ``attn_mask`` bool or additive, 4-D.
+    result as :func:`prefix_attention` with the same ``causal``; ``attn_mask`` bool or additive, 4-D.
     """
-    if q.dim() != 4 or k.dim() != 4 or prefix_k.dim() != 3 or q.shape[2] != 1:
+    if q.dim() != 4 or k.dim() != 4 or prefix_k.dim() != 3:
         return None
     if attn_mask is not None and attn_mask.dim() != 4:
         return None
-    call = _call(q, k, v, prefix_k, prefix_v, attn_mask=attn_mask)
+    call = _call(q, k, v, prefix_k, prefix_v, causal=causal, attn_mask=attn_mask)
     if TABLE.requested(backend) not in ("auto", "decode_cpp") or _decode_applies(call) is not None:
         return None
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
-    return _decode_op(q, k, v, prefix_k, prefix_v, attn_mask, False, scale)
+    return _decode_op(q, k, v, prefix_k, prefix_v, attn_mask, bool(causal) and q.shape[2] > 1, scale)

@@ -1,5 +1,6 @@
-"""Run-folder files: atomic writes, atomically written folders with a checksum list, and the
-mid-stage trainer state (safetensors + JSON, never a pickle). Shared by every kind of run."""
+"""Atomic folders: written beside their final name and renamed into place, with a ``COMPLETE``
+file listing the SHA-256 of every file; and the checks that find the complete copy to read.
+(The file names of a run folder are in :mod:`.run_folder`.)"""
 from __future__ import annotations
 
 import json
@@ -7,57 +8,10 @@ import os
 import shutil
 from typing import Callable
 
-import torch
-
 from ..atomic_files import atomic_write_text, sha256_file, temporary_name
+from .run_folder import MANIFEST
 
-MANIFEST = "COMPLETE"  # written last into an atomically written folder: the SHA-256 of every file
-
-__all__ = ["DamagedState", "STATE_FORMAT", "MANIFEST", "read_tensors", "read_state", "atomic_dir", "folder_damage",
-           "complete_dir", "folder_copies", "cache_dir"]
-
-
-class DamagedState(Exception):
-    """A run folder's saved state cannot be used; the message names the file and the fix."""
-
-
-STATE_FORMAT = 2  # 1: trainer.pt (a pickle; read only with weights_only=True), 2: trainer.json + .safetensors
-
-
-def read_tensors(path: str) -> dict[str, torch.Tensor]:
-    """A safetensors file, or :class:`DamagedState` naming it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    try:
-        return load_file(path)
-    except (OSError, SafetensorError, ValueError) as e:
-        raise DamagedState(f"{path} cannot be read ({type(e).__name__}: {e})") from None
-
-
-def read_state(path: str) -> dict:
-    """The trainer state of one state folder; never unpickles anything but plain data."""
-    from ..state_files import StateFormatError, decode
-    meta_path = os.path.join(path, "trainer.json")
-    if not os.path.exists(meta_path):
-        legacy = os.path.join(path, "trainer.pt")
-        if not os.path.exists(legacy):
-            raise DamagedState(f"{path} holds no trainer.json")
-        import pickle
-        try:  # written by an older ptpeft_fast: plain tensors and numbers, so weights_only suffices
-            return torch.load(legacy, weights_only=True)
-        except pickle.UnpicklingError:
-            raise DamagedState(f"{legacy} holds objects other than tensors and numbers; it was not loaded, since "
-                               "unpickling them could run code") from None
-        except Exception as e:
-            first = str(e).splitlines()[0][:200] if str(e) else ""
-            raise DamagedState(f"{legacy} cannot be read ({type(e).__name__}: {first})") from None
-    try:
-        meta = json.loads(open(meta_path, encoding="utf-8").read())
-        tensors = read_tensors(os.path.join(path, "trainer.safetensors"))
-        state = decode(meta["state"], tensors)
-        return {"stage": str(meta["stage"]), "step": int(meta["step"]), "fsdp": bool(meta.get("fsdp")), **state}
-    except (OSError, ValueError, KeyError, TypeError, StateFormatError) as e:
-        raise DamagedState(f"{path}'s trainer state cannot be read ({type(e).__name__}: {e})") from None
+__all__ = ["atomic_dir", "folder_damage", "complete_dir", "folder_copies"]
 
 
 def atomic_dir(final: str, write: Callable[[str], None], keep_previous: bool = False) -> None:
@@ -127,11 +81,3 @@ def complete_dir(final: str) -> str | None:
 def folder_copies(final: str) -> list[str]:
     """The copies of an atomically written folder that exist, newest first."""
     return [d for d in (final, f"{final}.old", f"{final}.prev") if os.path.isdir(d)]
-
-
-def cache_dir() -> str:
-    """Where built-in assets (the pre-trained tiny-blip2) are cached."""
-    d = os.environ.get("PTPEFT_FAST_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ptpeft_fast")
-    os.makedirs(d, exist_ok=True)
-    return d

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+from . import run_folder
 from .config import ConfigError, apply_override, dump_config, load_config, validate
 
 __all__ = ["main", "build_parser"]
@@ -34,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_reporting_stops(run) -> int:
     """Run; an interruption (resumable, exit 130), a non-finite loss (exit 3) or damaged saved state
     (exit 2) is reported on stderr."""
-    from .checkpointing import DamagedState
     from .loop import Interrupted, NonFinite
+    from .run_folder import DamagedState
     try:
         run()
     except Interrupted as e:
@@ -85,11 +86,11 @@ def _not_a_run(path: str) -> str:
     if os.path.isfile(os.path.join(path, "ptpeft_config.json")):
         return (f"a checkpoint written by ptpeft_fast.save, not a run folder: load it with "
                 f"ptpeft_fast.load(model, {path!r})")
-    runs = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "config.yaml")))
+    runs = sorted(d for d in os.listdir(path) if run_folder.is_run(os.path.join(path, d)))
     if runs:
         return (f"a folder of runs ({', '.join(runs)}; the demo writes one per method): resume one with --resume "
                 f"{os.path.join(path, runs[0])}, or rerun the same command with --output {path} to continue them all")
-    return "no config.yaml there (not a ptpeft_fast run folder)"
+    return f"no {run_folder.CONFIG} there (not a ptpeft_fast run folder)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,8 +132,8 @@ def _main(argv: list[str] | None) -> int:
         if args.resume:
             if args.quick:
                 raise ConfigError("--quick goes with --config: a resumed run keeps the settings it started with "
-                                  f"(those in {os.path.join(args.resume, 'config.yaml')}); drop --quick")
-            saved = os.path.join(args.resume, "config.yaml")
+                                  f"(those in {run_folder.config_path(args.resume)}); drop --quick")
+            saved = run_folder.config_path(args.resume)
             if not os.path.exists(saved):
                 raise ConfigError(f"--resume {args.resume}: {_not_a_run(args.resume)}")
             cfg = load_config(saved)
@@ -152,21 +153,16 @@ def _main(argv: list[str] | None) -> int:
         if cfg["experiment"]["methods"]:
             # a multi-run experiment: each run resumes from its own sub-folder, so running the
             # same command again (or --resume DIR) continues where it stopped
-            from ..atomic_files import atomic_write_text
             from .experiment import run_experiment
             os.makedirs(out, exist_ok=True)
-            atomic_write_text(os.path.join(out, "config.yaml"), dump_config(cfg))
+            run_folder.write_config(out, dump_config(cfg))
             return _run_reporting_stops(lambda: run_experiment(cfg, out))
         from .tasks import make_run
-        if not args.resume and os.path.exists(os.path.join(out, "progress.json")) and not cfg["output"]["overwrite"]:
+        if not args.resume and run_folder.has_progress(out) and not cfg["output"]["overwrite"]:
             raise ConfigError(f"output.dir {out!r} already holds a run; use --resume {out} or "
                               "--set output.overwrite=true")
-        if not args.resume and cfg["output"]["overwrite"]:
-            import shutil
-            if int(os.environ.get("RANK", "0")) == 0:
-                for f in ("progress.json", "metrics.jsonl", "state", "checkpoints"):
-                    p = os.path.join(out, f)
-                    shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (os.path.exists(p) and os.remove(p))
+        if not args.resume and cfg["output"]["overwrite"] and int(os.environ.get("RANK", "0")) == 0:
+            run_folder.reset(out)
         return _run_reporting_stops(lambda: make_run(cfg, out, resume=bool(args.resume)).execute())
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

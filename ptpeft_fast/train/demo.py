@@ -13,7 +13,7 @@ import os
 import time
 from typing import Callable
 
-from . import report
+from . import report, run_folder
 from .config import apply_override, validate
 from .evaluation import write_report
 from .pretrain import ensure_tiny_pretrained, recipe_path
@@ -74,7 +74,7 @@ def run_demo(quick: bool = False, out_dir: str | None = None, user_overrides: li
         cfg["output"]["dir"] = sub
         log(f"--- {label} ---")
         t = time.time()
-        run_rows = make_run(cfg, sub, resume=os.path.exists(os.path.join(sub, "progress.json")), log=log).execute()
+        run_rows = make_run(cfg, sub, resume=run_folder.has_progress(sub), log=log).execute()
         final = dict(run_rows[-1])
         final["method"] = {"zero-shot": "zero-shot (pre-trained)", "prefix": "Prefix", "lora": "LoRA",
                            "pt-lora": "PT-LoRA", "adapter": "Adapter", "pt-adapter": "PT-Adapter"}[label]

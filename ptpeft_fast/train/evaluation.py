@@ -2,14 +2,10 @@
 row of a phase, and the report built from the rows."""
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 
-from ..atomic_files import atomic_write_text
 from ..stages import set_stage
-from . import report
+from . import report, run_folder
 from .fsdp import root_unsharded
 from .task import EvalResult, RunContext
 
@@ -80,13 +76,12 @@ def lm_features(run: RunContext, n: int) -> list[torch.Tensor]:
 
 def record_eval(out: str, phase: str, label: str, kind: str, result: EvalResult, trainable: int,
                 seconds: float) -> tuple[dict, str]:
-    """Write ``predictions/<phase>.json``; returns the result row (for ``metrics.jsonl``) and the
-    log line that shows it."""
+    """Write the phase's predictions; returns the result row (for the run's records) and the log
+    line that shows it."""
     row = {"event": "eval", "phase": phase, "method": label,
            "metrics": {k: v for k, v in result.metrics.items() if k != "n"}, "n": result.metrics.get("n"),
            "spectrum": result.spectrum, "trainable": trainable, **result.extra, "seconds": round(seconds, 2)}
-    os.makedirs(os.path.join(out, "predictions"), exist_ok=True)
-    atomic_write_text(os.path.join(out, "predictions", f"{phase}.json"), result.predictions)
+    run_folder.write_predictions(out, phase, result.predictions)
     shown = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                       for k, v in row["metrics"].items() if k in report.metric_names(kind))
     spec = result.spectrum
@@ -96,15 +91,8 @@ def record_eval(out: str, phase: str, label: str, kind: str, result: EvalResult,
 
 
 def eval_rows(out: str, phases: list[str]) -> list[dict]:
-    """The evaluation rows of ``out/metrics.jsonl`` (the latest per phase, in phase order)."""
-    p = os.path.join(out, "metrics.jsonl")
-    by_phase: dict[str, dict] = {}
-    if os.path.exists(p):
-        with open(p, encoding="utf-8") as f:
-            for line in f:
-                rec = json.loads(line)
-                if rec.get("event") == "eval":
-                    by_phase[rec["phase"]] = rec
+    """The evaluation rows of the run's records (the latest per phase, in phase order)."""
+    by_phase = {rec["phase"]: rec for rec in run_folder.read_records(out, "eval")}
     return [by_phase[ph] for ph in phases if ph in by_phase]
 
 
@@ -114,9 +102,8 @@ def write_report(out: str, rows: list[dict], task: str, tau: float, title: str) 
     curves = {r["method"]: r["spectrum"]["curve"] for r in rows if r.get("spectrum")}
     png = None
     if curves:
-        png = report.plot_spectra(curves, os.path.join(out, "spectrum.png"), tau)
+        png = report.plot_spectra(curves, run_folder.spectrum_path(out), tau)
         md += f"\nRemaining-rank ratio: smallest k/K whose cumulative normalised singular-value mass ≥ {tau}; " \
               "effective rank: exp(entropy) of each sample's normalised spectrum, averaged over samples " \
               "(last-layer language features of the evaluation inputs).\n\n![spectrum](spectrum.png)\n"
-    atomic_write_text(os.path.join(out, "results.md"), md)
-    return os.path.join(out, "results.md"), png
+    return run_folder.write_results(out, md), png

@@ -16,7 +16,7 @@ import os
 import time
 from typing import Callable
 
-from . import report
+from . import report, run_folder
 from .config import apply_override, validate
 from .methods import METHODS, SEED_FREE
 
@@ -73,7 +73,7 @@ def run_experiment(base: dict, out: str, log: Callable[[str], None] = print) -> 
                     cfg["output"]["dir"] = sub
                     log(f"--- {'/'.join(parts)} ---")
                     t = time.time()
-                    resume = os.path.exists(os.path.join(sub, "progress.json"))
+                    resume = run_folder.has_progress(sub)
                     run = make_run(cfg, sub, resume=resume, log=log)
                     rows = run.execute()
                     title = title or run.task.report_title(run.cfg)
@@ -98,7 +98,6 @@ def write_experiment_report(out: str, groups: list[dict], base: dict, py: str, s
                             title: str | None = None) -> tuple[str, str | None]:
     """``results.md`` (mean ± std over seeds) and ``spectrum.png`` (mean curves); the task
     (``data.task``) picks the metric columns, ``title`` heads the file."""
-    from ..atomic_files import atomic_write_text
     ex, ev, dc = base["experiment"], base["eval"], base["data"]
     kind = dc["task"]
     names = report.metric_names(kind)
@@ -159,10 +158,9 @@ def write_experiment_report(out: str, groups: list[dict], base: dict, py: str, s
     md = head + "\n".join(lines) + "\n"
     png = None
     if curves and ex["spectrum"]:
-        png = report.plot_spectra(curves, os.path.join(out, "spectrum.png"), ev["tau"])
+        png = report.plot_spectra(curves, run_folder.spectrum_path(out), ev["tau"])
         md += (f"\n{spectrum_note} Remaining-rank ratio: smallest k/K whose cumulative normalised singular-value "
                f"mass ≥ {ev['tau']}; effective rank: exp(entropy) of each sample's normalised spectrum, "
                "averaged over samples.\n\n"
                "![spectrum](spectrum.png)\n")
-    atomic_write_text(os.path.join(out, "results.md"), md)
-    return os.path.join(out, "results.md"), png
+    return run_folder.write_results(out, md), png

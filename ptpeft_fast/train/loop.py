@@ -24,7 +24,8 @@ from ..checkpoint import full_value
 from .config import ConfigError
 from .distributed import all_reduce
 from .fsdp import load_optimizer_state
-from .run_state import forget_train_records, load_state, save_state
+from .run_folder import forget_train_records
+from .run_state import load_state, save_state
 from .task import RunContext, Task
 
 __all__ = ["NonFinite", "Interrupted", "StagePlan", "plan_stage", "stage_mode", "lr_lambda", "epoch_order",

@@ -15,8 +15,9 @@ import os
 import shutil
 from typing import Callable
 
+from ..cache import cache_dir
 from ..models.tiny_blip2 import DEFAULT_SIZE
-from .checkpointing import cache_dir
+from . import run_folder
 from .config import load_config
 from .generation import GenerationTask
 from .runner import Run
@@ -35,7 +36,7 @@ def recipe_path(name: str, cache: str | None = None) -> str:
     """Cache folder of recipe ``name`` (exists only once pre-training has finished)."""
     r = {**RECIPES[name], "size": DEFAULT_SIZE, "v": RECIPE_VERSION}
     key = hashlib.sha256(json.dumps(r, sort_keys=True).encode()).hexdigest()[:10]
-    return os.path.join(cache or cache_dir(), f"tiny-blip2-{name}-{key}")
+    return os.path.join(cache or str(cache_dir()), f"tiny-blip2-{name}-{key}")
 
 
 def ensure_tiny_pretrained(name: str = "full", cache: str | None = None,
@@ -65,7 +66,7 @@ def ensure_tiny_pretrained(name: str = "full", cache: str | None = None,
     model_dir = os.path.join(work, "model")
     run.model.save_pretrained(model_dir)
     run.processor.save_pretrained(model_dir)
-    shutil.copy(os.path.join(work, "run", "results.md"), os.path.join(model_dir, "pretrain_results.md"))
+    shutil.copy(os.path.join(work, "run", run_folder.RESULTS), os.path.join(model_dir, "pretrain_results.md"))
     if os.path.exists(final):  # another process finished first
         shutil.rmtree(work, ignore_errors=True)
         return final

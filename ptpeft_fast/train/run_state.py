@@ -1,38 +1,34 @@
 """What a run saves and restores: the checkpoint at the end of each stage, the mid-stage trainer
 state (for ``--resume``), and the training records a resumed stage will log again.
 
-Every folder is written atomically with a checksum list (:mod:`.checkpointing`); nothing here is
-a pickle, since a run folder may come from anyone.
+Every folder is written atomically with a checksum list (:mod:`.checkpointing`); the files and
+their layout are :mod:`.run_folder`'s. Nothing here is a pickle, since a run folder may come from
+anyone.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 
 import torch
 
-from ..atomic_files import atomic_write_text
 from ..checkpoint import load, ptpeft_state_dict, save
-from .checkpointing import (
-    STATE_FORMAT,
-    DamagedState,
-    atomic_dir,
-    complete_dir,
-    folder_copies,
-    folder_damage,
-    read_state,
-    read_tensors,
-)
+from .checkpointing import atomic_dir, complete_dir, folder_copies, folder_damage
 from .config import ConfigError
 from .distributed import DistInfo, barrier
 from .fsdp import gather_named, load_full, optimizer_state
+from .run_folder import (
+    FULL_MODEL,
+    TRAINABLE,
+    DamagedState,
+    checkpoint_dir,
+    read_tensors,
+    read_trainer_state,
+    state_dir,
+    write_trainer_state,
+)
 
-__all__ = ["STATE", "save_stage_checkpoint", "load_stage_checkpoint", "save_state", "load_state",
-           "forget_train_records", "trainable"]
-
-STATE = "state"  # the mid-stage state folder inside the output folder
-FULL_MODEL = "full_model.safetensors"  # base weights that a stage changed (ptpeft_fast.save leaves them out)
+__all__ = ["save_stage_checkpoint", "load_stage_checkpoint", "save_state", "load_state", "trainable"]
 
 
 def trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -53,7 +49,7 @@ def save_stage_checkpoint(out: str, stage: str, model: torch.nn.Module, *, patch
     base = gather_named(named, keep=main) if named is not None else None
     if not main:
         return
-    path = os.path.join(out, "checkpoints", stage)
+    path = checkpoint_dir(out, stage)
     os.makedirs(os.path.dirname(path), exist_ok=True)
 
     def write(tmp: str) -> None:
@@ -67,7 +63,7 @@ def save_stage_checkpoint(out: str, stage: str, model: torch.nn.Module, *, patch
 
 def load_stage_checkpoint(out: str, stage: str, model: torch.nn.Module, patched: bool) -> str:
     """Restore what :func:`save_stage_checkpoint` wrote; returns the folder it was read from."""
-    final = os.path.join(out, "checkpoints", stage)
+    final = checkpoint_dir(out, stage)
     path = complete_dir(final)
     if path is None:
         copies = folder_copies(final)
@@ -102,20 +98,13 @@ def save_state(out: str, stage: str, step: int, model: torch.nn.Module, opt, sch
     if not main:
         barrier(di)
         return
-    from safetensors.torch import save_file
-
     from ..state_files import encode
     tensors: dict[str, torch.Tensor] = {}
     body = encode({"optimizer": optim, "scheduler": sched.state_dict(),
                    "scaler": scaler.state_dict() if scaler else None,
                    "rng_torch": torch.get_rng_state(), "rng_python": random.getstate()}, tensors)
-
-    def write(tmp: str) -> None:
-        save_file(params, os.path.join(tmp, "trainable.safetensors"))
-        save_file(tensors, os.path.join(tmp, "trainer.safetensors"))
-        atomic_write_text(os.path.join(tmp, "trainer.json"), json.dumps(
-            {"format": STATE_FORMAT, "stage": stage, "step": step, "fsdp": fsdp, "state": body}))
-    atomic_dir(os.path.join(out, STATE), write, keep_previous=True)
+    atomic_dir(state_dir(out), lambda tmp: write_trainer_state(tmp, params, tensors, stage, step, fsdp, body),
+               keep_previous=True)
     barrier(di)
 
 
@@ -125,14 +114,14 @@ def load_state(out: str, stage: str, model: torch.nn.Module, fsdp: bool, log) ->
 
     A damaged newest copy falls back to the previous one, saying which file was damaged; with no
     usable copy the run stops (:class:`DamagedState`) naming the file and the fix."""
-    final = os.path.join(out, STATE)
+    final = state_dir(out)
     problems = []
     for path in folder_copies(final):
         problem = folder_damage(path)
         if problem is None:
             try:
-                st = read_state(path)
-                sd = read_tensors(os.path.join(path, "trainable.safetensors"))
+                st = read_trainer_state(path)
+                sd = read_tensors(os.path.join(path, TRAINABLE))
             except DamagedState as e:
                 problem = str(e)
         if problem is not None:
@@ -158,23 +147,3 @@ def load_state(out: str, stage: str, model: torch.nn.Module, fsdp: bool, log) ->
         load_full(params[n], t)
     log(f"resumed: {stage} from step {st['step']} ({path})")
     return st
-
-
-def forget_train_records(out: str, stage: str, after_step: int) -> None:
-    """Drop ``stage``'s training records past ``after_step`` from ``metrics.jsonl``: a run killed
-    after logging them resumes from an earlier state and logs those steps again."""
-    path = os.path.join(out, "metrics.jsonl")
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-
-    def stale(line: str) -> bool:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            return False
-        return rec.get("event") == "train" and rec.get("stage") == stage and int(rec.get("step", 0)) > after_step
-    kept = [line for line in lines if not stale(line)]
-    if len(kept) != len(lines):
-        atomic_write_text(path, "".join(kept))

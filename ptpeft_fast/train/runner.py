@@ -8,7 +8,6 @@ The jobs live in their own modules: the stage loop (:mod:`.loop`), what is saved
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import shutil
@@ -17,28 +16,28 @@ from typing import Callable
 
 import torch
 
-from ..atomic_files import atomic_write_text, remove_stale_temporaries
+from ..atomic_files import remove_stale_temporaries
 from ..config import PTPeftConfig
 from ..disable import disabled
 from ..patching import patch
 from ..stages import mark_trainable, set_stage, trainable_parameters
+from . import run_folder
 from .checkpointing import folder_copies
 from .config import ConfigError, dump_config, peft_config_dict
 from .distributed import barrier, init_distributed
 from .evaluation import eval_rows, record_eval, set_eval, write_report
 from .fsdp import shard
 from .loop import StagePlan, plan_stage, stage_mode, train_stage
-from .run_state import STATE, load_stage_checkpoint, save_stage_checkpoint, trainable
+from .run_state import load_stage_checkpoint, save_stage_checkpoint, trainable
 from .task import Task, TaskData
 
-__all__ = ["Run", "PROGRESS"]
+__all__ = ["Run"]
 
-PROGRESS = "progress.json"  # the phases done so far
 
 
 class Run:
     """A configured run of ``task`` writing to ``out_dir``. ``execute()`` does every phase not yet
-    recorded in ``progress.json`` and returns the result rows. The settings are checked when it
+    recorded as done in the run folder and returns the result rows. The settings are checked when it
     is made (device, precision, strategy) and before the first phase (the task's own, every
     stage's batch arithmetic), so a bad config fails before any training."""
 
@@ -82,10 +81,9 @@ class Run:
             self._log(msg)
 
     def event(self, rec: dict) -> None:
-        """Append ``rec`` to ``metrics.jsonl`` (main process only)."""
+        """Append ``rec`` to the run's records (main process only)."""
         if self.di.main:
-            with open(os.path.join(self.out, "metrics.jsonl"), "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
+            run_folder.append_record(self.out, rec)
 
     def _autocast_dtype(self, precision: str) -> torch.dtype | None:
         if precision == "fp32":
@@ -161,17 +159,9 @@ class Run:
         self.patched = True
 
     # -- progress ------------------------------------------------------------------------------
-    def _progress(self) -> list[str]:
-        p = os.path.join(self.out, PROGRESS)
-        if not os.path.exists(p):
-            return []
-        with open(p, encoding="utf-8") as f:
-            return json.load(f)["done"]
-
     def _mark_done(self, phase: str) -> None:
         if self.di.main:
-            done = self._progress() + [phase]
-            atomic_write_text(os.path.join(self.out, PROGRESS), json.dumps({"done": done}))
+            run_folder.write_progress(self.out, run_folder.read_progress(self.out) + [phase])
         barrier(self.di)
 
     def phases(self) -> list[str]:
@@ -198,13 +188,13 @@ class Run:
             if stale:
                 self.log(f"removed {len(stale)} half-written file(s) of an earlier killed run "
                          f"(e.g. {os.path.relpath(stale[0], self.out)}); the complete copies are kept")
-            atomic_write_text(os.path.join(self.out, "config.yaml"), dump_config(self.cfg))
+            run_folder.write_config(self.out, dump_config(self.cfg))
         phases = self.phases()
         self.seed(0)
         self.load_data()
         self.load_model()
         self.make_collators()
-        done = self._progress() if self.resume else []
+        done = run_folder.read_progress(self.out) if self.resume else []
         t0 = time.time()
         patched_yet = False
         if self.fsdp:
@@ -238,7 +228,7 @@ class Run:
         if self.di.main:
             write_report(self.out, rows, self.task.kind, self.cfg["eval"]["tau"],
                          title=self.task.report_title(self.cfg))
-            self.log(f"done in {time.time() - t0:.0f}s; results: {os.path.join(self.out, 'results.md')}")
+            self.log(f"done in {time.time() - t0:.0f}s; results: {os.path.join(self.out, run_folder.RESULTS)}")
         barrier(self.di)
         return rows
 
@@ -282,9 +272,9 @@ class Run:
         save_stage_checkpoint(self.out, stage, self.model, patched=self.patched,
                               full=stage_mode(self.cfg, stage) == "full", main=self.di.main, fsdp=self.fsdp)
         if self.di.main:
-            for folder in folder_copies(os.path.join(self.out, STATE)):  # the state and its older copies
+            for folder in folder_copies(run_folder.state_dir(self.out)):  # the state and its older copies
                 shutil.rmtree(folder, ignore_errors=True)
-        self.log(f"{stage}: done, final loss {loss:.4f}; checkpoint {os.path.join(self.out, 'checkpoints', stage)}")
+        self.log(f"{stage}: done, final loss {loss:.4f}; checkpoint {run_folder.checkpoint_dir(self.out, stage)}")
         barrier(self.di)
 
     # -- evaluation ----------------------------------------------------------------------------

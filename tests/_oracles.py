@@ -1,8 +1,10 @@
-"""Naive, obviously-correct implementations of the ops: the oracles of the tests.
+"""Naive, obviously-correct implementations of the ops: the tests' oracles (test code only).
 
-Nothing here is fast or memory-frugal on purpose (the prefix is concatenated to the
-keys, the mask is materialised over ``P + S`` keys). Library code must never call these;
-they exist so that tests can compare the real ops against plain arithmetic in float64.
+The specification of each op is its ``"torch"`` dispatch entry in the package (for attention
+``ptpeft_fast/ops/attention_reference.py``); these are written independently of it, by
+concatenation and plain arithmetic, so that every implementation, the spec included, is checked
+against something that shares none of its code. Nothing here is fast or memory-frugal on purpose
+(the prefix is concatenated to the keys, the mask is materialised over ``P + S`` keys).
 """
 from __future__ import annotations
 

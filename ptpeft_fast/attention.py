@@ -17,6 +17,14 @@ the keys fit inside the window, so the bottom-right causal fallback stays exact.
 
 Logit soft-capping (Gemma 2's ``softcap`` kwarg) is honoured on an explicit path
 (:func:`ptpeft_fast.ops.softcapped_attention`); the cap applies to the prefix logits as well.
+
+The routes decided here, one line each (everything else is the attention op's dispatch table,
+which :func:`ptpeft_fast.ops.explain` reports):
+
+- a soft-capped layer → :func:`ptpeft_fast.ops.softcapped_attention` (no fused path caps logits);
+- a layer without a prefix, or inside :func:`ptpeft_fast.disabled` → transformers' SDPA, unchanged;
+- otherwise :func:`ptpeft_fast.ops.prefix_decode_step` (the table's ``decode_cpp`` entry, when it
+  applies) or :func:`ptpeft_fast.ops.prefix_attention`.
 """
 from __future__ import annotations
 

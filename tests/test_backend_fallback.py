@@ -1,6 +1,7 @@
-"""What a kernel cannot take: the Triton op runs its chunked path inside the same op for a mask it
-cannot reduce to key ranges (so ``auto`` never fails on CUDA for a valid mask); an implementation
-asked for by name that cannot run a call says why."""
+"""What a kernel cannot take: the table declines Triton for a mask it cannot reduce to key ranges,
+so ``chunked`` runs it and ``explain`` says so (issue 35: the choice was made inside the op, and
+``explain`` named Triton); a traced call, whose mask the table cannot read, still falls back inside
+the op; an implementation asked for by name that cannot run a call says why."""
 import pytest
 import torch
 from _oracles import prefix_attention_reference
@@ -21,19 +22,41 @@ def _inputs():
     return q, k, v, pk, pv, bias
 
 
-def test_triton_runs_chunked_inside_the_op_for_a_mask_it_cannot_take():
-    """Forward and every gradient through the Triton op equal the reference, for a general bias and
-    for a sliding window (the kernel only takes padding and bottom-right causality)."""
+def _window():
+    return torch.ones(5, 5, dtype=torch.bool).tril().triu(-1)  # each query sees itself and one key back
+
+
+def test_the_table_declines_triton_for_a_mask_it_cannot_take_and_chunked_runs_it():
+    from ptpeft_fast.ops.prefix_attention import TABLE, AttentionCall, _call
+
     q, k, v, pk, pv, bias = _inputs()
-    window = torch.ones(5, 5, dtype=torch.bool).tril().triu(-1)  # each query sees itself and one key back
-    for mask in (bias, window):
+    for mask in (bias, _window()):
+        why = ops.explain(ops.prefix_attention, q, k, v, pk, pv, causal=False, attn_mask=mask, backend="triton")
+        assert why.chosen == "none" and "a mask the kernel cannot take" in why.declined["triton"], str(why)
+        with pytest.raises(ops.BackendUnsupported, match="mask the kernel cannot take"):
+            ops.prefix_attention(q, k, v, pk, pv, causal=False, attn_mask=mask, backend="triton")
+    # on CUDA, auto: the same call record with a CUDA device picks chunked, naming why not triton
+    call = _call(q, k, v, pk, pv, causal=False, attn_mask=_window())
+    assert call.not_ranges is not None
+    cuda = AttentionCall(**{**call._asdict(), "device": "cuda"})
+    assert TABLE.choose("auto", cuda) == "chunked"
+    ranges = AttentionCall(**{**cuda._asdict(), "not_ranges": None})  # padding: Triton takes it
+    assert TABLE.choose("auto", ranges) == "triton"
+
+
+def test_a_traced_call_falls_back_inside_the_op():
+    """Forward and every gradient through the op with impl='triton' (what a compiled graph holds)
+    equal the reference, for a general bias and a sliding window."""
+    q, k, v, pk, pv, bias = _inputs()
+    for mask in (bias, _window()):
         leaves = [t.clone().requires_grad_() for t in (q, k, v, pk, pv)]
-        out = ops.prefix_attention(*leaves, causal=False, attn_mask=mask, backend="triton")
+        m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+        out, _ = torch.ops.ptpeft_fast.prefix_attention_forward(*leaves, m4, None, False, 0.25, 0.0, "triton")
         go = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
         grads = torch.autograd.grad(out, leaves, go)
         ref_leaves = [t.double().requires_grad_() for t in (q, k, v, pk, pv)]
         ref_mask = mask if mask.dtype == torch.bool else mask.double()
-        ref = prefix_attention_reference(*ref_leaves, causal=False, attn_mask=ref_mask)
+        ref = prefix_attention_reference(*ref_leaves, causal=False, attn_mask=ref_mask, scale=0.25)
         ref_grads = torch.autograd.grad(ref, ref_leaves, go.double())
         assert ((out.double() - ref).norm() / ref.norm()) <= 1e-5
         for a, b in zip(grads, ref_grads, strict=True):

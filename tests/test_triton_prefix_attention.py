@@ -187,8 +187,8 @@ def test_mask_conversion_and_refusals():
     # a 2-D causal mask broadcasts
     _, _, causal = triton_ops.mask_to_key_range(torch.ones(L, S, dtype=torch.bool).tril(S - L), B, 4, L, S)
     assert causal
-    # masks the kernel cannot take are refused by the conversion (the op then runs its chunked path
-    # inside the same op: tests/test_backend_fallback.py)
+    # masks the kernel cannot take are refused by the conversion (the dispatch table then declines
+    # Triton and chunked runs them: tests/test_backend_fallback.py)
     window = torch.ones(L, S, dtype=torch.bool).tril(S - L).triu(S - L - 1)  # sliding window
     with pytest.raises(ValueError, match="key padding"):
         triton_ops.mask_to_key_range(window, B, 4, L, S)

@@ -18,11 +18,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..atomic_files import atomic_write_bytes, atomic_write_text, temporary_name
 from ..config import PrefixConfig, PTPeftConfig
 from ..patch_state import get_state
 from ..patching import patch
@@ -130,9 +132,14 @@ def save_merged(model: nn.Module, out_dir: str | os.PathLike, **save_pretrained_
     current = getattr(config, "_attn_implementation", None) if config is not None else None
     if config is not None and state.prefix_layers:
         config._attn_implementation = state.previous_attn_implementation
+    staging = Path(temporary_name(out))  # save_pretrained writes here; each file is then renamed into out
+    shutil.rmtree(staging, ignore_errors=True)
     try:
-        model.save_pretrained(out, state_dict=sd, **save_pretrained_kwargs)
+        model.save_pretrained(staging, state_dict=sd, **save_pretrained_kwargs)
+        for f in sorted(staging.iterdir()):
+            os.replace(f, out / f.name)
     finally:
+        shutil.rmtree(staging, ignore_errors=True)
         if config is not None and state.prefix_layers:
             config._attn_implementation = current
     prefix_note = ""
@@ -152,14 +159,14 @@ def save_merged(model: nn.Module, out_dir: str | os.PathLike, **save_pretrained_
                                          for k, v in dataclasses.asdict(static).items()}),
             "targets": json.dumps(state.config.targets),
         }
-        from safetensors.torch import save_file
+        from safetensors.torch import save as st_save
 
-        save_file(tensors, str(out / PREFIX_FILE), metadata=meta)
+        atomic_write_bytes(out / PREFIX_FILE, st_save(tensors, metadata=meta))
         P = pc.num_tokens
         prefix_note = _PREFIX_NOTE.format(file=PREFIX_FILE, P=P, positions=pc.positions, name=out,
                                           pos_text=f"{P}..{P}+L-1" if pc.positions == "shift" else "0..L-1",
                                           plain_note=_PLAIN_SHIFT if pc.positions == "shift" else _PLAIN_KEEP)
-    (out / README_FILE).write_text(_README.format(cls=type(model).__name__, name=out, prefix_note=prefix_note))
+    atomic_write_text(out / README_FILE, _README.format(cls=type(model).__name__, name=out, prefix_note=prefix_note))
     return out
 
 

@@ -482,13 +482,14 @@ def to_peft(model: nn.Module, out_dir: str | os.PathLike, *, adapter: str = "aut
     else:
         cfg, tensors = _export_prefix(model, state, static_prefix)
     cfg["base_model_name_or_path"] = _base_name(model, base_model_name_or_path)
-    from safetensors.torch import save_file
+    from safetensors.torch import save as st_save
 
     from ..atomic_files import atomic_write_bytes
 
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(out / SAFE_WEIGHTS),
-              metadata={"format": "pt"})
+    # each file through a temporary name and a rename (PEFT's format has no checksum list to add)
+    atomic_write_bytes(out / SAFE_WEIGHTS, st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                                                   metadata={"format": "pt"}))
     atomic_write_bytes(out / ADAPTER_CONFIG, json.dumps(cfg, indent=2, sort_keys=True).encode())
     return out
 

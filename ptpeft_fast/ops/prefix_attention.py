@@ -20,8 +20,9 @@ name       what                                                                 
 ========== ======================================================================= ==========
 decode_cpp no autograd, ≤ 8 queries per row, fp32/fp64, shared prefix (C++)        CPU
 triton     Triton flash kernel over [prefix ; keys], fp16/bf16/fp32, head dim      CUDA
-           ≤ 256, dropout in-kernel; a mask it cannot reduce to padding/causal
-           ranges runs ``chunked`` inside the same op
+           ≤ 256, dropout in-kernel; declines a mask that is not padding/causal
+           ranges (:mod:`.mask_ranges`), so ``chunked`` runs it (a traced call,
+           whose mask cannot be read yet, checks inside the op and does the same)
 block_cpp  fp32, shared prefix (auto: P + S ≤ 1600): blocks of 64 query rows by   CPU
            sgemm (C++)
 lse_merge  ATen's CPU flash kernel over the real keys + the prefix merged by        CPU
@@ -62,6 +63,7 @@ from .attention_cpu import (
     lse_merge_forward,
 )
 from .attention_reference import reference_attention
+from .mask_ranges import ranges_reason
 
 __all__ = ["prefix_attention", "prefix_decode_step", "TABLE", "AttentionCall", "DECODE_MAX_QUERIES",
            "FLASH_PREFIX_MAX_KEYS"]
@@ -86,15 +88,23 @@ class AttentionCall(NamedTuple):
     mask_grad: bool
     dropout: bool
     needs_grad: bool
+    # why the mask is not key padding (+ causality), which the Triton kernel needs; None: it is, or
+    # there is no mask, or it was not asked (Triton cannot run here anyway, or the call is being
+    # traced: the op then checks at run time and computes such a mask by its chunked path)
+    not_ranges: Optional[str] = None
 
 
 def _call(q, k, v, prefix_k, prefix_v, *, causal: bool = False, attn_mask=None, scale=None, dropout_p: float = 0.0,
           **_) -> AttentionCall:
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, prefix_k, prefix_v))
     mask = "none" if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "float")
+    not_ranges = None
+    if (attn_mask is not None and not attn_mask.requires_grad and not torch.compiler.is_compiling()
+            and avail.triton_declines(q.device.type, q.dtype) is None):
+        not_ranges = ranges_reason(attn_mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     return AttentionCall(q.device.type, q.dtype, q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2],
                          prefix_k.shape[-2], q.shape[3], prefix_k.dim() == 3, mask,
-                         attn_mask is not None and attn_mask.requires_grad, dropout_p > 0, needs_grad)
+                         attn_mask is not None and attn_mask.requires_grad, dropout_p > 0, needs_grad, not_ranges)
 
 
 def _empty(c: AttentionCall) -> bool:
@@ -114,7 +124,8 @@ def _decode_applies(c: AttentionCall) -> Optional[str]:
 def _triton_applies(c: AttentionCall) -> Optional[str]:
     return avail.triton_declines(c.device, c.dtype) or _first(
                   (c.D > 256, f"head dim {c.D} > 256"), (c.mask_grad, "the mask requires grad"),
-                  (c.B == 0 or c.L == 0, "an empty size"))
+                  (c.B == 0 or c.L == 0, "an empty size"),
+                  (c.not_ranges is not None, f"a mask the kernel cannot take ({c.not_ranges})"))
 
 
 def _block_applies(c: AttentionCall) -> Optional[str]:
@@ -210,7 +221,7 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: tor
         tr = _triton()
         try:
             out, lse = tr.prefix_attention_forward(*args, dropout_p, _seed(seed))
-        except tr.TritonUnsupported:  # a mask that is not padding/causal ranges: same op, chunked path
+        except tr.TritonUnsupported:  # traced: the table could not read the mask (eager calls never get here)
             out, lse = chunked.chunked_forward(*args, dropout_p, _seed(seed))
     else:
         raise ValueError(f"prefix_attention_forward: no implementation {impl!r}")

@@ -5,6 +5,7 @@
   where the table would not choose ``decode_cpp``), the entry of the patched attention function.
 - :func:`lora_linear`: ``x Wᵀ + b + scaling · (drop(x) Aᵀ) Bᵀ``.
 - :func:`adapter`: ``x + up(act(down(x)))``.
+- :func:`linear_cross_entropy`: the LM head and its cross-entropy without the ``[N, V]`` logits.
 - :func:`singular_values`, :func:`spectrum_stats`: batched feature spectra.
 - :func:`softcapped_attention`: Gemma 2's soft-capped logits over [prefix; keys] (plain ops).
 
@@ -15,10 +16,12 @@ from .adapter import adapter
 from .attention_reference import softcapped_attention
 from .availability import prepare
 from .dispatch import BackendUnsupported, backend_for, backend_names, explain, forced_backend, use_backend
+from .linear_cross_entropy import linear_cross_entropy
 from .lora_linear import lora_linear
 from .prefix_attention import prefix_attention, prefix_decode_step
 from .spectrum import singular_values, spectrum_stats
 
-__all__ = ["prefix_attention", "prefix_decode_step", "lora_linear", "adapter", "singular_values", "spectrum_stats",
+__all__ = ["prefix_attention", "prefix_decode_step", "lora_linear", "adapter", "linear_cross_entropy",
+           "singular_values", "spectrum_stats",
            "softcapped_attention", "explain", "use_backend", "forced_backend", "backend_names", "backend_for",
            "prepare", "BackendUnsupported"]

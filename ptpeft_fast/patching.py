@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import re
 import warnings
 
 import torch
 from torch import nn
 
-from . import attention, ops, optimizer_guard
+from . import attention, fused_loss, ops, optimizer_guard
 from .architectures import ResolvedComponent, attention_geometry, iter_in_scope, resolve_components
+from .call_args import ArgReader
 from .config import PTPeftConfig
 from .patch_state import PatchState, get_state
 from .stages import set_stage
@@ -80,6 +80,8 @@ def patch(model: nn.Module, config: PTPeftConfig | dict | None = None) -> nn.Mod
     check = _mask_check(model)
     if check is not None:
         state.hooks.append(check)
+    if config.fused_loss:
+        state.hooks += fused_loss.install(model, state)
     model._ptpeft = state
     set_stage(model, "prefix" if state.prefix_layers else "peft")
     optimizer_guard.watch(model)
@@ -91,27 +93,25 @@ def _mask_check(model: nn.Module):
     model's forward, with the fix, before any layer runs: inside the model it surfaced as a raw
     "size of tensor a (13) must match ..." or a shape error of the attention op."""
     try:
-        signature = inspect.signature(model.forward)
+        call = ArgReader(model.forward)
     except (TypeError, ValueError):
         return None
-    if "attention_mask" not in signature.parameters:
+    if not call.has("attention_mask"):
         return None
 
     def hook(_module, args, kwargs):
-        bound = signature.bind_partial(*args, **kwargs).arguments
-        mask = bound.get("attention_mask")
-        tokens = bound.get("input_ids")
-        if tokens is None:
-            tokens = bound.get("inputs_embeds")
+        mask = call.get(args, kwargs, "attention_mask")
+        ids = call.get(args, kwargs, "input_ids")
+        tokens = ids if ids is not None else call.get(args, kwargs, "inputs_embeds")
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or not isinstance(tokens, torch.Tensor) \
                 or tokens.dim() < 2:
             return None
-        cached = bound.get("past_key_values") is not None or bound.get("cache") is not None
+        cached = call.get(args, kwargs, "past_key_values") is not None or kwargs.get("cache") is not None
         # with a KV cache (decode steps) the mask also covers the cached tokens: at least as long
         fits = mask.shape[0] == tokens.shape[0] and (
             mask.shape[1] >= tokens.shape[1] if cached else mask.shape[1] == tokens.shape[1])
         if not fits:
-            name = "input_ids" if bound.get("input_ids") is not None else "inputs_embeds"
+            name = "input_ids" if ids is not None else "inputs_embeds"
             raise ValueError(
                 f"attention_mask has shape {list(mask.shape)} but {name} has {list(tokens.shape[:2])} (batch, tokens): "
                 "the mask needs one entry per token of each row (1 = real token, 0 = padding); build both in one "
@@ -231,28 +231,27 @@ def _positions_from_mask(model, comp: ResolvedComponent):
     """
     root = model.get_submodule(comp.root) if comp.root else model
     try:
-        signature = inspect.signature(root.forward)
+        call = ArgReader(root.forward)
     except (TypeError, ValueError):
         return None
-    if not {"position_ids", "attention_mask"} <= set(signature.parameters):
+    if not call.has("position_ids", "attention_mask"):
         return None
 
     def hook(_module, args, kwargs):
         if model._ptpeft.disabled:
             return None
-        bound = signature.bind_partial(*args, **kwargs).arguments
-        mask = bound.get("attention_mask")
+        mask = call.get(args, kwargs, "attention_mask")
         # no check "is anything padded?": it would be a data-dependent branch that breaks a compiled
         # graph; an unpadded mask gives the default positions anyway
-        if bound.get("position_ids") is not None or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        if call.get(args, kwargs, "position_ids") is not None or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
             return None
-        tokens = bound.get("input_ids")
+        tokens = call.get(args, kwargs, "input_ids")
         if tokens is None:
-            tokens = bound.get("inputs_embeds")
+            tokens = call.get(args, kwargs, "inputs_embeds")
         if tokens is None:
             return None
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, -tokens.shape[1]:]
-        return args, {**kwargs, "position_ids": positions}
+        return call.replaced(args, kwargs, position_ids=positions)
 
     return root.register_forward_pre_hook(hook, with_kwargs=True)
 

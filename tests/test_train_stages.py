@@ -100,3 +100,23 @@ def test_train_compile_gives_the_eager_losses_in_both_stages(tmp_path):
     lb = [(e["stage"], e["loss"]) for e in events(str(tmp_path / "b"), "train")]
     assert [s for s, _ in la] == [s for s, _ in lb] and {s for s, _ in la} == {"stage1", "stage2"}
     assert all(abs(x - y) <= 1e-5 * max(1.0, abs(y)) for (_, x), (_, y) in zip(lb, la, strict=True)), (la, lb)
+
+
+def test_the_fused_loss_takes_the_same_steps_as_transformers_loss(tmp_path, monkeypatch):
+    """train.fused_loss (the default: the head and the loss fused, no logits) and false (transformers'
+    logits and loss) give the same per-step losses; the fused run never builds the logits."""
+    import importlib
+
+    lce = importlib.import_module("ptpeft_fast.ops.linear_cross_entropy")
+    calls = []
+    real = lce.chunked_loss_and_grads
+    monkeypatch.setattr(lce, "chunked_loss_and_grads", lambda *a, **k: calls.append(1) or real(*a, **k))
+    extra = ("stage1.max_steps=3", "stage2.max_steps=3", "eval.zero_shot=false", "eval.after_each_stage=false",
+             "eval.spectrum=false")
+    make_run(cfg(*extra), str(tmp_path / "fused")).execute()
+    assert calls  # the op ran
+    make_run(cfg(*extra, "train.fused_loss=false"), str(tmp_path / "plain")).execute()
+    fused = [e["loss"] for e in events(str(tmp_path / "fused"), "train")]
+    plain = [e["loss"] for e in events(str(tmp_path / "plain"), "train")]
+    assert len(fused) == len(plain) == 6
+    assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(fused, plain, strict=True)), (fused, plain)

@@ -1,6 +1,4 @@
 """``python -m ptpeft_fast.train``."""
-import sys
+from .cli import console
 
-from . import main
-
-sys.exit(main())
+console()

@@ -92,6 +92,7 @@ DEFAULTS: dict[str, Any] = {
         "num_threads": 0,              # 0: torch default
         "compile": False,              # torch.compile the model for training (both stages)
         "compile_backend": "inductor", # torch.compile backend (inductor | aot_eager | ...)
+        "fused_loss": True,            # the LM head + cross-entropy fused (ptpeft_fast.fused_loss); false: logits
         "interrupt_after_steps": None, # testing: act as if Ctrl-C came after N optimizer steps
     },
     # overrides ("key=value") that `--quick` applies after the file: a preset's short version
@@ -323,6 +324,7 @@ def peft_config_dict(cfg: dict) -> dict | None:
         "lora": dict(s2["lora"] or {}) if method == "lora" else None,
         "adapter": dict(s2["adapter"] or {}) if method == "adapter" else None,
         "freeze_prefix": bool(s2["freeze_prefix"]),
+        "fused_loss": bool(cfg["train"]["fused_loss"]),
     }
     if method == "lora" and s2["lora"] is None:
         raise ConfigError("stage2.lora must be a mapping when stage2.method=lora")

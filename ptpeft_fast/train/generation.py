@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import RecordDataset, load_split
+from ..fused_loss import active
 from ..metrics import compute_metrics
 from . import report
 from .config import ConfigError
@@ -149,9 +150,13 @@ class GenerationTask:
         return int((batch["labels"][:, 1:] != -100).sum())
 
     def batch_loss(self, run: RunContext, forward: Callable[..., Any], batch: dict) -> torch.Tensor:
+        labels = batch["labels"].to(run.device)
+        if run.model.training and active(run.model):
+            # the fused head + loss (no logits): transformers' shift and -100, summed (num_items_in_batch=1)
+            with run.autocast():
+                return forward(**run.model_inputs(batch), labels=labels, num_items_in_batch=1).loss
         with run.autocast():
             logits = forward(**run.model_inputs(batch)).logits
-        labels = batch["labels"].to(run.device)
         # logits cover the label positions (BLIP-2 slices them to labels' length)
         lg = logits[:, -labels.shape[1]:][:, :-1].float()
         return F.cross_entropy(lg.reshape(-1, lg.shape[-1]), labels[:, 1:].reshape(-1),

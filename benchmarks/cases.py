@@ -226,6 +226,102 @@ def build_adapter(N: int = 4096, d: int = 1024, m: int = 64, activation: str = "
     )
 
 
+def build_linear_cross_entropy(N: int = 8192, H: int = 576, V: int = 49152, supervised: float = 1.0, seed: int = 0,
+                               name: str = "linear_cross_entropy") -> Case:
+    """The LM head and its loss, forward + backward to the hidden states (a frozen head, as in
+    PT-PEFT): the fused op against the logits + ``F.cross_entropy`` every training script runs."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, H, generator=g).requires_grad_()
+    w = torch.randn(V, H, generator=g) / math.sqrt(H)
+    y = torch.randint(0, V, (N,), generator=g)
+    y[torch.rand(N, generator=g) >= supervised] = -100
+
+    def ours():
+        loss = ops.linear_cross_entropy(h, w, y)
+        return (loss,) + _grad(loss, [h], None)
+
+    def unfused():
+        loss = F.cross_entropy(F.linear(h, w).float(), y)
+        return (loss,) + _grad(loss, [h], None)
+
+    outs = lambda res: {"loss": res[0].detach(), "dh": res[1]}  # noqa: E731
+    return Case(
+        name=name,
+        shape=f"N={N} H={H} V={V}, {round(supervised * 100)}% of tokens supervised, frozen head, fp32",
+        rounds=10, warmup=2, memory_target=0.1,
+        sides={
+            "ours": Side("ours", "ours", "ptpeft_fast.ops.linear_cross_entropy", ours, outs),
+            "unfused": Side("unfused", "peer", "F.linear → float → F.cross_entropy (the [N, V] logits)", unfused,
+                            outs, equivalent=True, rtol=1e-5),
+        },
+    )
+
+
+def build_fused_loss_step(B: int = 4, L: int = 256, P: int = 32, r: int = 16, supervised: float = 1.0, seed: int = 0,
+                          llama: Optional[dict] = None, model: Optional[str] = None, name: str = "fused_loss_step",
+                          target: Optional[float] = 0.85, memory_target: Optional[float] = 0.75,
+                          rounds: int = 3) -> Case:
+    """A PT-LoRA step (prefix + LoRA on q/v train) with the fused head and loss (the default)
+    against the same patched model with ``fused_loss=False`` (transformers' logits and loss), and
+    PEFT LoRA alone for scale; ``supervised`` of the tokens carry a label (a prompt is masked)."""
+    from peft import LoraConfig, get_peft_model
+
+    base, shape = base_model(seed, llama or {}, model)
+    cfg = {"prefix": {"num_tokens": P, "reparam": "none"}, "lora": {"r": r, "targets": ["q_proj", "v_proj"]}}
+    models = {}
+    for side, fused in (("ours", True), ("transformers_loss", False)):
+        m = pf.patch(copy.deepcopy(base), pf.PTPeftConfig.from_dict({**cfg, "fused_loss": fused}))
+        pf.set_stage(m, "peft")
+        models[side] = m.train()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # the same trained-looking LoRA and prefix in both
+        for (n, a), b in zip(models["ours"].named_parameters(), models["transformers_loss"].parameters(),
+                             strict=True):
+            if a.requires_grad:
+                a.copy_(torch.randn(a.shape, generator=g, dtype=a.dtype) * (0.02 if "lora_B" in n else 0.5))
+                b.copy_(a)
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=16, lora_dropout=0.0,
+                                                                target_modules=["q_proj", "v_proj"])).train()
+    ids = torch.randint(0, base.config.vocab_size, (B, L), generator=g)
+    labels = ids.clone()
+    labels[:, : round(L * (1 - supervised))] = -100  # the prompt part
+    trainable = {k: [p for p in m.parameters() if p.requires_grad] for k, m in models.items()}
+    peft_params = [p for p in peft_model.parameters() if p.requires_grad]
+
+    def step(side):
+        def run():
+            loss = _train_step(models[side], input_ids=ids, labels=labels)
+            return loss, _grads_and_clear(trainable[side])
+        return run
+
+    def peft():
+        loss = _train_step(peft_model, input_ids=ids, labels=labels)
+        _grads_and_clear(peft_params)
+        return loss
+
+    def outs(res):
+        loss, grads = res
+        return {"loss": loss.detach(), **{f"g{i}": t for i, t in enumerate(grads)}}
+
+    pct = round(supervised * 100)
+    return Case(
+        name=name,
+        shape=f"B={B} L={L} P={P} LoRA r={r} on q_proj/v_proj, {pct}% of tokens supervised; {shape}",
+        rounds=rounds, warmup=1, memory_target=memory_target,
+        sides={
+            "ours": Side("ours", "ours", "ptpeft_fast PT-LoRA, fused head + loss", step("ours"), outs),
+            "transformers_loss": Side("transformers_loss", "peer", "the same, fused_loss=False (logits + HF loss)",
+                                      step("transformers_loss"), outs, equivalent=True, target=target,
+                                      target_text=None if target is None else f"≤ {target:.2f}×",
+                                      # the peer's loss rounds the logits to float32 even in a float64
+                                      # model (transformers' ForCausalLMLoss): 1.2e-4 seen at L=12
+                                      rtol=3e-4),
+            "peft_lora": Side("peft_lora", "peer", "PEFT LoRA alone (no prefix)", peft,
+                              lambda r: {"loss": r.detach()}),
+        },
+    )
+
+
 # ---------------------------------------------------------------------------------------
 # Model cases (tiny Llama)
 # ---------------------------------------------------------------------------------------
@@ -691,6 +787,18 @@ BUILDERS: dict[str, Callable[..., Case]] = {
         rounds=3)),
     "smollm2_decode": _in_dtype(functools.partial(build_decode, B=4, prompt=32, new=64, P=32, model="smollm2",
                                                   name="smollm2_decode", rounds=3)),
+    # the fused LM head + loss (issue 33)
+    "linear_cross_entropy": build_linear_cross_entropy,
+    "linear_cross_entropy_V262k": functools.partial(build_linear_cross_entropy, N=2048, V=262144,
+                                                    name="linear_cross_entropy_V262k"),
+    "smollm2_fused_loss_step": _in_dtype(functools.partial(
+        build_fused_loss_step, model="smollm2", name="smollm2_fused_loss_step", target=0.85, memory_target=0.75)),
+    "smollm2_fused_loss_masked": _in_dtype(functools.partial(
+        build_fused_loss_step, model="smollm2", supervised=0.5, name="smollm2_fused_loss_masked", target=0.75,
+        memory_target=None)),
+    "smollm2_fused_loss_long": _in_dtype(functools.partial(
+        build_fused_loss_step, B=1, L=1024, model="smollm2", name="smollm2_fused_loss_long", target=None,
+        memory_target=None)),
 }
 SMOLLM2_CASES = tuple(n for n in BUILDERS if n.startswith("smollm2_"))
 
@@ -715,4 +823,9 @@ TINY: dict[str, dict[str, Any]] = {
     "smollm2_prefix_train_long": dict(B=1, L=12, P=4, dtype=torch.float64),
     "smollm2_ptlora_train": dict(B=2, L=8, P=4, r=4, dtype=torch.float64),
     "smollm2_decode": dict(B=2, prompt=5, new=4, P=4, dtype=torch.float64),
+    "linear_cross_entropy": dict(N=40, H=16, V=301, supervised=0.6),
+    "linear_cross_entropy_V262k": dict(N=24, H=8, V=1031),
+    "smollm2_fused_loss_step": dict(B=2, L=8, P=4, r=4, dtype=torch.float64),
+    "smollm2_fused_loss_masked": dict(B=2, L=8, P=4, r=4, dtype=torch.float64),
+    "smollm2_fused_loss_long": dict(B=1, L=12, P=4, r=4, dtype=torch.float64),
 }

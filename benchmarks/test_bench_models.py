@@ -68,3 +68,18 @@ def test_smollm2_ptlora_train(benchmark, side, smollm2_installed):
 @pytest.mark.parametrize("side", ["ours", "no_prefix", "peft_prefix"])
 def test_smollm2_decode(benchmark, side, smollm2_installed):
     run_side(benchmark, "smollm2_decode", side)
+
+
+@pytest.mark.parametrize("side", ["ours", "transformers_loss", "peft_lora"])
+def test_smollm2_fused_loss_step(benchmark, side):
+    run_side(benchmark, "smollm2_fused_loss_step", side)
+
+
+@pytest.mark.parametrize("side", ["ours", "transformers_loss", "peft_lora"])
+def test_smollm2_fused_loss_masked(benchmark, side):
+    run_side(benchmark, "smollm2_fused_loss_masked", side)
+
+
+@pytest.mark.parametrize("side", ["ours", "transformers_loss", "peft_lora"])
+def test_smollm2_fused_loss_long(benchmark, side):
+    run_side(benchmark, "smollm2_fused_loss_long", side)

@@ -17,3 +17,13 @@ def test_lora_linear(benchmark, side):
 @pytest.mark.parametrize("side", ["ours", "unfused"])
 def test_adapter(benchmark, side):
     run_side(benchmark, "adapter", side)
+
+
+@pytest.mark.parametrize("side", ["ours", "unfused"])
+def test_linear_cross_entropy(benchmark, side):
+    run_side(benchmark, "linear_cross_entropy", side)
+
+
+@pytest.mark.parametrize("side", ["ours", "unfused"])
+def test_linear_cross_entropy_V262k(benchmark, side):
+    run_side(benchmark, "linear_cross_entropy_V262k", side)

@@ -14,12 +14,26 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET
+from ._common import configs, smem_pruner
 
 # Far below any logit but finite: -inf - -inf would be NaN in the online merge.
-_NEG = -1.0e30
+_NEG = tl.constexpr(-1.0e30)
 
 
+def _smem(args: dict, cfg: triton.Config) -> int:
+    # No tiles in shared memory: only the cross-warp scratch of the row reductions (max, sum), a few
+    # words per warp; 64 bytes per warp bounds it (the compile matrix checks each cubin against it).
+    return 64 * cfg.num_warps
+
+
+# Each program streams one row in BLOCK_V tiles: wider tiles and more warps for long rows.
+_CONFIGS = configs(
+    [triton.Config({"BLOCK_V": bv}, num_warps=w) for bv, w in [(2048, 8), (1024, 4), (4096, 8), (512, 2)]],
+    triton.Config({"BLOCK_V": 1024}, num_warps=1),
+)
+
+
+@triton.autotune(configs=_CONFIGS, key=["V", "HAS_GRAD"], prune_configs_by=smem_pruner(_smem))
 @triton.jit
 def _ce_rows_kernel(Z, T, S, LSE, ZY, stride_z, V, HAS_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0)
@@ -52,7 +66,5 @@ def ce_rows_(z: torch.Tensor, targets: torch.Tensor, scale: "torch.Tensor | None
     """Fill ``lse`` and ``zy`` ``[R]`` (fp32) for rows of ``z [R, V]`` (fp32, unit column stride);
     with ``scale [R]`` overwrite ``z`` with the scaled logits gradient."""
     R, V = z.shape
-    block = 1024 if not INTERPRET else min(1024, triton.next_power_of_2(max(V, 16)))
     has_grad = scale is not None
-    _ce_rows_kernel[(R,)](z, targets, scale if has_grad else lse, lse, zy, z.stride(0), V, HAS_GRAD=has_grad,
-                          BLOCK_V=block, num_warps=4 if V >= 4096 else 1)
+    _ce_rows_kernel[(R,)](z, targets, scale if has_grad else lse, lse, zy, z.stride(0), V, HAS_GRAD=has_grad)

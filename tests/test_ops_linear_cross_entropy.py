@@ -65,9 +65,11 @@ def _check(impl, h, w, b, y, reduction, softcap, tol):
 
 @pytest.fixture(params=[4 * 53 * 16, 4 * 16 * 40], ids=["row-chunks", "vocab-chunks"])
 def budget(request, monkeypatch):
-    """Small budgets for V = 53: 16-row chunks with the whole vocabulary, or 16 rows by 40 columns
-    (the online log-sum-exp over two vocabulary chunks of 40 and 13)."""
+    """Small budgets for V = 53, at least 16 rows a chunk: 16-row chunks with the whole vocabulary,
+    or 16 rows by 40 columns (the online log-sum-exp over vocabulary chunks of 40 and 13)."""
     monkeypatch.setattr(lce_module, "LOGITS_CHUNK_BYTES", request.param)
+    monkeypatch.setattr(lce_module, "MIN_CHUNK_ROWS", 16)
+    monkeypatch.setattr(lce_module, "MAX_CHUNK_FACTOR", 1)
     return request.param
 
 
@@ -100,6 +102,8 @@ def test_bf16_inputs_accumulate_in_fp32(impl):
 
 def test_float64_is_exact_on_every_path(monkeypatch):
     monkeypatch.setattr(lce_module, "LOGITS_CHUNK_BYTES", 8 * 20 * 16)
+    monkeypatch.setattr(lce_module, "MIN_CHUNK_ROWS", 16)
+    monkeypatch.setattr(lce_module, "MAX_CHUNK_FACTOR", 1)
     h, w, b, y = _case(dtype=torch.float64, bias=True, head_grad=True)
     for impl in ("chunked", "torch"):
         _check(impl, h, w, b, y, "mean", 3.0, 1e-12)
@@ -156,3 +160,10 @@ def test_bad_input_names_the_problem(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         linear_cross_entropy(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
+
+
+def test_chunk_sizes_keep_the_gemms_wide_and_the_memory_bounded():
+    assert lce_module._chunk_sizes(8192, 49152) == (170, 49152)  # 32 MiB of logits
+    assert lce_module._chunk_sizes(8192, 262144) == (128, 262144)  # 128 rows: 128 MiB (within 8 budgets)
+    rows, cols = lce_module._chunk_sizes(8192, 4 << 20)  # a 4M vocabulary: split
+    assert rows == 128 and cols * rows * 4 <= 8 * lce_module.LOGITS_CHUNK_BYTES

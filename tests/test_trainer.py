@@ -207,3 +207,25 @@ def test_an_optimizer_of_an_earlier_stage_does_not_cover_the_new_one():
             model(input_ids=ids, labels=ids).loss.backward()
             stage1.step()
             stage1.zero_grad()
+
+
+def test_trainer_evaluate_with_compute_metrics_sees_the_logits(tmp_path):
+    """Training takes the fused loss (no logits); Trainer.evaluate runs in eval mode, where the model
+    computes its logits as before, so compute_metrics gets them."""
+    from transformers import Trainer
+
+    model = _patched("peft")
+    seen = []
+
+    def compute_metrics(pred):
+        seen.append(pred.predictions.shape)
+        return {"n": float(len(pred.label_ids))}
+
+    args = _args(tmp_path)
+    args.eval_strategy = "no"
+    trainer = Trainer(model=model, args=args, train_dataset=TinyLM(), eval_dataset=TinyLM(n=4),
+                      compute_metrics=compute_metrics)
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert seen and seen[0][-1] == model.config.vocab_size and metrics["eval_n"] == 4.0
+    assert metrics["eval_loss"] > 0

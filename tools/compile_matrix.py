@@ -175,6 +175,21 @@ def adapter_launches(dtype: torch.dtype, h: int, modes=ATTN_MODES, acts=ACTS):
         yield f"h={h}", go
 
 
+def cross_entropy_launches(dtype: torch.dtype, vocab: int, modes=ATTN_MODES, acts=ACTS):
+    """The row kernel of the fused LM-head loss: fp32 logits chunks whatever the model's dtype."""
+    from ptpeft_fast.kernels import cross_entropy as CE
+
+    R = 170  # the rows of one 32 MiB chunk at V = 49152
+    z = torch.zeros(R, vocab)
+    t = torch.zeros(R, dtype=torch.long)
+    lse, zy, scale = torch.zeros(R), torch.zeros(R), torch.zeros(R)
+
+    def go():
+        CE.ce_rows_(z, t, scale, lse, zy)
+        CE.ce_rows_(z, t, None, lse, zy)
+    yield f"V={vocab}", go
+
+
 # -------------------------------------------------------------------------------------------- specialise
 
 _SHAPE_CONSTS = ("COMPUTE_F32", "PREC")  # follow from the dtype; not part of the branch label
@@ -222,7 +237,7 @@ def variants(families, dtypes, caps, head_dims, ranks, bottlenecks, first_only: 
     from ptpeft_fast.kernels._common import SMEM_PER_BLOCK
 
     gens = {"attn": (attention_launches, head_dims), "lora": (lora_launches, ranks),
-            "adapter": (adapter_launches, bottlenecks)}
+            "adapter": (adapter_launches, bottlenecks), "ce": (cross_entropy_launches, (49152,))}
     out: dict[tuple, Variant] = {}
     for fam in families:
         gen, sizes = gens[fam]
@@ -382,7 +397,7 @@ def main(argv=None) -> int:
                     help="the first config each pruner keeps, or all it keeps (default: first for ci, all for full)")
     ap.add_argument("--caps", default="80,90", help="compute capabilities, e.g. 80,90,100")
     ap.add_argument("--dtypes", help="default: bf16 (ci) or fp16,bf16,fp32 (full)")
-    ap.add_argument("--families", default="attn,lora,adapter", help="kernel families, e.g. attn,lora")
+    ap.add_argument("--families", default="attn,lora,adapter,ce", help="kernel families, e.g. attn,lora")
     ap.add_argument("--head-dims", help="attention head dims, e.g. 64,128 (default: the subset's)")
     ap.add_argument("--ranks", help="LoRA ranks, e.g. 8,16 (default: the subset's)")
     ap.add_argument("--bottlenecks", help="adapter bottlenecks, e.g. 64,256 (default: the subset's)")

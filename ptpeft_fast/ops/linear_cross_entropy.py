@@ -19,9 +19,10 @@ Write ``z_i = softcap(h_i Wᵀ + b)`` for a supervised token ``i`` with label ``
     db      = Σ_i draw_i                           only when the bias requires grad
 
 Ignored tokens are dropped first; the rest run in chunks of rows whose ``[rows, V]`` logits fit
-in :data:`LOGITS_CHUNK_BYTES` (with vocabulary chunks and an online log-sum-exp when even a few
-rows would not). As the loss is the last op of a step, the gradients are computed in the forward
-while each chunk's logits are at hand (as Liger-Kernel does) and the backward only scales them by
+in :data:`LOGITS_CHUNK_BYTES` (at least :data:`MIN_CHUNK_ROWS` rows, with vocabulary chunks and an
+online log-sum-exp when even those would not fit in :data:`MAX_CHUNK_FACTOR` budgets). As the
+loss is the last op of a step, the gradients are computed in the forward while each chunk's
+logits are at hand (as Liger-Kernel does) and the backward only scales them by
 the output gradient; ``reduction="none"`` with a trainable head recomputes them in the backward
 instead (its per-token output gradients weight ``dW``). A frozen head allocates no ``dW``.
 
@@ -47,9 +48,13 @@ from ._checks import check_dtype_device
 __all__ = ["linear_cross_entropy", "TABLE", "CrossEntropyCall", "LOGITS_CHUNK_BYTES", "REDUCTIONS"]
 
 REDUCTIONS = ("mean", "sum", "none")
-#: fp32 logits held at once per chunk (the op's working memory beyond its inputs and gradients)
+#: fp32 logits held at once per chunk, the op's working memory beyond its inputs and gradients ...
 LOGITS_CHUNK_BYTES = 32 << 20
-_MIN_ROWS = 16  # fewer rows per chunk than this and the vocabulary is split instead
+#: ... but never fewer rows than this per chunk: thin chunks make the head's GEMMs slow (32 rows at
+#: V = 262144 took 1.6x the time of 128), so a large vocabulary takes up to 8x the budget ...
+MIN_CHUNK_ROWS = 128
+#: ... beyond which the vocabulary is split into chunks with an online log-sum-exp
+MAX_CHUNK_FACTOR = 8
 
 _first = dispatch.first_reason
 
@@ -86,13 +91,14 @@ dispatch.register(TABLE, lambda hidden, weight, labels, **kw: _call(hidden, weig
 
 
 def _chunk_sizes(n: int, vocab: int) -> tuple[int, int]:
-    """(rows, vocabulary columns) per chunk: as many rows as fit with the whole vocabulary, else
-    :data:`_MIN_ROWS` rows and as many columns as fit."""
+    """(rows, vocabulary columns) per chunk: as many rows as the budget holds with the whole
+    vocabulary, at least :data:`MIN_CHUNK_ROWS` (within :data:`MAX_CHUNK_FACTOR` budgets), else that
+    many rows and a vocabulary chunk of the widened budget."""
     budget = max(LOGITS_CHUNK_BYTES // 4, 1)
-    rows = budget // max(vocab, 1)
-    if rows >= _MIN_ROWS:
+    rows = max(budget // max(vocab, 1), MIN_CHUNK_ROWS)
+    if rows * vocab <= MAX_CHUNK_FACTOR * budget:
         return max(min(rows, n), 1), vocab
-    return max(min(_MIN_ROWS, n), 1), max(budget // _MIN_ROWS, 1)
+    return max(min(MIN_CHUNK_ROWS, n), 1), max(MAX_CHUNK_FACTOR * budget // MIN_CHUNK_ROWS, 1)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:

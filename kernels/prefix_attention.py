@@ -5,7 +5,12 @@ concatenation). Visibility is computed, never loaded:
 
 - prefix columns: always visible (design §2);
 - real column j for query i: ``klo[b] <= j < khi[b]`` (key padding, left or right) and,
-  when causal, ``j <= i + S - L`` (bottom-right aligned).
+  when causal, ``j <= i + S - L`` (bottom-right aligned);
+- packed documents (``VARLEN``, B = 1, L = S, causal): ``KLO``/``KHI`` are then per token, the
+  bounds ``[doc_lo[i], doc_hi[i])`` of token i's document, and real column j is visible to query
+  i iff ``doc_lo[i] <= j <= i``. A query block reads keys from its first row's document start
+  only, and a key block's queries stop at its last key's document end, so key blocks of other
+  documents are skipped whole; the prefix part is unchanged (once per query block).
 
 Softmax runs online in the log2 domain (``qk_scale = scale * log2(e)``); the forward saves
 ``lse2 = m + log2(l)`` per row, so the backward recomputes probabilities as
@@ -108,11 +113,12 @@ def _fwd_inner(
     acc, l_i, m_i, q, k_base, v_base,
     stride_kn, stride_kd, stride_vn, stride_vd,
     offs_m, offs_d, n_lo, n_hi, n_valid_hi, shift, qk_scale, D,
-    p_drop, seed_bh, row_len, col_off,
+    p_drop, seed_bh, row_len, col_off, row_lo,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE_F32: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    """Online-softmax update over key blocks [n_lo, n_hi); columns >= n_valid_hi masked.
+    """Online-softmax update over key blocks [n_lo, n_hi); columns >= n_valid_hi masked; with
+    VARLEN also columns before the row's document start ``row_lo``.
 
     With DROPOUT, probability (i, col_off + j) is kept iff
     ``rand(seed_bh, i * row_len + col_off + j) >= p_drop`` (and scaled by 1/(1-p)); the
@@ -138,6 +144,8 @@ def _fwd_inner(
         visible = col_ok[None, :]
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= (offs_m + shift)[:, None])
+        if VARLEN:
+            visible = visible & (offs_n[None, :] >= row_lo[:, None])
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # An all-masked row keeps m = -inf; subtracting 0 instead avoids inf - inf = nan.
@@ -153,7 +161,7 @@ def _fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["L", "S", "P", "BLOCK_D", "CAUSAL", "DROPOUT"],
+@triton.autotune(configs=_FWD_CONFIGS, key=["L", "S", "P", "BLOCK_D", "CAUSAL", "DROPOUT", "VARLEN"],
                  prune_configs_by=smem_pruner(_fwd_smem))
 @triton.jit
 def _attn_fwd(
@@ -168,6 +176,7 @@ def _attn_fwd(
     H, L, S, P, D, GROUP,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE_F32: tl.constexpr,
     PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -193,14 +202,18 @@ def _attn_fwd(
         acc, l_i, m_i, q, PK + b * stride_pkb + hkv * stride_pkh, PV + b * stride_pvb + hkv * stride_pvh,
         stride_pkn, stride_pkd, stride_pvn, stride_pvd,
         offs_m, offs_d, 0, P, P, 0, qk_scale, D,
-        p_drop, seed_bh, P + S, 0,
-        False, DROPOUT, COMPUTE_F32, PREC, BLOCK_N,
+        p_drop, seed_bh, P + S, 0, offs_m,
+        False, DROPOUT, COMPUTE_F32, PREC, BLOCK_N, False,
     )
     k_lo = 0
     k_hi = S
+    row_lo = offs_m
     if HAS_PAD:
         k_lo = tl.load(KLO + b)
         k_hi = tl.load(KHI + b)
+    if VARLEN:
+        row_lo = tl.load(KLO + offs_m, mask=row_ok, other=0)
+        k_lo = tl.load(KLO + start_m)  # rows are in order: the first row's document starts first
     shift = S - L
     n_hi = k_hi
     if CAUSAL:
@@ -210,8 +223,8 @@ def _attn_fwd(
         acc, l_i, m_i, q, K + b * stride_kb + hkv * stride_kh, V + b * stride_vb + hkv * stride_vh,
         stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, k_lo, n_hi, k_hi, shift, qk_scale, D,
-        p_drop, seed_bh, P + S, P,
-        CAUSAL, DROPOUT, COMPUTE_F32, PREC, BLOCK_N,
+        p_drop, seed_bh, P + S, P, row_lo,
+        CAUSAL, DROPOUT, COMPUTE_F32, PREC, BLOCK_N, VARLEN,
     )
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -224,7 +237,7 @@ def _attn_fwd(
 
 
 @triton.autotune(configs=_DKDV_CONFIGS,
-                 key=["L", "S", "NKEYS", "BLOCK_D", "CAUSAL", "IS_PREFIX", "BATCH_SHARED", "DROPOUT"],
+                 key=["L", "S", "NKEYS", "BLOCK_D", "CAUSAL", "IS_PREFIX", "BATCH_SHARED", "DROPOUT", "VARLEN"],
                  prune_configs_by=smem_pruner(_dkdv_smem))
 @triton.jit
 def _attn_bwd_dkdv(
@@ -240,7 +253,7 @@ def _attn_bwd_dkdv(
     IS_PREFIX: tl.constexpr, BATCH_SHARED: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE_F32: tl.constexpr,
     PREC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     """dK, dV for one block of NKEYS keys (real keys, or prefix keys when IS_PREFIX)."""
     pid_n = tl.program_id(0)
@@ -288,6 +301,10 @@ def _attn_bwd_dkdv(
             if CAUSAL:
                 # Key j is first seen by query j - shift; start at that query's block.
                 m_lo = (tl.maximum(start_n - shift, 0) // BLOCK_M) * BLOCK_M
+            if VARLEN:
+                # key j is seen by the queries of its document from j on: up to its document's end
+                doc_hi_n = tl.load(KHI + offs_n, mask=col_in, other=0)
+                m_hi = tl.load(KHI + tl.minimum(start_n + BLOCK_N, NKEYS) - 1)
         for hg in range(0, GROUP):
             h = hkv * GROUP + hg
             row_base = (bb * H + h) * L
@@ -316,6 +333,8 @@ def _attn_bwd_dkdv(
                 if not IS_PREFIX:
                     if CAUSAL:
                         visible = visible & (offs_n_shift[:, None] <= offs_m[None, :])
+                    if VARLEN:
+                        visible = visible & (offs_m[None, :] < doc_hi_n[:, None])
                 p_t = tl.where(visible, p_t, 0.0)
                 dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
                 if DROPOUT:
@@ -339,9 +358,9 @@ def _dq_inner(
     dq, q, do, lse2, delta, k_base, v_base,
     stride_kn, stride_kd, stride_vn, stride_vd,
     offs_m, offs_d, n_lo, n_hi, n_valid_hi, shift, qk_scale, D,
-    p_drop, seed_bh, row_len, col_off,
+    p_drop, seed_bh, row_len, col_off, row_lo,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE_F32: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, VARLEN: tl.constexpr,
 ):
     offs_nb = tl.arange(0, BLOCK_N)
     d_ok = offs_d < D
@@ -363,6 +382,8 @@ def _dq_inner(
         visible = col_ok[None, :]
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= (offs_m + shift)[:, None])
+        if VARLEN:
+            visible = visible & (offs_n[None, :] >= row_lo[:, None])
         p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         if DROPOUT:
@@ -373,7 +394,7 @@ def _dq_inner(
     return dq
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=["L", "S", "P", "BLOCK_D", "CAUSAL", "DROPOUT"],
+@triton.autotune(configs=_DQ_CONFIGS, key=["L", "S", "P", "BLOCK_D", "CAUSAL", "DROPOUT", "VARLEN"],
                  prune_configs_by=smem_pruner(_dq_smem))
 @triton.jit
 def _attn_bwd_dq(
@@ -389,6 +410,7 @@ def _attn_bwd_dq(
     H, L, S, P, D, GROUP,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE_F32: tl.constexpr,
     PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -415,14 +437,18 @@ def _attn_bwd_dq(
         dq, q, do, lse2, delta, PK + b * stride_pkb + hkv * stride_pkh, PV + b * stride_pvb + hkv * stride_pvh,
         stride_pkn, stride_pkd, stride_pvn, stride_pvd,
         offs_m, offs_d, 0, P, P, 0, qk_scale, D,
-        p_drop, seed_bh, P + S, 0,
-        False, DROPOUT, COMPUTE_F32, PREC, BLOCK_N,
+        p_drop, seed_bh, P + S, 0, offs_m,
+        False, DROPOUT, COMPUTE_F32, PREC, BLOCK_N, False,
     )
     k_lo = 0
     k_hi = S
+    row_lo = offs_m
     if HAS_PAD:
         k_lo = tl.load(KLO + b)
         k_hi = tl.load(KHI + b)
+    if VARLEN:
+        row_lo = tl.load(KLO + offs_m, mask=row_ok, other=0)
+        k_lo = tl.load(KLO + start_m)  # rows are in order: the first row's document starts first
     shift = S - L
     n_hi = k_hi
     if CAUSAL:
@@ -431,8 +457,8 @@ def _attn_bwd_dq(
         dq, q, do, lse2, delta, K + b * stride_kb + hkv * stride_kh, V + b * stride_vb + hkv * stride_vh,
         stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, k_lo, n_hi, k_hi, shift, qk_scale, D,
-        p_drop, seed_bh, P + S, P,
-        CAUSAL, DROPOUT, COMPUTE_F32, PREC, BLOCK_N,
+        p_drop, seed_bh, P + S, P, row_lo,
+        CAUSAL, DROPOUT, COMPUTE_F32, PREC, BLOCK_N, VARLEN,
     )
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * scale).to(DQ.dtype.element_ty), mask=ld)
@@ -465,18 +491,19 @@ def _s4(t: torch.Tensor) -> tuple[int, int, int, int]:
 def attn_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor,
     out: torch.Tensor, lse2: torch.Tensor, klo: torch.Tensor | None, khi: torch.Tensor | None,
-    *, causal: bool, scale: float, dropout_p: float = 0.0, seed: int = 0,
+    *, causal: bool, scale: float, dropout_p: float = 0.0, seed: int = 0, varlen: bool = False,
 ) -> None:
     """Launch the forward: writes ``out`` [B,H,L,D] and ``lse2`` [B,H,L] (fp32, log2 domain).
 
-    ``klo``/``khi`` (int32 [B]) give each sequence's visible real-key range, or None for all.
+    ``klo``/``khi`` (int32 [B]) give each sequence's visible real-key range, or None for all; with
+    ``varlen`` (packed documents: B = 1, L = S, causal) they are per token, ``[doc_lo, doc_hi)``.
     """
     B, H, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     P = pk.shape[-2]
-    has_pad = klo is not None
-    if not has_pad:
-        klo = khi = lse2  # never read: HAS_PAD is a constexpr
+    has_pad = klo is not None and not varlen
+    if klo is None:
+        klo = khi = lse2  # never read: HAS_PAD and VARLEN are constexprs
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
     _attn_fwd[grid](
         q, k, v, pk, pv, out, lse2, klo, khi,
@@ -484,7 +511,7 @@ def attn_forward(
         *q.stride(), *k.stride(), *v.stride(), *_s4(pk), *_s4(pv), *out.stride(),
         H, L, S, P, D, H // Hkv,
         CAUSAL=causal, HAS_PAD=has_pad, DROPOUT=dropout_p > 0, COMPUTE_F32=compute_in_f32(q.dtype),
-        PREC=dot_precision(q.dtype), BLOCK_D=block_dim(D),
+        PREC=dot_precision(q.dtype), BLOCK_D=block_dim(D), VARLEN=varlen,
     )
 
 
@@ -493,22 +520,24 @@ def attn_backward(
     out: torch.Tensor, dout: torch.Tensor, lse2: torch.Tensor,
     klo: torch.Tensor | None, khi: torch.Tensor | None,
     dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, dpk: torch.Tensor, dpv: torch.Tensor,
-    *, causal: bool, scale: float, dropout_p: float = 0.0, seed: int = 0,
+    *, causal: bool, scale: float, dropout_p: float = 0.0, seed: int = 0, varlen: bool = False,
 ) -> None:
-    """Launch the backward kernels, writing dq, dk, dv, dpk, dpv (shaped like their inputs)."""
+    """Launch the backward kernels, writing dq, dk, dv, dpk, dpv (shaped like their inputs);
+    ``klo``/``khi``/``varlen`` as for :func:`attn_forward`."""
     B, H, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     P = pk.shape[-2]
     group = H // Hkv
-    has_pad = klo is not None
+    has_pad = klo is not None and not varlen
     # delta_i = rowsum(dO_i * O_i): one cheap elementwise pass (FA2's preprocess).
     delta = (dout.float() * out.float()).sum(-1).contiguous()
-    if not has_pad:
+    if klo is None:
         klo = khi = delta
     f32 = compute_in_f32(q.dtype)
     prec = dot_precision(q.dtype)
     bd = block_dim(D)
-    common = dict(CAUSAL=causal, HAS_PAD=has_pad, DROPOUT=dropout_p > 0, COMPUTE_F32=f32, PREC=prec, BLOCK_D=bd)
+    common = dict(CAUSAL=causal, HAS_PAD=has_pad, DROPOUT=dropout_p > 0, COMPUTE_F32=f32, PREC=prec, BLOCK_D=bd,
+                  VARLEN=varlen)
     if S > 0:
         grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
         _attn_bwd_dkdv[grid](

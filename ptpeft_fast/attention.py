@@ -22,7 +22,11 @@ The routes decided here, one line each (everything else is the attention op's di
 which :func:`ptpeft_fast.ops.explain` reports):
 
 - a soft-capped layer → :func:`ptpeft_fast.ops.softcapped_attention` (no fused path caps logits);
-- a layer without a prefix, or inside :func:`ptpeft_fast.disabled` → transformers' SDPA, unchanged;
+- a layer without a prefix, or inside :func:`ptpeft_fast.disabled` → transformers' SDPA, unchanged
+  (for a packed row: with the dense document mask built here, since no mask was built for it);
+- a packed row (``cu_seq_lens_q`` among the keywords, no mask: :mod:`ptpeft_fast.packing`) →
+  :func:`ptpeft_fast.ops.prefix_attention` with ``cu_seqlens`` (a sliding window shorter than the
+  longest document, or a soft cap: with the dense document mask instead);
 - otherwise :func:`ptpeft_fast.ops.prefix_decode_step` (the table's ``decode_cpp`` entry, when it
   applies) or :func:`ptpeft_fast.ops.prefix_attention`.
 """
@@ -31,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import ops
+from . import ops, packing
 
 ATTN_IMPLEMENTATION = "ptpeft"
 _registered = False
@@ -42,12 +46,21 @@ def register() -> str:
     global _registered
     if not _registered:
         from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.masking_utils import AttentionMaskInterface
 
         AttentionInterface.register(ATTN_IMPLEMENTATION, ptpeft_attention_forward)
-        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, packing.mask_function)
         _registered = True
     return ATTN_IMPLEMENTATION
+
+
+def _document_mask(cu_seqlens: torch.Tensor, T: int, window, device: torch.device) -> torch.Tensor:
+    """bool ``[1, 1, T, T]``: same document, causal, and within ``window`` keys when given."""
+    mask = ops.document_mask(cu_seqlens.to(device), T)
+    if window is not None:
+        i = torch.arange(T, device=device)
+        mask = mask & (i[None, :] > i[:, None] - int(window))[None, None]
+    return mask
 
 
 def _bottom_right_causal(L: int, S: int, device: torch.device) -> torch.Tensor:
@@ -71,6 +84,16 @@ def ptpeft_attention_forward(
     layer_prefix = getattr(module, name) if name is not None else None
     if layer_prefix is not None and not layer_prefix.enabled:
         layer_prefix = None  # inside ptpeft_fast.disabled(model)
+    cu_seqlens = kwargs.get("cu_seq_lens_q") if attention_mask is None and query.shape[0] == 1 else None
+    if cu_seqlens is not None:
+        window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+        longest = kwargs.get("max_length_q")
+        windowed = window is not None and (longest is None or longest > window)
+        if layer_prefix is None or windowed or kwargs.get("softcap") is not None:
+            # no packed fast path here: the dense document mask (and window), built once per layer call
+            attention_mask = _document_mask(cu_seqlens, query.shape[2], window, query.device)
+            cu_seqlens = None
+        kwargs = {k: v for k, v in kwargs.items() if k not in packing.FLASH_KWARGS}
     if kwargs.get("softcap") is not None:
         # Gemma 2 (and Gemma 3 when configured) cap the logits: tanh(s / c) * c. Neither SDPA nor the
         # fused op can, so such layers take the explicit path, prefix or not.
@@ -90,6 +113,11 @@ def ptpeft_attention_forward(
     if is_causal is None:
         is_causal = bool(getattr(module, "is_causal", False))
     L, S = query.shape[2], key.shape[2]
+    if cu_seqlens is not None:
+        out = ops.prefix_attention(query, key, value, prefix_k, prefix_v, causal=True, cu_seqlens=cu_seqlens,
+                                   max_seqlen=longest, scale=scaling, dropout_p=dropout if module.training else 0.0,
+                                   backend=backend)
+        return out.transpose(1, 2).contiguous(), None
     if kwargs.get("position_bias") is None and (dropout == 0.0 or not module.training):
         out = ops.prefix_decode_step(query, key, value, prefix_k, prefix_v, attention_mask, scaling, backend,
                                      causal=bool(is_causal and attention_mask is None and L > 1))

@@ -27,6 +27,7 @@ class PatchState:
     hooks: list = field(default_factory=list)
     extra_trainable: list[str] = field(default_factory=list)  # e.g. a task head that trains in every stage
     previous_attn_implementation: Any = None
+    packing_root: nn.Module | None = None  # the language model whose forward recognises packed rows
     stage: str | None = None
     stage_version: int = 0  # +1 at every set_stage: the optimizer guard checks once per version
     disabled: bool = False  # inside ptpeft_fast.disabled(model): every PT-PEFT module is bypassed

@@ -9,7 +9,7 @@ import warnings
 import torch
 from torch import nn
 
-from . import attention, fused_loss, ops, optimizer_guard
+from . import attention, fused_loss, ops, optimizer_guard, packing
 from .architectures import ResolvedComponent, attention_geometry, iter_in_scope, resolve_components
 from .call_args import ArgReader
 from .config import PTPeftConfig
@@ -77,6 +77,8 @@ def patch(model: nn.Module, config: PTPeftConfig | dict | None = None) -> nn.Mod
                 with contextlib.suppress(Exception):
                     set_attention_implementation(model, state.previous_attn_implementation, state.prefix_layers)
             raise
+        # after the positions hooks: a packed row's restarting position ids are the user's
+        state.hooks += packing.install(model, state.packing_root)
     check = _mask_check(model)
     if check is not None:
         state.hooks.append(check)
@@ -215,6 +217,8 @@ def _add_prefixes(model, config: PTPeftConfig, state: PatchState, modules) -> No
             state.prefix_layers[path] = prefix
         # also for hand-given targets (no `positions` entry): whatever the model's position scheme, a
         # left-padded row's real tokens keep positions 0..L-1 where its forward takes position_ids
+        if comp.name == "language":
+            state.packing_root = model.get_submodule(comp.root) if comp.root else model
         hook = _positions_from_mask(model, comp)
         if hook is not None:
             state.hooks.append(hook)

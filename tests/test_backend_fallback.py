@@ -51,7 +51,7 @@ def test_a_traced_call_falls_back_inside_the_op():
     for mask in (bias, _window()):
         leaves = [t.clone().requires_grad_() for t in (q, k, v, pk, pv)]
         m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-        out, _ = torch.ops.ptpeft_fast.prefix_attention_forward(*leaves, m4, None, False, 0.25, 0.0, "triton")
+        out, _ = torch.ops.ptpeft_fast.prefix_attention_forward(*leaves, m4, None, None, False, 0.25, 0.0, "triton")
         go = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
         grads = torch.autograd.grad(out, leaves, go)
         ref_leaves = [t.double().requires_grad_() for t in (q, k, v, pk, pv)]

@@ -64,7 +64,7 @@ def test_opcheck_prefix_attention(case):
         mask[1, ..., :2] = False
     dropout = c.get("dropout", 0.0)
     seed = torch.tensor([7]) if dropout else None
-    args = (q, k, v, pk, pv, mask, seed, c["causal"], 0.25, dropout, impl)
+    args = (q, k, v, pk, pv, mask, None, seed, c["causal"], 0.25, dropout, impl)
     assert ops.explain(ops.prefix_attention, q, k, v, pk, pv, causal=True, attn_mask=mask, dropout_p=dropout,
                        backend=impl).chosen == impl
     torch.library.opcheck(torch.ops.ptpeft_fast.prefix_attention_forward, args, test_utils=OPCHECK)
@@ -175,7 +175,7 @@ def test_opcheck_cuda_prefix_attention(case):
     seed = torch.tensor([7]) if dropout else None
     assert ops.explain(ops.prefix_attention, q, k, v, pk, pv, causal=True, attn_mask=mask, dropout_p=dropout,
                        backend=impl).chosen == impl
-    args = (q, k, v, pk, pv, mask, seed, True, 0.125, dropout, impl)
+    args = (q, k, v, pk, pv, mask, None, seed, True, 0.125, dropout, impl)
     torch.library.opcheck(torch.ops.ptpeft_fast.prefix_attention_forward, args, test_utils=OPCHECK)
 
 

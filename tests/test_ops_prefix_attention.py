@@ -349,7 +349,7 @@ def test_chunked_dropout_equals_reference_with_its_keep_masks():
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, pk, pv)]
     seed = torch.tensor([1234])
     scale = 1 / math.sqrt(D)
-    out, _ = torch.ops.ptpeft_fast.prefix_attention_forward(*leaves, mask, seed, True, scale, p, "chunked")
+    out, _ = torch.ops.ptpeft_fast.prefix_attention_forward(*leaves, mask, None, seed, True, scale, p, "chunked")
     go = torch.randn(out.shape, generator=g)
     grads = torch.autograd.grad(out, leaves, go)
     # the same masks, drawn as the op draws them (one chunk here), for the reference in float64
@@ -360,7 +360,8 @@ def test_chunked_dropout_equals_reference_with_its_keep_masks():
     assert _rel(out, ref) <= 1e-5
     for gr, rg in zip(grads, ref_grads, strict=True):
         assert _rel(gr, rg) <= 1e-5
-    again, _ = torch.ops.ptpeft_fast.prefix_attention_forward(q, k, v, pk, pv, mask, seed, True, scale, p, "chunked")
+    again, _ = torch.ops.ptpeft_fast.prefix_attention_forward(q, k, v, pk, pv, mask, None, seed, True, scale, p,
+                                                              "chunked")
     assert torch.equal(again, out.detach())  # the seed fixes the masks
 
 

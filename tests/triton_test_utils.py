@@ -78,8 +78,8 @@ def triton_prefix_attention(q, k, v, prefix_k, prefix_v, *, causal, attn_mask=No
         return ops.prefix_attention(q, k, v, prefix_k, prefix_v, causal=causal, attn_mask=attn_mask, scale=scale,
                                     dropout_p=dropout_p, backend="triton")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return torch.ops.ptpeft_fast.prefix_attention_forward(q, k, v, prefix_k, prefix_v, attn_mask, torch.tensor([seed]),
-                                                          causal, scale, dropout_p, "triton")[0]
+    return torch.ops.ptpeft_fast.prefix_attention_forward(q, k, v, prefix_k, prefix_v, attn_mask, None,
+                                                          torch.tensor([seed]), causal, scale, dropout_p, "triton")[0]
 
 
 def triton_lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, *, seed=None):

@@ -50,7 +50,7 @@ import torch
 
 from . import attention_chunked as chunked
 from . import availability as avail
-from . import dispatch
+from . import dispatch, documents
 from ._autocast import in_autocast_dtype
 from ._checks import check_dtype_device
 from .attention_cpu import (
@@ -92,10 +92,13 @@ class AttentionCall(NamedTuple):
     # there is no mask, or it was not asked (Triton cannot run here anyway, or the call is being
     # traced: the op then checks at run time and computes such a mask by its chunked path)
     not_ranges: Optional[str] = None
+    # packed documents (``cu_seqlens``): the longest document's length, else 0
+    max_seqlen: int = 0
+    varlen: bool = False
 
 
 def _call(q, k, v, prefix_k, prefix_v, *, causal: bool = False, attn_mask=None, scale=None, dropout_p: float = 0.0,
-          **_) -> AttentionCall:
+          cu_seqlens=None, max_seqlen: Optional[int] = None, **_) -> AttentionCall:
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, prefix_k, prefix_v))
     mask = "none" if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "float")
     not_ranges = None
@@ -104,7 +107,19 @@ def _call(q, k, v, prefix_k, prefix_v, *, causal: bool = False, attn_mask=None, 
         not_ranges = ranges_reason(attn_mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     return AttentionCall(q.device.type, q.dtype, q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2],
                          prefix_k.shape[-2], q.shape[3], prefix_k.dim() == 3, mask,
-                         attn_mask is not None and attn_mask.requires_grad, dropout_p > 0, needs_grad, not_ranges)
+                         attn_mask is not None and attn_mask.requires_grad, dropout_p > 0, needs_grad, not_ranges,
+                         _max_seqlen(cu_seqlens, max_seqlen, q.shape[2]), cu_seqlens is not None)
+
+
+def _max_seqlen(cu_seqlens, max_seqlen: Optional[int], T: int) -> int:
+    if cu_seqlens is None:
+        return 0
+    if max_seqlen is not None:
+        return int(max_seqlen)
+    # read only where it is free (CPU, eager); otherwise assume the worst, one document of T
+    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
+        return documents.longest(cu_seqlens)
+    return T
 
 
 def _empty(c: AttentionCall) -> bool:
@@ -115,6 +130,7 @@ def _decode_applies(c: AttentionCall) -> Optional[str]:
     return _first((c.device != "cpu", "CPU only"),
                   (c.needs_grad, "autograd is needed (it has no backward)"),
                   (c.L > DECODE_MAX_QUERIES, f"{c.L} queries per row > {DECODE_MAX_QUERIES}"),
+                  (c.varlen, "packed documents (cu_seqlens)"),
                   (c.dtype not in (torch.float32, torch.float64), f"{c.dtype} (fp32/fp64 only)"),
                   (not c.shared, "a per-sample prefix"), (c.dropout, "attention dropout"),
                   (c.mask_grad, "the mask requires grad"), (_empty(c), "an empty size"),
@@ -138,9 +154,11 @@ def _block_applies(c: AttentionCall) -> Optional[str]:
 
 
 def _block_auto(c: AttentionCall) -> Optional[str]:
-    """Where it was measured faster than lse_merge (see ``FLASH_PREFIX_MAX_KEYS``)."""
-    if c.P + c.S > FLASH_PREFIX_MAX_KEYS:
-        return f"{c.P + c.S} keys > {FLASH_PREFIX_MAX_KEYS} (lse_merge measured as fast or faster)"
+    """Where it was measured faster than lse_merge (see ``FLASH_PREFIX_MAX_KEYS``); packed
+    documents run one at a time, so their longest counts."""
+    keys = c.P + (c.max_seqlen if c.varlen else c.S)
+    if keys > FLASH_PREFIX_MAX_KEYS:
+        return f"{keys} keys > {FLASH_PREFIX_MAX_KEYS} (lse_merge measured as fast or faster)"
     return None
 
 
@@ -152,6 +170,8 @@ HALF_REFERENCE_MAX_SCORES = 512 * 544
 
 
 def _lse_merge_auto(c: AttentionCall) -> Optional[str]:
+    if c.varlen:  # the reference would build the dense T x T document mask
+        return None
     if c.dtype in (torch.float16, torch.bfloat16) and c.L * (c.P + c.S) <= HALF_REFERENCE_MAX_SCORES:
         return f"{c.dtype} with {c.L}x{c.P + c.S} scores per head: the reference was measured faster"
     return None
@@ -166,8 +186,21 @@ def _chunked_applies(c: AttentionCall) -> Optional[str]:
     return _first((c.mask_grad, "the mask requires grad"), (_empty(c), "an empty size"))
 
 
+def _chunked_auto(c: AttentionCall) -> Optional[str]:
+    if c.device == "cuda" or c.varlen:  # on CPU: packed documents with dropout (the others decline it)
+        return None
+    return f"{c.device}: the CPU entries above are measured faster"
+
+
 def _xformers_applies(c: AttentionCall) -> Optional[str]:
-    return _first((c.device != "cuda", "CUDA only"), (not avail.xformers_ok(), "xformers is not installed"))
+    return _first((c.device != "cuda", "CUDA only"), (not avail.xformers_ok(), "xformers is not installed"),
+                  (c.varlen, "packed documents (cu_seqlens) are not wired to xformers' block-diagonal masks"))
+
+
+def _torch_auto(c: AttentionCall) -> Optional[str]:
+    if c.varlen and not c.mask_grad and not _empty(c):
+        return "packed documents: the reference builds the dense T x T mask (asked for by name it runs)"
+    return None
 
 
 TABLE = dispatch.Table("prefix_attention", [
@@ -175,9 +208,9 @@ TABLE = dispatch.Table("prefix_attention", [
     dispatch.Impl("triton", _triton_applies, auto=("cuda",), summary="kernels/prefix_attention.py"),
     dispatch.Impl("block_cpp", _block_applies, auto=_block_auto, summary="csrc/prefix_flash_cpu.cpp"),
     dispatch.Impl("lse_merge", _lse_merge_applies, auto=_lse_merge_auto, summary="ATen CPU flash + log-sum-exp merge"),
-    dispatch.Impl("chunked", _chunked_applies, auto=("cuda",), summary="query chunks in tensor ops"),
+    dispatch.Impl("chunked", _chunked_applies, auto=_chunked_auto, summary="query chunks in tensor ops"),
     dispatch.Impl("xformers", _xformers_applies, auto=False, summary="xformers memory_efficient_attention"),
-    dispatch.Impl("torch", lambda c: None, summary="reference: plain autograd ops"),
+    dispatch.Impl("torch", lambda c: None, auto=_torch_auto, summary="reference: plain autograd ops"),
 ])
 dispatch.register(TABLE, _call)
 
@@ -207,78 +240,113 @@ def _triton():
 
 @torch.library.custom_op("ptpeft_fast::prefix_attention_forward", mutates_args=())
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
-                attn_mask: Optional[torch.Tensor], seed: Optional[torch.Tensor], causal: bool, scale: float,
-                dropout_p: float, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out [B, H, L, D] like q, lse [B, H, L])`` by implementation ``impl`` (the table's choice)."""
+                attn_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+                causal: bool, scale: float, dropout_p: float, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, H, L, D] like q, lse [B, H, L])`` by implementation ``impl`` (the table's choice);
+    with ``cu_seqlens`` (packed documents, B = 1) the Triton kernels take the offsets and every
+    other implementation runs once per document (:mod:`.documents`)."""
+    if cu_seqlens is not None and impl != "triton":
+        def one(q, k, v, pk, pv, mask, causal, scale, d):
+            return _dense_forward(q, k, v, pk, pv, mask, causal, scale, dropout_p, _doc_seed(seed, d), impl)
+
+        out, lse = documents.forward_by_document(one, q, k, v, prefix_k, prefix_v, cu_seqlens, scale)
+        return _like(out, q), lse.contiguous()
+    if impl == "triton":
+        tr = _triton()
+        try:
+            out, lse = tr.prefix_attention_forward(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, dropout_p,
+                                                   _seed(seed), cu_seqlens)
+        except tr.TritonUnsupported:  # traced: the table could not read the mask (eager calls never get here)
+            out, lse = chunked.chunked_forward(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, dropout_p,
+                                               _seed(seed))
+        return _like(out, q), lse.contiguous()
+    out, lse = _dense_forward(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, dropout_p, _seed(seed), impl)
+    return _like(out, q), lse.contiguous()
+
+
+def _doc_seed(seed: Optional[torch.Tensor], d: int) -> int:
+    """The dropout seed of document ``d`` (its own stream: documents share no query rows)."""
+    return (_seed(seed) * 1_000_033 + d) % (1 << 62)
+
+
+def _dense_forward(q, k, v, prefix_k, prefix_v, attn_mask, causal: bool, scale: float, dropout_p: float, seed: int,
+                   impl: str):
     args = (q, k, v, prefix_k, prefix_v, attn_mask, causal, scale)
     if impl == "block_cpp":
         out, lse = block_forward(*args)
     elif impl == "lse_merge":
         out, lse = lse_merge_forward(*args)
     elif impl == "chunked":
-        out, lse = chunked.chunked_forward(*args, dropout_p, _seed(seed))
-    elif impl == "triton":
-        tr = _triton()
-        try:
-            out, lse = tr.prefix_attention_forward(*args, dropout_p, _seed(seed))
-        except tr.TritonUnsupported:  # traced: the table could not read the mask (eager calls never get here)
-            out, lse = chunked.chunked_forward(*args, dropout_p, _seed(seed))
+        out, lse = chunked.chunked_forward(*args, dropout_p, seed)
     else:
         raise ValueError(f"prefix_attention_forward: no implementation {impl!r}")
-    return _like(out, q), lse.contiguous()
+    return out, lse
 
 
 @_forward_op.register_fake
-def _(q, k, v, prefix_k, prefix_v, attn_mask, seed, causal, scale, dropout_p, impl):
+def _(q, k, v, prefix_k, prefix_v, attn_mask, cu_seqlens, seed, causal, scale, dropout_p, impl):
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=acc)
 
 
 @torch.library.custom_op("ptpeft_fast::prefix_attention_backward", mutates_args=())
 def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
-                 prefix_v: torch.Tensor, attn_mask: Optional[torch.Tensor], seed: Optional[torch.Tensor],
-                 out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float, dropout_p: float, impl: str,
-                 need: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 prefix_v: torch.Tensor, attn_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                 seed: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
+                 dropout_p: float, impl: str, need: list[bool]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, dprefix_k, dprefix_v)``; an input whose ``need`` is False gets an empty tensor."""
     args = (grad_out, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, causal, scale)
-    if impl == "block_cpp":
-        grads = block_backward(*args, any(need[:3]))
-    elif impl == "lse_merge":
-        grads = lse_merge_backward(*args, need)
-    elif impl == "chunked":
-        grads = chunked.chunked_backward(*args, dropout_p, _seed(seed))
+    if cu_seqlens is not None and impl != "triton":
+        def one(grad_out, q, k, v, pk, pv, mask, out, lse, causal, scale, d):
+            return _dense_backward((grad_out, q, k, v, pk, pv, mask, out, lse, causal, scale), dropout_p,
+                                   _doc_seed(seed, d), impl, need)
+
+        grads = documents.backward_by_document(one, grad_out, q, k, v, prefix_k, prefix_v, out, lse, cu_seqlens,
+                                               scale, need)
     elif impl == "triton":
         tr = _triton()
         try:
-            grads = tr.prefix_attention_backward(*args, dropout_p, _seed(seed))
+            grads = tr.prefix_attention_backward(*args, dropout_p, _seed(seed), cu_seqlens)
         except tr.TritonUnsupported:  # the forward ran chunked for this mask (the check is the same)
             grads = chunked.chunked_backward(*args, dropout_p, _seed(seed))
     else:
-        raise ValueError(f"prefix_attention_backward: no implementation {impl!r}")
+        grads = _dense_backward(args, dropout_p, _seed(seed), impl, need)
     refs = (q, k, v, prefix_k, prefix_v)
     return tuple(_like(g, r) if n and g is not None else r.new_empty(0)
                  for g, r, n in zip(grads, refs, need, strict=True))
 
 
+def _dense_backward(args: tuple, dropout_p: float, seed: int, impl: str, need: list[bool]):
+    if impl == "block_cpp":
+        return block_backward(*args, any(need[:3]))
+    if impl == "lse_merge":
+        return lse_merge_backward(*args, need)
+    if impl == "chunked":
+        return chunked.chunked_backward(*args, dropout_p, seed)
+    raise ValueError(f"prefix_attention_backward: no implementation {impl!r}")
+
+
 @_backward_op.register_fake
-def _(grad_out, q, k, v, prefix_k, prefix_v, attn_mask, seed, out, lse, causal, scale, dropout_p, impl, need):
+def _(grad_out, q, k, v, prefix_k, prefix_v, attn_mask, cu_seqlens, seed, out, lse, causal, scale, dropout_p, impl,
+      need):
     return tuple(torch.empty_like(r) if n else r.new_empty(0)
                  for r, n in zip((q, k, v, prefix_k, prefix_v), need, strict=True))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, attn_mask, seed, causal, scale, dropout_p, impl = inputs
+    q, k, v, prefix_k, prefix_v, attn_mask, cu_seqlens, seed, causal, scale, dropout_p, impl = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, attn_mask, seed, out, lse)
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, attn_mask, cu_seqlens, seed, out, lse)
     ctx.causal, ctx.scale, ctx.dropout_p, ctx.impl = causal, scale, dropout_p, impl
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, prefix_k, prefix_v, attn_mask, seed, out, lse = ctx.saved_tensors
+    q, k, v, prefix_k, prefix_v, attn_mask, cu_seqlens, seed, out, lse = ctx.saved_tensors
     need = list(ctx.needs_input_grad[:5])
-    grads = _backward_op(grad_out, q, k, v, prefix_k, prefix_v, attn_mask, seed, out, lse, ctx.causal, ctx.scale,
-                         ctx.dropout_p, ctx.impl, need)
-    return tuple(g if n else None for g, n in zip(grads, need, strict=True)) + (None,) * 6
+    grads = _backward_op(grad_out, q, k, v, prefix_k, prefix_v, attn_mask, cu_seqlens, seed, out, lse, ctx.causal,
+                         ctx.scale, ctx.dropout_p, ctx.impl, need)
+    return tuple(g if n else None for g, n in zip(grads, need, strict=True)) + (None,) * 7
 
 
 torch.library.register_autograd("ptpeft_fast::prefix_attention_forward", _backward, setup_context=_setup_context)
@@ -376,11 +444,29 @@ def _validate(q, k, v, prefix_k, prefix_v, attn_mask, scale, dropout_p) -> None:
         raise ValueError(f"prefix_attention: dropout_p must be in [0, 1), got {dropout_p!r}")
 
 
-def _run(impl: str, q, k, v, prefix_k, prefix_v, attn_mask, causal: bool, scale: float, dropout_p: float):
+def _validate_documents(q, k, attn_mask, causal: bool, cu_seqlens, max_seqlen) -> None:
+    """Packed documents: one row, self-attention, causal, no other mask; offsets that fit."""
+    B, _, T, _ = q.shape
+    problem = _first((B != 1, f"q has batch {B}: pack the documents into one row ([1, H, T, D])"),
+                     (k.shape[2] != T, f"k has {k.shape[2]} tokens but q has {T}: no cache with packed documents"),
+                     (attn_mask is not None, "attn_mask is given too: the offsets are the mask, pass one or the other"),
+                     (not causal, "causal=False: documents attend causally within themselves, pass causal=True"))
+    if problem is not None:
+        raise ValueError(f"prefix_attention: packed documents (cu_seqlens): {problem}")
+    documents.check_offsets(cu_seqlens, T, q.device, check_values=not torch.compiler.is_compiling())
+    if max_seqlen is not None and (not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < 0):
+        raise ValueError(
+            f"prefix_attention: max_seqlen must be a Python int (the longest document), got {max_seqlen!r}")
+
+
+def _run(impl: str, q, k, v, prefix_k, prefix_v, attn_mask, causal: bool, scale: float, dropout_p: float,
+         cu_seqlens: Optional[torch.Tensor] = None):
     """The chosen implementation, without argument checks (those ran already)."""
     if attn_mask is not None and attn_mask.dim() < 4:
         attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     if impl == "torch":
+        if cu_seqlens is not None:  # the spec: the dense document mask
+            attn_mask = documents.document_mask(cu_seqlens, q.shape[2])
         return reference_attention(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, dropout_p)
     if impl == "decode_cpp":
         return _decode_op(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale)
@@ -390,7 +476,8 @@ def _run(impl: str, q, k, v, prefix_k, prefix_v, attn_mask, causal: bool, scale:
         return xformers_ops.prefix_attention(q, k, v, prefix_k, prefix_v, causal=causal, attn_mask=attn_mask,
                                              scale=scale, dropout_p=dropout_p)
     seed = torch.randint(0, 2**30, (1,), dtype=torch.int64) if dropout_p > 0 else None
-    out, _ = _forward_op(q, k, v, prefix_k, prefix_v, attn_mask, seed, causal, scale, float(dropout_p), impl)
+    out, _ = _forward_op(q, k, v, prefix_k, prefix_v, attn_mask, cu_seqlens, seed, causal, scale, float(dropout_p),
+                         impl)
     return out
 
 
@@ -407,6 +494,8 @@ def prefix_attention(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     backend: str = "auto",
+    cu_seqlens: Optional[torch.Tensor] = None,
+    max_seqlen: Optional[int] = None,
 ) -> torch.Tensor:
     """Attention of ``q`` over ``P`` never-masked prefix keys plus the real keys.
 
@@ -423,6 +512,14 @@ def prefix_attention(
         dropout_p: attention-probability dropout (prefix and real keys alike).
         backend: ``"auto"`` or an implementation of :data:`TABLE` (``"torch"``: the reference);
             :func:`ptpeft_fast.ops.explain` says which runs and why.
+        cu_seqlens: packed documents ("varlen", as FlashAttention's and transformers'
+            ``cu_seq_lens_q``): int32 ``[n_docs + 1]`` offsets from 0 to ``T`` with q ``[1, H, T, D]``
+            and k, v ``[1, Hkv, T, D]``; query ``i`` of document ``d`` sees every prefix key and the
+            keys ``cu_seqlens[d] <= j <= i`` (``causal=True``, no ``attn_mask``). Work is
+            ``Σ Lᵢ·(Lᵢ + P)``, never ``T²`` (:mod:`ptpeft_fast.ops.documents`).
+        max_seqlen: the longest document (a Python int), as transformers' ``max_length_q``; read
+            from ``cu_seqlens`` when not given (on CPU; on CUDA taken as ``T``). Used to choose the
+            implementation only.
 
     Returns:
         ``[B, H, L, D]`` in ``q``'s dtype (transpose to ``[B, L, H, D]`` for transformers);
@@ -434,10 +531,13 @@ def prefix_attention(
             (:class:`~ptpeft_fast.ops.dispatch.BackendUnsupported`) when a named backend cannot run the call.
     """
     _validate(q, k, v, prefix_k, prefix_v, attn_mask, scale, dropout_p)
+    if cu_seqlens is not None:
+        _validate_documents(q, k, attn_mask, causal, cu_seqlens, max_seqlen)
+        cu_seqlens = cu_seqlens.to(torch.int32)
     impl = TABLE.choose(backend, _call(q, k, v, prefix_k, prefix_v, causal=causal, attn_mask=attn_mask,
-                                       dropout_p=dropout_p))
+                                       dropout_p=dropout_p, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen))
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
-    return _run(impl, q, k, v, prefix_k, prefix_v, attn_mask, bool(causal), scale, float(dropout_p))
+    return _run(impl, q, k, v, prefix_k, prefix_v, attn_mask, bool(causal), scale, float(dropout_p), cu_seqlens)
 
 
 def prefix_decode_step(

@@ -32,6 +32,7 @@ from ptpeft_fast.kernels import prefix_attention as _pak
 
 from . import mask_ranges
 from .dispatch import BackendUnsupported
+from .documents import token_bounds
 
 __all__ = [
     "TritonUnsupported",
@@ -120,8 +121,20 @@ def _check_prefix_attention(q: torch.Tensor) -> None:
         raise TritonUnsupported(f"dtype {q.dtype} is not supported (fp16, bf16, fp32)")
 
 
+def _bounds(cu_seqlens, attn_mask, B: int, H: int, L: int, S: int, causal: bool):
+    """``(klo, khi, causal, varlen)`` for the kernels: per-sequence key ranges, or with
+    ``cu_seqlens`` (packed documents) per-token document bounds."""
+    if cu_seqlens is None:
+        return (*_key_ranges(attn_mask, B, H, L, S, causal), False)
+    if B != 1 or L != S or attn_mask is not None or not causal:
+        raise TritonUnsupported("packed documents need one row, no cache, no attn_mask and causal=True")
+    doc_lo, doc_hi = token_bounds(cu_seqlens, L)
+    return doc_lo, doc_hi, True, True
+
+
 def prefix_attention_forward(q, k, v, prefix_k, prefix_v, attn_mask, causal: bool, scale: float, dropout_p: float,
-                             seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+                             seed: int, cu_seqlens: Optional[torch.Tensor] = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B,H,L,D], lse [B,H,L] fp32)`` of the Triton flash kernel over [prefix ; real keys].
 
     Shapes: q ``[B,H,L,D]``; k, v ``[B,Hkv,S,D]``; prefix ``[Hkv,P,D]`` (shared by the batch) or
@@ -129,26 +142,29 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, attn_mask, causal: boo
     ``attn_mask`` if given, else bottom-right causality if ``causal``, else all. ``dropout_p > 0``
     drops attention probabilities with an in-kernel RNG keyed by ``seed``; the keep mask is
     :func:`attention_dropout_mask` ``(B, H, L, P + S, dropout_p, seed)``, regenerated in the backward.
+    ``cu_seqlens`` (int32 ``[n_docs + 1]``, B = 1): packed documents, each causal within itself
+    (:mod:`ptpeft_fast.ops.documents`).
     Raises :class:`TritonUnsupported` for unsupported masks, dtypes or head dim > 256.
     """
     _check_prefix_attention(q)
     B, H, L, D = q.shape
-    klo, khi, causal = _key_ranges(attn_mask, B, H, L, k.shape[2], causal)
+    klo, khi, causal, varlen = _bounds(cu_seqlens, attn_mask, B, H, L, k.shape[2], causal)
     out = _new((B, H, L, D), q.dtype, q.device)
     lse2 = _new((B, H, L), torch.float32, q.device)
     _pak.attn_forward(q, k, v, prefix_k, prefix_v, out, lse2, klo, khi, causal=causal, scale=scale,
-                      dropout_p=dropout_p, seed=seed)
+                      dropout_p=dropout_p, seed=seed, varlen=varlen)
     return out, lse2
 
 
 def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, causal: bool, scale: float,
-                              dropout_p: float, seed: int) -> tuple[torch.Tensor, ...]:
+                              dropout_p: float, seed: int, cu_seqlens: Optional[torch.Tensor] = None
+                              ) -> tuple[torch.Tensor, ...]:
     """``(dq, dk, dv, dprefix_k, dprefix_v)`` for :func:`prefix_attention_forward`'s ``(out, lse)``."""
     B, H, L, D = q.shape
-    klo, khi, causal = _key_ranges(attn_mask, B, H, L, k.shape[2], causal)
+    klo, khi, causal, varlen = _bounds(cu_seqlens, attn_mask, B, H, L, k.shape[2], causal)
     dq, dk, dv, dpk, dpv = (_new_like(t) for t in (q, k, v, prefix_k, prefix_v))
     _pak.attn_backward(q, k, v, prefix_k, prefix_v, out, grad_out, lse, klo, khi, dq, dk, dv, dpk, dpv,
-                       causal=causal, scale=scale, dropout_p=dropout_p, seed=seed)
+                       causal=causal, scale=scale, dropout_p=dropout_p, seed=seed, varlen=varlen)
     return dq, dk, dv, dpk, dpv
 
 

@@ -126,8 +126,10 @@ def test_prefix_stage_and_gradient_checkpointing():
     m = _patched(_llama(2))
     pf.set_stage(m, "prefix")
     m.train()
-    enable = getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable  # renamed in 5.25
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(m, "activation_checkpointing_enable"):  # transformers 5.25's name
+        m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     docs = _docs((4, 8, 3))
     params = [p for p in m.parameters() if p.requires_grad]
     grads = torch.autograd.grad(m(**_packed(docs, "flash_kwargs")).loss, params)
@@ -205,3 +207,77 @@ def test_explain_names_the_varlen_implementation():
     pk, pv = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
     cu = torch.tensor([0, 5, 12], dtype=torch.int32)
     assert ops.explain(ops.prefix_attention, q, k, v, pk, pv, causal=True, cu_seqlens=cu).chosen == "block_cpp"
+
+
+def _text_model_folder(tmp_path) -> str:
+    """A tiny Llama (GQA) and the tiny word-level tokenizer, saved as a local model folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ptpeft_fast.models.tiny_blip2 import build_tokenizer
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=2,
+                      eos_token_id=2, pad_token_id=0)
+    folder = tmp_path / "tiny-llama"
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def test_cli_packed_and_padded_stages_take_the_same_steps(tmp_path, monkeypatch):
+    """train.packing: the same data packed (no padding, varlen attention) and padded give the same
+    per-step losses in both stages; the report says which ran."""
+    from ptpeft_fast.train.config import load_config
+    from ptpeft_fast.train.tasks import make_run
+
+    from _train_helpers import events
+
+    folder = _text_model_folder(tmp_path)
+    rows = []
+    real = packing.offsets_from_position_ids
+    monkeypatch.setattr(packing, "offsets_from_position_ids", lambda ids: rows.append(1) or real(ids))
+    base = [f"model.name={folder}", "data.format=synthetic-text", "data.train={n: 6}", "data.val={n: 1}",
+            "train.progress=false", "train.num_threads=1", "train.log_every=1", "stage1.batch_size=4",
+            "stage2.batch_size=4", "stage2.grad_accum=2", "stage1.max_steps=3", "stage2.max_steps=3",
+            "stage1.prefix.num_tokens=4", "stage1.prefix.hidden_size=16", "eval.zero_shot=false",
+            "eval.after_each_stage=false", "eval.spectrum=false", "eval.max_new_tokens=2"]
+    make_run(load_config(None, base), str(tmp_path / "padded")).execute()
+    assert not rows
+    packed_cfg = load_config(None, base + ["train.packing=true", "train.max_tokens=40"])
+    make_run(packed_cfg, str(tmp_path / "packed")).execute()
+    assert rows  # the packed rows went through the varlen path
+    padded = [e["loss"] for e in events(str(tmp_path / "padded"), "train")]
+    packed = [e["loss"] for e in events(str(tmp_path / "packed"), "train")]
+    assert len(padded) == len(packed) == 6
+    assert all(abs(a - b) <= 1e-5 * max(1.0, abs(b)) for a, b in zip(packed, padded, strict=True)), (packed, padded)
+    report = (tmp_path / "packed" / "results.md").read_text()
+    assert "packed without padding (train.packing=true, rows of at most 40 tokens" in report
+    assert "padded to each micro-batch's longest sequence" in (tmp_path / "padded" / "results.md").read_text()
+
+
+def test_best_fit_decreasing():
+    from ptpeft_fast.train.packed_batches import best_fit_decreasing
+
+    bins = best_fit_decreasing([5, 9, 3, 7, 4, 12], 12)
+    assert sorted(i for b in bins for i in b) == list(range(6))
+    assert all(sum([5, 9, 3, 7, 4, 12][i] for i in b) <= 12 for b in bins)
+    assert len(bins) == 4  # 12 | 9+3 | 7+5 | 4
+    assert best_fit_decreasing([20, 3], 10) == [[0], [1]]  # too long: a row of its own
+    assert best_fit_decreasing([2, 3], None) == [[0, 1]]
+
+
+def test_cli_refuses_packing_where_it_cannot_apply(tmp_path):
+    from ptpeft_fast.train.config import ConfigError, load_config
+    from ptpeft_fast.train.tasks import make_run
+
+    with pytest.raises(ConfigError, match="train.strategy=fsdp"):
+        load_config(None, ["train.packing=true", "train.strategy=fsdp"])
+    with pytest.raises(ConfigError, match="train.max_tokens must be a positive integer"):
+        load_config(None, ["train.max_tokens=0"])
+    c = load_config(None, ["model.pretrained=false", "data.train.n=4", "data.val.n=1", "train.progress=false",
+                           "stage1.batch_size=2", "stage2.batch_size=2", "train.packing=true"])
+    with pytest.raises(ConfigError, match="cannot take a packed batch"):  # tiny-blip2: query tokens, images
+        make_run(c, str(tmp_path / "blip2")).execute()
+    assert not (tmp_path / "blip2" / "checkpoints").exists()

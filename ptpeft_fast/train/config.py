@@ -21,7 +21,7 @@ NULLABLE = {"model.pretrained_path", "data.prompt", "eval.stop_at", "data.max_tr
             "stage1.max_steps", "stage2.max_steps", "eval.max_samples", "eval.use_java",
             "train.interrupt_after_steps", "output.dir", "stage2.adapter", "stage2.lora",
             "train.max_grad_norm", "data.per_class",
-            "stage1.head_lr", "stage2.head_lr"}
+            "stage1.head_lr", "stage2.head_lr", "train.max_tokens"}
 
 DEFAULTS: dict[str, Any] = {
     "model": {
@@ -93,6 +93,8 @@ DEFAULTS: dict[str, Any] = {
         "compile": False,              # torch.compile the model for training (both stages)
         "compile_backend": "inductor", # torch.compile backend (inductor | aot_eager | ...)
         "fused_loss": True,            # the LM head + cross-entropy fused (ptpeft_fast.fused_loss); false: logits
+        "packing": False,              # pack each micro-batch's sequences into rows without padding (text decoders)
+        "max_tokens": None,            # tokens per packed row (null: one row per micro-batch)
         "interrupt_after_steps": None, # testing: act as if Ctrl-C came after N optimizer steps
     },
     # overrides ("key=value") that `--quick` applies after the file: a preset's short version
@@ -265,6 +267,16 @@ def validate(cfg: dict) -> None:
         if sc["batch_size"] % sc["grad_accum"]:
             raise ConfigError(f"{s}.batch_size ({sc['batch_size']}) must be divisible by {s}.grad_accum "
                               f"({sc['grad_accum']})")
+    max_tokens = cfg["train"]["max_tokens"]
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ConfigError(f"train.max_tokens must be a positive integer or null, got {max_tokens!r}")
+    if cfg["train"]["packing"]:
+        if cfg["data"]["task"] == "classification":
+            raise ConfigError("train.packing=true packs generation tasks (caption, vqa); the classification task "
+                              "reads one sentence per row: set train.packing=false")
+        if cfg["train"]["strategy"] == "fsdp":
+            raise ConfigError("train.packing=true with train.strategy=fsdp: ranks may pack their batches into "
+                              "different numbers of rows, which FSDP's collectives cannot take; use strategy=ddp")
     stop = cfg["eval"]["stop_at"]
     if stop is not None and (not isinstance(stop, str) or not stop):
         raise ConfigError(f"eval.stop_at must be a non-empty string or null, got {stop!r}")

@@ -96,9 +96,12 @@ def eval_rows(out: str, phases: list[str]) -> list[dict]:
     return [by_phase[ph] for ph in phases if ph in by_phase]
 
 
-def write_report(out: str, rows: list[dict], task: str, tau: float, title: str) -> tuple[str, str | None]:
-    """Write ``results.md`` (and ``spectrum.png`` when rows carry spectra); returns their paths."""
-    md = f"# {title}\n\n" + report.results_table(rows, report.metric_names(task))
+def write_report(out: str, rows: list[dict], task: str, tau: float, title: str,
+                 notes: tuple[str, ...] = ()) -> tuple[str, str | None]:
+    """Write ``results.md`` (and ``spectrum.png`` when rows carry spectra); returns their paths.
+    ``notes``: lines listed under the title."""
+    listed = "".join(f"- {n}\n" for n in notes) + ("\n" if notes else "")
+    md = f"# {title}\n\n" + listed + report.results_table(rows, report.metric_names(task))
     curves = {r["method"]: r["spectrum"]["curve"] for r in rows if r.get("spectrum")}
     png = None
     if curves:

@@ -19,6 +19,7 @@ from typing import Callable
 from . import report, run_folder
 from .config import apply_override, validate
 from .methods import METHODS, SEED_FREE
+from .packed_batches import batches_note
 
 
 def _budget(stage: dict) -> str:
@@ -153,6 +154,7 @@ def write_experiment_report(out: str, groups: list[dict], base: dict, py: str, s
             f"- evaluated on the `{ev['split']}` split ({n_eval} {unit}); {scores}\n"
             f"- stage budgets: stage 1 {_budget(base['stage1'])}, stage 2 {_budget(base['stage2'])}; "
             f"a PT- method runs both\n"
+            f"- {batches_note(base)}\n"
             f"- time: {sum(r['seconds'] for g in groups for r in g['rows']) / 60:.1f} min summed over the runs "
             f"(wall time of the invocation that wrote this file: {seconds / 60:.1f} min)\n\n")
     md = head + "\n".join(lines) + "\n"

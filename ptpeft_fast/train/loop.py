@@ -100,7 +100,8 @@ class TrainingRun(RunContext, Protocol):
 
     task: Task
     resume: bool
-    train_collate: Callable[[list], dict]
+    # items -> a batch; with train.packing, -> its packed rows (one forward each)
+    train_collate: Callable[[list], "dict | list[dict]"]
     autocast_dtype: torch.dtype | None
     steps_this_process: int
 
@@ -245,12 +246,13 @@ def accumulate(run: TrainingRun, fwd, plan: StagePlan, step: int, scaler) -> tor
     batches = []
     for a in range(plan.accum):
         lo = a * plan.micro * plan.world + di.rank * plan.micro
-        batches.append(run.train_collate([run.data.train[i] for i in gidx[lo:lo + plan.micro]]))
+        batch = run.train_collate([run.data.train[i] for i in gidx[lo:lo + plan.micro]])
+        batches += batch if isinstance(batch, list) else [batch]
     count = torch.tensor(float(sum(run.task.batch_count(b) for b in batches)))
     count = all_reduce(count, di).clamp_min(1.0)
     loss_total = torch.zeros(())
     for a, b in enumerate(batches):
-        last = a == plan.accum - 1
+        last = a == len(batches) - 1  # packed: a micro-batch may be several rows
         if run.fsdp:
             run.model.set_requires_gradient_sync(last)  # reduce-scatter once per step
         sync = contextlib.nullcontext() if (plan.world == 1 or last or run.fsdp) else fwd.no_sync()

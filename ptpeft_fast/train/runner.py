@@ -19,6 +19,8 @@ import torch
 from ..atomic_files import remove_stale_temporaries
 from ..config import PTPeftConfig
 from ..disable import disabled
+from ..models import has_image_input
+from ..packing import packing_refusal
 from ..patching import patch
 from ..stages import mark_trainable, set_stage, trainable_parameters
 from . import run_folder
@@ -28,6 +30,7 @@ from .distributed import barrier, init_distributed
 from .evaluation import eval_rows, record_eval, set_eval, write_report
 from .fsdp import shard
 from .loop import StagePlan, plan_stage, stage_mode, train_stage
+from .packed_batches import PackingCollator, batches_note
 from .run_state import load_stage_checkpoint, save_stage_checkpoint, trainable
 from .task import Task, TaskData
 
@@ -146,6 +149,14 @@ class Run:
 
     def make_collators(self) -> None:
         self.train_collate, self.eval_collate = self.task.collators(self)
+        tc = self.cfg["train"]
+        if tc["packing"]:
+            reason = packing_refusal(self.model) or ("its inputs carry images" if has_image_input(self.processor)
+                                                     else None)
+            if reason is not None:
+                raise ConfigError(f"train.packing=true: model.name={self.cfg['model']['name']!r} cannot take a packed "
+                                  f"batch ({reason}); set train.packing=false")
+            self.train_collate = PackingCollator(self.train_collate, tc["max_tokens"])
 
     def patch(self) -> None:
         """Add the configured PT-PEFT modules (a plain full fine-tune or a linear probe adds none)."""
@@ -227,7 +238,7 @@ class Run:
         rows = eval_rows(self.out, phases)
         if self.di.main:
             write_report(self.out, rows, self.task.kind, self.cfg["eval"]["tau"],
-                         title=self.task.report_title(self.cfg))
+                         title=self.task.report_title(self.cfg), notes=(batches_note(self.cfg),))
             self.log(f"done in {time.time() - t0:.0f}s; results: {os.path.join(self.out, run_folder.RESULTS)}")
         barrier(self.di)
         return rows

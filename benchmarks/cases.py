@@ -323,6 +323,135 @@ def build_fused_loss_step(B: int = 4, L: int = 256, P: int = 32, r: int = 16, su
     )
 
 
+def code_caption_batch(tokenizer, B: int, seed: int) -> dict:
+    """``B`` random training records of the SmolLM2 preset's corpus (stdlib code captions), as the
+    training CLI collates them: the preset's prompt, left padding, labels on the caption only."""
+    import os
+
+    from ptpeft_fast.data import load_split
+    from ptpeft_fast.models import MMCollator
+    from ptpeft_fast.train.config import load_config
+
+    preset = load_config(os.path.join(os.path.dirname(pf.__file__), "configs", "smollm2-code-captions.yaml"))
+    ds = load_split(preset["data"], "train")
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:B].tolist()
+    return MMCollator(tokenizer, preset["data"]["prompt"], train=True)([ds[i] for i in order])
+
+
+def build_packed_step(B: int = 16, P: int = 32, r: int = 16, seed: int = 0, name: str = "smollm2_packed_step",
+                      target: Optional[float] = 0.70, rounds: int = 5) -> Case:
+    """A PT-LoRA step (prefix + LoRA on q/v train) on ``B`` code-caption records packed into one
+    row (no padding, varlen prefix attention), against the same model on the padded batch
+    (what the training CLI does without train.packing) and PEFT LoRA on the padded batch."""
+    from peft import LoraConfig, get_peft_model
+
+    from ptpeft_fast.models.smollm2 import load_smollm2
+    from ptpeft_fast.train.packed_batches import PackingCollator
+
+    base, shape = base_model(seed, {}, "smollm2")
+    padded = code_caption_batch(load_smollm2(log=lambda _: None)[1], B, seed)
+    padded = {k: v for k, v in padded.items() if k in ("input_ids", "attention_mask", "labels")}
+    (packed,) = PackingCollator(lambda _: padded, None)([])
+    cfg = {"prefix": {"num_tokens": P, "reparam": "none"}, "lora": {"r": r, "targets": ["q_proj", "v_proj"]}}
+    ours = pf.patch(copy.deepcopy(base), pf.PTPeftConfig.from_dict(cfg))
+    pf.set_stage(ours, "peft")
+    ours.train()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # a trained-looking LoRA and prefix
+        for n, a in ours.named_parameters():
+            if a.requires_grad:
+                a.copy_(torch.randn(a.shape, generator=g, dtype=a.dtype) * (0.02 if "lora_B" in n else 0.5))
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=16, lora_dropout=0.0,
+                                                                target_modules=["q_proj", "v_proj"])).train()
+    trainable = [p for p in ours.parameters() if p.requires_grad]
+    peft_params = [p for p in peft_model.parameters() if p.requires_grad]
+
+    def step(batch):
+        def run():
+            loss = _train_step(ours, **batch)
+            return loss, _grads_and_clear(trainable)
+        return run
+
+    def peft():
+        loss = _train_step(peft_model, **padded)
+        _grads_and_clear(peft_params)
+        return loss
+
+    def outs(res):
+        loss, grads = res
+        return {"loss": loss.detach(), **{f"g{i}": t for i, t in enumerate(grads)}}
+
+    real = int(padded["attention_mask"].sum())
+    cells = padded["input_ids"].numel()
+    targets = int((padded["labels"][:, 1:] != -100).sum())
+    return Case(
+        name=name,
+        shape=(f"B={B} code-caption records (preset's prompt): {real} real tokens, {cells} padded "
+               f"({100 * (cells - real) / cells:.0f}% padding), {targets} target tokens; P={P}, LoRA r={r} on "
+               f"q_proj/v_proj; {shape}"),
+        rounds=rounds, warmup=1, extra={"target_tokens": targets},
+        sides={
+            "ours": Side("ours", "ours", "ptpeft_fast PT-LoRA, packed into one row (varlen prefix attention)",
+                         step(packed), outs),
+            "padded": Side("padded", "peer", "the same model on the padded batch (train.packing=false)",
+                           step(padded), outs, equivalent=True, target=target,
+                           target_text=None if target is None else f"≤ {target:.2f}×", rtol=1e-4),
+            "peft_lora": Side("peft_lora", "peer", "PEFT LoRA alone (no prefix), padded batch", peft,
+                              lambda r: {"loss": r.detach()}, target=target,
+                              target_text=None if target is None else f"≤ {target:.2f}×"),
+        },
+    )
+
+
+def build_varlen_attention(T: int = 4096, docs: int = 32, H: int = 9, Hkv: int = 3, D: int = 64, P: int = 32,
+                           seed: int = 0, name: str = "varlen_attention", target: Optional[float] = 0.2,
+                           rounds: int = 10) -> Case:
+    """The attention op alone on one packed row of ``docs`` documents (lengths drawn uniformly on
+    the simplex), forward + backward: ``cu_seqlens`` against the same call given the dense
+    block-diagonal mask (what transformers builds for a packed row)."""
+    from ptpeft_fast.ops import documents
+
+    g = torch.Generator().manual_seed(seed)
+    cuts = torch.sort(torch.randperm(T - 1, generator=g)[:docs - 1] + 1).values
+    cu = torch.cat([torch.tensor([0]), cuts, torch.tensor([T])]).to(torch.int32)
+    q = torch.randn(1, H, T, D, generator=g).requires_grad_()
+    k, v = (torch.randn(1, Hkv, T, D, generator=g).requires_grad_() for _ in range(2))
+    pk, pv = (torch.randn(Hkv, P, D, generator=g).requires_grad_() for _ in range(2))
+    mask = documents.document_mask(cu, T)
+    go = torch.randn(1, H, T, D, generator=g)
+    leaves = [q, k, v, pk, pv]
+
+    def run(**kw):
+        def f():
+            out = ops.prefix_attention(q, k, v, pk, pv, causal=True, **kw)
+            return out, _grad(out, leaves, go)
+        return f
+
+    def outs(res):
+        out, grads = res
+        return {"out": out.detach(), **{f"d{n}": t for n, t in zip("q k v pk pv".split(), grads, strict=True)}}
+
+    lengths = (cu[1:] - cu[:-1])
+    return Case(
+        name=name,
+        shape=f"T={T}, {docs} documents ({int(lengths.min())}–{int(lengths.max())} tokens), H={H} Hkv={Hkv} D={D} "
+              f"P={P}, fp32, fwd+bwd",
+        rounds=rounds, warmup=1,
+        sides={
+            "ours": Side("ours", "ours", f"cu_seqlens ({_chosen(q, k, v, pk, pv, cu_seqlens=cu)})",
+                         run(cu_seqlens=cu), outs),
+            "dense_mask": Side("dense_mask", "peer",
+                               f"the dense [1,1,T,T] document mask ({_chosen(q, k, v, pk, pv, attn_mask=mask)})",
+                               run(attn_mask=mask), outs, equivalent=True, target=target,
+                               target_text=None if target is None else f"≤ {target:.2f}×", rtol=1e-5),
+        },
+    )
+
+
+def _chosen(*tensors, **kw) -> str:
+    return ops.explain(ops.prefix_attention, *tensors, causal=True, **kw).chosen
+
+
 # ---------------------------------------------------------------------------------------
 # Model cases (tiny Llama)
 # ---------------------------------------------------------------------------------------
@@ -800,6 +929,9 @@ BUILDERS: dict[str, Callable[..., Case]] = {
     "smollm2_fused_loss_long": _in_dtype(functools.partial(
         build_fused_loss_step, B=1, L=1024, model="smollm2", name="smollm2_fused_loss_long", target=None,
         memory_target=None)),
+    # packed documents (issue 32)
+    "varlen_attention": build_varlen_attention,
+    "smollm2_packed_step": _in_dtype(build_packed_step),
 }
 SMOLLM2_CASES = tuple(n for n in BUILDERS if n.startswith("smollm2_"))
 
@@ -829,4 +961,6 @@ TINY: dict[str, dict[str, Any]] = {
     "smollm2_fused_loss_step": dict(B=2, L=8, P=4, r=4, dtype=torch.float64),
     "smollm2_fused_loss_masked": dict(B=2, L=8, P=4, r=4, dtype=torch.float64),
     "smollm2_fused_loss_long": dict(B=1, L=12, P=4, r=4, dtype=torch.float64),
+    "varlen_attention": dict(T=40, docs=5, H=2, Hkv=1, D=8, P=3),
+    "smollm2_packed_step": dict(B=3, P=4, r=4, dtype=torch.float64),
 }

@@ -83,3 +83,8 @@ def test_smollm2_fused_loss_masked(benchmark, side):
 @pytest.mark.parametrize("side", ["ours", "transformers_loss", "peft_lora"])
 def test_smollm2_fused_loss_long(benchmark, side):
     run_side(benchmark, "smollm2_fused_loss_long", side)
+
+
+@pytest.mark.parametrize("side", ["ours", "padded", "peft_lora"])
+def test_smollm2_packed_step(benchmark, side):
+    run_side(benchmark, "smollm2_packed_step", side)

@@ -27,3 +27,8 @@ def test_linear_cross_entropy(benchmark, side):
 @pytest.mark.parametrize("side", ["ours", "unfused"])
 def test_linear_cross_entropy_V262k(benchmark, side):
     run_side(benchmark, "linear_cross_entropy_V262k", side)
+
+
+@pytest.mark.parametrize("side", ["ours", "dense_mask"])
+def test_varlen_attention(benchmark, side):
+    run_side(benchmark, "varlen_attention", side)

@@ -85,6 +85,14 @@ def test_triton_half_precision(dtype, fast_interpreter):  # noqa: F811
     _check("triton", LENGTHS["long"], dtype=dtype, device=DEVICE, H=4, Hkv=1)
 
 
+def test_triton_declines_documents_with_dropout():
+    """That branch spilled registers (tools/compile_matrix.py): chunked runs it, and says why."""
+    q, k, v, pk, pv = (t.detach() for t in _inputs(LENGTHS["mixed"]))
+    ex = ops.explain(prefix_attention, q, k, v, pk, pv, causal=True, cu_seqlens=_offsets(LENGTHS["mixed"]),
+                     dropout_p=0.1)
+    assert "attention dropout" in ex.declined["triton"]
+
+
 def test_half_precision_cpu_and_float64_gradcheck():
     _check("lse_merge", LENGTHS["mixed"], dtype=torch.bfloat16)
     q, k, v, pk, pv = (t.detach().double().requires_grad_() for t in _inputs((3, 1, 4), H=2, Hkv=1, D=4, P=2))

@@ -136,6 +136,23 @@ def attention_launches(dtype: torch.dtype, d: int, modes=ATTN_MODES, acts=ACTS):
                                  torch.empty_like(k), torch.empty_like(v), torch.empty_like(pk), torch.empty_like(pv),
                                  **kw)
             yield f"D={d}", go
+    # packed documents (VARLEN): one row, causal, per-token document bounds; never with dropout (the
+    # table sends packed documents with attention dropout to chunked: that branch spilled 8-32 B)
+    q1, out1, dout1 = (torch.zeros(1, H, L, d, dtype=dtype) for _ in range(3))
+    k1, v1 = (torch.zeros(1, HKV, L, d, dtype=dtype) for _ in range(2))
+    lse1 = torch.zeros(1, H, L)
+    lo, hi = torch.zeros(L, dtype=torch.int32), torch.full((L,), L, dtype=torch.int32)
+    if any(causal and not drop for causal, drop in modes):
+        for shared in (False, True):
+            pk, pv = (torch.zeros(*(() if shared else (1,)), HKV, P, d, dtype=dtype) for _ in range(2))
+            kw = dict(causal=True, scale=d ** -0.5, dropout_p=0.0, seed=1, varlen=True)
+
+            def go(pk=pk, pv=pv, kw=kw):
+                PA.attn_forward(q1, k1, v1, pk, pv, out1, lse1, lo, hi, **kw)
+                PA.attn_backward(q1, k1, v1, pk, pv, out1, dout1, lse1, lo, hi, torch.empty_like(q1),
+                                 torch.empty_like(k1), torch.empty_like(v1), torch.empty_like(pk),
+                                 torch.empty_like(pv), **kw)
+            yield f"D={d}", go
 
 
 def lora_launches(dtype: torch.dtype, r: int, modes=ATTN_MODES, acts=ACTS):

@@ -52,6 +52,8 @@ LIMITS_S = {"env": 15, "imports": 25, "ext": 60, "kernel-tests": 120, "opcheck":
 
 KERNEL_TESTS = ["tests/test_triton_prefix_attention.py", "tests/test_triton_lora.py", "tests/test_triton_adapter.py",
                 "tests/test_triton_cross_entropy.py", "tests/test_triton_patched_models.py",
+                "tests/test_ops_varlen_attention.py::test_triton_equals_documents_alone",
+                "tests/test_ops_varlen_attention.py::test_triton_half_precision",
                 "tests/test_dispatch.py::test_cuda_auto_is_triton_and_matches_torch",
                 "tests/test_dispatch.py::test_cuda_xformers_matches_torch"]
 TRAIN_TEST = "tests/test_gpu_training.py::test_two_stage_training_triton_against_torch"

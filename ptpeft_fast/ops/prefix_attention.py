@@ -141,7 +141,9 @@ def _triton_applies(c: AttentionCall) -> Optional[str]:
     return avail.triton_declines(c.device, c.dtype) or _first(
                   (c.D > 256, f"head dim {c.D} > 256"), (c.mask_grad, "the mask requires grad"),
                   (c.B == 0 or c.L == 0, "an empty size"),
-                  (c.not_ranges is not None, f"a mask the kernel cannot take ({c.not_ranges})"))
+                  (c.not_ranges is not None, f"a mask the kernel cannot take ({c.not_ranges})"),
+                  (c.varlen and c.dropout, "packed documents with attention dropout (that kernel branch spilled "
+                                           "registers; chunked runs them)"))
 
 
 def _block_applies(c: AttentionCall) -> Optional[str]:

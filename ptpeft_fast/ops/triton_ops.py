@@ -121,13 +121,15 @@ def _check_prefix_attention(q: torch.Tensor) -> None:
         raise TritonUnsupported(f"dtype {q.dtype} is not supported (fp16, bf16, fp32)")
 
 
-def _bounds(cu_seqlens, attn_mask, B: int, H: int, L: int, S: int, causal: bool):
+def _bounds(cu_seqlens, attn_mask, B: int, H: int, L: int, S: int, causal: bool, dropout_p: float):
     """``(klo, khi, causal, varlen)`` for the kernels: per-sequence key ranges, or with
     ``cu_seqlens`` (packed documents) per-token document bounds."""
     if cu_seqlens is None:
         return (*_key_ranges(attn_mask, B, H, L, S, causal), False)
     if B != 1 or L != S or attn_mask is not None or not causal:
         raise TritonUnsupported("packed documents need one row, no cache, no attn_mask and causal=True")
+    if dropout_p > 0:
+        raise TritonUnsupported("packed documents with attention dropout: use backend='chunked'")
     doc_lo, doc_hi = token_bounds(cu_seqlens, L)
     return doc_lo, doc_hi, True, True
 
@@ -148,7 +150,7 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, attn_mask, causal: boo
     """
     _check_prefix_attention(q)
     B, H, L, D = q.shape
-    klo, khi, causal, varlen = _bounds(cu_seqlens, attn_mask, B, H, L, k.shape[2], causal)
+    klo, khi, causal, varlen = _bounds(cu_seqlens, attn_mask, B, H, L, k.shape[2], causal, dropout_p)
     out = _new((B, H, L, D), q.dtype, q.device)
     lse2 = _new((B, H, L), torch.float32, q.device)
     _pak.attn_forward(q, k, v, prefix_k, prefix_v, out, lse2, klo, khi, causal=causal, scale=scale,
@@ -161,7 +163,7 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, attn_mask, 
                               ) -> tuple[torch.Tensor, ...]:
     """``(dq, dk, dv, dprefix_k, dprefix_v)`` for :func:`prefix_attention_forward`'s ``(out, lse)``."""
     B, H, L, D = q.shape
-    klo, khi, causal, varlen = _bounds(cu_seqlens, attn_mask, B, H, L, k.shape[2], causal)
+    klo, khi, causal, varlen = _bounds(cu_seqlens, attn_mask, B, H, L, k.shape[2], causal, dropout_p)
     dq, dk, dv, dpk, dpv = (_new_like(t) for t in (q, k, v, prefix_k, prefix_v))
     _pak.attn_backward(q, k, v, prefix_k, prefix_v, out, grad_out, lse, klo, khi, dq, dk, dv, dpk, dpv,
                        causal=causal, scale=scale, dropout_p=dropout_p, seed=seed, varlen=varlen)

@@ -20,6 +20,11 @@
 // padding rows keep the prefix), as transformers passes padding; `causal` may come with it when
 // the mask allows nothing above the diagonal, so the blocks still skip those keys.
 //
+// Packed documents (`cu_seqlens`, int32 [n_docs + 1] offsets from 0 to L; B = 1, L == S, causal,
+// no mask): each document is a segment of its own, causal within itself, with every prefix key, so
+// the blocks and products run over the documents' rows only (work Σ Lᵢ·(Lᵢ + P), not L²) and all
+// documents share one parallel loop. A dense call is B segments of L queries over S keys.
+//
 // sgemm is MKL's (or whichever BLAS torch links), looked up in libtorch_cpu at run time: a
 // torch build without it reports flash_prefix_available() == false and Python keeps the older
 // path. Tensors: fp32 CPU, q [B, H, L, D], k/v [B, Hkv, S, D], any strides with a unit-stride
@@ -106,6 +111,46 @@ struct Mask {
   }
 };
 
+// One sequence the blocks run over: batch row b, its queries [q0, q0 + len) and keys [k0, k0 + keys).
+struct Segment {
+  int64_t b, q0, len, k0, keys;
+};
+
+// The segments of a call: the B rows (dense), or the documents of the one packed row.
+std::vector<Segment> segments(int64_t B, int64_t L, int64_t S, const c10::optional<at::Tensor>& cu_seqlens) {
+  std::vector<Segment> out;
+  if (!cu_seqlens.has_value() || !cu_seqlens->defined()) {
+    for (int64_t b = 0; b < B; ++b) out.push_back({b, 0, L, 0, S});
+    return out;
+  }
+  const at::Tensor cu = cu_seqlens->contiguous();
+  const int32_t* c = cu.data_ptr<int32_t>();
+  for (int64_t d = 0; d + 1 < cu.numel(); ++d)
+    if (c[d + 1] > c[d]) out.push_back({0, c[d], c[d + 1] - c[d], c[d], c[d + 1] - c[d]});
+  return out;
+}
+
+// The most real keys any segment has (what sizes a block's score buffer and picks its rows).
+int64_t segs_keys(const std::vector<Segment>& segs) {
+  int64_t n = 0;
+  for (const Segment& g : segs) n = std::max(n, g.keys);
+  return n;
+}
+
+void check_offsets(const char* op, const c10::optional<at::Tensor>& cu_seqlens, const at::Tensor& q,
+                   const at::Tensor& k, const c10::optional<at::Tensor>& mask, bool causal) {
+  if (!cu_seqlens.has_value() || !cu_seqlens->defined()) return;
+  const at::Tensor& cu = *cu_seqlens;
+  TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 2 && cu.scalar_type() == at::kInt && cu.device().is_cpu(), op,
+              ": cu_seqlens must be int32 CPU offsets [n_docs + 1]");
+  TORCH_CHECK(q.size(0) == 1 && q.size(2) == k.size(2) && causal && !(mask.has_value() && mask->defined()), op,
+              ": packed documents need one row, L == S, causal and no mask");
+  const at::Tensor c = cu.contiguous();
+  const int32_t* p = c.data_ptr<int32_t>();
+  TORCH_CHECK(p[0] == 0 && p[c.numel() - 1] == q.size(2), op, ": cu_seqlens must run from 0 to L");
+  for (int64_t d = 0; d + 1 < c.numel(); ++d) TORCH_CHECK(p[d + 1] >= p[d], op, ": cu_seqlens must not fall");
+}
+
 // The shape of one call: checked once, shared by forward and backward.
 struct Shape {
   int64_t B, H, L, S, D, Hkv, G, P;
@@ -113,8 +158,8 @@ struct Shape {
   Shape(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pk, bool causal_)
       : B(q.size(0)), H(q.size(1)), L(q.size(2)), S(k.size(2)), D(q.size(3)), Hkv(k.size(1)),
         G(k.size(1) ? q.size(1) / k.size(1) : 1), P(pk.size(1)), causal(causal_) {}
-  int64_t keys_seen(int64_t m1) const { return causal ? m1 : S; }  // real keys a block [m0, m1) sees
-  int64_t row_width() const { return P + S; }
+  // real keys a block [m0, m1) of a segment sees (m1 relative to the segment's first query)
+  int64_t keys_seen(const Segment& g, int64_t m1) const { return causal ? m1 : g.keys; }
 };
 
 // BLAS reads rows of a [B, H, T, D] tensor with one leading dimension: unit-stride features,
@@ -170,10 +215,12 @@ void block_softmax(float* S, int64_t lds, int64_t rows, int64_t n, int64_t first
 std::tuple<at::Tensor, at::Tensor> flash_prefix_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                         const at::Tensor& prefix_k, const at::Tensor& prefix_v,
                                                         const c10::optional<at::Tensor>& mask, bool causal,
-                                                        double scale) {
+                                                        double scale, const c10::optional<at::Tensor>& cu_seqlens) {
   check_inputs("flash_prefix_forward", q, k, v, prefix_k, prefix_v, mask, causal);
+  check_offsets("flash_prefix_forward", cu_seqlens, q, k, mask, causal);
   const Mask M(mask);
   const Shape sh(q, k, prefix_k, causal);
+  const std::vector<Segment> segs = segments(sh.B, sh.L, sh.S, cu_seqlens);
   at::Tensor out = at::empty_like(q);  // keeps transformers' [B, L, H, D] memory: its transpose back is free
   at::Tensor lse = at::empty({sh.B, sh.H, sh.L}, q.options());
   if (q.numel() == 0) return {out, lse};
@@ -183,23 +230,31 @@ std::tuple<at::Tensor, at::Tensor> flash_prefix_forward(const at::Tensor& q, con
   const float* pvp = pv.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
   const float s = static_cast<float>(scale);
-  const int64_t P = sh.P, D = sh.D, lds = sh.row_width(), qb = query_block(lds), nq = (sh.L + qb - 1) / qb;
-  at::parallel_for(0, sh.B * sh.H * nq, 1, [&](int64_t begin, int64_t end) {
+  // the blocks of every segment: (segment, first row within it)
+  // a block's score rows hold the prefix and the most keys a segment has
+  const int64_t P = sh.P, D = sh.D, lds = P + segs_keys(segs), qb = query_block(lds);
+  std::vector<std::pair<int64_t, int64_t>> blocks;
+  for (int64_t i = 0; i < static_cast<int64_t>(segs.size()); ++i)
+    for (int64_t m0 = 0; m0 < segs[i].len; m0 += qb) blocks.push_back({i, m0});
+  const int64_t nb = static_cast<int64_t>(blocks.size());
+  at::parallel_for(0, nb * sh.H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(qb * lds);
     float inv_z[kMaxQueryBlock];
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / (sh.H * nq), h = (t / nq) % sh.H, g = h / sh.G;
-      const int64_t m0 = (t % nq) * qb, rows = std::min(sh.L, m0 + qb) - m0;
-      const int64_t nreal = sh.keys_seen(m0 + rows), n = P + nreal;
+      const Segment& sg = segs[blocks[t / sh.H].first];
+      const int64_t b = sg.b, h = t % sh.H, g = h / sh.G;
+      const int64_t m0 = blocks[t / sh.H].second, rows = std::min(sg.len, m0 + qb) - m0;
+      const int64_t nreal = sh.keys_seen(sg, m0 + rows), n = P + nreal;
       float* Sc = scores.data();
-      const float* q0 = Q.at(b, h, m0);
+      const float* q0 = Q.at(b, h, sg.q0 + m0);
       gemm(false, true, rows, P, D, s, q0, Q.ld, pkp + g * P * D, D, 0.0f, Sc, lds);
-      gemm(false, true, rows, nreal, D, s, q0, Q.ld, K.at(b, g), K.ld, 0.0f, Sc + P, lds);
-      M.add(Sc + P, lds, rows, nreal, b, h, m0);
-      block_softmax(Sc, lds, rows, n, P + m0 + 1, sh.causal, inv_z, lp + (b * sh.H + h) * sh.L + m0);
-      float* o = O.at(b, h, m0);
+      gemm(false, true, rows, nreal, D, s, q0, Q.ld, K.at(b, g, sg.k0), K.ld, 0.0f, Sc + P, lds);
+      M.add(Sc + P, lds, rows, nreal, b, h, m0);  // dense calls only (segment = row)
+      block_softmax(Sc, lds, rows, n, P + m0 + 1, sh.causal, inv_z, lp + (b * sh.H + h) * sh.L + sg.q0 + m0);
+      float* o = O.at(b, h, sg.q0 + m0);
       gemm(false, false, rows, D, P, 1.0f, Sc, lds, pvp + g * P * D, D, 0.0f, o, O.ld);
-      gemm(false, false, rows, D, nreal, 1.0f, Sc + P, lds, V.at(b, g), V.ld, P > 0 ? 1.0f : 0.0f, o, O.ld);
+      gemm(false, false, rows, D, nreal, 1.0f, Sc + P, lds, V.at(b, g, sg.k0), V.ld, P > 0 ? 1.0f : 0.0f, o,
+           O.ld);
       for (int64_t i = 0; i < rows; ++i)
         for (int64_t d = 0; d < D; ++d) o[i * O.ld + d] *= inv_z[i];
     }
@@ -209,28 +264,29 @@ std::tuple<at::Tensor, at::Tensor> flash_prefix_forward(const at::Tensor& q, con
 
 // The backward of one query head h over all its blocks. dK/dV (rows [0, S) of this key head, or of a
 // per-query-head scratch) and dKp/dVp ([P, D]) are accumulated; dQ is written.
-void backward_head(const Shape& sh, const Mask& M, int64_t b, int64_t h, const Rows& dO, const Rows& Q, const Rows& K,
-                   const Rows& V, const Rows& O, const float* lse, const float* pk, const float* pv, float scale, bool need_qkv,
-                   const Rows& dQ, float* dK, int64_t ldk, float* dV, int64_t ldv, float* dKp, float* dVp,
-                   std::vector<float>& sbuf, std::vector<float>& dpbuf) {
-  const int64_t P = sh.P, D = sh.D, lds = sh.row_width(), g = h / sh.G, qb = query_block(lds);
+void backward_head(const Shape& sh, const Mask& M, const Segment& sg, int64_t h, const Rows& dO, const Rows& Q,
+                   const Rows& K, const Rows& V, const Rows& O, const float* lse, const float* pk, const float* pv,
+                   float scale, bool need_qkv, const Rows& dQ, float* dK, int64_t ldk, float* dV, int64_t ldv,
+                   float* dKp, float* dVp, int64_t qb, int64_t lds, std::vector<float>& sbuf,
+                   std::vector<float>& dpbuf) {
+  const int64_t P = sh.P, D = sh.D, g = h / sh.G, b = sg.b;
   const float* kp = pk + g * P * D;
   const float* vp = pv + g * P * D;
-  for (int64_t m0 = 0; m0 < sh.L; m0 += qb) {
-    const int64_t rows = std::min(sh.L, m0 + qb) - m0;
+  for (int64_t m0 = 0; m0 < sg.len; m0 += qb) {
+    const int64_t rows = std::min(sg.len, m0 + qb) - m0;
     // without q/k/v gradients only the prefix columns are needed
-    const int64_t nreal = need_qkv ? sh.keys_seen(m0 + rows) : 0, n = P + nreal;
+    const int64_t nreal = need_qkv ? sh.keys_seen(sg, m0 + rows) : 0, n = P + nreal;
     float* Sc = sbuf.data();
     float* dP = dpbuf.data();
-    const float* q0 = Q.at(b, h, m0);
-    const float* g0 = dO.at(b, h, m0);
-    const float* o0 = O.at(b, h, m0);
+    const float* q0 = Q.at(b, h, sg.q0 + m0);
+    const float* g0 = dO.at(b, h, sg.q0 + m0);
+    const float* o0 = O.at(b, h, sg.q0 + m0);
     gemm(false, true, rows, P, D, scale, q0, Q.ld, kp, D, 0.0f, Sc, lds);
-    gemm(false, true, rows, nreal, D, scale, q0, Q.ld, K.at(b, g), K.ld, 0.0f, Sc + P, lds);
-    M.add(Sc + P, lds, rows, nreal, b, h, m0);
+    gemm(false, true, rows, nreal, D, scale, q0, Q.ld, K.at(b, g, sg.k0), K.ld, 0.0f, Sc + P, lds);
+    M.add(Sc + P, lds, rows, nreal, b, h, m0);  // dense calls only (segment = row)
     gemm(false, true, rows, P, D, 1.0f, g0, dO.ld, vp, D, 0.0f, dP, lds);
-    gemm(false, true, rows, nreal, D, 1.0f, g0, dO.ld, V.at(b, g), V.ld, 0.0f, dP + P, lds);
-    const float* l = lse + (b * sh.H + h) * sh.L + m0;
+    gemm(false, true, rows, nreal, D, 1.0f, g0, dO.ld, V.at(b, g, sg.k0), V.ld, 0.0f, dP + P, lds);
+    const float* l = lse + (b * sh.H + h) * sh.L + sg.q0 + m0;
     for (int64_t i = 0; i < rows; ++i) {
       float* sp = Sc + i * lds;
       float* dp = dP + i * lds;
@@ -247,11 +303,12 @@ void backward_head(const Shape& sh, const Mask& M, int64_t b, int64_t h, const R
     gemm(true, false, P, D, rows, 1.0f, Sc, lds, g0, dO.ld, 1.0f, dVp, D);
     gemm(true, false, P, D, rows, scale, dP, lds, q0, Q.ld, 1.0f, dKp, D);
     if (!need_qkv) continue;
-    gemm(true, false, nreal, D, rows, 1.0f, Sc + P, lds, g0, dO.ld, 1.0f, dV, ldv);
-    gemm(true, false, nreal, D, rows, scale, dP + P, lds, q0, Q.ld, 1.0f, dK, ldk);
-    float* dq0 = dQ.at(b, h, m0);
+    gemm(true, false, nreal, D, rows, 1.0f, Sc + P, lds, g0, dO.ld, 1.0f, dV + sg.k0 * ldv, ldv);
+    gemm(true, false, nreal, D, rows, scale, dP + P, lds, q0, Q.ld, 1.0f, dK + sg.k0 * ldk, ldk);
+    float* dq0 = dQ.at(b, h, sg.q0 + m0);
     gemm(false, false, rows, D, P, scale, dP, lds, kp, D, 0.0f, dq0, dQ.ld);
-    gemm(false, false, rows, D, nreal, scale, dP + P, lds, K.at(b, g), K.ld, P > 0 ? 1.0f : 0.0f, dq0, dQ.ld);
+    gemm(false, false, rows, D, nreal, scale, dP + P, lds, K.at(b, g, sg.k0), K.ld, P > 0 ? 1.0f : 0.0f, dq0,
+         dQ.ld);
   }
 }
 
@@ -260,9 +317,10 @@ void backward_head(const Shape& sh, const Mask& M, int64_t b, int64_t h, const R
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_prefix_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
     const at::Tensor& prefix_v, const c10::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse,
-    bool causal, double scale, bool need_qkv) {
+    bool causal, double scale, bool need_qkv, const c10::optional<at::Tensor>& cu_seqlens) {
   const char* name = "flash_prefix_backward";
   check_inputs(name, q, k, v, prefix_k, prefix_v, mask, causal);
+  check_offsets(name, cu_seqlens, q, k, mask, causal);
   const Mask M(mask);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() && grad_out.scalar_type() == at::kFloat &&
                   out.scalar_type() == at::kFloat && grad_out.device().is_cpu() && out.device().is_cpu(),
@@ -272,14 +330,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_pre
                   lse.size(2) == q.size(2) && lse.scalar_type() == at::kFloat,
               name, ": lse must be the forward's contiguous [B, H, L]");
   const Shape sh(q, k, prefix_k, causal);
-  const int64_t P = sh.P, D = sh.D;
+  const std::vector<Segment> segs = segments(sh.B, sh.L, sh.S, cu_seqlens);
+  const int64_t nseg = static_cast<int64_t>(segs.size());
+  const int64_t P = sh.P, D = sh.D, lds = P + segs_keys(segs), qb = query_block(lds);
   const at::Tensor pk = prefix_k.contiguous(), pv = prefix_v.contiguous();
   at::Tensor dq, dk, dv;
   // key/value-head gradients: written in place by the task owning that head when each task
   // owns one (MHA, or enough batch x kv heads to keep the threads busy); otherwise per query
   // head into scratch, summed over the group after
   const int threads = at::get_num_threads();
-  const bool by_kv_head = sh.G == 1 || sh.B * sh.Hkv >= 2 * threads;
+  const bool by_kv_head = sh.G == 1 || nseg * sh.Hkv >= 2 * threads;
   at::Tensor dk_acc, dv_acc;
   if (need_qkv) {
     dq = at::empty_like(q);
@@ -291,7 +351,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_pre
       dv_acc = at::zeros({sh.B, sh.H, sh.S, D}, q.options());
     }
   }
-  const int64_t tasks = by_kv_head ? sh.B * sh.Hkv : sh.B * sh.H;
+  const int64_t tasks = by_kv_head ? nseg * sh.Hkv : nseg * sh.H;
   at::Tensor dpk_part = at::zeros({tasks, P, D}, q.options());
   at::Tensor dpv_part = at::zeros({tasks, P, D}, q.options());
   if (q.numel() > 0 && sh.S + P > 0) {
@@ -306,24 +366,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_pre
     float* dvp = dpv_part.data_ptr<float>();
     const float s = static_cast<float>(scale);
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      const int64_t cells = query_block(sh.row_width()) * sh.row_width();
+      const int64_t cells = qb * lds;
       std::vector<float> sbuf(cells), dpbuf(cells);
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t b = by_kv_head ? t / sh.Hkv : t / sh.H;
+        const Segment& sg = segs[by_kv_head ? t / sh.Hkv : t / sh.H];
         const int64_t h_first = by_kv_head ? (t % sh.Hkv) * sh.G : t % sh.H;
         const int64_t h_count = by_kv_head ? sh.G : 1;
-        float* dK = need_qkv ? dKr.at(b, by_kv_head ? t % sh.Hkv : h_first) : nullptr;
-        float* dV = need_qkv ? dVr.at(b, by_kv_head ? t % sh.Hkv : h_first) : nullptr;
+        // the rows of this segment's keys are written by this task only (segments do not overlap)
+        float* dK = need_qkv ? dKr.at(sg.b, by_kv_head ? t % sh.Hkv : h_first) : nullptr;
+        float* dV = need_qkv ? dVr.at(sg.b, by_kv_head ? t % sh.Hkv : h_first) : nullptr;
         for (int64_t h = h_first; h < h_first + h_count; ++h)
-          backward_head(sh, M, b, h, dO, Q, K, V, O, lp, pkp, pvp, s, need_qkv, dQ, dK, dKr.ld, dV, dVr.ld,
-                        dkp + t * P * D, dvp + t * P * D, sbuf, dpbuf);
+          backward_head(sh, M, sg, h, dO, Q, K, V, O, lp, pkp, pvp, s, need_qkv, dQ, dK, dKr.ld, dV, dVr.ld,
+                        dkp + t * P * D, dvp + t * P * D, qb, lds, sbuf, dpbuf);
       }
     });
   }
-  // tasks are (b, kv head) or (b, query head): sum the prefix partials over batch and group
+  // tasks are (segment, kv head) or (segment, query head): sum the prefix partials over segments and group
   const int64_t per_b = by_kv_head ? sh.Hkv : sh.H;
-  at::Tensor dpk = dpk_part.view({sh.B, per_b, P, D}).sum(0);
-  at::Tensor dpv = dpv_part.view({sh.B, per_b, P, D}).sum(0);
+  at::Tensor dpk = dpk_part.view({nseg, per_b, P, D}).sum(0);
+  at::Tensor dpv = dpv_part.view({nseg, per_b, P, D}).sum(0);
   if (!by_kv_head) {
     dpk = dpk.view({sh.Hkv, sh.G, P, D}).sum(1);
     dpv = dpv.view({sh.Hkv, sh.G, P, D}).sum(1);
@@ -341,8 +402,8 @@ bool flash_prefix_available() { return blas_sgemm() != nullptr; }
 
 TORCH_LIBRARY_FRAGMENT(ptpeft_fast, m) {
   m.def("flash_prefix_available() -> bool", &flash_prefix_available);
-  m.def("flash_prefix_forward(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor? mask, bool causal, float scale) -> (Tensor, Tensor)");
-  m.def("flash_prefix_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor? mask, Tensor out, Tensor lse, bool causal, float scale, bool need_qkv) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("flash_prefix_forward(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor? mask, bool causal, float scale, Tensor? cu_seqlens=None) -> (Tensor, Tensor)");
+  m.def("flash_prefix_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor? mask, Tensor out, Tensor lse, bool causal, float scale, bool need_qkv, Tensor? cu_seqlens=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(ptpeft_fast, CPU, m) {

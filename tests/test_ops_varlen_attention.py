@@ -139,21 +139,30 @@ def test_table_never_picks_a_dense_path_for_documents():
 
 
 def test_work_is_per_document_not_the_whole_row(monkeypatch):
-    """The CPU entries run once per document on that document's tokens only."""
+    """lse_merge runs once per document on that document's tokens only; block_cpp hands the
+    offsets to its C++ loop in one call (its blocks are per document: benchmarks' varlen_attention)."""
     import sys
 
     pa_mod = sys.modules["ptpeft_fast.ops.prefix_attention"]  # the module (the package exports the function)
-    seen = []
-    real = pa_mod.block_forward
+    seen = {"lse_merge": [], "block_cpp": []}
+    real_lse, real_block = pa_mod.lse_merge_forward, pa_mod.block_forward
 
-    def spy(q, *a, **kw):
-        seen.append(q.shape[2])
-        return real(q, *a, **kw)
+    def lse_spy(q, *a, **kw):
+        seen["lse_merge"].append(q.shape[2])
+        return real_lse(q, *a, **kw)
 
-    monkeypatch.setattr(pa_mod, "block_forward", spy)
+    def block_spy(q, *a, **kw):
+        seen["block_cpp"].append((q.shape[2], a[-1] is not None))
+        return real_block(q, *a, **kw)
+
+    monkeypatch.setattr(pa_mod, "lse_merge_forward", lse_spy)
+    monkeypatch.setattr(pa_mod, "block_forward", block_spy)
     q, k, v, pk, pv = _inputs(LENGTHS["mixed"])
-    prefix_attention(q, k, v, pk, pv, causal=True, cu_seqlens=_offsets(LENGTHS["mixed"]), backend="block_cpp")
-    assert seen == [n for n in LENGTHS["mixed"] if n]
+    cu = _offsets(LENGTHS["mixed"])
+    prefix_attention(q, k, v, pk, pv, causal=True, cu_seqlens=cu, backend="lse_merge")
+    prefix_attention(q, k, v, pk, pv, causal=True, cu_seqlens=cu, backend="block_cpp")
+    assert seen["lse_merge"] == [n for n in LENGTHS["mixed"] if n]
+    assert seen["block_cpp"] == [(sum(LENGTHS["mixed"]), True)]
 
 
 def test_fullgraph_compile_and_opcheck():

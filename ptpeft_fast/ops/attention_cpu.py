@@ -108,19 +108,21 @@ def _block_mask(mask: Optional[torch.Tensor], causal: bool, L: int, S: int, devi
     return (m if m.stride(-1) == 1 else m.contiguous()), flag
 
 
-def block_forward(q, k, v, prefix_k, prefix_v, mask, causal: bool, scale: float):
+def block_forward(q, k, v, prefix_k, prefix_v, mask, causal: bool, scale: float, cu_seqlens=None):
+    """``cu_seqlens``: packed documents (one row, causal, no mask), each a segment of the C++ loop."""
     q, k, v = (dense_rows(t) for t in (q, k, v))
-    m, flag = _block_mask(mask, causal, q.shape[2], k.shape[2], q.device)
+    m, flag = (None, True) if cu_seqlens is not None else _block_mask(mask, causal, q.shape[2], k.shape[2], q.device)
     return torch.ops.ptpeft_fast.flash_prefix_forward(q, k, v, prefix_k.contiguous(), prefix_v.contiguous(), m, flag,
-                                                      scale)
+                                                      scale, cu_seqlens)
 
 
-def block_backward(grad_out, q, k, v, prefix_k, prefix_v, mask, out, lse, causal: bool, scale: float, need_qkv: bool):
+def block_backward(grad_out, q, k, v, prefix_k, prefix_v, mask, out, lse, causal: bool, scale: float, need_qkv: bool,
+                   cu_seqlens=None):
     q, k, v = (dense_rows(t) for t in (q, k, v))
-    m, flag = _block_mask(mask, causal, q.shape[2], k.shape[2], q.device)
+    m, flag = (None, True) if cu_seqlens is not None else _block_mask(mask, causal, q.shape[2], k.shape[2], q.device)
     return torch.ops.ptpeft_fast.flash_prefix_backward(dense_rows(grad_out.to(q.dtype)), q, k, v, prefix_k.contiguous(),
                                                        prefix_v.contiguous(), m, out, lse.contiguous(), flag, scale,
-                                                       need_qkv)
+                                                       need_qkv, cu_seqlens)
 
 
 # ------------------------------------------------------------------------- decode_cpp

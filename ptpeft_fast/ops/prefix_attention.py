@@ -245,8 +245,11 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: tor
                 attn_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], seed: Optional[torch.Tensor],
                 causal: bool, scale: float, dropout_p: float, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, H, L, D] like q, lse [B, H, L])`` by implementation ``impl`` (the table's choice);
-    with ``cu_seqlens`` (packed documents, B = 1) the Triton kernels take the offsets and every
-    other implementation runs once per document (:mod:`.documents`)."""
+    with ``cu_seqlens`` (packed documents, B = 1) the Triton kernels and block_cpp's C++ loop take
+    the offsets, and every other implementation runs once per document (:mod:`.documents`)."""
+    if cu_seqlens is not None and impl == "block_cpp":  # the C++ loop takes the documents itself
+        out, lse = block_forward(q, k, v, prefix_k, prefix_v, None, True, scale, cu_seqlens)
+        return _like(out, q), lse.contiguous()
     if cu_seqlens is not None and impl != "triton":
         def one(q, k, v, pk, pv, mask, causal, scale, d):
             return _dense_forward(q, k, v, pk, pv, mask, causal, scale, dropout_p, _doc_seed(seed, d), impl)
@@ -299,7 +302,10 @@ def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, dprefix_k, dprefix_v)``; an input whose ``need`` is False gets an empty tensor."""
     args = (grad_out, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, causal, scale)
-    if cu_seqlens is not None and impl != "triton":
+    if cu_seqlens is not None and impl == "block_cpp":
+        grads = block_backward(grad_out, q, k, v, prefix_k, prefix_v, None, out, lse, True, scale, any(need[:3]),
+                               cu_seqlens)
+    elif cu_seqlens is not None and impl != "triton":
         def one(grad_out, q, k, v, pk, pv, mask, out, lse, causal, scale, d):
             return _dense_backward((grad_out, q, k, v, pk, pv, mask, out, lse, causal, scale), dropout_p,
                                    _doc_seed(seed, d), impl, need)

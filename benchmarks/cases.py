@@ -339,7 +339,7 @@ def code_caption_batch(tokenizer, B: int, seed: int) -> dict:
 
 
 def build_packed_step(B: int = 16, P: int = 32, r: int = 16, seed: int = 0, name: str = "smollm2_packed_step",
-                      target: Optional[float] = 0.70, rounds: int = 5) -> Case:
+                      target: Optional[float] = 0.70, rounds: int = 20) -> Case:
     """A PT-LoRA step (prefix + LoRA on q/v train) on ``B`` code-caption records packed into one
     row (no padding, varlen prefix attention), against the same model on the padded batch
     (what the training CLI does without train.packing) and PEFT LoRA on the padded batch."""

@@ -83,6 +83,18 @@ def quartiles(values: list[float]) -> list[float]:
     return [q[0], q[2]]
 
 
+def median_ci95(values: list[float], resamples: int = 4000) -> list[float]:
+    """95 % bootstrap interval (percentile) of the median of the per-round ratios, seeded: the
+    interval a verdict needs to clear (the issues' rule: a target inside it is undecided)."""
+    import random
+
+    if len(values) < 2:
+        return [values[0], values[0]]
+    rng = random.Random(0)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return [meds[int(0.025 * resamples)], meds[int(0.975 * resamples) - 1]]
+
+
 def run_side(benchmark, case_name: str, side_name: str) -> None:
     case = get_case(case_name)
     side = case.sides[side_name]
@@ -100,6 +112,7 @@ def run_side(benchmark, case_name: str, side_name: str) -> None:
         per_round = paired_round_ratios(case, rounds)
         info["paired_ratio"] = {n: statistics.median(r) for n, r in per_round.items()}
         info["paired_iqr"] = {n: quartiles(r) for n, r in per_round.items()}
+        info["paired_ci95"] = {n: median_ci95(r) for n, r in per_round.items()}
         info["paired_rounds"] = rounds
     if "compile_s" in case.extra:  # first call of each compiled side, compilation included
         info["compile_s"] = dict(case.extra["compile_s"])

@@ -129,6 +129,7 @@ def rows_for(case: str, entries: list[dict]) -> list[dict]:
     o = ours[0]
     paired_all = o["info"].get("paired_ratio") or {}
     iqr_all = o["info"].get("paired_iqr") or {}
+    ci_all = o["info"].get("paired_ci95") or {}
     speedups = _speedups(o["info"])
     seen = set()
     for e in sorted((e for e in entries if e["side"] != "ours"), key=lambda e: SIDE_ORDER.get(e["side"], 9)):
@@ -145,10 +146,14 @@ def rows_for(case: str, entries: list[dict]) -> list[dict]:
         if text is None and o["info"].get(tkey) is not None:
             text = f"≥ {o['info'][tkey]:g}× faster"
         iqr = iqr_all.get(e["side_name"]) if paired is not None else None
+        ci = ci_all.get(e["side_name"]) if paired is not None else None
         # the target inside the paired rounds' interquartile range: this run cannot tell met from missed
         close = None if (iqr is None or target is None) else iqr[0] <= target <= iqr[1]
+        if ci is not None and target is not None:  # the 95 % interval decides where there is one
+            met = True if ci[1] <= target else (False if ci[0] > target else None)
+            close = met is None
         rows.append({"case": case, "shape": o["shape"] or e["shape"], "ours": o, "other": e, "ratio": ratio,
-                     "ratio_min": ratio_min, "paired": paired, "paired_iqr": iqr, "close": close,
+                     "ratio_min": ratio_min, "paired": paired, "paired_iqr": iqr, "paired_ci95": ci, "close": close,
                      "target": target, "target_text": text, "met": met})
     # peers timed only inside ours' test (GPU file: X_ms + speedup_vs_X, no entry of their own)
     for name, sp in speedups.items():
@@ -260,8 +265,10 @@ def render(data: dict, memory: Optional[list[dict]], profiles: dict[str, list[tu
     lines.append("Ratio = time of ours / time of the side (lower is better for us); medians over rounds after "
                  "warm-up, same inputs, same process. *Paired* = median over interleaved rounds (each round runs "
                  "every side once, rotating the order) of t_ours/t_side: the verdict uses it when present; "
-                 "in brackets the first and third quartiles over those rounds, and *(within IQR)* marks a "
-                 "verdict whose target lies between them (this run's noise can flip it). "
+                 "in brackets the first and third quartiles over those rounds, and where the run recorded it "
+                 "the 95 % bootstrap interval of that median: a target inside the interval is *undecided* "
+                 "(more rounds needed), otherwise the interval decides; without an interval, *(within IQR)* "
+                 "marks a verdict whose target lies between the quartiles (this run's noise can flip it). "
                  "Spread = IQR/median of the side's rounds.")
     lines.append("")
     lines.append("| case | shape | side | ours | side time | ratio (medians) | ratio (paired) | target | met "
@@ -271,11 +278,15 @@ def render(data: dict, memory: Optional[list[dict]], profiles: dict[str, list[tu
         o, e = r["ours"], r["other"]
         tgt = r["target_text"] or ("" if r["target"] is None else f"≤ {float(r['target']):g}×")
         met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
-        if r.get("close"):
+        if r.get("paired_ci95") and r["target"] is not None and r["met"] is None:
+            met = "undecided (target inside the 95 % interval)"
+        elif r.get("close"):
             met += " (within IQR)"
         paired = _r(r["paired"])
         if r.get("paired_iqr"):
             paired += f" ({r['paired_iqr'][0]:.3f}–{r['paired_iqr'][1]:.3f})"
+        if r.get("paired_ci95"):
+            paired += f"; 95 % {r['paired_ci95'][0]:.3f}–{r['paired_ci95'][1]:.3f}"
         cv_o, cv_e = _cv(o), _cv(e)
         spread = f"{'–' if cv_o is None else f'{cv_o:.0%}'} / {'–' if cv_e is None else f'{cv_e:.0%}'}"
         lines.append(f"| {r['case']} | {r['shape']} | {e['side']}: {e['impl']} | {_ms(o and o['median'])} | "

@@ -162,6 +162,8 @@ def test_paired_ratios_and_run_side():
         assert fb.extra_info["side"] == "ours" and "paired_ratio" in fb.extra_info
         q1, q3 = fb.extra_info["paired_iqr"]["unfused"]
         assert q1 <= fb.extra_info["paired_ratio"]["unfused"] <= q3
+        lo, hi = fb.extra_info["paired_ci95"]["unfused"]
+        assert lo <= fb.extra_info["paired_ratio"]["unfused"] <= hi
         fb = FakeBenchmark()
         bc.run_side(fb, "adapter", "unfused")
         assert fb.extra_info["side"] == "peer" and fb.extra_info["target"] == 0.9
@@ -169,7 +171,16 @@ def test_paired_ratios_and_run_side():
         bc._cases.clear()
 
 
-def _bench(case, side_name, kind, median, target=None, paired=None, iqr=None):
+def test_median_interval():
+    from benchmarks import conftest as bc
+
+    lo, hi = bc.median_ci95([0.70, 0.69, 0.71, 0.68, 0.72, 0.70, 0.69, 0.71])
+    assert lo <= 0.70 <= hi and hi - lo < 0.03
+    assert bc.median_ci95([0.5]) == [0.5, 0.5]
+    assert bc.median_ci95([0.7, 0.8, 0.7]) == bc.median_ci95([0.7, 0.8, 0.7])  # seeded
+
+
+def _bench(case, side_name, kind, median, target=None, paired=None, iqr=None, ci=None):
     info = {"case": case, "shape": "s", "side": kind, "side_name": side_name, "impl": side_name}
     if target is not None:
         info["target"] = target
@@ -177,6 +188,8 @@ def _bench(case, side_name, kind, median, target=None, paired=None, iqr=None):
         info["paired_ratio"] = paired
     if iqr is not None:
         info["paired_iqr"] = iqr
+    if ci is not None:
+        info["paired_ci95"] = ci
     return {"name": f"test_{case}[{side_name}]", "group": case, "param": side_name, "extra_info": info,
             "stats": {"median": median, "min": median, "mean": median, "stddev": 0.0, "iqr": 0.0, "rounds": 3}}
 
@@ -222,6 +235,21 @@ def test_report_ratios_and_verdicts(tmp_path):
     js.write_text(json.dumps(data))
     assert report.main(["--json", str(js), "--no-memory", "--no-profile", "-o", str(out)]) == 0
     assert out.read_text().startswith("# Benchmarks")
+
+
+def test_report_verdict_from_the_95_percent_interval():
+    """The issues' rule: the paired ratio's 95 % interval decides; a target inside it is undecided."""
+    from benchmarks import report
+
+    ci = {"in": [0.68, 0.72], "below": [0.60, 0.65], "above": [0.75, 0.80]}
+    data = {"machine_info": {"cpu_model": "X", "cpu_count": 2, "torch_version": "t"}, "benchmarks": [
+        _bench("a", "ours", "ours", 1.0, paired={"in": 0.70, "below": 0.62, "above": 0.77},
+               iqr={k: v for k, v in ci.items()}, ci=ci),
+        *[_bench("a", n, "peer", 1.4, target=0.70) for n in ci]]}
+    rows = {r["other"]["side_name"]: r for c, es in report.collect(data).items() for r in report.rows_for(c, es)}
+    assert rows["in"]["met"] is None and rows["below"]["met"] is True and rows["above"]["met"] is False
+    text = report.render(data, [], {}, {}, "cmd")
+    assert "undecided (target inside the 95 % interval)" in text and "95 % 0.680–0.720" in text
 
 
 def test_memory_child_in_process():

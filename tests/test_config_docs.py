@@ -93,7 +93,7 @@ def test_the_readmes_benchmark_figures_come_from_the_reports():
     readme = (root / "README.md").read_text()
     status = readme.split("Status from the latest report run", 1)[1].split("On a GPU machine", 1)[0]
     reports = "".join((root / f).read_text() for f in ("BENCHMARKS.md", "docs/benchmarks-smollm2.md",
-                                                       "docs/benchmarks-fused-loss.md"))
+                                                       "docs/benchmarks-fused-loss.md", "docs/benchmarks-packing.md"))
     figures = re.findall(r"(\d+\.\d{3})×", status)
     assert len(figures) >= 15, figures
     missing = [f for f in figures if f"{f}×" not in reports]

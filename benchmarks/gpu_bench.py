@@ -41,12 +41,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-CASES = ("attention", "lora", "adapter", "train")
+CASES = ("attention", "varlen", "lora", "adapter", "train")
 
 #: the issue's targets: largest allowed time ratio ours / side (fwd + bwd)
 TARGETS = {
     ("prefix_attention", "sdpa_flash"): 1.0,
     ("prefix_attention", "flex"): 0.9,
+    ("prefix_attention_varlen", "dense_mask"): 0.2,
     ("lora_linear", "frozen_linear"): 1.05,
     ("lora_linear", "peft"): 0.8,
     ("adapter", "unfused"): 0.7,
@@ -56,6 +57,7 @@ SHAPES = {
     "full": {
         "attention": {"llama7b-1x4096": dict(B=1, H=32, Hkv=32, L=4096, P=32, D=128, headline=True),
                       "gqa-2x2048": dict(B=2, H=32, Hkv=8, L=2048, P=32, D=128)},
+        "varlen": {"4096-32docs": dict(T=4096, docs=32, H=32, Hkv=8, P=32, D=128, headline=True)},
         "lora": {"4096x4096-r16": dict(tokens=4096, d=4096, r=16, p=0.0, headline=True),
                  "4096x4096-r16-dropout": dict(tokens=4096, d=4096, r=16, p=0.05)},
         "adapter": {"4096x4096-h64-gelu": dict(tokens=4096, d=4096, h=64, act="gelu", headline=True)},
@@ -64,6 +66,7 @@ SHAPES = {
     },
     "tiny": {
         "attention": {"tiny": dict(B=1, H=4, Hkv=2, L=20, P=4, D=16, headline=True)},
+        "varlen": {"tiny": dict(T=24, docs=4, H=4, Hkv=2, P=3, D=16, headline=True)},
         "lora": {"tiny": dict(tokens=12, d=32, r=4, p=0.0, headline=True)},
         "adapter": {"tiny": dict(tokens=12, d=32, h=8, act="gelu", headline=True)},
         "train": {"tiny": dict(hidden=64, inter=96, layers=1, heads=4, kv=2, vocab=97, L=12, batch=1, P=4, r=4)},
@@ -247,6 +250,89 @@ def bench_attention(bench: Bench, device: str, shape: dict) -> dict:
             "what": "fwd+bwd; peers over the concatenated prefix (causal_lower_right / the prefix block mask)"}
 
 
+# ---------------------------------------------------------------------------- packed documents
+
+
+def document_offsets(T: int, docs: int, seed: int = 0) -> torch.Tensor:
+    """int32 offsets of ``docs`` documents of random lengths (at least 1 token each) summing to T."""
+    g = torch.Generator().manual_seed(seed)
+    cuts = torch.sort(torch.randperm(T - 1, generator=g)[:docs - 1] + 1).values
+    return torch.cat([torch.tensor([0]), cuts, torch.tensor([T])]).to(torch.int32)
+
+
+def document_prefix_mask_mod(P: int, cu: torch.Tensor) -> Callable:
+    """FlexAttention ``mask_mod`` over [prefix; packed row]: every query sees the P prefix keys, and real
+    key ``kv - P`` when it is in the query's document and at or before it."""
+    doc = torch.searchsorted(cu[1:].long(), torch.arange(int(cu[-1]), device=cu.device), right=True)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        j = (kv_idx - P).clamp(min=0)
+        return (kv_idx < P) | ((doc[j] == doc[q_idx]) & (j <= q_idx))
+
+    return mask_mod
+
+
+def _flex_varlen_side(q, pk, cu: torch.Tensor, compile_: bool) -> Callable:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    T, P = q.shape[2], pk.shape[-2]
+    block_mask = create_block_mask(document_prefix_mask_mod(P, cu.to(q.device)), None, None, T, P + T,
+                                   device=q.device.type)
+    attend = torch.compile(flex_attention) if compile_ else flex_attention
+
+    def fn(q, k, v, pk, pv):
+        keys, vals = _concat(q, k, v, pk, pv, repeat_kv=False)
+        return attend(q, keys, vals, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+    return fn
+
+
+def _flash_attn_varlen_side(cu: torch.Tensor) -> Callable:
+    """flash-attn's ``flash_attn_varlen_func`` with the prefix copied in front of every document's keys
+    (its bottom-right causality then is prefix attention per document)."""
+    from flash_attn import flash_attn_varlen_func
+
+    spans = list(zip(cu.tolist(), cu.tolist()[1:], strict=False))
+
+    def fn(q, k, v, pk, pv):
+        P = pk.shape[-2]
+        keys = torch.cat([t for s, e in spans for t in (pk, k[0, :, s:e])], 1).transpose(0, 1)
+        vals = torch.cat([t for s, e in spans for t in (pv, v[0, :, s:e])], 1).transpose(0, 1)
+        cu_k = torch.tensor([0] + [e - s + P for s, e in spans], device=q.device).cumsum(0).to(torch.int32)
+        cu_q = cu.to(q.device)
+        longest = max(e - s for s, e in spans)
+        out = flash_attn_varlen_func(q[0].transpose(0, 1), keys, vals, cu_q, cu_k, longest, longest + P, causal=True)
+        return out.transpose(0, 1).unsqueeze(0)
+
+    return fn
+
+
+def bench_varlen(bench: Bench, device: str, shape: dict) -> dict:
+    from ptpeft_fast import ops
+
+    T, docs, H, Hkv, P, D = (shape[k] for k in ("T", "docs", "H", "Hkv", "P", "D"))
+    g = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    mk = lambda *s: torch.randn(*s, generator=g).to(device, dtype).requires_grad_()  # noqa: E731
+    inputs = [mk(1, H, T, D), mk(1, Hkv, T, D), mk(1, Hkv, T, D), mk(Hkv, P, D), mk(Hkv, P, D)]
+    cu = document_offsets(T, docs).to(device)
+    with torch.no_grad():
+        ref = ops.prefix_attention(*(t.detach().double() for t in inputs), causal=True, cu_seqlens=cu, backend="torch")
+    mask = ops.document_mask(cu, T)
+    ours = _side(bench, lambda: _fwd_bwd(lambda *t: ops.prefix_attention(*t, causal=True, cu_seqlens=cu), inputs),
+                 ref)
+    peers = {"dense_mask": _side(bench, lambda: _fwd_bwd(lambda *t: ops.prefix_attention(*t, causal=True,
+                                                                                       attn_mask=mask), inputs),
+                                 ref, "dense_mask"),
+             "flex": _side(bench, lambda: _fwd_bwd(_flex_varlen_side(inputs[0], inputs[3], cu, device == "cuda"),
+                                                   inputs), ref, "flex"),
+             "flash_attn": _side(bench, lambda: _fwd_bwd(_flash_attn_varlen_side(cu), inputs), ref, "flash_attn")}
+    del ref
+    return {"op": "prefix_attention_varlen", "ours": ours, "peers": peers,
+            "what": f"fwd+bwd over one packed row of {docs} documents; peers: the dense document mask, FlexAttention's "
+                    "document mask over [prefix; row], flash-attn varlen with the prefix before each document"}
+
+
 # ------------------------------------------------------------------------------------- LoRA
 
 
@@ -407,7 +493,8 @@ def bench_train(bench: Bench, device: str, shape: dict) -> dict:
                      "projections (no prefix: less work than ours)"}]
 
 
-BENCHES = {"attention": bench_attention, "lora": bench_lora, "adapter": bench_adapter, "train": bench_train}
+BENCHES = {"attention": bench_attention, "varlen": bench_varlen, "lora": bench_lora, "adapter": bench_adapter,
+           "train": bench_train}
 
 
 # -------------------------------------------------------------------------------------- run

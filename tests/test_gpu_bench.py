@@ -77,6 +77,26 @@ def test_flex_prefix_mask_is_the_reference_semantics():
         assert gpu_bench.rel_err(fn(q, k, v, pk, pv), ref) < 1e-5
 
 
+def test_varlen_peers_are_the_reference_semantics():
+    """The packed-documents peers a GPU run times (FlexAttention's document mask over [prefix; row];
+    the dense-mask side) compute what prefix_attention(cu_seqlens=...) defines."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    from ptpeft_fast import ops
+
+    res = gpu_bench.run(["varlen"], "tiny", "cpu", reps=1, warmup=0)["results"][0]
+    assert res["ours"]["err"] < 1e-5 and res["peers"]["dense_mask"]["err"] < 1e-5, res
+    assert "skipped" in res["peers"]["flash_attn"] or res["peers"]["flash_attn"]["err"] < 1e-2
+    # FlexAttention has no backward on CPU: its mask checked through the forward
+    g = torch.Generator().manual_seed(0)
+    cu = gpu_bench.document_offsets(24, 4)
+    q, k, v = torch.randn(1, 4, 24, 16, generator=g), *torch.randn(2, 1, 2, 24, 16, generator=g)
+    pk, pv = torch.randn(2, 2, 3, 16, generator=g)
+    out = gpu_bench._flex_varlen_side(q, pk, cu, compile_=False)(q, k, v, pk, pv)
+    ref = ops.prefix_attention(*(t.double() for t in (q, k, v, pk, pv)), causal=True, cu_seqlens=cu,
+                               backend="torch")
+    assert gpu_bench.rel_err(out, ref) < 1e-5
+
+
 def test_sdpa_sides_and_peft_layer_compute_the_reference_function():
     """The peers a GPU run times compute what ours does (on CPU SDPA's math back end stands in)."""
     from ptpeft_fast import ops

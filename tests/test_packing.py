@@ -298,3 +298,28 @@ def test_the_readmes_peft_packing_gap_is_what_the_tool_prints():
     assert peft_gap > 0.05 and ours_gap < 1e-6
     readme = (root / "README.md").read_text()
     assert f"max logit gap {peft_gap:.3g} on a tiny Llama" in readme and "(gap below 1e-6: float32 rounding)" in readme
+
+
+def test_llava_packs_documents_with_their_images():
+    """An LMM with image tokens inside the text packs: two documents, each with its image, in one row
+    give each document the logits it gets alone (prefix in the language model + LoRA)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    img = VOCAB - 1
+    text = dict(model_type="llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=4, image_size=16, patch_size=4, projection_dim=32)
+    base = LlavaForConditionalGeneration(LlavaConfig(text_config=text, vision_config=vision, image_token_index=img,
+                                                     vision_feature_layer=-1)).eval()
+    m = _patched(base)
+    g = torch.Generator().manual_seed(3)
+    docs = [torch.cat([torch.randint(3, 50, (2,), generator=g), torch.full((16,), img),
+                       torch.randint(3, 50, (n,), generator=g)]) for n in (3, 6)]
+    pixels = torch.randn(2, 3, 16, 16, generator=g)
+    with torch.no_grad():
+        packed = m(input_ids=torch.cat(docs)[None], pixel_values=pixels,
+                   position_ids=torch.cat([torch.arange(len(d)) for d in docs])[None]).logits
+        alone = torch.cat([m(input_ids=d[None], pixel_values=pixels[i:i + 1]).logits for i, d in enumerate(docs)], 1)
+    assert (packed - alone).abs().max() <= 2e-5

@@ -255,7 +255,7 @@ def _bench(py: str, out: Path, deadline: float, smoke: bool, base: dict) -> tupl
     time them all in one process on a quiet GPU, then write BENCHMARKS-GPU.md."""
     script = str(ROOT / "benchmarks" / "gpu_bench.py")
     size = ["--size", "tiny"] if smoke else []
-    cases = ["adapter"] if smoke else ["attention", "lora", "adapter", "train"]
+    cases = ["adapter"] if smoke else ["attention", "varlen", "lora", "adapter", "train"]
     env = _env(base)
     t0 = time.time()
     warm_deadline = t0 + 0.45 * (deadline - t0)  # a warm-up that overruns leaves the timed run its time

@@ -245,22 +245,35 @@ def build_linear_cross_entropy(N: int = 8192, H: int = 576, V: int = 49152, supe
         return (loss,) + _grad(loss, [h], None)
 
     outs = lambda res: {"loss": res[0].detach(), "dh": res[1]}  # noqa: E731
+    sides = {
+        "ours": Side("ours", "ours", "ptpeft_fast.ops.linear_cross_entropy", ours, outs),
+        "unfused": Side("unfused", "peer", "F.linear → float → F.cross_entropy (the [N, V] logits)", unfused,
+                        outs, equivalent=True, rtol=1e-5),
+    }
+    missing = {}
+    try:  # Apple's Cut Cross-Entropy, where installed: its CPU implementation is the torch.compile one
+        from cut_cross_entropy import linear_cross_entropy as cce
+    except ImportError as e:
+        missing["cce_torch_compile"] = f"cut-cross-entropy is not installed ({e})"
+    else:
+        def cut_ce():
+            loss = cce(h, w, y, impl="torch_compile", ignore_index=-100, reduction="mean")
+            return (loss,) + _grad(loss, [h], None)
+
+        sides["cce_torch_compile"] = Side("cce_torch_compile", "peer",
+                                          "Cut Cross-Entropy, impl='torch_compile' (its CPU path)", cut_ce, outs,
+                                          equivalent=True, rtol=1e-4)
     return Case(
         name=name,
         shape=f"N={N} H={H} V={V}, {round(supervised * 100)}% of tokens supervised, frozen head, fp32",
-        rounds=10, warmup=2, memory_target=0.1,
-        sides={
-            "ours": Side("ours", "ours", "ptpeft_fast.ops.linear_cross_entropy", ours, outs),
-            "unfused": Side("unfused", "peer", "F.linear → float → F.cross_entropy (the [N, V] logits)", unfused,
-                            outs, equivalent=True, rtol=1e-5),
-        },
+        rounds=10, warmup=2, memory_target=0.1, sides=sides, extra={"optional_sides": missing},
     )
 
 
 def build_fused_loss_step(B: int = 4, L: int = 256, P: int = 32, r: int = 16, supervised: float = 1.0, seed: int = 0,
                           llama: Optional[dict] = None, model: Optional[str] = None, name: str = "fused_loss_step",
                           target: Optional[float] = 0.85, memory_target: Optional[float] = 0.75,
-                          rounds: int = 3) -> Case:
+                          rounds: int = 10) -> Case:
     """A PT-LoRA step (prefix + LoRA on q/v train) with the fused head and loss (the default)
     against the same patched model with ``fused_loss=False`` (transformers' logits and loss), and
     PEFT LoRA alone for scale; ``supervised`` of the tokens carry a label (a prompt is masked)."""
@@ -339,7 +352,7 @@ def code_caption_batch(tokenizer, B: int, seed: int) -> dict:
 
 
 def build_packed_step(B: int = 16, P: int = 32, r: int = 16, seed: int = 0, name: str = "smollm2_packed_step",
-                      target: Optional[float] = 0.70, rounds: int = 20) -> Case:
+                      target: Optional[float] = 0.70, rounds: int = 40) -> Case:
     """A PT-LoRA step (prefix + LoRA on q/v train) on ``B`` code-caption records packed into one
     row (no padding, varlen prefix attention), against the same model on the padded batch
     (what the training CLI does without train.packing) and PEFT LoRA on the padded batch."""

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -97,6 +99,8 @@ def median_ci95(values: list[float], resamples: int = 4000) -> list[float]:
 
 def run_side(benchmark, case_name: str, side_name: str) -> None:
     case = get_case(case_name)
+    if side_name not in case.sides and side_name in case.extra.get("optional_sides", {}):
+        pytest.skip(f"{case_name}/{side_name}: {case.extra['optional_sides'][side_name]}")
     side = case.sides[side_name]
     benchmark.group = case.name
     info = benchmark.extra_info

@@ -19,12 +19,12 @@ def test_adapter(benchmark, side):
     run_side(benchmark, "adapter", side)
 
 
-@pytest.mark.parametrize("side", ["ours", "unfused"])
+@pytest.mark.parametrize("side", ["ours", "unfused", "cce_torch_compile"])
 def test_linear_cross_entropy(benchmark, side):
     run_side(benchmark, "linear_cross_entropy", side)
 
 
-@pytest.mark.parametrize("side", ["ours", "unfused"])
+@pytest.mark.parametrize("side", ["ours", "unfused", "cce_torch_compile"])
 def test_linear_cross_entropy_V262k(benchmark, side):
     run_side(benchmark, "linear_cross_entropy_V262k", side)
 

@@ -260,9 +260,11 @@ def build_linear_cross_entropy(N: int = 8192, H: int = 576, V: int = 49152, supe
             loss = cce(h, w, y, impl="torch_compile", ignore_index=-100, reduction="mean")
             return (loss,) + _grad(loss, [h], None)
 
+        from importlib.metadata import version
+
         sides["cce_torch_compile"] = Side("cce_torch_compile", "peer",
-                                          "Cut Cross-Entropy, impl='torch_compile' (its CPU path)", cut_ce, outs,
-                                          equivalent=True, rtol=1e-4)
+                                          f"Cut Cross-Entropy {version('cut-cross-entropy')}, impl='torch_compile' "
+                                          "(its CPU path)", cut_ce, outs, equivalent=True, rtol=1e-4)
     return Case(
         name=name,
         shape=f"N={N} H={H} V={V}, {round(supervised * 100)}% of tokens supervised, frozen head, fp32",

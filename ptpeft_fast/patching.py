@@ -16,7 +16,15 @@ from .config import PTPeftConfig
 from .patch_state import PatchState, get_state
 from .stages import set_stage
 from .tuners.adapter import BottleneckAdapter, hook_parallel, hook_sequential
-from .tuners.lora import LoraWeights, attach_lora, features, is_conv1d, unmerge_lora
+from .tuners.lora import (
+    SUPPORTED_LINEAR,
+    LoraWeights,
+    attach_lora,
+    features,
+    is_conv1d,
+    unmerge_lora,
+    unsupported_linear,
+)
 from .tuners.prefix import GlobalPrefixMLP, LayerPrefix
 
 
@@ -299,6 +307,10 @@ def _matches(rel: str, targets) -> bool:
     return any(rel == t or rel.endswith("." + t) for t in targets)
 
 
+def _refuse_linear(path: str, layer: nn.Module) -> None:
+    raise ValueError(f"LoRA target {path} cannot take LoRA: {unsupported_linear(layer)}. Supported: {SUPPORTED_LINEAR}")
+
+
 def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
@@ -328,7 +340,12 @@ def _add_lora(model, config: PTPeftConfig, state: PatchState, modules) -> None:
             for bname, block in comp.blocks:
                 ours = _inside_ours(block)
                 for rel, m in iter_in_scope(block, comp.family):
-                    if not _is_linear(m) or id(m) in ours:
+                    if id(m) in ours:
+                        continue
+                    if not _is_linear(m):
+                        # a quantized layer that is no nn.Linear (HQQ, GPTQ/AWQ) named as a target
+                        if not list(m.children()) and any(_matches(rel, (t,)) for t in (targets or ())):
+                            _refuse_linear(f"{bname}.{rel}", m)
                         continue
                     linear_names.add(rel.split(".")[-1])
                     hits = [t for t in targets if _matches(rel, (t,))]
@@ -343,6 +360,8 @@ def _add_lora(model, config: PTPeftConfig, state: PatchState, modules) -> None:
         for path, layer in found:
             if not _is_linear(layer):
                 raise ValueError(f"LoRA target {path} is a {type(layer).__name__}, not a linear layer")
+            if unsupported_linear(layer) is not None:
+                _refuse_linear(path, layer)
             if path in state.lora_layers:
                 continue
             dtype, device = _param_dtype_device(layer)

@@ -52,6 +52,39 @@ def features(layer: nn.Module) -> tuple[int, int]:
     return w.shape[1], w.shape[0]
 
 
+# Linear layers whose weight is stored quantized or packed: the fused op would read the storage as
+# a dense [out, in] matrix. Known by class name, so none of these packages is imported here.
+_QUANTIZED_CLASSES = ("Linear4bit", "Linear8bitLt", "LinearFP4", "LinearNF4", "Params4bit", "Int8Params",
+                      "HQQLinear", "QuantLinear", "WQLinear", "QLinear", "FP8Linear", "MarlinLinear",
+                      "AffineQuantizedTensor", "LinearActivationQuantizedTensor", "Float8Tensor")
+SUPPORTED_LINEAR = ("torch.nn.Linear and transformers' Conv1D with a dense floating-point weight; a base "
+                    "quantized with bitsandbytes, torchao, HQQ, GPTQ or AWQ is not supported yet: load it in "
+                    "float32, float16 or bfloat16 (the prefix and adapters do work on a quantized model)")
+
+
+def unsupported_linear(layer: nn.Module) -> str | None:
+    """Why LoRA cannot wrap ``layer`` (a quantized or packed linear type, or a weight that is not
+    the dense ``[out, in]`` matrix its features say), or None when it can."""
+    names = [c.__name__ for c in type(layer).__mro__]
+    weight = getattr(layer, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        names += [c.__name__ for c in type(weight).__mro__]
+        data = weight.data if isinstance(weight, nn.Parameter) else weight
+        names += [c.__name__ for c in type(data).__mro__]
+    hit = next((n for n in names if n in _QUANTIZED_CLASSES), None)
+    if hit is not None:
+        return f"a quantized layer ({type(layer).__module__}.{type(layer).__name__}, storage {hit})"
+    if not isinstance(weight, torch.Tensor):
+        return f"{type(layer).__name__} has no weight tensor"
+    if not weight.is_floating_point():
+        return f"its weight is stored as {weight.dtype} (packed or quantized)"
+    fin, fout = getattr(layer, "in_features", None), getattr(layer, "out_features", None)
+    if not is_conv1d(layer) and fin is not None and fout is not None and tuple(weight.shape) != (fout, fin):
+        return (f"its weight is {list(weight.shape)} but the layer has in_features={fin}, out_features={fout} "
+                "(packed or quantized storage)")
+    return None
+
+
 class _LoraForward:
     """Mixin whose forward adds the LoRA term through the fused op."""
 

@@ -102,15 +102,18 @@ def test_fsdp_full_finetune_gathers_the_whole_model(tmp_path):
 
 
 # Rank 1 dies in its first optimizer step the way an OOM-killed process does (no exception, no
-# goodbye); rank 0 goes on into the next step's gradient all-reduce.
+# goodbye); rank 0 goes on into the next step's gradient all-reduce. Both run the console entry
+# point (what `python -m ptpeft_fast.train` and `ptpeft-train` run): a worker leaves through
+# os._exit, since an interpreter shutdown after a broken gloo group can still abort in
+# std::terminate (seen on torch 2.11 when this script called sys.exit(main(...)) instead).
 DYING_RANK = r'''
 import os, sys
 import torch
-from ptpeft_fast.train import main
+from ptpeft_fast.train.cli import console
 if os.environ["RANK"] == "1":
     from torch.optim.optimizer import register_optimizer_step_pre_hook
     register_optimizer_step_pre_hook(lambda *a: os._exit(9))
-sys.exit(main(sys.argv[1:]))
+console()
 '''
 
 

@@ -418,6 +418,13 @@ def build_packed_step(B: int = 16, P: int = 32, r: int = 16, seed: int = 0, name
     )
 
 
+def document_offsets(T: int, docs: int, seed: int = 0) -> torch.Tensor:
+    """int32 offsets of ``docs`` documents of random lengths (at least 1 token each) summing to T."""
+    g = torch.Generator().manual_seed(seed)
+    cuts = torch.sort(torch.randperm(T - 1, generator=g)[:docs - 1] + 1).values
+    return torch.cat([torch.tensor([0]), cuts, torch.tensor([T])]).to(torch.int32)
+
+
 def build_varlen_attention(T: int = 4096, docs: int = 32, H: int = 9, Hkv: int = 3, D: int = 64, P: int = 32,
                            seed: int = 0, name: str = "varlen_attention", target: Optional[float] = 0.2,
                            rounds: int = 10) -> Case:
@@ -426,9 +433,8 @@ def build_varlen_attention(T: int = 4096, docs: int = 32, H: int = 9, Hkv: int =
     block-diagonal mask (what transformers builds for a packed row)."""
     from ptpeft_fast.ops import documents
 
-    g = torch.Generator().manual_seed(seed)
-    cuts = torch.sort(torch.randperm(T - 1, generator=g)[:docs - 1] + 1).values
-    cu = torch.cat([torch.tensor([0]), cuts, torch.tensor([T])]).to(torch.int32)
+    cu = document_offsets(T, docs, seed)
+    g = torch.Generator().manual_seed(seed + 1)
     q = torch.randn(1, H, T, D, generator=g).requires_grad_()
     k, v = (torch.randn(1, Hkv, T, D, generator=g).requires_grad_() for _ in range(2))
     pk, pv = (torch.randn(Hkv, P, D, generator=g).requires_grad_() for _ in range(2))

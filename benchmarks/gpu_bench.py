@@ -253,13 +253,6 @@ def bench_attention(bench: Bench, device: str, shape: dict) -> dict:
 # ---------------------------------------------------------------------------- packed documents
 
 
-def document_offsets(T: int, docs: int, seed: int = 0) -> torch.Tensor:
-    """int32 offsets of ``docs`` documents of random lengths (at least 1 token each) summing to T."""
-    g = torch.Generator().manual_seed(seed)
-    cuts = torch.sort(torch.randperm(T - 1, generator=g)[:docs - 1] + 1).values
-    return torch.cat([torch.tensor([0]), cuts, torch.tensor([T])]).to(torch.int32)
-
-
 def document_prefix_mask_mod(P: int, cu: torch.Tensor) -> Callable:
     """FlexAttention ``mask_mod`` over [prefix; packed row]: every query sees the P prefix keys, and real
     key ``kv - P`` when it is in the query's document and at or before it."""
@@ -308,6 +301,7 @@ def _flash_attn_varlen_side(cu: torch.Tensor) -> Callable:
 
 
 def bench_varlen(bench: Bench, device: str, shape: dict) -> dict:
+    from benchmarks.cases import document_offsets
     from ptpeft_fast import ops
 
     T, docs, H, Hkv, P, D = (shape[k] for k in ("T", "docs", "H", "Hkv", "P", "D"))

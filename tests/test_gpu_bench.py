@@ -88,7 +88,9 @@ def test_varlen_peers_are_the_reference_semantics():
     assert "skipped" in res["peers"]["flash_attn"] or res["peers"]["flash_attn"]["err"] < 1e-2
     # FlexAttention has no backward on CPU: its mask checked through the forward
     g = torch.Generator().manual_seed(0)
-    cu = gpu_bench.document_offsets(24, 4)
+    from benchmarks.cases import document_offsets
+
+    cu = document_offsets(24, 4)
     q, k, v = torch.randn(1, 4, 24, 16, generator=g), *torch.randn(2, 1, 2, 24, 16, generator=g)
     pk, pv = torch.randn(2, 2, 3, 16, generator=g)
     out = gpu_bench._flex_varlen_side(q, pk, cu, compile_=False)(q, k, v, pk, pv)

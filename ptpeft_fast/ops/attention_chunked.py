@@ -30,13 +30,11 @@ from typing import Optional
 
 import torch
 
+from .precision import accumulation_dtype
+
 __all__ = ["chunked_forward", "chunked_backward", "dropout_keep", "CHUNK_ELEMENTS"]
 
 CHUNK_ELEMENTS = 1 << 24  # scores of one chunk: 64 MiB in fp32
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _chunk(B: int, H: int, L: int, keys: int) -> int:
@@ -104,7 +102,7 @@ def chunked_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k:
     """``(out [B, H, L, D] in q's dtype, lse [B, H, L] fp32/fp64)``; see the module docstring."""
     B, H, L, D = q.shape
     Hkv, S, P = k.shape[1], k.shape[2], prefix_k.shape[-2]
-    acc = _acc(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     kk, vv = k.to(acc), v.to(acc)
     pk, pv = prefix_k.to(acc), prefix_v.to(acc)
     out = torch.empty(B, Hkv, H // Hkv, L, D, dtype=q.dtype, device=q.device)
@@ -132,7 +130,7 @@ def chunked_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     B, H, L, D = q.shape
     Hkv, S, P = k.shape[1], k.shape[2], prefix_k.shape[-2]
     G = H // Hkv
-    acc = _acc(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     kk, vv = k.to(acc), v.to(acc)
     pk, pv = prefix_k.to(acc), prefix_v.to(acc)
     shared = prefix_k.dim() == 3

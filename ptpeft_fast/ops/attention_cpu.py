@@ -35,6 +35,8 @@ from typing import Optional
 
 import torch
 
+from .precision import accumulation_dtype
+
 __all__ = ["FLASH_PREFIX_MAX_KEYS", "DECODE_MAX_QUERIES", "block_forward", "block_backward", "decode_forward",
            "lse_merge_forward", "lse_merge_backward", "finite_additive", "dense_rows", "kernel_causal"]
 
@@ -143,10 +145,6 @@ def decode_forward(q, k, v, prefix_k, prefix_v, mask, causal: bool, scale: float
 # ------------------------------------------------------------------------- lse_merge
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _grp(x: torch.Tensor, Hkv: int, dtype: torch.dtype) -> torch.Tensor:
     """``[B, H, L, X]`` → ``[B, Hkv, G·L, X]`` (a view for a contiguous ``x`` of ``dtype``)."""
     B, H, L, X = x.shape
@@ -188,7 +186,7 @@ def lse_merge_forward(q, k, v, prefix_k, prefix_v, mask, causal: bool, scale: fl
     q, k, v = (dense_rows(t) for t in (q, k, v))
     B, H, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    acc = _acc(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     m, flash_causal = _flash_args(q, mask, causal, L, S)
     out1, lse1 = _flash_fwd(q, k, v, 0.0, flash_causal, attn_mask=m, scale=scale)
     pk_t = prefix_k.to(acc).transpose(-1, -2).contiguous()
@@ -218,7 +216,7 @@ def lse_merge_backward(grad_out, q, k, v, prefix_k, prefix_v, mask, out, lse, ca
     B, H, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
-    acc = _acc(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     shared = prefix_k.dim() == 3
     grad_out = dense_rows(grad_out.to(q.dtype))
     m, flash_causal = _flash_args(q, mask, causal, L, S)

@@ -17,11 +17,9 @@ from typing import Optional
 
 import torch
 
+from .precision import accumulation_dtype
+
 __all__ = ["reference_attention", "softcapped_attention"]
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _causal_allowed(L: int, S: int, device: torch.device) -> torch.Tensor:
@@ -39,7 +37,7 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefi
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
     P = prefix_k.shape[-2]
-    acc = _acc(q.dtype)
+    acc = accumulation_dtype(q.dtype)
 
     def prefix_mm(a: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         # per-batch matmuls against the shared prefix (no broadcast copy of it)

@@ -23,6 +23,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .precision import accumulation_dtype
+
 __all__ = ["check_offsets", "document_mask", "token_bounds", "spans", "longest", "forward_by_document",
            "backward_by_document"]
 
@@ -76,10 +78,6 @@ def longest(cu_seqlens: torch.Tensor) -> int:
     return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # a dense implementation: (q, k, v, prefix_k, prefix_v, mask, causal, scale, doc_index) -> (out, lse)
 DenseForward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -89,7 +87,7 @@ def forward_by_document(fwd: DenseForward, q: torch.Tensor, k: torch.Tensor, v: 
                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [1, H, T, D], lse [1, H, T])``: ``fwd`` once per document on its causal slice."""
     out = torch.zeros_like(q)
-    lse = q.new_zeros(q.shape[:3], dtype=_acc(q.dtype))
+    lse = q.new_zeros(q.shape[:3], dtype=accumulation_dtype(q.dtype))
     for d, (s, e) in enumerate(spans(cu_seqlens)):
         o, lse_d = fwd(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], prefix_k, prefix_v, None, True, scale, d)
         out[:, :, s:e] = o
@@ -104,7 +102,7 @@ def backward_by_document(bwd: Callable[..., tuple[Optional[torch.Tensor], ...]],
     """``(dq, dk, dv, dprefix_k, dprefix_v)`` (None where ``need`` is False): ``bwd(grad_out, q, k, v,
     prefix_k, prefix_v, mask, out, lse, causal, scale, doc_index)`` once per document; the prefix
     gradients are summed over the documents (tokens outside every document get zero)."""
-    acc = _acc(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     dq, dk, dv = (torch.zeros_like(t) if n else None for t, n in zip((q, k, v), need[:3], strict=True))
     dpk = torch.zeros(prefix_k.shape, dtype=acc, device=q.device) if need[3] else None
     dpv = torch.zeros(prefix_v.shape, dtype=acc, device=q.device) if need[4] else None

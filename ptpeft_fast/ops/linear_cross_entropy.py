@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from . import availability as avail
 from . import dispatch
 from ._checks import check_dtype_device
+from .precision import accumulation_dtype
 
 __all__ = ["linear_cross_entropy", "TABLE", "CrossEntropyCall", "LOGITS_CHUNK_BYTES", "REDUCTIONS"]
 
@@ -101,17 +102,12 @@ def _chunk_sizes(n: int, vocab: int) -> tuple[int, int]:
     return max(min(MIN_CHUNK_ROWS, n), 1), max(MAX_CHUNK_FACTOR * budget // MIN_CHUNK_ROWS, 1)
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the row math and the loss: float64 for float64 inputs, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], v0: int, v1: int,
             softcap: Optional[float]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Logits (fp32, fp64 for fp64 inputs) of rows ``h`` over vocabulary ``[v0, v1)``, and the
     softcap's tanh (None without)."""
     w = weight[v0:v1]
-    z = F.linear(h, w, None if bias is None else bias[v0:v1]).to(_acc(h.dtype))
+    z = F.linear(h, w, None if bias is None else bias[v0:v1]).to(accumulation_dtype(h.dtype))
     if softcap is None:
         return z, None
     t = torch.tanh(z / softcap)
@@ -144,7 +140,7 @@ def chunked_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
     replaces the torch row math on single-vocabulary-chunk calls (the Triton implementation).
     """
     N, V = hidden.shape[0], weight.shape[0]
-    acc = _acc(hidden.dtype)
+    acc = accumulation_dtype(hidden.dtype)
     valid = (labels != ignore_index).nonzero().squeeze(1)
     n = valid.numel()
     losses = torch.zeros(N, dtype=acc, device=hidden.device)
@@ -247,7 +243,7 @@ def _recompute(reduction: str, need: list[bool]) -> bool:
 
 @_forward_op.register_fake
 def _(hidden, weight, bias, labels, ignore_index, softcap, reduction, impl, need):
-    loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=_acc(hidden.dtype))
+    loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=accumulation_dtype(hidden.dtype))
     now = [False] * 3 if _recompute(reduction, need) else need
     return (loss, hidden.new_empty(hidden.shape) if now[0] else hidden.new_empty(0),
             weight.new_empty(weight.shape) if now[1] else weight.new_empty(0),
@@ -305,7 +301,7 @@ torch.library.register_autograd("ptpeft_fast::linear_cross_entropy_forward", _ba
 def reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: Optional[torch.Tensor] = None,
               ignore_index: int = -100, reduction: str = "mean", softcap: Optional[float] = None) -> torch.Tensor:
     """The ``"torch"`` entry and the specification: the full fp32 logits and ``F.cross_entropy``."""
-    z = F.linear(hidden, weight, bias).to(_acc(hidden.dtype))
+    z = F.linear(hidden, weight, bias).to(accumulation_dtype(hidden.dtype))
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     if reduction == "mean":

@@ -64,6 +64,7 @@ from .attention_cpu import (
 )
 from .attention_reference import reference_attention
 from .mask_ranges import ranges_reason
+from .precision import accumulation_dtype
 
 __all__ = ["prefix_attention", "prefix_decode_step", "TABLE", "AttentionCall", "DECODE_MAX_QUERIES",
            "FLASH_PREFIX_MAX_KEYS"]
@@ -290,7 +291,7 @@ def _dense_forward(q, k, v, prefix_k, prefix_v, attn_mask, causal: bool, scale: 
 
 @_forward_op.register_fake
 def _(q, k, v, prefix_k, prefix_v, attn_mask, cu_seqlens, seed, causal, scale, dropout_p, impl):
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q.dtype)
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=acc)
 
 

@@ -208,3 +208,20 @@ def test_bad_offsets_name_the_problem(change, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         prefix_attention(q, k, v, pk, pv, causal=change.get("causal", True), attn_mask=mask, cu_seqlens=cu,
                          max_seqlen=change.get("max_seqlen"))
+
+
+def test_offsets_are_read_once_for_the_layers_of_a_forward(monkeypatch):
+    """The same offsets tensor, as every layer of a forward gets it, is read on the host once; a
+    changed tensor (new values, new object) is checked again."""
+    cu = _offsets((5, 8))
+    reads = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t is cu) or real(t))
+    for _ in range(3):
+        documents.check_offsets(cu, 13, cu.device)
+    assert reads.count(True) == 1
+    cu[1] = 9  # in place: its version changes, so it is checked again
+    documents.check_offsets(cu, 13, cu.device)
+    assert reads.count(True) == 2
+    with pytest.raises(ValueError, match="must rise from 0"):
+        documents.check_offsets(torch.tensor([0, 9, 12], dtype=torch.int32), 13, cu.device)

@@ -307,8 +307,8 @@ def _matches(rel: str, targets) -> bool:
     return any(rel == t or rel.endswith("." + t) for t in targets)
 
 
-def _refuse_linear(path: str, layer: nn.Module) -> None:
-    raise ValueError(f"LoRA target {path} cannot take LoRA: {unsupported_linear(layer)}. Supported: {SUPPORTED_LINEAR}")
+def _refuse_linear(path: str, reason: str) -> None:
+    raise ValueError(f"LoRA target {path} cannot take LoRA: {reason}. Supported: {SUPPORTED_LINEAR}")
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -345,7 +345,8 @@ def _add_lora(model, config: PTPeftConfig, state: PatchState, modules) -> None:
                     if not _is_linear(m):
                         # a quantized layer that is no nn.Linear (HQQ, GPTQ/AWQ) named as a target
                         if not list(m.children()) and any(_matches(rel, (t,)) for t in (targets or ())):
-                            _refuse_linear(f"{bname}.{rel}", m)
+                            _refuse_linear(f"{bname}.{rel}", unsupported_linear(m)
+                                           or f"{type(m).__name__} is not a linear layer")
                         continue
                     linear_names.add(rel.split(".")[-1])
                     hits = [t for t in targets if _matches(rel, (t,))]
@@ -360,8 +361,9 @@ def _add_lora(model, config: PTPeftConfig, state: PatchState, modules) -> None:
         for path, layer in found:
             if not _is_linear(layer):
                 raise ValueError(f"LoRA target {path} is a {type(layer).__name__}, not a linear layer")
-            if unsupported_linear(layer) is not None:
-                _refuse_linear(path, layer)
+            reason = unsupported_linear(layer)
+            if reason is not None:
+                _refuse_linear(path, reason)
             if path in state.lora_layers:
                 continue
             dtype, device = _param_dtype_device(layer)

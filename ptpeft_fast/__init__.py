@@ -13,7 +13,7 @@ from .version import __version__  # noqa: F401 (ptpeft_fast.__version__)
 install_checkout_finder()  # ptpeft_fast.kernels from an uninstalled checkout (see _sources)
 
 from .architectures import supported_model_types
-from .checkpoint import load, save
+from .checkpoint import load, load_prefix, save
 from .config import AdapterConfig, LoraConfig, PrefixConfig, PTPeftConfig
 from .disable import disabled
 from .interop import PeftInteropError, from_peft, load_static_prefix, save_merged, to_peft
@@ -33,6 +33,7 @@ __all__ = [
     "disabled",
     "from_peft",
     "load",
+    "load_prefix",
     "load_static_prefix",
     "mark_trainable",
     "merge",

@@ -158,30 +158,10 @@ def load(model: nn.Module, path: str | os.PathLike, reconfigure: bool = False,
     is merged stays merged, with the loaded weights; checkpoints of merged and unmerged models load
     into either.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load as st_load
-
     if stage is not None and stage not in STAGES:
         raise ValueError(f"load(stage={stage!r}): not one of {STAGES} (or None to keep the model's stage)")
     path = Path(path)
-    meta = read_meta(path)
-    weights = path / WEIGHTS_NAME
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} does not exist; the checkpoint is incomplete")
-    blob = weights.read_bytes()
-    if meta.get("weights_sha256") and hashlib.sha256(blob).hexdigest() != meta["weights_sha256"]:
-        raise ValueError(f"{weights} does not match the checksum in {CONFIG_NAME}: "
-                         "the file is truncated or from another save")
-    try:
-        tensors = st_load(blob)
-    except (SafetensorError, Exception) as e:  # safetensors raises its own error type for bad headers
-        raise ValueError(f"{weights} is not a readable safetensors file ({e})") from None
-    _refuse_non_finite(tensors, f"{weights} was not loaded (it was saved from a diverged model)")
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if meta.get("model_type") != model_type:
-        raise ValueError(f"checkpoint {path} was saved from model_type {meta.get('model_type')!r}, "
-                         f"but this model is {model_type!r}")
-    check_version(meta["config"], path / CONFIG_NAME)  # a config written by a newer ptpeft_fast
+    meta, tensors = _read_checkpoint(model, path)
     saved_config = PTPeftConfig.from_dict(meta["config"])
     if getattr(model, "_ptpeft", None) is None:
         snapshot = _pre_patch_snapshot(model)
@@ -207,6 +187,76 @@ def load(model: nn.Module, path: str | os.PathLike, reconfigure: bool = False,
             and state.config.prefix is not None and state.config.prefix.reparam != "none":
         merge_prefixes(model)  # the checkpoint holds merged (static) prefixes
     return _ready(_load_into(model, path, meta, tensors), stage)
+
+
+def load_prefix(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load only the prefix of a checkpoint into a patched model, leaving its LoRA and adapters as
+    they are: a prefix-tuned stage 1 (saved from a model patched with the prefix alone) becomes the
+    start of stage 2 in a model patched with the prefix and LoRA or adapters, as PT-PEFT's second
+    stage begins. The model's stage is unchanged.
+
+    The checkpoint's prefix section must give the same outputs as the model's (length,
+    reparameterisation, components; else ``ValueError`` listing the differences), and it must hold
+    prefix tensors only, with the model's names and shapes.
+    """
+    path = Path(path)
+    if getattr(model, "_ptpeft", None) is None:
+        raise ValueError("load_prefix needs a patched model: call ptpeft_fast.patch(model, config) first "
+                         "(or ptpeft_fast.load for a whole checkpoint)")
+    meta, tensors = _read_checkpoint(model, path)
+    saved = PTPeftConfig.from_dict(meta["config"])
+    current = get_state(model).config
+    if saved.prefix is None or current.prefix is None:
+        raise ValueError(f"load_prefix: the prefix is {'off' if saved.prefix is None else 'on'} in checkpoint {path} "
+                         f"and {'off' if current.prefix is None else 'on'} in the model; both need one")
+    differences = [d for d in config_differences(saved, current) if d.startswith("prefix.")]
+    if differences:
+        raise ValueError(f"load_prefix: checkpoint {path} has another prefix than this model's: "
+                         + "; ".join(differences))
+    groups = parameter_groups(model)
+    params = dict(model.named_parameters())
+    not_prefix = sorted(n for n in tensors if groups.get(n) != "prefix")
+    if not_prefix:
+        raise ValueError(f"load_prefix: checkpoint {path} holds tensors that are not this model's prefix "
+                         f"({not_prefix[:3]}{'...' if len(not_prefix) > 3 else ''}); use ptpeft_fast.load for a "
+                         "whole checkpoint")
+    missing = sorted(n for n, g in groups.items() if g == "prefix" and n not in tensors)
+    if missing:
+        raise ValueError(f"load_prefix: checkpoint {path} lacks prefix tensors of this model ({missing[:3]})")
+    for name, t in tensors.items():
+        if tuple(t.shape) != tuple(params[name].shape):
+            raise ValueError(f"load_prefix: tensor {name}: checkpoint shape {tuple(t.shape)} != model shape "
+                             f"{tuple(params[name].shape)}")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            params[name].copy_(t.to(params[name].dtype))
+    return model
+
+
+def _read_checkpoint(model: nn.Module, path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The checkpoint's metadata and tensors, checked (checksum, finiteness, model type, version)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    meta = read_meta(path)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} does not exist; the checkpoint is incomplete")
+    blob = weights.read_bytes()
+    if meta.get("weights_sha256") and hashlib.sha256(blob).hexdigest() != meta["weights_sha256"]:
+        raise ValueError(f"{weights} does not match the checksum in {CONFIG_NAME}: "
+                         "the file is truncated or from another save")
+    try:
+        tensors = st_load(blob)
+    except (SafetensorError, Exception) as e:  # safetensors raises its own error type for bad headers
+        raise ValueError(f"{weights} is not a readable safetensors file ({e})") from None
+    _refuse_non_finite(tensors, f"{weights} was not loaded (it was saved from a diverged model)")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if meta.get("model_type") != model_type:
+        raise ValueError(f"checkpoint {path} was saved from model_type {meta.get('model_type')!r}, "
+                         f"but this model is {model_type!r}")
+    check_version(meta["config"], path / CONFIG_NAME)  # a config written by a newer ptpeft_fast
+    return meta, tensors
 
 
 def _ready(model: nn.Module, stage: str | None) -> nn.Module:

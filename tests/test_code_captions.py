@@ -58,10 +58,17 @@ def test_format_is_captioning_only():
 
 def test_preset_and_its_quick_variant():
     full = load_config(str(PRESET))
-    assert full["model"]["name"] == "smollm2-135m" and full["experiment"]["seeds"] == [0, 1, 2]
+    assert full["model"]["name"] == "smollm2-135m" and full["experiment"]["seeds"] == [0, 1, 2, 3, 4]
     assert full["experiment"]["methods"] == ["zero-shot", "prefix", "lora", "adapter", "pt-lora", "pt-adapter"]
+    # the protocol: rates chosen on val with a seed of their own, the whole test split
+    sweep = full["experiment"]["lr_sweep"]
+    assert sweep["seed"] not in full["experiment"]["seeds"] and set(sweep["grid"]) == {
+        "stage1", "lora", "adapter", "pt-lora", "pt-adapter"} and all(len(v) == 3 for v in sweep["grid"].values())
+    assert full["eval"]["split"] == "test" and full["eval"]["max_samples"] is None and full["eval"]["val_every"]
+    assert full["stage1"]["max_steps"] == full["stage2"]["max_steps"]  # PT-X's stage 2 = X's only stage
     quick = load_config(str(PRESET), ["stage2.max_steps=2"], quick=True)
     assert quick["experiment"]["seeds"] == [0] and quick["stage1"]["max_steps"] == 4
+    assert not quick["experiment"]["lr_sweep"] and not quick["eval"]["val_every"]
     assert quick["stage2"]["max_steps"] == 2  # --set comes after the quick overrides
     assert quick["output"]["dir"].endswith("-quick")
     with pytest.raises(ConfigError, match="no 'quick' list"):

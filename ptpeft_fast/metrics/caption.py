@@ -37,7 +37,8 @@ def caption_metrics(predictions: Mapping[str, str], references: Mapping[str, Seq
                     use_java: bool | None = None) -> dict:
     """Corpus captioning scores (pycocoevalcap scale, CIDEr-D ×1; we report ×100 for all).
 
-    Returns ``{"CIDEr-D", "BLEU-4", "METEOR", "ROUGE-L", "n", "tokenizer"}`` in percent;
+    Returns ``{"CIDEr-D", "BLEU-4", "METEOR", "ROUGE-L", "n", "tokenizer"}`` in percent, and
+    ``per_record["CIDEr-D"]`` (record id -> its CIDEr-D; their mean is the corpus score);
     ``METEOR`` is ``None`` and ``meteor_unavailable`` is True when Java is missing or
     ``use_java=False``.
     """
@@ -64,7 +65,11 @@ def caption_metrics(predictions: Mapping[str, str], references: Mapping[str, Seq
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     out["BLEU-4"] = 100.0 * float(bleu[3])
     out["ROUGE-L"] = 100.0 * float(Rouge().compute_score(gts, res)[0])
-    out["CIDEr-D"] = 100.0 * float(Cider().compute_score(gts, res)[0])
+    cider, per = Cider().compute_score(gts, res)
+    out["CIDEr-D"] = 100.0 * float(cider)
+    # CIDEr-D is the mean of per-record scores (document frequencies from all references): a
+    # bootstrap over records resamples these
+    out["per_record"] = {"CIDEr-D": {k: 100.0 * float(v) for k, v in zip(gts, per, strict=True)}}
     if java:
         from pycocoevalcap.meteor.meteor import Meteor
         m = Meteor()

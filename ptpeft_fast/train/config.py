@@ -15,12 +15,12 @@ import yaml
 
 # Keys whose value is a free-form mapping (checked by their consumer, not here).
 FREE_FORM = {"data.train", "data.val", "data.test", "model.tiny", "stage1.prefix", "stage2.lora",
-             "stage2.adapter", "experiment.variants", "experiment.method_overrides"}
+             "stage2.adapter", "experiment.variants", "experiment.method_overrides", "experiment.lr_sweep"}
 # Keys that may be null besides their typed default.
 NULLABLE = {"model.pretrained_path", "data.prompt", "eval.stop_at", "data.max_train_samples", "data.max_eval_samples",
             "stage1.max_steps", "stage2.max_steps", "eval.max_samples", "eval.use_java",
             "train.interrupt_after_steps", "output.dir", "stage2.adapter", "stage2.lora",
-            "train.max_grad_norm", "data.per_class",
+            "train.max_grad_norm", "data.per_class", "eval.val_samples",
             "stage1.head_lr", "stage2.head_lr", "train.max_tokens"}
 
 DEFAULTS: dict[str, Any] = {
@@ -75,6 +75,9 @@ DEFAULTS: dict[str, Any] = {
         "tau": 0.9,
         "use_java": None,              # null: use Java when it is on PATH
         "spectrum_window": 16,         # classification: first N word-piece tokens per sentence
+        "spectrum_text": "prompt",     # generation: prompt | prompt+target (the first reference, teacher-forced)
+        "val_every": 0,                # generation: mean target-token loss on the val split every N steps (0: off)
+        "val_samples": None,           # records of the val split for that loss (null: all)
     },
     "output": {
         "dir": None,                   # null: runs/<timestamp>
@@ -108,6 +111,8 @@ DEFAULTS: dict[str, Any] = {
         "variants": {},                # label -> list of "key=value" overrides
         "method_overrides": {},        # method -> list of "key=value" overrides
         "spectrum": True,              # plot spectrum.png
+        "lr_sweep": {},                # {seed, grid: {stage1 | method: [lr, ...]}}: chosen on val first (lr_sweep.py)
+        "compare": [],                 # [[a, b], ...]: paired differences a - b over seeds (default: PT-X vs X)
     },
 }
 
@@ -120,6 +125,7 @@ CHOICES = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.strategy": ("ddp", "fsdp"),
     "eval.split": ("train", "val", "test"),
+    "eval.spectrum_text": ("prompt", "prompt+target"),
 }
 POSITIVE = {"stage1.epochs", "stage2.epochs", "stage1.batch_size", "stage2.batch_size",
             "stage1.grad_accum", "stage2.grad_accum", "eval.batch_size", "eval.max_new_tokens",
@@ -280,6 +286,15 @@ def validate(cfg: dict) -> None:
     stop = cfg["eval"]["stop_at"]
     if stop is not None and (not isinstance(stop, str) or not stop):
         raise ConfigError(f"eval.stop_at must be a non-empty string or null, got {stop!r}")
+    ev = cfg["eval"]
+    if isinstance(ev["val_every"], bool) or not isinstance(ev["val_every"], int) or ev["val_every"] < 0:
+        raise ConfigError(f"eval.val_every must be 0 (off) or a positive number of steps, got {ev['val_every']!r}")
+    if ev["val_samples"] is not None and (isinstance(ev["val_samples"], bool) or not isinstance(ev["val_samples"], int)
+                                          or ev["val_samples"] < 1):
+        raise ConfigError(f"eval.val_samples must be a positive integer or null, got {ev['val_samples']!r}")
+    if ev["val_every"] and cfg["data"]["task"] == "classification":
+        raise ConfigError("eval.val_every is for the generation tasks (caption, vqa); the classification task "
+                          "reports its scores after each stage instead: set eval.val_every=0")
     if not 0 < cfg["eval"]["tau"] <= 1:
         raise ConfigError(f"eval.tau must be in (0, 1], got {cfg['eval']['tau']!r}")
     dc = cfg["data"]
@@ -317,6 +332,11 @@ def validate(cfg: dict) -> None:
         if dc["task"] == "classification" and "zero-shot" in ex["methods"]:
             raise ConfigError("experiment.methods: 'zero-shot' is for generation tasks (caption, vqa); a "
                               "classifier's untrained head is 'pretrained' (random head, one row per seed)")
+    pairs = ex["compare"]
+    if not isinstance(pairs, list) or any(not isinstance(p, list) or len(p) != 2
+                                          or any(m not in ex["methods"] for m in p) for p in pairs):
+        raise ConfigError(f"experiment.compare must be a list of [a, b] pairs of experiment.methods, got {pairs!r}")
+    _check_lr_sweep(ex["lr_sweep"] or {}, ex["methods"], cfg["eval"]["val_every"])
     for k in ("variants", "method_overrides"):
         for name, ovs in (ex[k] or {}).items():
             if not isinstance(ovs, list) or any(not isinstance(o, str) or "=" not in o for o in ovs):
@@ -361,3 +381,31 @@ def peft_config_dict(cfg: dict) -> dict | None:
 def dump_config(cfg: dict) -> str:
     """The resolved config as YAML text."""
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
+
+
+def _check_lr_sweep(sweep: dict, methods: list[str], val_every: int) -> None:
+    """A ``ConfigError`` naming what is wrong with ``experiment.lr_sweep`` (empty: no sweep)."""
+    if not sweep:
+        return
+    from .methods import METHODS
+    unknown = sorted(set(sweep) - {"seed", "grid", "steps"})
+    if unknown:
+        raise ConfigError(f"experiment.lr_sweep: unknown keys {unknown}; it takes seed, grid and steps")
+    steps = sweep.get("steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ConfigError(f"experiment.lr_sweep.steps must be a positive integer (or absent), got {steps!r}")
+    if isinstance(sweep.get("seed"), bool) or not isinstance(sweep.get("seed"), int):
+        raise ConfigError(f"experiment.lr_sweep.seed must be an integer, got {sweep.get('seed')!r}")
+    grid = sweep.get("grid")
+    if not isinstance(grid, dict) or not grid:
+        raise ConfigError("experiment.lr_sweep.grid must map 'stage1' or a method name to a list of learning rates")
+    for key, lrs in grid.items():
+        if key != "stage1" and (key not in methods or "stage2.enabled=true" not in METHODS[key][1]):
+            raise ConfigError(f"experiment.lr_sweep.grid.{key}: not 'stage1' nor a method of experiment.methods "
+                              "with a stage 2")
+        if (not isinstance(lrs, list) or not lrs
+                or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 for v in lrs)):
+            raise ConfigError(f"experiment.lr_sweep.grid.{key} must be a non-empty list of positive numbers, "
+                              f"got {lrs!r}")
+    if not val_every:
+        raise ConfigError("experiment.lr_sweep chooses by the validation loss: set eval.val_every (e.g. 25)")

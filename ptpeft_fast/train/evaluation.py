@@ -34,9 +34,11 @@ def generate(run: RunContext, records_idx: list[int]) -> dict[str, str]:
         batch = run.eval_collate(items)
         inp = run.model_inputs(batch)
         # FSDP: ranks stop together (synced_gpus) so each runs the same sharded forwards
+        # a stop string ends each sequence's generation once written (what follows is cut anyway)
+        stop = {"stop_strings": [ev["stop_at"]], "tokenizer": tok} if ev["stop_at"] else {}
         with run.autocast(), root_unsharded(run.model):
             out = run.model.generate(**inp, max_new_tokens=ev["max_new_tokens"], num_beams=ev["num_beams"],
-                                     do_sample=False, pad_token_id=tok.pad_token_id, synced_gpus=run.fsdp)
+                                     do_sample=False, pad_token_id=tok.pad_token_id, synced_gpus=run.fsdp, **stop)
         ids = inp["input_ids"]
         if out.shape[1] >= ids.shape[1] and torch.equal(out[:, :ids.shape[1]].cpu(), ids.cpu()):
             out = out[:, ids.shape[1]:]  # decoder-only generate returns prompt + continuation
@@ -51,14 +53,19 @@ def generate(run: RunContext, records_idx: list[int]) -> dict[str, str]:
 @torch.no_grad()
 def lm_features(run: RunContext, n: int) -> list[torch.Tensor]:
     """Last-layer language-model hidden states of the first ``n`` evaluation inputs (image +
-    prompt, padding removed). For an encoder-decoder language model (Florence-2) these are the
+    prompt, and the first reference target with ``eval.spectrum_text: prompt+target``; padding
+    removed). For an encoder-decoder language model (Florence-2) these are the
     ENCODER's last hidden states: the encoder is what reads image + prompt (the decoder would
     only see its start token here)."""
     feats = []
     bs = run.cfg["eval"]["batch_size"]
     idx = list(range(min(n, len(run.data.eval))))
+    with_target = run.cfg["eval"]["spectrum_text"] == "prompt+target"
     for s in range(0, len(idx), bs):
-        batch = run.eval_collate([run.data.eval[i] for i in idx[s:s + bs]])
+        items = [run.data.eval[i] for i in idx[s:s + bs]]
+        # prompt+target: the record's first reference after the prompt, as training reads it
+        batch = (run.target_collate([(rec, img, rec.train_target(0)) for rec, img in items]) if with_target
+                 else run.eval_collate(items))
         inp = run.model_inputs(batch)
         with run.autocast():
             out = run.model(**inp, output_hidden_states=True)

@@ -17,7 +17,10 @@ import time
 from typing import Callable
 
 from . import report, run_folder
+from .comparison_report import default_pairs, paired_section, spectrum_value, validation_section
 from .config import apply_override, validate
+from .experiment_runs import Stage1Sources, run_one, single_run_config
+from .lr_sweep import run_lr_sweep
 from .methods import METHODS, SEED_FREE
 from .packed_batches import batches_note
 
@@ -47,10 +50,14 @@ def run_experiment(base: dict, out: str, log: Callable[[str], None] = print) -> 
     """Run every (per_class, variant, method, seed) of ``base['experiment']`` under ``out``;
     returns ``{"groups", "results", "png", "seconds"}``."""
     from ..data.stdlib_docstrings import python_version
-    from .tasks import make_run
     t0 = time.time()
-    ex = base["experiment"]
     os.makedirs(out, exist_ok=True)
+    sources = Stage1Sources()
+    sweep = None
+    if base["experiment"]["lr_sweep"]:
+        sweep = run_lr_sweep(base, out, sources, log)
+        base = with_swept_rates(base, sweep)
+    ex = base["experiment"]
     pcs = list(ex["per_class"]) or [base["data"]["per_class"]]
     variants = list((ex["variants"] or {}).items()) or [("", [])]
     groups: list[dict] = []
@@ -61,8 +68,7 @@ def run_experiment(base: dict, out: str, log: Callable[[str], None] = print) -> 
                 label, mov = METHODS[m]
                 g = {"per_class": pc, "variant": vname, "method": label, "key": m, "rows": []}
                 for seed in (ex["seeds"][:1] if m in SEED_FREE else ex["seeds"]):
-                    cfg = copy.deepcopy(base)
-                    cfg["experiment"]["methods"] = []
+                    cfg = single_run_config(base)
                     ovs = mov + list((ex["method_overrides"] or {}).get(m, [])) + list(vov) + [f"train.seed={seed}"]
                     if pc is not None:
                         ovs.append(f"data.per_class={pc}")
@@ -74,20 +80,40 @@ def run_experiment(base: dict, out: str, log: Callable[[str], None] = print) -> 
                     cfg["output"]["dir"] = sub
                     log(f"--- {'/'.join(parts)} ---")
                     t = time.time()
-                    resume = run_folder.has_progress(sub)
-                    run = make_run(cfg, sub, resume=resume, log=log)
-                    rows = run.execute()
+                    run, rows = run_one(cfg, sub, sources, log)
                     title = title or run.task.report_title(run.cfg)
                     row = dict(rows[-1])
                     row["seconds"] = round(time.time() - t, 1)
+                    row["seed"] = seed
+                    row["out"] = sub
+                    # training time, the adopted stage 1 counted at what its source run spent on it
+                    row["train_seconds"] = _stage_seconds(sub) + (
+                        _stage_seconds(run.stage1_from, "stage1") if run.stage1_from else 0.0)
                     row["n_train"] = len(run.train_ds) if run.train_ds is not None else 0
                     g["rows"].append(row)
                 groups.append(g)
                 _atomic_json(os.path.join(out, "groups.json"), groups)
     secs = time.time() - t0
-    md, png = write_experiment_report(out, groups, base, python_version(), secs, title)
+    md, png = write_experiment_report(out, groups, base, python_version(), secs, title, sweep)
     log("\n" + open(md, encoding="utf-8").read())
     return {"groups": groups, "results": md, "png": png, "seconds": secs}
+
+
+def _stage_seconds(out: str, stage: str | None = None) -> float:
+    return sum(float(r["seconds"]) for r in run_folder.read_records(out, "stage")
+               if stage is None or r["stage"] == stage)
+
+
+def with_swept_rates(base: dict, sweep: dict) -> dict:
+    """``base`` with the sweep's choices: ``stage1.lr`` for every run, ``stage2.lr`` per method
+    (after the method's own overrides, so the sweep has the last word)."""
+    base = copy.deepcopy(base)
+    if sweep["stage1"] is not None:
+        base["stage1"]["lr"] = sweep["stage1"]
+    mo = base["experiment"]["method_overrides"] = dict(base["experiment"]["method_overrides"] or {})
+    for m, lr in sweep["stage2"].items():
+        mo[m] = list(mo.get(m, [])) + [f"stage2.lr={lr}"]
+    return base
 
 
 def _atomic_json(path: str, obj) -> None:
@@ -96,9 +122,10 @@ def _atomic_json(path: str, obj) -> None:
 
 
 def write_experiment_report(out: str, groups: list[dict], base: dict, py: str, seconds: float,
-                            title: str | None = None) -> tuple[str, str | None]:
-    """``results.md`` (mean ± std over seeds) and ``spectrum.png`` (mean curves); the task
-    (``data.task``) picks the metric columns, ``title`` heads the file."""
+                            title: str | None = None, sweep: dict | None = None) -> tuple[str, str | None]:
+    """``results.md`` (mean ± std over seeds, then the paired differences of ``experiment.compare``
+    and the validation loss by step) and ``spectrum.png`` (mean curves); the task (``data.task``)
+    picks the metric columns, ``title`` heads the file, ``sweep`` is the learning-rate sweep's choice."""
     ex, ev, dc = base["experiment"], base["eval"], base["data"]
     kind = dc["task"]
     names = report.metric_names(kind)
@@ -107,8 +134,12 @@ def write_experiment_report(out: str, groups: list[dict], base: dict, py: str, s
     names = [n for n in names if n in present]
     multi_pc = len({g["per_class"] for g in groups}) > 1
     multi_var = len({g["variant"] for g in groups}) > 1
+    pooled = any((r.get("spectrum") or {}).get("pooled") for g in groups for r in g["rows"])
+    timed = any(r.get("train_seconds") for g in groups for r in g["rows"])
     cols = (["per class"] if multi_pc else []) + (["variant"] if multi_var else []) + [
-        "method", *names, "remaining-rank ratio", "effective rank", "trainable params", "train size", "s / run"]
+        "method", *names, "remaining-rank ratio", "effective rank",
+        *(["pooled rank ratio", "pooled eff. rank"] if pooled else []), "trainable params", "train size", "s / run",
+        *(["train s / run"] if timed else [])]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     curves: dict[str, list[float]] = {}
     spectrum_note = ""
@@ -121,9 +152,21 @@ def write_experiment_report(out: str, groups: list[dict], base: dict, py: str, s
                           ([g["variant"]] if multi_var else []) + [g["method"]])
         if sp:
             K = len(sp[0]["curve"])
-            curves[name] = [sum(s["curve"][k] for s in sp) / len(sp) for k in range(K)]
+            if sp[0].get("pooled"):  # the pooled spectrum resolves what the per-sample one cannot
+                sp_curves = [s["pooled"]["curve"] for s in sp]
+                K = min(len(c) for c in sp_curves)
+                curves[name] = [sum(c[k] for c in sp_curves) / len(sp_curves) for k in range(K)]
+            else:
+                curves[name] = [sum(s["curve"][k] for s in sp) / len(sp) for k in range(K)]
             s0 = sp[0]
-            if s0.get("window"):
+            if s0.get("pooled"):
+                text = "prompt and reference-caption" if ev["spectrum_text"] == "prompt+target" else "prompt"
+                spectrum_note = (
+                    f"Spectrum: last-layer features of every {text} "
+                    f"token (padding removed) of the first {s0['n_samples']} evaluation records; the pooled columns "
+                    f"stack all {s0['pooled']['n_tokens']} tokens into one matrix (its singular values; the curve "
+                    "plotted is the pooled one).")
+            elif s0.get("window"):
                 spectrum_note = (
                     f"Spectrum: last-layer token features of the first {s0.get('window')} word-piece tokens "
                     f"([CLS]/[SEP] excluded) of {s0['n_samples']} evaluation sentences; "
@@ -136,8 +179,12 @@ def write_experiment_report(out: str, groups: list[dict], base: dict, py: str, s
         vals = ([str(g["per_class"])] if multi_pc else []) + ([g["variant"]] if multi_var else []) + [
             g["method"] + seeds,
             *[_pm([r["metrics"][n] for r in rs if r["metrics"].get(n) is not None]) for n in names],
-            _pm(rr, 3), _pm(er), str(rs[-1].get("trainable", 0)),
-            str(rs[-1].get("n_train", "")), f"{sum(r['seconds'] for r in rs) / len(rs):.0f}"]
+            _pm(rr, 3), _pm(er),
+            *([_pm([x for x in (spectrum_value(r, "remaining_rank_ratio") for r in rs) if x is not None], 3),
+               _pm([x for x in (spectrum_value(r, "effective_rank") for r in rs) if x is not None])] if pooled else []),
+            str(rs[-1].get("trainable", 0)),
+            str(rs[-1].get("n_train", "")), f"{sum(r['seconds'] for r in rs) / len(rs):.0f}",
+            *([f"{sum(r.get('train_seconds', 0) for r in rs) / len(rs):.0f}"] if timed else [])]
         lines.append("| " + " | ".join(vals) + " |")
     n_eval = groups[0]["rows"][0].get("n") if groups and groups[0]["rows"] else None
     classification = kind == "classification"
@@ -157,7 +204,22 @@ def write_experiment_report(out: str, groups: list[dict], base: dict, py: str, s
             f"- {batches_note(base)}\n"
             f"- time: {sum(r['seconds'] for g in groups for r in g['rows']) / 60:.1f} min summed over the runs "
             f"(wall time of the invocation that wrote this file: {seconds / 60:.1f} min)\n\n")
+    if sweep is not None:
+        chosen = ([f"stage 1 {sweep['stage1']:g}"] if sweep["stage1"] is not None else []) + [
+            f"{METHODS[m][0]} stage 2 {lr:g}" for m, lr in sweep["stage2"].items()]
+        head += (f"Learning rates chosen on the validation split (seed {sweep['seed']}, lowest final validation "
+                 f"loss; `lr_sweep.md`): {', '.join(chosen)}.\n\n")
+    if timed:
+        head += ("`train s / run`: training time of a run; a PT- run's includes the stage 1 it took from the "
+                 "Prefix run of its seed. `s / run`: the wall time of this invocation's part of the run "
+                 "(evaluation included).\n\n")
     md = head + "\n".join(lines) + "\n"
+    pairs = ex["compare"] or default_pairs(ex["methods"])
+    if names and pairs:
+        section = paired_section(groups, pairs, names[0])
+        md += ("\n" + section) if section else ""
+    val = validation_section(groups, out)
+    md += ("\n" + val) if val else ""
     png = None
     if curves and ex["spectrum"]:
         png = report.plot_spectra(curves, run_folder.spectrum_path(out), ev["tau"])

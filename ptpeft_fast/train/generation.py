@@ -83,7 +83,8 @@ class GenerationTask:
         eval_ds = load_split(dc, ev["split"], ev["max_samples"] or dc["max_eval_samples"])
         if eval_ds.skipped_images:
             run.log(f"skipped {eval_ds.skipped_images} unreadable image(s) in data.{ev['split']}")
-        return TaskData(train, eval_ds)
+        val = TrainView(load_split(dc, "val", ev["val_samples"])) if ev["val_every"] and train is not None else None
+        return TaskData(train, eval_ds, val)
 
     def load_model(self, run: RunContext) -> tuple[torch.nn.Module, Any]:
         from ..models import build_tiny_blip2, load_local_model
@@ -183,8 +184,10 @@ class GenerationTask:
             return None
         refs = {r.id: r.targets for r in run.data.eval.records}
         metrics = compute_metrics(self.kind, preds, refs, use_java=ev["use_java"])
+        per_record = metrics.pop("per_record", None)
         spec = report.spectrum_summary(feats, tau=ev["tau"]) if feats is not None else None
-        return EvalResult(metrics, json.dumps(preds, indent=1), spec)
+        return EvalResult(metrics, json.dumps(preds, indent=1), spec,
+                          extra={"per_record": per_record} if per_record else {})
 
     def method_label(self, cfg: dict, phase: str) -> str:
         return method_label(cfg, phase)

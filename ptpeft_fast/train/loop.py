@@ -29,7 +29,7 @@ from .run_state import load_state, save_state
 from .task import RunContext, Task
 
 __all__ = ["NonFinite", "Interrupted", "StagePlan", "plan_stage", "stage_mode", "lr_lambda", "epoch_order",
-           "train_stage", "accumulate", "CtrlC", "TrainingRun"]
+           "train_stage", "validation_loss", "accumulate", "CtrlC", "TrainingRun"]
 
 
 class NonFinite(Exception):
@@ -230,10 +230,33 @@ def train_stage(run: TrainingRun, plan: StagePlan, named: list[tuple[str, torch.
                                       f"resume with: python -m ptpeft_fast.train --resume {run.out}")
                 if save_every and (step + 1) % save_every == 0 and step + 1 < plan.total:
                     save(step + 1)
+                val_every = cfg["eval"]["val_every"]
+                if run.data.val is not None and val_every and ((step + 1) % val_every == 0 or step + 1 == plan.total):
+                    run.event({"event": "val", "stage": stage, "step": step + 1,
+                               "loss": validation_loss(run, fwd, plan)})
         finally:
             if bar is not None:
                 bar.close()
     return loss_val
+
+
+@torch.no_grad()
+def validation_loss(run: TrainingRun, fwd, plan: StagePlan) -> float:
+    """Mean target-token loss over the validation items (``run.data.val``), dropout off; every
+    process computes all of it, so nothing is gathered. Draws no random numbers, so the training
+    that follows is the same with or without it."""
+    was = run.model.training
+    run.model.train(False)
+    try:
+        total, count = 0.0, 0
+        for s in range(0, len(run.data.val), plan.micro):
+            out = run.train_collate([run.data.val[i] for i in range(s, min(s + plan.micro, len(run.data.val)))])
+            for b in out if isinstance(out, list) else [out]:
+                total += float(run.task.batch_loss(run, fwd, b))
+                count += run.task.batch_count(b)
+    finally:
+        run.model.train(was)
+    return total / max(count, 1)
 
 
 def accumulate(run: TrainingRun, fwd, plan: StagePlan, step: int, scaler) -> torch.Tensor:

@@ -13,8 +13,9 @@ from ..analysis import spectrum_stats
 def spectrum_summary(features: Sequence[torch.Tensor], tau: float = 0.9) -> dict:
     """Spectrum statistics of per-sample feature matrices (each ``[L_i, d]``) as a JSON-able
     dict: ``remaining_rank_ratio``, ``effective_rank`` (per sample, averaged), ``n_samples`` and
-    ``curve`` (the mean normalised spectrum p̄, not cumulative); :func:`ptpeft_fast.analysis.spectrum_stats`
-    computes them (design §1)."""
+    ``curve`` (the mean normalised spectrum p̄, not cumulative); under ``pooled`` the same statistics of
+    all samples' tokens stacked into one matrix (and ``n_tokens``), which resolve small differences;
+    :func:`ptpeft_fast.analysis.spectrum_stats` computes them (design §1)."""
     lengths = [int(f.shape[0]) for f in features]
     L, d = max(lengths), int(features[0].shape[1])
     padded = torch.zeros(len(features), L, d, dtype=torch.float32)
@@ -22,8 +23,15 @@ def spectrum_summary(features: Sequence[torch.Tensor], tau: float = 0.9) -> dict
         padded[i, : f.shape[0]] = f
     # torch backend: the eval set is small, and the C++ extension would be compiled on first use
     st = spectrum_stats(padded, torch.tensor(lengths), threshold=tau, backend="torch")
+    pooled = torch.cat([f.float() for f in features])
+    ps = spectrum_stats(pooled[None], torch.tensor([pooled.shape[0]]), threshold=tau, backend="torch")
     return {"remaining_rank_ratio": float(st.remaining_rank_ratio), "effective_rank": float(st.effective_rank),
-            "n_samples": int(st.n_samples), "curve": [float(x) for x in st.mean_spectrum.tolist()]}
+            "n_samples": int(st.n_samples), "curve": [float(x) for x in st.mean_spectrum.tolist()],
+            # every token of every sample in one matrix: K = min(tokens, d) singular values, so the ratio
+            # moves in steps of 1/K (1/d), where a per-sample window of L tokens moves it in steps of 1/L
+            "pooled": {"remaining_rank_ratio": float(ps.remaining_rank_ratio),
+                       "effective_rank": float(ps.effective_rank), "n_tokens": int(pooled.shape[0]),
+                       "curve": [float(x) for x in ps.mean_spectrum.tolist()]}}
 
 
 def plot_spectra(curves: Mapping[str, Sequence[float]], path: str, tau: float = 0.9) -> str:

@@ -112,7 +112,7 @@ def read_records(out: str, event: str | None = None) -> list[dict[str, Any]]:
 
 
 def forget_train_records(out: str, stage: str, after_step: int) -> None:
-    """Drop ``stage``'s training records past ``after_step``: a run killed after logging them
+    """Drop ``stage``'s training and validation records past ``after_step``: a run killed after logging them
     resumes from an earlier state and logs those steps again."""
     path = os.path.join(out, METRICS)
     if not os.path.exists(path):
@@ -125,7 +125,8 @@ def forget_train_records(out: str, stage: str, after_step: int) -> None:
             rec = json.loads(line)
         except ValueError:
             return False
-        return rec.get("event") == "train" and rec.get("stage") == stage and int(rec.get("step", 0)) > after_step
+        return (rec.get("event") in ("train", "val") and rec.get("stage") == stage
+                and int(rec.get("step", 0)) > after_step)
     kept = [line for line in lines if not stale(line)]
     if len(kept) != len(lines):
         atomic_write_text(path, "".join(kept))

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from ..atomic_files import remove_stale_temporaries
+from ..checkpoint import load_prefix
 from ..config import PTPeftConfig
 from ..disable import disabled
 from ..models import has_image_input
@@ -24,7 +25,7 @@ from ..packing import packing_refusal
 from ..patching import patch
 from ..stages import mark_trainable, set_stage, trainable_parameters
 from . import run_folder
-from .checkpointing import folder_copies
+from .checkpointing import complete_dir, folder_copies
 from .config import ConfigError, dump_config, peft_config_dict
 from .distributed import barrier, init_distributed
 from .evaluation import eval_rows, record_eval, set_eval, write_report
@@ -76,6 +77,11 @@ class Run:
         self.patched = False
         self.trainable_counts: dict[str, int] = {}
         self.plans: dict[str, StagePlan] = {}
+        # a finished run whose stage 1 this one takes instead of training its own (an experiment sets
+        # it when that run had the same model, data, stage-1 and train settings)
+        self.stage1_from: str | None = None
+        # False: train only, no evaluation phase (a learning-rate sweep reads the validation loss)
+        self.evaluate_after = True
 
     # -- what tasks and the loop use -----------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -149,6 +155,7 @@ class Run:
 
     def make_collators(self) -> None:
         self.train_collate, self.eval_collate = self.task.collators(self)
+        self.target_collate = self.train_collate  # one row per item, whatever train.packing says
         tc = self.cfg["train"]
         if tc["packing"]:
             reason = packing_refusal(self.model) or ("its inputs carry images" if has_image_input(self.processor)
@@ -179,10 +186,11 @@ class Run:
         """The phases of this run, in order."""
         c = self.cfg
         stages = [s for s in ("stage1", "stage2") if c[s]["enabled"]]
-        ph = ["zero_shot"] if c["eval"]["zero_shot"] else []
+        evaluate = self.evaluate_after
+        ph = ["zero_shot"] if c["eval"]["zero_shot"] and evaluate else []
         for s in stages:
             ph.append(s)
-            if c["eval"]["after_each_stage"] or s == stages[-1]:
+            if evaluate and (c["eval"]["after_each_stage"] or s == stages[-1]):
                 ph.append(f"eval_{s}")
         if not ph:
             raise ConfigError("nothing to do: eval.zero_shot is false and both stage1.enabled and "
@@ -232,6 +240,8 @@ class Run:
                     self.evaluate(ph)
             elif ph.startswith("eval_"):
                 self.evaluate(ph)
+            elif ph == "stage1" and self.stage1_from is not None and not self.fsdp:
+                self.adopt_stage1(self.stage1_from)
             else:
                 self.train_stage(ph)
             self._mark_done(ph)
@@ -279,13 +289,29 @@ class Run:
             raise ConfigError(f"{stage}: no trainable parameters (is stage1.prefix / "
                               f"stage2.{self.cfg['stage2']['method']} set?)")
         plan = self.plans[stage]  # planned (and checked) with the data, before any phase ran
+        t = time.time()
         loss = train_stage(self, plan, named, self._param_groups(stage, named), self.trainable_counts[stage])
         save_stage_checkpoint(self.out, stage, self.model, patched=self.patched,
                               full=stage_mode(self.cfg, stage) == "full", main=self.di.main, fsdp=self.fsdp)
         if self.di.main:
             for folder in folder_copies(run_folder.state_dir(self.out)):  # the state and its older copies
                 shutil.rmtree(folder, ignore_errors=True)
+        # the training time of this invocation (a resumed stage: its remaining steps)
+        self.event({"event": "stage", "stage": stage, "seconds": round(time.time() - t, 1)})
         self.log(f"{stage}: done, final loss {loss:.4f}; checkpoint {run_folder.checkpoint_dir(self.out, stage)}")
+        barrier(self.di)
+
+    def adopt_stage1(self, source: str) -> None:
+        """Stage 1 as the finished run ``source`` trained it: its prefix, loaded into this model
+        (whose LoRA/adapters keep their initial values), saved as this run's stage-1 checkpoint."""
+        path = complete_dir(run_folder.checkpoint_dir(source, "stage1"))
+        if path is None or not self.patched:
+            raise ConfigError(f"stage 1 was to come from {source}, which has no complete stage-1 checkpoint")
+        self._set_trainable("stage1")
+        load_prefix(self.model, path)
+        save_stage_checkpoint(self.out, "stage1", self.model, patched=True, full=False, main=self.di.main,
+                              fsdp=False)
+        self.log(f"stage1: the prefix of {path} (a run with the same stage-1 settings and seed)")
         barrier(self.di)
 
     # -- evaluation ----------------------------------------------------------------------------

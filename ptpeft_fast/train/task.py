@@ -25,6 +25,7 @@ class TaskData:
 
     train: Sequence | None
     eval: Sequence
+    val: Sequence | None = None  # training items of the validation split (``eval.val_every``)
 
 
 @dataclass
@@ -50,6 +51,7 @@ class RunContext(Protocol):
     processor: Any
     data: TaskData
     eval_collate: Callable[[list], dict]
+    target_collate: Callable[[list], dict]  # training items -> one padded batch (never packed)
 
     def log(self, msg: str) -> None: ...
 

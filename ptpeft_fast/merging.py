@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from .patch_state import get_state
-from .tuners.lora import merge_lora, unmerge_lora
+from .tuners.lora import merge_lora, refuse_quantized_merge, unmerge_lora
 from .tuners.prefix import GlobalPrefixMLP
 
 
@@ -24,9 +24,13 @@ def merge_prefixes(model: nn.Module) -> None:
 def merge(model: nn.Module) -> nn.Module:
     """Fold LoRA into the base weights and make prefixes static; outputs are unchanged.
 
-    Adapters are nonlinear and stay as they are. :func:`unmerge` undoes the LoRA fold.
+    Adapters are nonlinear and stay as they are. :func:`unmerge` undoes the LoRA fold. A model with
+    LoRA on bitsandbytes 4-bit or 8-bit layers is refused before anything changes (``ValueError``
+    naming :func:`ptpeft_fast.save_merged`, which writes a de-quantised merged copy).
     """
     state = get_state(model)
+    for layer in state.lora_layers.values():
+        refuse_quantized_merge(layer)
     for layer in state.lora_layers.values():
         merge_lora(layer)
     merge_prefixes(model)

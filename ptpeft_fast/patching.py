@@ -14,6 +14,7 @@ from .architectures import ResolvedComponent, attention_geometry, iter_in_scope,
 from .call_args import ArgReader
 from .config import PTPeftConfig
 from .patch_state import PatchState, get_state
+from .quantized import keep_differentiable, quantized_base
 from .stages import set_stage
 from .tuners.adapter import BottleneckAdapter, hook_parallel, hook_sequential
 from .tuners.lora import (
@@ -32,7 +33,8 @@ def _param_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
     for p in module.parameters():
         if p.is_floating_point():
             return p.dtype, p.device
-    return torch.float32, torch.device("cpu")
+    # a quantized layer's weight is integer storage: float32 on its device
+    return torch.float32, next((p.device for p in module.parameters()), torch.device("cpu"))
 
 
 def _check_not_wrapped(model: nn.Module) -> None:
@@ -54,6 +56,8 @@ def patch(model: nn.Module, config: PTPeftConfig | dict | None = None) -> nn.Mod
     feed-forward (and, for Houlsby, attention) outputs. Attention runs through
     transformers' ``AttentionInterface`` (registered as ``"ptpeft"``). The model is left
     in stage ``"prefix"`` when it has a prefix, else ``"peft"`` (see :func:`set_stage`).
+    On a bitsandbytes 4-bit or 8-bit base, LoRA adds its term to each quantized layer's own
+    output (:func:`ptpeft_fast.ops.lora_branch`).
     """
     if config is None:
         config = PTPeftConfig()
@@ -74,6 +78,7 @@ def patch(model: nn.Module, config: PTPeftConfig | dict | None = None) -> nn.Mod
         _undo(model, state)
         raise
     ops.prepare()  # build the extension, import the kernel packages: nothing of that is traced later
+    keep_differentiable(model)  # a bitsandbytes 4-bit base: no gradient-less CPU inference layout
     if state.prefix_layers:
         name = attention.register()
         state.previous_attn_implementation = getattr(model.config, "_attn_implementation", None)
@@ -368,8 +373,9 @@ def _add_lora(model, config: PTPeftConfig, state: PatchState, modules) -> None:
                 continue
             dtype, device = _param_dtype_device(layer)
             fin, fout = features(layer)
+            op = "lora_branch" if quantized_base(layer) is not None else "lora_linear"
             attach_lora(layer, f"lora_{comp.name}", LoraWeights(fin, fout, lc.r, lc.alpha, lc.dropout, dtype, device),
-                        ops.backend_for("lora_linear", config.backend))
+                        ops.backend_for(op, config.backend))
             state.lora_layers[path] = layer
     unmatched = [t for t in given if t not in matched and linear_names]
     if unmatched:

@@ -28,6 +28,7 @@ from ..atomic_files import atomic_write_bytes, atomic_write_text, temporary_name
 from ..config import PrefixConfig, PTPeftConfig
 from ..patch_state import get_state
 from ..patching import patch
+from ..quantized import densify_state_dict, quantized_base
 from ..tuners.adapter import BottleneckAdapter
 from ..tuners.lora import LoraWeights, is_conv1d, lora_of
 from ..tuners.prefix import GlobalPrefixMLP, LayerPrefix
@@ -81,15 +82,53 @@ def _own_module_prefixes(model: nn.Module) -> list[str]:
     return [name + "." for name, m in model.named_modules() if name and isinstance(m, ours)]
 
 
+def _dense_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point base weights (a quantized model's norms and embeddings)."""
+    return next((p.dtype for n, p in model.named_parameters() if p.is_floating_point() and "lora_" not in n),
+                torch.float32)
+
+
+def _is_quantized(model: nn.Module) -> bool:
+    return any(quantized_base(m) is not None for m in model.modules())
+
+
+def _save_dense(model: nn.Module, sd: dict[str, torch.Tensor], folder: Path) -> None:
+    """A plain full-precision checkpoint of a quantized model: its config without the
+    quantisation settings, and ``sd`` (de-quantised) as ``model.safetensors``."""
+    import copy
+
+    from safetensors.torch import save_file
+    config = copy.deepcopy(model.config)
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    config.dtype = _dense_dtype(model)
+    config.save_pretrained(folder)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(folder)
+    seen: set[int] = set()
+    tensors = {}
+    for k, v in sd.items():  # tied weights (an LM head sharing the embedding) are saved once
+        if v.data_ptr() in seen:
+            continue
+        seen.add(v.data_ptr())
+        tensors[k] = v.contiguous()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
 @torch.no_grad()
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base model's state dict with every (unmerged) LoRA update folded into its weight.
 
-    Keys of ptpeft_fast's own modules are left out; the model itself is not changed.
+    Keys of ptpeft_fast's own modules are left out; the model itself is not changed. The weights
+    of bitsandbytes 4-bit and 8-bit layers are de-quantised first (to the dtype of the model's
+    other floating-point weights), so the result is a full-precision model.
     """
     state = get_state(model)
     drop = _own_module_prefixes(model)
     sd = {k: v for k, v in model.state_dict().items() if not any(k.startswith(p) for p in drop)}
+    densify_state_dict(model, sd, _dense_dtype(model))  # a quantized base: its weights de-quantised
     for path, layer in state.lora_layers.items():
         lora = lora_of(layer)
         if lora.merged:
@@ -113,6 +152,10 @@ def save_merged(model: nn.Module, out_dir: str | os.PathLike, **save_pretrained_
     Returns:
         ``Path(out_dir)``.
 
+    A model loaded in bitsandbytes 4-bit or 8-bit is written de-quantised, in the dtype of its other
+    weights, without its quantisation config: a full-precision model with LoRA merged (merging into
+    the 4-bit weights would re-quantise them; :func:`ptpeft_fast.merge` refuses that).
+
     Raises:
         ValueError: the model has bottleneck adapters (nonlinear: they cannot be folded into a
             plain checkpoint; use :func:`ptpeft_fast.save`), or is not a transformers model.
@@ -135,7 +178,10 @@ def save_merged(model: nn.Module, out_dir: str | os.PathLike, **save_pretrained_
     staging = Path(temporary_name(out))  # save_pretrained writes here; each file is then renamed into out
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        model.save_pretrained(staging, state_dict=sd, **save_pretrained_kwargs)
+        if _is_quantized(model):
+            _save_dense(model, sd, staging)
+        else:
+            model.save_pretrained(staging, state_dict=sd, **save_pretrained_kwargs)
         for f in sorted(staging.iterdir()):
             os.replace(f, out / f.name)
     finally:

@@ -14,6 +14,7 @@ from torch import nn
 
 from .. import ops
 from ..config import lora_scaling
+from ..quantized import quantized_base
 
 
 class LoraWeights(nn.Module):
@@ -48,6 +49,10 @@ def is_conv1d(layer: nn.Module) -> bool:
 
 
 def features(layer: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a linear layer (a quantized one's from its attributes: its
+    weight is packed storage)."""
+    if quantized_base(layer) is not None:
+        return layer.in_features, layer.out_features
     w = linear_weight(layer)
     return w.shape[1], w.shape[0]
 
@@ -57,14 +62,17 @@ def features(layer: nn.Module) -> tuple[int, int]:
 _QUANTIZED_CLASSES = ("Linear4bit", "Linear8bitLt", "LinearFP4", "LinearNF4", "Params4bit", "Int8Params",
                       "HQQLinear", "QuantLinear", "WQLinear", "QLinear", "FP8Linear", "MarlinLinear",
                       "AffineQuantizedTensor", "LinearActivationQuantizedTensor", "Float8Tensor")
-SUPPORTED_LINEAR = ("torch.nn.Linear and transformers' Conv1D with a dense floating-point weight; a base "
-                    "quantized with bitsandbytes, torchao, HQQ, GPTQ or AWQ is not supported yet: load it in "
-                    "float32, float16 or bfloat16 (the prefix and adapters do work on a quantized model)")
+SUPPORTED_LINEAR = ("torch.nn.Linear and transformers' Conv1D with a dense floating-point weight, and bitsandbytes "
+                    "Linear4bit (NF4/FP4) and Linear8bitLt layers (QLoRA); a base quantized with torchao, HQQ, GPTQ "
+                    "or AWQ is not supported: load it in bitsandbytes 4-bit or 8-bit, or in float32, float16 or "
+                    "bfloat16 (the prefix and adapters work on any quantized model)")
 
 
 def unsupported_linear(layer: nn.Module) -> str | None:
     """Why LoRA cannot wrap ``layer`` (a quantized or packed linear type, or a weight that is not
     the dense ``[out, in]`` matrix its features say), or None when it can."""
+    if quantized_base(layer) is not None:
+        return None  # its own forward computes the base product; LoRA adds its term (lora_branch)
     names = [c.__name__ for c in type(layer).__mro__]
     weight = getattr(layer, "weight", None)
     if isinstance(weight, torch.Tensor):
@@ -101,6 +109,24 @@ class _LoraForward:
                                dropout_p=lora.dropout_p if self.training else 0.0, backend=self._ptpeft_backend)
 
 
+class _QuantizedLoraForward:
+    """Mixin for a bitsandbytes layer: its own forward (its kernels, its dequantisation and its
+    backward for the input), then the LoRA term through :func:`ptpeft_fast.ops.lora_branch`."""
+
+    _ptpeft_lora: str
+    _ptpeft_backend: str
+    _ptpeft_base_class: type
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # type: ignore[override]
+        base = self._ptpeft_base_class.forward(self, x, *args, **kwargs)
+        lora: LoraWeights = getattr(self, self._ptpeft_lora)
+        if not lora.enabled:
+            return base
+        xb = x.to(base.dtype)
+        return ops.lora_branch(base, xb, lora.lora_A.to(base.dtype), lora.lora_B.to(base.dtype), lora.scaling,
+                               dropout_p=lora.dropout_p if self.training else 0.0, backend=self._ptpeft_backend)
+
+
 _CLASSES: dict[type, type] = {}
 
 
@@ -110,7 +136,8 @@ def attach_lora(layer: nn.Module, name: str, lora: LoraWeights, backend: str) ->
         raise ValueError(f"{type(layer).__name__} already has LoRA ({layer._ptpeft_lora}); a layer takes one LoRA")
     base = type(layer)
     if base not in _CLASSES:
-        _CLASSES[base] = type(f"Lora{base.__name__}", (_LoraForward, base), {"_ptpeft_base_class": base})
+        mixin = _QuantizedLoraForward if quantized_base(layer) is not None else _LoraForward
+        _CLASSES[base] = type(f"Lora{base.__name__}", (mixin, base), {"_ptpeft_base_class": base})
     layer.add_module(name, lora)
     layer._ptpeft_lora = name
     layer._ptpeft_backend = backend
@@ -122,12 +149,23 @@ def lora_of(layer: nn.Module) -> LoraWeights | None:
     return getattr(layer, name) if name else None
 
 
+def refuse_quantized_merge(layer: nn.Module) -> None:
+    """``ValueError`` when ``layer`` is a quantized layer (merging would re-quantise its weight)."""
+    kind = quantized_base(layer)
+    if kind is not None:
+        raise ValueError(f"merge: LoRA on a {kind} layer cannot be merged: folding B·A into the quantized weight "
+                         "would re-quantise it and change the outputs. Keep the LoRA apart (the model runs "
+                         "unmerged), or write a full-precision merged copy with ptpeft_fast.save_merged(model, dir), "
+                         "which de-quantises the base weights first")
+
+
 @torch.no_grad()
 def merge_lora(layer: nn.Module) -> None:
     """Fold scaling·B·A into the base weight (idempotent)."""
     lora = lora_of(layer)
     if lora is None or lora.merged:
         return
+    refuse_quantized_merge(layer)
     delta = lora.delta_weight().to(layer.weight.dtype)
     layer.weight.add_(delta.t() if is_conv1d(layer) else delta)
     lora.merged = True

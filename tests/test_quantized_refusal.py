@@ -1,7 +1,8 @@
-"""LoRA on a quantized or packed linear layer is refused at ``patch``, naming the layer, its type and
-what is supported (issue 34 item 3): before, bitsandbytes' ``Linear4bit`` was accepted and the first
-forward failed with a raw shape error. The layers here imitate the real ones' classes and storage
-(bitsandbytes is not in the tested stack); where bitsandbytes is installed the real layer is tried too."""
+"""LoRA on a quantized or packed linear layer it does not support is refused at ``patch``, naming the
+layer, its type and what is supported (issue 34 item 3): before, such a layer was accepted and the
+first forward failed with a raw shape error. The layers here imitate GPTQ/AWQ-, HQQ- and
+bitsandbytes-like classes and storage; a ``Linear4bit`` that is not bitsandbytes' own is refused too.
+bitsandbytes' real ``Linear4bit`` and ``Linear8bitLt`` are supported (``tests/test_qlora.py``)."""
 from __future__ import annotations
 
 import copy
@@ -38,6 +39,19 @@ class QuantLinear(nn.Module):
         return x.new_zeros(*x.shape[:-1], self.out_features)
 
 
+class HQQLinear(nn.Module):
+    """HQQ-style: no nn.Linear, a packed uint8 weight."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.W_q = nn.Parameter(torch.zeros(linear.in_features * linear.out_features // 2, dtype=torch.uint8),
+                                requires_grad=False)
+
+    def forward(self, x):
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
 class SquashedLinear(nn.Linear):
     """A float weight whose shape does not match the layer's features."""
 
@@ -54,6 +68,7 @@ def _with(kind):
 
 
 @pytest.mark.parametrize("kind,says", [(Linear4bit, "Linear4bit"), (QuantLinear, "QuantLinear"),
+                                       (HQQLinear, "HQQLinear"),
                                        (SquashedLinear, "in_features=64, out_features=64")])
 def test_lora_on_a_quantized_layer_is_refused_at_patch(kind, says):
     model = _with(kind)
@@ -67,14 +82,3 @@ def test_prefix_and_adapters_still_patch_a_model_with_quantized_layers():
     model = _with(Linear4bit)
     pf.patch(model, {"prefix": {"num_tokens": 2}, "lora": None, "adapter": {"bottleneck": 4}})
     assert pf.trainable_parameters(model)["prefix"] > 0
-
-
-def test_real_bitsandbytes_layer_is_refused_where_installed():
-    bnb = pytest.importorskip("bitsandbytes")
-    model = copy.deepcopy(load("llama"))
-    attn = model.model.layers[0].self_attn
-    q = bnb.nn.Linear4bit(attn.q_proj.in_features, attn.q_proj.out_features, bias=False, quant_type="nf4")
-    q.load_state_dict(attn.q_proj.state_dict())
-    attn.q_proj = q.to("cpu")
-    with pytest.raises(ValueError, match="Linear4bit"):
-        pf.patch(model, {"lora": {"r": 4, "targets": ["q_proj"]}})

@@ -9,7 +9,41 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["BNB_LAYERS", "quantized_base", "keep_differentiable", "dequantized_weight", "densify_state_dict"]
+__all__ = ["BNB_LAYERS", "QUANTIZE", "INSTALL", "bnb_config", "quantized_base", "keep_differentiable",
+           "upcast_unquantized", "dequantized_weight", "densify_state_dict"]
+
+#: ``model.quantize`` values -> ``BitsAndBytesConfig`` arguments
+QUANTIZE = {"nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+            "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
+            "int8": {"load_in_8bit": True}}
+INSTALL = "pip install -e '.[quant]' (or pip install bitsandbytes)"
+
+
+def bnb_config(kind: str, compute_dtype: torch.dtype):
+    """The ``BitsAndBytesConfig`` of ``model.quantize: kind`` (4-bit computes in ``compute_dtype``);
+    ``ImportError`` naming the install command when bitsandbytes is missing."""
+    if kind not in QUANTIZE:
+        raise ValueError(f"quantize={kind!r}: choose one of {sorted(QUANTIZE)}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ImportError(f"model.quantize={kind} loads the base with bitsandbytes, which is not installed: "
+                          f"{INSTALL}") from None
+    from transformers import BitsAndBytesConfig
+    extra = {"bnb_4bit_compute_dtype": compute_dtype} if QUANTIZE[kind].get("load_in_4bit") else {}
+    return BitsAndBytesConfig(**QUANTIZE[kind], **extra)
+
+
+def upcast_unquantized(model: nn.Module) -> int:
+    """Cast every floating-point parameter that is not quantized storage (norms, embeddings, the LM
+    head) to float32, as PEFT's ``prepare_model_for_kbit_training`` does: with a half-precision
+    base those are what QLoRA keeps in full precision. Returns how many were cast."""
+    n = 0
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
+            n += 1
+    return n
 
 #: bitsandbytes layer class -> what the messages call it
 BNB_LAYERS = {"Linear4bit": "bitsandbytes 4-bit (NF4/FP4)", "Linear8bitLt": "bitsandbytes 8-bit (LLM.int8)"}

@@ -233,3 +233,102 @@ def test_an_evaluation_pass_does_not_cost_the_next_step_its_gradients():
     assert len(grads) > 12
     for n, g1, g2 in grads:
         assert g2 is not None and torch.equal(g1, g2), n
+
+
+# ------------------------------------------------------------- SmolLM2-135M's real weights in NF4
+@pytest.fixture(scope="module")
+def smollm2_folder():
+    from ptpeft_fast.models import smollm2
+    try:
+        return str(smollm2.smollm2_path(log=lambda _: None))
+    except ModuleNotFoundError as e:
+        pytest.skip(str(e))
+
+
+def test_smollm2_nf4_lora_equals_peft_qlora(smollm2_folder):
+    """Real weights loaded in NF4: logits and every LoRA gradient equal PEFT's QLoRA given the same
+    LoRA weights (the loss through transformers' own cross-entropy on both sides, so only the
+    QLoRA part is compared; the fused loss is tested against it elsewhere)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+    ours = quantized("nf4", smollm2_folder)
+    pf.patch(ours, pf.PTPeftConfig(prefix=None, lora={"r": 8, "alpha": 16, "targets": TARGETS}, fused_loss=False))
+    randomise_lora(ours)
+    peft = get_peft_model(quantized("nf4", smollm2_folder), LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS,
+                                                                      lora_dropout=0.0))
+    keep_differentiable(peft)
+    with torch.no_grad():
+        for path, layer in lora_layers(ours).items():
+            w = getattr(layer, layer._ptpeft_lora)
+            pl = peft.get_submodule(f"base_model.model.{path}")
+            pl.lora_A["default"].weight.copy_(w.lora_A)
+            pl.lora_B["default"].weight.copy_(w.lora_B)
+    tok = AutoTokenizer.from_pretrained(smollm2_folder)
+    tok.padding_side = "right"
+    enc = tok(["def urljoin(base, url, allow_fragments=True):", "def gcd(a, b):"], return_tensors="pt", padding=True)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    pf.set_stage(ours, "peft")
+    with torch.no_grad():
+        lo = ours.eval()(input_ids=ids, attention_mask=mask).logits
+        lp = peft.eval()(input_ids=ids, attention_mask=mask).logits
+    assert rel(lo[mask.bool()], lp[mask.bool()]) <= 1e-5
+    a, b = forward_backward(ours, ids, mask), forward_backward(peft, ids, mask)
+    assert rel(a.loss, b.loss) <= 1e-5
+    mine, theirs = [], []
+    for path, layer in lora_layers(ours).items():
+        w = getattr(layer, layer._ptpeft_lora)
+        pl = peft.get_submodule(f"base_model.model.{path}")
+        mine += [w.lora_A.grad.flatten(), w.lora_B.grad.flatten()]
+        theirs += [pl.lora_A["default"].weight.grad.flatten(), pl.lora_B["default"].weight.grad.flatten()]
+    assert len(mine) == 30 * len(TARGETS) * 2
+    assert rel(torch.cat(mine), torch.cat(theirs)) <= 1e-5
+    worst = max(rel(m, t) for m, t in zip(mine, theirs, strict=True))
+    assert worst <= 1e-4, worst  # per tensor: fp32 summation order over 30 layers
+
+
+def test_two_stage_cli_run_on_an_nf4_base_loss_falls_in_each_stage(smollm2_folder, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    sets = ["model.quantize=nf4", "experiment.methods=[]", "data.max_train_samples=4", "eval.max_samples=2",
+            "eval.max_new_tokens=4", "eval.zero_shot=false", "eval.after_each_stage=false", "eval.spectrum=false",
+            "eval.batch_size=2", "eval.val_every=0", "stage1.max_steps=3", "stage1.batch_size=4", "stage1.lr=5e-3",
+            "stage1.warmup_ratio=0", "stage2.max_steps=3", "stage2.batch_size=4", "stage2.lr=1e-3",
+            "stage2.warmup_ratio=0", "train.log_every=1", "train.progress=false", "train.num_threads=2",
+            f"output.dir={out}"]
+    cmd = [sys.executable, "-m", "ptpeft_fast.train", "--config",
+           str(root / "ptpeft_fast" / "configs" / "smollm2-code-captions.yaml")]
+    for s in sets:
+        cmd += ["--set", s]
+    res = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    for stage in ("stage1", "stage2"):
+        losses = [r["loss"] for r in rows if r.get("event") == "train" and r.get("stage") == stage]
+        assert len(losses) == 3 and losses[-1] < losses[0], (stage, losses)
+    assert any(r.get("event") == "eval" for r in rows)
+    # the stage-2 checkpoint holds adapter tensors only and loads into a fresh 4-bit base
+    fresh = pf.load(quantized("nf4", smollm2_folder), out / "checkpoints" / "stage2")
+    assert sum(quantized_base(m) is not None for m in fresh.modules()) > 100
+
+
+def test_quantize_config_errors_name_the_fix(monkeypatch):
+    from ptpeft_fast.train.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="stage2.method=full"):
+        load_config(None, ["model.quantize=nf4", "model.pretrained_path=/x", "stage2.method=full"])
+    with pytest.raises(ConfigError, match="model.quantize='q3'|not allowed"):
+        load_config(None, ["model.quantize=q3"])
+    import builtins
+    real_import = builtins.__import__
+
+    def no_bnb(name, *a, **k):
+        if name == "bitsandbytes" or name.startswith("bitsandbytes."):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_bnb)
+    from ptpeft_fast.quantized import bnb_config
+    with pytest.raises(ImportError, match=r"\.\[quant\]"):
+        bnb_config("nf4", torch.float32)

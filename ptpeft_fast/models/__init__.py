@@ -138,9 +138,14 @@ def load_processor(path: str, model_type: str | None = None) -> Any:
             f"image processor ({type(e).__name__}: {e})") from e
 
 
-def load_local_model(path: str, dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, Any]:
+def load_local_model(path: str, dtype: torch.dtype | None = None, quantize: str | None = None,
+                     device: torch.device | str | None = None) -> tuple[torch.nn.Module, Any]:
     """Load a model and its processor from a local directory (never the hub): image-text
-    models first, else a causal LM (text-only; its "processor" is the tokenizer)."""
+    models first, else a causal LM (text-only; its "processor" is the tokenizer).
+
+    ``quantize``: ``"nf4"``, ``"fp4"`` or ``"int8"`` loads the linear layers with bitsandbytes
+    (4-bit layers compute in ``dtype``), straight onto ``device``; the other floating-point
+    weights are then kept in float32, as QLoRA does."""
     from transformers import AutoConfig
 
     path = os.path.expanduser(path)
@@ -151,6 +156,10 @@ def load_local_model(path: str, dtype: torch.dtype | None = None) -> tuple[torch
     kw = {"local_files_only": True}
     if dtype is not None:
         kw["dtype"] = dtype
+    if quantize is not None:
+        from ..quantized import bnb_config
+        kw["quantization_config"] = bnb_config(quantize, dtype or torch.float32)
+        kw["device_map"] = {"": str(device or "cpu")}
     errors = []
     import transformers
     for auto in ("AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoModelForCausalLM"):
@@ -164,6 +173,9 @@ def load_local_model(path: str, dtype: torch.dtype | None = None) -> tuple[torch
             errors.append(f"{auto}: {e}")
     else:
         raise ValueError(f"{path}: no image-text or causal LM class for model_type {cfg.model_type!r}: {errors}")
+    if quantize is not None:
+        from ..quantized import upcast_unquantized
+        upcast_unquantized(model)
     processor = load_processor(path, cfg.model_type)
     return model, processor
 

@@ -17,7 +17,8 @@ import yaml
 FREE_FORM = {"data.train", "data.val", "data.test", "model.tiny", "stage1.prefix", "stage2.lora",
              "stage2.adapter", "experiment.variants", "experiment.method_overrides", "experiment.lr_sweep"}
 # Keys that may be null besides their typed default.
-NULLABLE = {"model.pretrained_path", "data.prompt", "eval.stop_at", "data.max_train_samples", "data.max_eval_samples",
+NULLABLE = {"model.pretrained_path", "model.quantize",
+            "data.prompt", "eval.stop_at", "data.max_train_samples", "data.max_eval_samples",
             "stage1.max_steps", "stage2.max_steps", "eval.max_samples", "eval.use_java",
             "train.interrupt_after_steps", "output.dir", "stage2.adapter", "stage2.lora",
             "train.max_grad_norm", "data.per_class", "eval.val_samples",
@@ -30,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
         "pretrained_path": None,       # tiny-blip2: explicit folder with pre-trained weights
         "dtype": "float32",            # weights dtype: float32 | bfloat16 | float16
         "gradient_checkpointing": False,
+        "quantize": None,              # null | nf4 | fp4 | int8: load the base with bitsandbytes (QLoRA); .[quant]
         "tiny": {},                    # tiny-blip2 size overrides (hidden, layers, ...)
     },
     "data": {
@@ -122,6 +124,7 @@ CHOICES = {
     "data.task": ("vqa", "caption", "classification"),
     "stage2.method": ("lora", "adapter", "full", "head"),
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.quantize": ("nf4", "fp4", "int8"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.strategy": ("ddp", "fsdp"),
     "eval.split": ("train", "val", "test"),
@@ -332,11 +335,26 @@ def validate(cfg: dict) -> None:
         if dc["task"] == "classification" and "zero-shot" in ex["methods"]:
             raise ConfigError("experiment.methods: 'zero-shot' is for generation tasks (caption, vqa); a "
                               "classifier's untrained head is 'pretrained' (random head, one row per seed)")
+    q = cfg["model"]["quantize"]
+    if q is not None:
+        mc = cfg["model"]
+        if mc["name"] == "tiny-blip2" and not mc["pretrained_path"] and not mc["pretrained"]:
+            raise ConfigError("model.quantize loads weights with bitsandbytes; model.name=tiny-blip2 with "
+                              "model.pretrained=false is built from a config, not loaded: set model.quantize=null")
+        if dc["task"] == "classification":
+            raise ConfigError(f"model.quantize={q}: the classification task's encoder is not loaded quantized; set "
+                              "model.quantize=null")
+        if cfg["stage2"]["enabled"] and cfg["stage2"]["method"] == "full":
+            raise ConfigError(f"model.quantize={q} with stage2.method=full: quantized weights cannot be trained; "
+                              "use lora or adapter, or model.quantize=null")
+        if cfg["train"]["strategy"] == "fsdp":
+            raise ConfigError(f"model.quantize={q} with train.strategy=fsdp is not supported; use ddp")
     pairs = ex["compare"]
-    if not isinstance(pairs, list) or any(not isinstance(p, list) or len(p) != 2
-                                          or any(m not in ex["methods"] for m in p) for p in pairs):
+    if not isinstance(pairs, list) or (ex["methods"] and any(
+            not isinstance(p, list) or len(p) != 2 or any(m not in ex["methods"] for m in p) for p in pairs)):
         raise ConfigError(f"experiment.compare must be a list of [a, b] pairs of experiment.methods, got {pairs!r}")
-    _check_lr_sweep(ex["lr_sweep"] or {}, ex["methods"], cfg["eval"]["val_every"])
+    if ex["methods"]:  # without methods the config is one run and the experiment section is unused
+        _check_lr_sweep(ex["lr_sweep"] or {}, ex["methods"], cfg["eval"]["val_every"])
     for k in ("variants", "method_overrides"):
         for name, ovs in (ex[k] or {}).items():
             if not isinstance(ovs, list) or any(not isinstance(o, str) or "=" not in o for o in ovs):

@@ -100,14 +100,15 @@ class GenerationTask:
                                       "recipe available to this run)")
                 path = _on_main(run, lambda: self.pretrained(log=run.log))
             if path:
-                model, proc = load_local_model(path, dtype)
+                model, proc = load_local_model(path, dtype, mc["quantize"], run.device)
             else:
                 model, proc = build_tiny_blip2(seed=int(run.cfg["train"]["seed"]), **(mc["tiny"] or {}))
                 model = model.to(dtype)
         elif mc["name"] == SMOLLM2:
-            model, proc = load_local_model(_on_main(run, lambda: str(smollm2_path(log=run.log))), dtype)
+            model, proc = load_local_model(_on_main(run, lambda: str(smollm2_path(log=run.log))), dtype,
+                                           mc["quantize"], run.device)
         else:
-            model, proc = load_local_model(mc["name"], dtype)
+            model, proc = load_local_model(mc["name"], dtype, mc["quantize"], run.device)
         if mc["gradient_checkpointing"]:
             # transformers 5 renamed gradient_checkpointing_enable (now deprecated); accept either
             kw = {"use_reentrant": False}

@@ -151,7 +151,8 @@ class Run:
     def load_model(self) -> None:
         """The task's model (on the device; under FSDP it stays on the CPU until sharded)."""
         model, self.processor = self.task.load_model(self)
-        self.model = model if self.fsdp else model.to(self.device)
+        # a quantized model was loaded onto the device (transformers refuses .to() for some kinds)
+        self.model = model if self.fsdp or getattr(model, "is_quantized", False) else model.to(self.device)
 
     def make_collators(self) -> None:
         self.train_collate, self.eval_collate = self.task.collators(self)

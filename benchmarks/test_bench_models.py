@@ -88,3 +88,9 @@ def test_smollm2_fused_loss_long(benchmark, side):
 @pytest.mark.parametrize("side", ["ours", "padded", "peft_lora"])
 def test_smollm2_packed_step(benchmark, side):
     run_side(benchmark, "smollm2_packed_step", side)
+
+
+@pytest.mark.parametrize("side", ["ours", "peft_qlora", "ours_lora"])
+def test_smollm2_qlora_step(benchmark, side):
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes (pip install -e '.[quant]') is not installed")
+    run_side(benchmark, "smollm2_qlora_step", side)

@@ -21,13 +21,13 @@ INSTALL = "pip install -e '.[quant]' (or pip install bitsandbytes)"
 
 def bnb_config(kind: str, compute_dtype: torch.dtype):
     """The ``BitsAndBytesConfig`` of ``model.quantize: kind`` (4-bit computes in ``compute_dtype``);
-    ``ImportError`` naming the install command when bitsandbytes is missing."""
+    ``ModuleNotFoundError`` naming the install command when bitsandbytes is missing."""
     if kind not in QUANTIZE:
         raise ValueError(f"quantize={kind!r}: choose one of {sorted(QUANTIZE)}")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ImportError(f"model.quantize={kind} loads the base with bitsandbytes, which is not installed: "
+        raise ModuleNotFoundError(f"model.quantize={kind} loads the base with bitsandbytes, which is not installed: "
                           f"{INSTALL}") from None
     from transformers import BitsAndBytesConfig
     extra = {"bnb_4bit_compute_dtype": compute_dtype} if QUANTIZE[kind].get("load_in_4bit") else {}

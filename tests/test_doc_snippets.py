@@ -71,7 +71,8 @@ def test_example_runs_as_written(where, code, tmp_path, monkeypatch):
     # the tiny Llama whatever the path, loaded quantized where the example asks (QLoRA)
     quant = ("quantization_config", "device_map")
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(
-        lambda cls, *a, **k: LlamaForCausalLM.from_pretrained(model_dir("llama"), **{q: k[q] for q in quant if q in k})))
+        lambda cls, *a, **k: LlamaForCausalLM.from_pretrained(model_dir("llama"),
+                                                              **{q: k[q] for q in quant if q in k})))
     try:
         exec(compile(code, where, "exec"), namespace)
     finally:

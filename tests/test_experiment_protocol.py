@@ -146,3 +146,22 @@ def test_validation_loss_does_not_change_training(tmp_path):
 def test_results_doc_states_the_protocol():
     doc = (Path(__file__).parent.parent / "docs" / "smollm2-code-captions-results.md").read_text()
     assert "## Protocol" in doc
+
+
+def test_generation_stops_only_once_the_cut_prediction_is_final():
+    """``eval.stop_at`` ends a sequence once its continuation, with leading whitespace stripped as
+    the prediction is, contains the stop text: a newline written first (before any answer) does
+    not stop it, which transformers' ``stop_strings`` would (and predictions would come out empty)."""
+    from ptpeft_fast.train.evaluation import StopWhenCutIsFinal
+
+    class Tok:
+        def batch_decode(self, ids, skip_special_tokens=True):
+            return ["".join({1: "\n", 2: "word", 3: " "}.get(int(i), "") for i in row) for row in ids]
+
+    prompt = torch.tensor([[7, 8], [7, 9]])
+    stop = StopWhenCutIsFinal(Tok(), "\n", prompt)
+    seqs = torch.tensor([[7, 8, 1, 3, 2], [7, 9, 2, 1, 3]])  # "\n word" | "word\n "
+    assert stop(seqs, None).tolist() == [False, True]
+    assert stop(torch.tensor([[7, 8, 1, 2, 1], [7, 9, 3, 1, 1]]), None).tolist() == [True, False]
+    # a model whose output does not repeat the prompt (encoder-decoder): the whole sequence is read
+    assert stop(torch.tensor([[2, 1], [1, 1]]), None).tolist() == [True, False]

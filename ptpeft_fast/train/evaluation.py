@@ -9,7 +9,7 @@ from . import report, run_folder
 from .fsdp import root_unsharded
 from .task import EvalResult, RunContext
 
-__all__ = ["set_eval", "generate", "lm_features", "record_eval", "eval_rows", "write_report"]
+__all__ = ["set_eval", "StopWhenCutIsFinal", "generate", "lm_features", "record_eval", "eval_rows", "write_report"]
 
 
 def set_eval(model: torch.nn.Module, patched: bool) -> None:
@@ -20,6 +20,23 @@ def set_eval(model: torch.nn.Module, patched: bool) -> None:
         for p in model.parameters():
             p.requires_grad_(False)
         model.eval()
+
+
+class StopWhenCutIsFinal:
+    """A ``StoppingCriteria`` that ends a sequence once its continuation, with the leading whitespace
+    stripped as the prediction will be, contains the stop text: from then on the prediction cut at
+    it cannot change. (transformers' ``stop_strings`` would stop at a newline the model writes
+    first, before any answer, where the cut prediction keeps the line after it.)"""
+
+    def __init__(self, tok, stop: str, prompt: torch.Tensor):
+        self.tok, self.stop, self.prompt = tok, stop, prompt
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        n = self.prompt.shape[1]
+        if input_ids.shape[1] >= n and torch.equal(input_ids[:, :n].cpu(), self.prompt.cpu()):
+            input_ids = input_ids[:, n:]  # decoder-only: the prompt comes back first
+        texts = self.tok.batch_decode(input_ids, skip_special_tokens=True)
+        return torch.tensor([self.stop in t.lstrip() for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
 @torch.no_grad()
@@ -34,8 +51,9 @@ def generate(run: RunContext, records_idx: list[int]) -> dict[str, str]:
         batch = run.eval_collate(items)
         inp = run.model_inputs(batch)
         # FSDP: ranks stop together (synced_gpus) so each runs the same sharded forwards
-        # a stop string ends each sequence's generation once written (what follows is cut anyway)
-        stop = {"stop_strings": [ev["stop_at"]], "tokenizer": tok} if ev["stop_at"] else {}
+        # a sequence stops once its cut prediction is final (what follows would be cut anyway)
+        stop = ({"stopping_criteria": [StopWhenCutIsFinal(tok, ev["stop_at"], inp["input_ids"])]}
+                if ev["stop_at"] else {})
         with run.autocast(), root_unsharded(run.model):
             out = run.model.generate(**inp, max_new_tokens=ev["max_new_tokens"], num_beams=ev["num_beams"],
                                      do_sample=False, pad_token_id=tok.pad_token_id, synced_gpus=run.fsdp, **stop)

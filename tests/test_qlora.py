@@ -47,10 +47,12 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def ours_and_peft(kind: str, path: str | None = None, r: int = 4):
+def ours_and_peft(kind: str, path: str | None = None, r: int = 4, fused_loss: bool = True):
+    """Our LoRA and PEFT's QLoRA on two copies of the same quantized base, with the same LoRA weights."""
     from peft import LoraConfig, get_peft_model
     ours = quantized(kind, path)
-    pf.patch(ours, pf.PTPeftConfig(prefix=None, lora={"r": r, "alpha": 2 * r, "targets": TARGETS}))
+    pf.patch(ours, pf.PTPeftConfig(prefix=None, lora={"r": r, "alpha": 2 * r, "targets": TARGETS},
+                                   fused_loss=fused_loss))
     randomise_lora(ours)
     peft = get_peft_model(quantized(kind, path), LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS,
                                                             lora_dropout=0.0))

@@ -251,20 +251,8 @@ def test_smollm2_nf4_lora_equals_peft_qlora(smollm2_folder):
     """Real weights loaded in NF4: logits and every LoRA gradient equal PEFT's QLoRA given the same
     LoRA weights (the loss through transformers' own cross-entropy on both sides, so only the
     QLoRA part is compared; the fused loss is tested against it elsewhere)."""
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
-    ours = quantized("nf4", smollm2_folder)
-    pf.patch(ours, pf.PTPeftConfig(prefix=None, lora={"r": 8, "alpha": 16, "targets": TARGETS}, fused_loss=False))
-    randomise_lora(ours)
-    peft = get_peft_model(quantized("nf4", smollm2_folder), LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS,
-                                                                      lora_dropout=0.0))
-    keep_differentiable(peft)
-    with torch.no_grad():
-        for path, layer in lora_layers(ours).items():
-            w = getattr(layer, layer._ptpeft_lora)
-            pl = peft.get_submodule(f"base_model.model.{path}")
-            pl.lora_A["default"].weight.copy_(w.lora_A)
-            pl.lora_B["default"].weight.copy_(w.lora_B)
+    ours, peft = ours_and_peft("nf4", smollm2_folder, r=8, fused_loss=False)
     tok = AutoTokenizer.from_pretrained(smollm2_folder)
     tok.padding_side = "right"
     enc = tok(["def urljoin(base, url, allow_fragments=True):", "def gcd(a, b):"], return_tensors="pt", padding=True)

@@ -152,26 +152,26 @@ def write_experiment_report(out: str, groups: list[dict], base: dict, py: str, s
                           ([g["variant"]] if multi_var else []) + [g["method"]])
         if sp:
             K = len(sp[0]["curve"])
-            if sp[0].get("pooled"):  # the pooled spectrum resolves what the per-sample one cannot
+            if sp[0].get("pooled") and not sp[0].get("window"):  # the pooled one resolves what per-sample cannot
                 sp_curves = [s["pooled"]["curve"] for s in sp]
                 K = min(len(c) for c in sp_curves)
                 curves[name] = [sum(c[k] for c in sp_curves) / len(sp_curves) for k in range(K)]
             else:
                 curves[name] = [sum(s["curve"][k] for s in sp) / len(sp) for k in range(K)]
             s0 = sp[0]
-            if s0.get("pooled"):
+            if s0.get("window"):
+                spectrum_note = (
+                    f"Spectrum: last-layer token features of the first {s0.get('window')} word-piece tokens "
+                    f"([CLS]/[SEP] excluded) of {s0['n_samples']} evaluation sentences; "
+                    f"{s0.get('skipped_short', 0)} of the first {s0.get('considered', s0['n_samples'])} "
+                    f"sentences were shorter than the window and skipped.")
+            elif s0.get("pooled"):
                 text = "prompt and reference-caption" if ev["spectrum_text"] == "prompt+target" else "prompt"
                 spectrum_note = (
                     f"Spectrum: last-layer features of every {text} "
                     f"token (padding removed) of the first {s0['n_samples']} evaluation records; the pooled columns "
                     f"stack all {s0['pooled']['n_tokens']} tokens into one matrix (its singular values; the curve "
                     "plotted is the pooled one).")
-            elif s0.get("window"):
-                spectrum_note = (
-                    f"Spectrum: last-layer token features of the first {s0.get('window')} word-piece tokens "
-                    f"([CLS]/[SEP] excluded) of {s0['n_samples']} evaluation sentences; "
-                    f"{s0.get('skipped_short', 0)} of the first {s0.get('considered', s0['n_samples'])} "
-                    f"sentences were shorter than the window and skipped.")
             else:
                 spectrum_note = (f"Spectrum: last-layer features of every prompt token (padding removed) of the "
                                  f"first {s0['n_samples']} evaluation records.")

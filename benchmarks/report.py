@@ -349,6 +349,14 @@ def render(data: dict, memory: Optional[list[dict]], profiles: dict[str, list[tu
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _memory_cases(k: Optional[str], cases: dict) -> Optional[list[str]]:
+    """The memory cases a ``-k`` expression names (a case matching any of its words); None: all."""
+    if not k:
+        return None
+    words = set(re.findall(r"[A-Za-z0-9_]+", k)) - {"or", "and", "not"}
+    return [c for c in cases if any(w in c for w in words)]
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description="Run the benchmarks and write BENCHMARKS.md")
     ap.add_argument("--json", help="read this --benchmark-json file instead of running the suite")
@@ -382,7 +390,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     elif not args.no_memory:
         from benchmarks import memory as mem
 
-        memory = mem.run_all()
+        memory = mem.run_all(_memory_cases(args.k, mem.MEMORY_CASES))
         (json_path.parent / "memory.json").write_text(json.dumps(memory, indent=2))
 
     profiles: dict[str, list[tuple[str, str]]] = {}

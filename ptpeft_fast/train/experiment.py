@@ -1,7 +1,8 @@
 """Multi-run experiments: ``experiment.methods`` × ``experiment.variants`` ×
-``experiment.per_class`` × ``experiment.seeds``, one :class:`Run` each (in its own
+``experiment.per_class`` × ``experiment.seeds`` (seed by seed), one :class:`Run` each (in its own
 sub-folder, resumed when it already has progress), aggregated into one ``results.md``
-(mean ± sample std over seeds) and ``spectrum.png`` (mean curve over seeds).
+(mean ± sample std over seeds; rewritten after every seed) and ``spectrum.png`` (mean curve over
+seeds).
 
 Used by the shipped presets ``minilm-docstrings.yaml`` (the PT-PEFT comparison),
 ``minilm-reparam.yaml`` (seed 2's reparameterisation ablation) and ``smollm2-code-captions.yaml``
@@ -60,16 +61,22 @@ def run_experiment(base: dict, out: str, log: Callable[[str], None] = print) -> 
     ex = base["experiment"]
     pcs = list(ex["per_class"]) or [base["data"]["per_class"]]
     variants = list((ex["variants"] or {}).items()) or [("", [])]
-    groups: list[dict] = []
     title = None  # the task's report title, from its first run
+    groups: list[dict] = []
     for pc in pcs:
         for vname, vov in variants:
-            for m in ex["methods"]:
-                label, mov = METHODS[m]
-                g = {"per_class": pc, "variant": vname, "method": label, "key": m, "rows": []}
-                for seed in (ex["seeds"][:1] if m in SEED_FREE else ex["seeds"]):
+            # seed by seed, every method of a seed before the next seed: an interrupted experiment
+            # has whole seeds (every pair PT-X / X) rather than whole methods
+            gs = {m: {"per_class": pc, "variant": vname, "method": METHODS[m][0], "key": m, "rows": []}
+                  for m in ex["methods"]}
+            groups += gs.values()
+            for seed in ex["seeds"]:
+                for m in ex["methods"]:
+                    if m in SEED_FREE and seed != ex["seeds"][0]:
+                        continue
                     cfg = single_run_config(base)
-                    ovs = mov + list((ex["method_overrides"] or {}).get(m, [])) + list(vov) + [f"train.seed={seed}"]
+                    ovs = (METHODS[m][1] + list((ex["method_overrides"] or {}).get(m, [])) + list(vov)
+                           + [f"train.seed={seed}"])
                     if pc is not None:
                         ovs.append(f"data.per_class={pc}")
                     for o in ovs:
@@ -90,9 +97,11 @@ def run_experiment(base: dict, out: str, log: Callable[[str], None] = print) -> 
                     row["train_seconds"] = _stage_seconds(sub) + (
                         _stage_seconds(run.stage1_from, "stage1") if run.stage1_from else 0.0)
                     row["n_train"] = len(run.train_ds) if run.train_ds is not None else 0
-                    g["rows"].append(row)
-                groups.append(g)
-                _atomic_json(os.path.join(out, "groups.json"), groups)
+                    gs[m]["rows"].append(row)
+                    _atomic_json(os.path.join(out, "groups.json"), [g for g in groups if g["rows"]])
+                # the report so far, after every seed: an interrupted experiment has one for its whole seeds
+                write_experiment_report(out, [g for g in groups if g["rows"]], base, python_version(),
+                                        time.time() - t0, title, sweep)
     secs = time.time() - t0
     md, png = write_experiment_report(out, groups, base, python_version(), secs, title, sweep)
     log("\n" + open(md, encoding="utf-8").read())

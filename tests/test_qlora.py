@@ -322,3 +322,17 @@ def test_quantize_config_errors_name_the_fix(monkeypatch):
     from ptpeft_fast.quantized import bnb_config
     with pytest.raises(ImportError, match=r"\.\[quant\]"):
         bnb_config("nf4", torch.float32)
+
+
+def test_a_peft_qlora_checkpoint_imports_onto_a_4bit_base(tmp_path):
+    """PEFT's QLoRA adapter folder (LoRA trained on an NF4 base) loads into ours on a fresh NF4 base
+    and computes PEFT's logits."""
+    ours, peft = ours_and_peft("nf4")
+    peft.save_pretrained(tmp_path / "peft")
+    mine = pf.from_peft(quantized("nf4"), tmp_path / "peft")
+    ids, mask = batch(length=8)
+    with torch.no_grad():
+        lp = peft.eval()(input_ids=ids, attention_mask=mask).logits
+        lo = mine.eval()(input_ids=ids, attention_mask=mask).logits
+    assert rel(lo[mask.bool()], lp[mask.bool()]) <= 1e-5
+    assert all(quantized_base(m) is not None for m in lora_layers(mine).values()) and len(lora_layers(mine)) == 6

@@ -116,6 +116,7 @@ def test_t_interval_and_verdicts():
     assert verdict(0.1, 2) == "supported" and verdict(-2, -0.1) == "not supported" and verdict(-1, 1) == "undecided"
     r = paired({0: 3.0, 1: 5.0, 2: 4.0}, {0: 1.0, 1: 2.0, 2: 2.5, 3: 9.0})  # seed 3 is unpaired
     assert r.seeds == (0, 1, 2) and r.differences == (2.0, 3.0, 1.5) and r.verdict == "supported"
+    assert paired({0: 3.0}, {0: 1.0}).verdict.startswith("undecided")  # one seed decides nothing
 
 
 def test_bootstrap_interval_is_reproducible_and_covers_the_mean():

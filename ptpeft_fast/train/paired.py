@@ -91,4 +91,5 @@ def paired(a: Mapping[int, float], b: Mapping[int, float],
         for s in seeds:
             ids = sorted(set(a_records[s]) & set(b_records[s]))
             boots.append(bootstrap_mean_interval([a_records[s][i] - b_records[s][i] for i in ids], seed=s))
-    return PairedResult(seeds, diffs, m, lo, hi, verdict(lo, hi), tuple(boots))
+    word = verdict(lo, hi) if len(seeds) > 1 else "undecided (one seed: no interval)"
+    return PairedResult(seeds, diffs, m, lo, hi, word, tuple(boots))

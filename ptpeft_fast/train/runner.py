@@ -256,6 +256,8 @@ class Run:
 
     # -- stages --------------------------------------------------------------------------------
     def _restore_stage(self, stage: str) -> None:
+        if self.patched and not self.fsdp:  # the trainable count the result row reports, as if run now
+            self._set_trainable(stage)
         path = load_stage_checkpoint(self.out, stage, self.model, self.patched)
         self.log(f"resumed: {stage} loaded from {path}")
 

@@ -2,6 +2,9 @@
 synthetic-shapes samples, one thread, no progress bars."""
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 from safetensors.torch import load_file
 
@@ -29,3 +32,21 @@ def events(out, kind):
 
 def checkpoint_tensors(out, stage):
     return load_file(os.path.join(out, "checkpoints", stage, "ptpeft.safetensors"))
+
+
+def run_cli(config, sets, out) -> list:
+    """``python -m ptpeft_fast.train --config <config> --set ...`` in a subprocess, as users run it,
+    writing to ``out``; returns the run's records (``metrics.jsonl``)."""
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "ptpeft_fast.train", "--config", str(config)]
+    for s in [*sets, f"output.dir={out}"]:
+        cmd += ["--set", s]
+    res = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return [json.loads(ln) for ln in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_loss_falls_in_each_stage(rows, steps: int) -> None:
+    for stage in ("stage1", "stage2"):
+        losses = [r["loss"] for r in rows if r.get("event") == "train" and r.get("stage") == stage]
+        assert len(losses) == steps and losses[-1] < losses[0], (stage, losses)

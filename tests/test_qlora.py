@@ -13,6 +13,7 @@ import ptpeft_fast as pf  # noqa: E402
 from ptpeft_fast.quantized import dequantized_weight, keep_differentiable, quantized_base  # noqa: E402
 
 from _tiny_models import batch, model_dir  # noqa: E402
+from _train_helpers import assert_loss_falls_in_each_stage, run_cli  # noqa: E402
 
 QUANT = {
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
@@ -145,14 +146,20 @@ def test_prefix_lora_and_adapters_on_a_quantized_base_equal_the_dequantised_mode
             assert rel(g1, g2) <= 1e-4, (stage, n, rel(g1, g2))
 
 
-def test_merge_is_refused_and_save_merged_writes_a_dequantised_model(tmp_path):
-    from transformers import AutoModelForCausalLM
+def lora_on_nf4():
+    """A tiny Llama in NF4 with LoRA (random factors) on ``TARGETS``, and a batch with its logits."""
     q = quantized("nf4")
     pf.patch(q, pf.PTPeftConfig(prefix=None, lora={"r": 4, "targets": TARGETS}))
     randomise_lora(q)
     ids, mask = batch(length=8)
     with torch.no_grad():
-        before = q(input_ids=ids, attention_mask=mask).logits
+        logits = q(input_ids=ids, attention_mask=mask).logits
+    return q, ids, mask, logits
+
+
+def test_merge_is_refused_and_save_merged_writes_a_dequantised_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+    q, ids, mask, before = lora_on_nf4()
     with pytest.raises(ValueError, match="re-quantise.*save_merged"):
         pf.merge(q)
     assert not any(getattr(m, m._ptpeft_lora).merged for m in lora_layers(q).values())  # nothing changed
@@ -168,12 +175,8 @@ def test_merge_is_refused_and_save_merged_writes_a_dequantised_model(tmp_path):
 
 def test_save_load_disabled_checkpointing_and_peft_export_on_a_4bit_base(tmp_path):
     from peft import PeftModel
-    q = quantized("nf4")
-    pf.patch(q, pf.PTPeftConfig(prefix=None, lora={"r": 4, "targets": TARGETS}))
-    randomise_lora(q)
-    ids, mask = batch(length=8)
+    q, ids, mask, ref = lora_on_nf4()
     with torch.no_grad():
-        ref = q(input_ids=ids, attention_mask=mask).logits
         unpatched = quantized("nf4")
         keep_differentiable(unpatched)  # the path a patched model keeps (no bfloat16 CPU repacking)
         base = unpatched(input_ids=ids, attention_mask=mask).logits
@@ -277,9 +280,6 @@ def test_smollm2_nf4_lora_equals_peft_qlora(smollm2_folder):
 
 
 def test_two_stage_cli_run_on_an_nf4_base_loss_falls_in_each_stage(smollm2_folder, tmp_path):
-    import json
-    import subprocess
-    import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "run"
@@ -287,18 +287,9 @@ def test_two_stage_cli_run_on_an_nf4_base_loss_falls_in_each_stage(smollm2_folde
             "eval.max_new_tokens=4", "eval.zero_shot=false", "eval.after_each_stage=false", "eval.spectrum=false",
             "eval.batch_size=2", "eval.val_every=0", "stage1.max_steps=3", "stage1.batch_size=4", "stage1.lr=5e-3",
             "stage1.warmup_ratio=0", "stage2.max_steps=3", "stage2.batch_size=4", "stage2.lr=1e-3",
-            "stage2.warmup_ratio=0", "train.log_every=1", "train.progress=false", "train.num_threads=2",
-            f"output.dir={out}"]
-    cmd = [sys.executable, "-m", "ptpeft_fast.train", "--config",
-           str(root / "ptpeft_fast" / "configs" / "smollm2-code-captions.yaml")]
-    for s in sets:
-        cmd += ["--set", s]
-    res = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    for stage in ("stage1", "stage2"):
-        losses = [r["loss"] for r in rows if r.get("event") == "train" and r.get("stage") == stage]
-        assert len(losses) == 3 and losses[-1] < losses[0], (stage, losses)
+            "stage2.warmup_ratio=0", "train.log_every=1", "train.progress=false", "train.num_threads=2"]
+    rows = run_cli(root / "ptpeft_fast" / "configs" / "smollm2-code-captions.yaml", sets, out)
+    assert_loss_falls_in_each_stage(rows, 3)
     assert any(r.get("event") == "eval" for r in rows)
     # the stage-2 checkpoint holds adapter tensors only and loads into a fresh 4-bit base
     fresh = pf.load(quantized("nf4", smollm2_folder), out / "checkpoints" / "stage2")

@@ -9,9 +9,6 @@ from __future__ import annotations
 import copy
 import importlib.machinery
 import importlib.util
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +19,7 @@ from ptpeft_fast.interop import load_static_prefix, save_merged
 from ptpeft_fast.models import smollm2
 
 from _tiny_models import greedy_by_forward, logits, randomize, real
+from _train_helpers import assert_loss_falls_in_each_stage, run_cli
 from tiny import rel_err
 
 peft = pytest.importorskip("peft")
@@ -293,16 +291,9 @@ def test_two_stage_cli_run_of_the_preset_loss_falls_in_each_stage(loaded, tmp_pa
             "eval.after_each_stage=false", "eval.spectrum=false", "eval.batch_size=2",
             "stage1.max_steps=3", "stage1.batch_size=4", "stage1.lr=5e-3", "stage1.warmup_ratio=0",
             "stage2.max_steps=3", "stage2.batch_size=4", "stage2.lr=1e-3", "stage2.warmup_ratio=0",
-            "train.log_every=1", "train.progress=false", "train.num_threads=2", f"output.dir={out}"]
-    cmd = [sys.executable, "-m", "ptpeft_fast.train", "--config", str(PRESET)]
-    for s in sets:
-        cmd += ["--set", s]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    for stage in ("stage1", "stage2"):
-        losses = [r["loss"] for r in rows if r.get("event") == "train" and r.get("stage") == stage]
-        assert len(losses) == 3 and losses[-1] < losses[0], (stage, losses)
+            "train.log_every=1", "train.progress=false", "train.num_threads=2"]
+    rows = run_cli(PRESET, sets, out)
+    assert_loss_falls_in_each_stage(rows, 3)
     assert any(r.get("event") == "eval" for r in rows)
 
 

@@ -19,8 +19,7 @@ from typing import Callable
 
 from . import report, run_folder
 from .comparison_report import default_pairs, paired_section, spectrum_value, validation_section
-from .config import apply_override, validate
-from .experiment_runs import Stage1Sources, run_one, single_run_config
+from .experiment_runs import Stage1Sources, method_run_config, run_one
 from .lr_sweep import run_lr_sweep
 from .methods import METHODS, SEED_FREE
 from .packed_batches import batches_note
@@ -74,17 +73,10 @@ def run_experiment(base: dict, out: str, log: Callable[[str], None] = print) -> 
                 for m in ex["methods"]:
                     if m in SEED_FREE and seed != ex["seeds"][0]:
                         continue
-                    cfg = single_run_config(base)
-                    ovs = (METHODS[m][1] + list((ex["method_overrides"] or {}).get(m, [])) + list(vov)
-                           + [f"train.seed={seed}"])
-                    if pc is not None:
-                        ovs.append(f"data.per_class={pc}")
-                    for o in ovs:
-                        apply_override(cfg, o)
-                    validate(cfg)
                     parts = ([f"pc{pc}"] if len(pcs) > 1 else []) + ([vname] if vname else []) + [m, f"seed{seed}"]
                     sub = os.path.join(out, *parts)
-                    cfg["output"]["dir"] = sub
+                    cfg = method_run_config(base, m, seed, sub,
+                                            list(vov) + ([f"data.per_class={pc}"] if pc is not None else []))
                     log(f"--- {'/'.join(parts)} ---")
                     t = time.time()
                     run, rows = run_one(cfg, sub, sources, log)

@@ -13,14 +13,24 @@ import json
 from typing import Callable
 
 from . import run_folder
+from .config import apply_override, validate
+from .methods import METHODS
 
-__all__ = ["single_run_config", "stage1_key", "Stage1Sources", "run_one"]
+__all__ = ["method_run_config", "stage1_key", "Stage1Sources", "run_one"]
 
 
-def single_run_config(base: dict) -> dict:
-    """A copy of the experiment's config for one of its runs (no experiment of its own)."""
+def method_run_config(base: dict, method: str, seed: int, out: str, extra: list[str] = ()) -> dict:
+    """The config of one run of the experiment ``base``: ``method`` (its overrides, then
+    ``experiment.method_overrides[method]``, then ``extra``) on ``seed``, writing to ``out``; checked,
+    and with no experiment of its own."""
     cfg = copy.deepcopy(base)
     cfg["experiment"].update(methods=[], lr_sweep={}, compare=[])
+    ovs = (list(METHODS[method][1]) + list((base["experiment"]["method_overrides"] or {}).get(method, []))
+           + list(extra) + [f"train.seed={seed}"])
+    for o in ovs:
+        apply_override(cfg, o)
+    validate(cfg)
+    cfg["output"]["dir"] = out
     return cfg
 
 

@@ -23,11 +23,11 @@ import math
 import os
 from typing import Callable
 
+from ..atomic_files import atomic_write_text
 from . import run_folder
-from .config import ConfigError, apply_override, validate
-from .experiment_runs import Stage1Sources, run_one, single_run_config
+from .config import ConfigError
+from .experiment_runs import Stage1Sources, method_run_config, run_one
 from .loop import NonFinite
-from .methods import METHODS
 
 __all__ = ["run_lr_sweep"]
 
@@ -56,15 +56,9 @@ def run_lr_sweep(base: dict, out: str, sources: Stage1Sources, log: Callable[[st
     choice: dict = {"seed": seed, "stage1": None, "stage2": {}, "table": table}
 
     def one(method: str, key: str, lr: float, extra: list[str]) -> float:
-        cfg = single_run_config(base)
-        ovs = (list(METHODS[method][1]) + list((base["experiment"]["method_overrides"] or {}).get(method, []))
-               + extra + [f"train.seed={seed}"]
-               + ([f"stage1.max_steps={steps}", f"stage2.max_steps={steps}"] if steps else []))
-        for o in ovs:
-            apply_override(cfg, o)
-        validate(cfg)
         sub = os.path.join(root, key, f"lr{lr:g}")
-        cfg["output"]["dir"] = sub
+        cfg = method_run_config(base, method, seed, sub, extra + (
+            [f"stage1.max_steps={steps}", f"stage2.max_steps={steps}"] if steps else []))
         log(f"--- lr-sweep/{key}/lr{lr:g} ---")
         stage = "stage2" if key != "stage1" else "stage1"
         try:
@@ -87,8 +81,7 @@ def run_lr_sweep(base: dict, out: str, sources: Stage1Sources, log: Callable[[st
             continue
         losses = {lr: one(key, key, lr, stage1_lr + [f"stage2.lr={lr}"]) for lr in lrs}
         choice["stage2"][key] = _lowest(losses, key)
-    with open(os.path.join(out, "lr_sweep.json"), "w", encoding="utf-8") as f:
-        json.dump(choice, f, indent=1)
+    atomic_write_text(os.path.join(out, "lr_sweep.json"), json.dumps(choice, indent=1))
     _write_markdown(os.path.join(out, "lr_sweep.md"), choice, base, steps)
     return choice
 
@@ -105,5 +98,4 @@ def _write_markdown(path: str, choice: dict, base: dict, steps: int | None) -> N
         curve = ", ".join(f"{s}: {v:.3f}" for s, v in r["curve"])
         loss = "diverged" if math.isinf(r["val_loss"]) else f"{r['val_loss']:.4f}"
         lines.append(f"| {r['key']} | {r['lr']:g} | {loss} | {curve} | {'**yes**' if chosen else ''} |")
-    from ..atomic_files import atomic_write_text
     atomic_write_text(path, "\n".join(lines) + "\n")

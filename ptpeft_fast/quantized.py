@@ -58,7 +58,7 @@ def quantized_base(layer: nn.Module) -> str | None:
 
 
 def _is_4bit(layer: nn.Module) -> bool:
-    return any(c.__name__ == "Linear4bit" for c in type(layer).__mro__)
+    return quantized_base(layer) == BNB_LAYERS["Linear4bit"]
 
 
 def _unpack_cpu_layout(layer: nn.Module) -> None:
@@ -82,7 +82,7 @@ def keep_differentiable(model: nn.Module) -> int:
     """
     n = 0
     for layer in model.modules():
-        if quantized_base(layer) is not None and _is_4bit(layer):
+        if _is_4bit(layer):
             layer.support_avx512bf16_for_cpu = False
             _unpack_cpu_layout(layer)
             n += 1

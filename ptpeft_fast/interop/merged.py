@@ -29,6 +29,7 @@ from ..config import PrefixConfig, PTPeftConfig
 from ..patch_state import get_state
 from ..patching import patch
 from ..quantized import densify_state_dict, quantized_base
+from ..stages import parameter_groups
 from ..tuners.adapter import BottleneckAdapter
 from ..tuners.lora import LoraWeights, is_conv1d, lora_of
 from ..tuners.prefix import GlobalPrefixMLP, LayerPrefix
@@ -84,7 +85,8 @@ def _own_module_prefixes(model: nn.Module) -> list[str]:
 
 def _dense_dtype(model: nn.Module) -> torch.dtype:
     """The dtype of the model's floating-point base weights (a quantized model's norms and embeddings)."""
-    return next((p.dtype for n, p in model.named_parameters() if p.is_floating_point() and "lora_" not in n),
+    groups = parameter_groups(model)
+    return next((p.dtype for n, p in model.named_parameters() if p.is_floating_point() and groups[n] == "base"),
                 torch.float32)
 
 

@@ -164,5 +164,7 @@ def test_generation_stops_only_once_the_cut_prediction_is_final():
     seqs = torch.tensor([[7, 8, 1, 3, 2], [7, 9, 2, 1, 3]])  # "\n word" | "word\n "
     assert stop(seqs, None).tolist() == [False, True]
     assert stop(torch.tensor([[7, 8, 1, 2, 1], [7, 9, 3, 1, 1]]), None).tolist() == [True, False]
-    # a model whose output does not repeat the prompt (encoder-decoder): the whole sequence is read
+    # a model whose output does not repeat the prompt (encoder-decoder, one criterion per generate
+    # call): the whole sequence is read
+    stop = StopWhenCutIsFinal(Tok(), "\n", prompt)
     assert stop(torch.tensor([[2, 1], [1, 1]]), None).tolist() == [True, False]

@@ -22,6 +22,13 @@ def set_eval(model: torch.nn.Module, patched: bool) -> None:
         model.eval()
 
 
+def echoed_prompt_length(out: torch.Tensor, prompt: torch.Tensor) -> int:
+    """How many leading tokens of ``generate``'s output are the prompt: its length for a decoder-only
+    model (which returns prompt + continuation), 0 for one that returns the continuation alone."""
+    n = prompt.shape[1]
+    return n if out.shape[1] >= n and torch.equal(out[:, :n].cpu(), prompt.cpu()) else 0
+
+
 class StopWhenCutIsFinal:
     """A ``StoppingCriteria`` that ends a sequence once its continuation, with the leading whitespace
     stripped as the prediction will be, contains the stop text: from then on the prediction cut at
@@ -30,12 +37,12 @@ class StopWhenCutIsFinal:
 
     def __init__(self, tok, stop: str, prompt: torch.Tensor):
         self.tok, self.stop, self.prompt = tok, stop, prompt
+        self.skip: int | None = None  # prompt tokens before the continuation, found at the first step
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        n = self.prompt.shape[1]
-        if input_ids.shape[1] >= n and torch.equal(input_ids[:, :n].cpu(), self.prompt.cpu()):
-            input_ids = input_ids[:, n:]  # decoder-only: the prompt comes back first
-        texts = self.tok.batch_decode(input_ids, skip_special_tokens=True)
+        if self.skip is None:
+            self.skip = echoed_prompt_length(input_ids, self.prompt)
+        texts = self.tok.batch_decode(input_ids[:, self.skip:], skip_special_tokens=True)
         return torch.tensor([self.stop in t.lstrip() for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
@@ -57,9 +64,7 @@ def generate(run: RunContext, records_idx: list[int]) -> dict[str, str]:
         with run.autocast(), root_unsharded(run.model):
             out = run.model.generate(**inp, max_new_tokens=ev["max_new_tokens"], num_beams=ev["num_beams"],
                                      do_sample=False, pad_token_id=tok.pad_token_id, synced_gpus=run.fsdp, **stop)
-        ids = inp["input_ids"]
-        if out.shape[1] >= ids.shape[1] and torch.equal(out[:, :ids.shape[1]].cpu(), ids.cpu()):
-            out = out[:, ids.shape[1]:]  # decoder-only generate returns prompt + continuation
+        out = out[:, echoed_prompt_length(out, inp["input_ids"]):]
         for rid, text in zip(batch["record_ids"], tok.batch_decode(out, skip_special_tokens=True), strict=True):
             text = text.strip()
             if ev["stop_at"]:  # a stop string: what a model that does not end with EOS writes after the answer

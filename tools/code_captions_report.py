@@ -22,23 +22,11 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
-from ptpeft_fast.train.comparison_report import paired_results  # noqa: E402
+from ptpeft_fast.train.comparison_report import paired_results, spectrum_value  # noqa: E402
+from ptpeft_fast.train.report import mean_pm_std  # noqa: E402
 
 START, END = "<!-- smollm2-results:start -->", "<!-- smollm2-results:end -->"
 PAIRS = [["pt-lora", "lora"], ["pt-adapter", "adapter"]]
-
-
-def _pm(xs: list[float], d: int = 2) -> str:
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return f"{m:.{d}f}"
-    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
-    return f"{m:.{d}f} ± {sd:.{d}f}"
-
-
-def _spectrum(row: dict, key: str) -> float:
-    s = row.get("spectrum") or {}
-    return (s.get("pooled") or s)[key]
 
 
 def whole_seed_groups(groups: list[dict]) -> tuple[list[dict], list[int]]:
@@ -57,10 +45,11 @@ def tables(groups: list[dict]) -> tuple[str, str]:
         if not rs:
             continue
         name = f"**{g['method']}**" if g["key"].startswith("pt-") else g["method"]
-        rows.append(f"| {name} | {_pm([r['metrics']['CIDEr-D'] for r in rs])} | "
-                    f"{_pm([r['metrics']['BLEU-4'] for r in rs])} | {_pm([r['metrics']['ROUGE-L'] for r in rs])} | "
-                    f"{_pm([_spectrum(r, 'effective_rank') for r in rs], 1)} | "
-                    f"{_pm([_spectrum(r, 'remaining_rank_ratio') for r in rs], 3)} | "
+        rows.append(f"| {name} | {mean_pm_std([r['metrics']['CIDEr-D'] for r in rs])} | "
+                    f"{mean_pm_std([r['metrics']['BLEU-4'] for r in rs])} | "
+                    f"{mean_pm_std([r['metrics']['ROUGE-L'] for r in rs])} | "
+                    f"{mean_pm_std([spectrum_value(r, 'effective_rank') for r in rs], 1)} | "
+                    f"{mean_pm_std([spectrum_value(r, 'remaining_rank_ratio') for r in rs], 3)} | "
                     f"{sum(r.get('train_seconds', 0) for r in rs) / len(rs):.0f} |")
     paired = ["| comparison | measure | per seed (PT-X − X) | mean | 95 % interval (t over seeds) "
               "| verdict: PT-X higher |", "|---|---|---|---|---|---|"]

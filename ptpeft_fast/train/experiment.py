@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import time
 from typing import Callable
@@ -23,6 +22,7 @@ from .experiment_runs import Stage1Sources, method_run_config, run_one
 from .lr_sweep import run_lr_sweep
 from .methods import METHODS, SEED_FREE
 from .packed_batches import batches_note
+from .report import mean_pm_std
 
 
 def _budget(stage: dict) -> str:
@@ -30,20 +30,6 @@ def _budget(stage: dict) -> str:
         return "off"
     return f"{stage['max_steps']} steps" if stage["max_steps"] else f"{stage['epochs']} epoch(s)"
 
-
-
-
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return m, sd
-
-
-def _pm(xs: list[float], digits: int = 2) -> str:
-    if not xs:
-        return "n/a"
-    m, sd = _mean_std(xs)
-    return f"{m:.{digits}f} ± {sd:.{digits}f}" if len(xs) > 1 else f"{m:.{digits}f}"
 
 
 def run_experiment(base: dict, out: str, log: Callable[[str], None] = print) -> dict:
@@ -176,13 +162,14 @@ def write_experiment_report(out: str, groups: list[dict], base: dict, py: str, s
             else:
                 spectrum_note = (f"Spectrum: last-layer features of every prompt token (padding removed) of the "
                                  f"first {s0['n_samples']} evaluation records.")
+        pooled_cols = [mean_pm_std([x for x in (spectrum_value(r, key) for r in rs) if x is not None], digits)
+                       for key, digits in (("remaining_rank_ratio", 3), ("effective_rank", 2))] if pooled else []
         seeds = f" ({len(rs)} seed)" if len(rs) < len(ex["seeds"]) else ""
         vals = ([str(g["per_class"])] if multi_pc else []) + ([g["variant"]] if multi_var else []) + [
             g["method"] + seeds,
-            *[_pm([r["metrics"][n] for r in rs if r["metrics"].get(n) is not None]) for n in names],
-            _pm(rr, 3), _pm(er),
-            *([_pm([x for x in (spectrum_value(r, "remaining_rank_ratio") for r in rs) if x is not None], 3),
-               _pm([x for x in (spectrum_value(r, "effective_rank") for r in rs) if x is not None])] if pooled else []),
+            *[mean_pm_std([r["metrics"][n] for r in rs if r["metrics"].get(n) is not None]) for n in names],
+            mean_pm_std(rr, 3), mean_pm_std(er),
+            *pooled_cols,
             str(rs[-1].get("trainable", 0)),
             str(rs[-1].get("n_train", "")), f"{sum(r['seconds'] for r in rs) / len(rs):.0f}",
             *([f"{sum(r.get('train_seconds', 0) for r in rs) / len(rs):.0f}"] if timed else [])]

@@ -10,6 +10,17 @@ import torch
 from ..analysis import spectrum_stats
 
 
+def mean_pm_std(xs: Sequence[float], digits: int = 2) -> str:
+    """``"mean ± sample std"`` of ``xs`` (one value: itself; none: ``"n/a"``), as the reports show it."""
+    if not xs:
+        return "n/a"
+    m = sum(xs) / len(xs)
+    if len(xs) == 1:
+        return f"{m:.{digits}f}"
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    return f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
 def spectrum_summary(features: Sequence[torch.Tensor], tau: float = 0.9) -> dict:
     """Spectrum statistics of per-sample feature matrices (each ``[L_i, d]``) as a JSON-able
     dict: ``remaining_rank_ratio``, ``effective_rank`` (per sample, averaged), ``n_samples`` and
